@@ -1,0 +1,51 @@
+"""The NumPy backend: host arrays, linalg extras from scipy.linalg."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from backends._base import Backend, MemoryInfo, host_free_bytes, is_cupy_array, is_torch_tensor, torch_to_dlpack_ready
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    xp = np
+
+    def asarray(self, x: Any, dtype: Any = None) -> np.ndarray:
+        if is_torch_tensor(x):
+            t = torch_to_dlpack_ready(x)
+            if t.device.type != "cpu":
+                t = t.cpu()  # a device → host transfer is a copy by necessity
+            x = np.from_dlpack(t)
+        elif is_cupy_array(x):
+            x = x.get()
+        return np.asarray(x, dtype=dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return self.asarray(x)
+
+    def free_memory(self) -> MemoryInfo:
+        return MemoryInfo(host=host_free_bytes(), device=None)
+
+    def cholesky(self, a: np.ndarray) -> np.ndarray:
+        return scipy.linalg.cholesky(a, lower=True, check_finite=False)
+
+    def solve_triangular(self, a: np.ndarray, b: np.ndarray, *, lower: bool = True, trans: bool = False) -> np.ndarray:
+        return scipy.linalg.solve_triangular(a, b, lower=lower, trans=1 if trans else 0, check_finite=False)
+
+    def cho_solve(self, lower_factor: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return scipy.linalg.cho_solve((lower_factor, True), b, check_finite=False)
+
+    def eigh(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return scipy.linalg.eigh(a, check_finite=False)
+
+    def qr(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return scipy.linalg.qr(a, mode="economic", check_finite=False)
+
+    def svd(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        try:
+            return scipy.linalg.svd(a, full_matrices=False, check_finite=False)
+        except np.linalg.LinAlgError:  # gesdd can fail to converge where the slower gesvd does not
+            return scipy.linalg.svd(a, full_matrices=False, check_finite=False, lapack_driver="gesvd")

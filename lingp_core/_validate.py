@@ -1,0 +1,224 @@
+"""The one input-checking boundary of lingp, and its error types.
+
+Every public function checks its inputs here, once, and then trusts them. The rules: messages name the argument, the
+shapes, dtypes and values at fault; nothing is cast silently (a wrong dtype raises); NaN or Inf in an input raises;
+host and device arrays are never mixed.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+import backends
+from backends import Backend
+
+
+class LingpError(Exception):
+    """Base class of every error lingp raises on purpose."""
+
+
+class ShapeError(LingpError, ValueError):
+    """An array has the wrong number of dimensions or a shape that does not fit the others."""
+
+
+class DTypeError(LingpError, TypeError):
+    """An array has a dtype lingp does not compute in, or dtypes that should agree do not."""
+
+
+class BackendMismatchError(LingpError, TypeError):
+    """Arrays from different backends (NumPy and CuPy) were mixed, or an array is not on the requested backend."""
+
+
+class NonFiniteError(LingpError, ValueError):
+    """An input holds NaN or Inf."""
+
+
+class ValueRangeError(LingpError, ValueError):
+    """A scalar or array value is outside its allowed range (e.g. a non-positive noise variance)."""
+
+
+class MemoryBudgetError(LingpError, MemoryError):
+    """An allocation would exceed the memory budget; the message gives the numbers and the alternative."""
+
+
+class ConvergenceError(LingpError, RuntimeError):
+    """An iterative method failed in a way that leaves no usable result."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative method stopped before meeting its tolerance; its result says by how much."""
+
+
+# ----- backends ---------------------------------------------------------------------------------------------------
+
+def backend_of(*arrays: Any, backend: Any = None) -> Backend:
+    """The backend the arrays live on, or the named backend after checking the arrays are on it.
+
+    Raises BackendMismatchError (a TypeError) when arrays are mixed or not on the named backend.
+    """
+    try:
+        found = backends.infer(*arrays)
+    except TypeError as exc:
+        raise BackendMismatchError(str(exc)) from None
+    if backend is None:
+        return found
+    wanted = backends.get_backend(backend)
+    on_some_backend = [a for a in arrays if backends.backend_name_of(a) is not None]
+    if on_some_backend and found != wanted:
+        raise BackendMismatchError(f"inputs live on backend {found.name!r} but backend {wanted.name!r} was requested; "
+                                   f"move them with get_backend({wanted.name!r}).asarray(x) first")
+    return wanted
+
+
+# ----- arrays -----------------------------------------------------------------------------------------------------
+
+def describe(x: Any) -> str:
+    """'float32 array of shape (3, 4)' for error messages."""
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    kind = f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
+    if shape is None:
+        return f"{kind} {x!r}"[:200]
+    return f"{kind} of dtype {dtype} and shape {tuple(shape)}"
+
+
+def as_float_array(x: Any, name: str, backend: Backend, *, ndim: int | Sequence[int] | None = None,
+                   shape: Sequence[int | None] | None = None, dtypes: Iterable[Any] | None = None,
+                   finite: bool = True) -> Any:
+    """Check one floating array argument and return it as an array of ``backend`` (same dtype, no copy if possible).
+
+    Parameters
+    ----------
+    x : array_like or torch.Tensor
+        The argument. Lists and tuples are read with NumPy's default dtype (float64 for floats).
+    name : str
+        The argument's name, for messages.
+    backend : Backend
+        Where the array must live; arrays from another backend raise BackendMismatchError.
+    ndim : int or sequence of int, optional
+        Allowed numbers of dimensions.
+    shape : sequence of int or None, optional
+        Expected shape; None entries match any size (implies ``ndim=len(shape)``).
+    dtypes : iterable of dtype, optional
+        Allowed dtypes (default: the backend's float dtypes, float32 and float64). Other dtypes raise DTypeError.
+    finite : bool
+        Whether NaN/Inf raise NonFiniteError (default True).
+    """
+    if x is None:
+        raise TypeError(f"{name} is required, got None")
+    if backends.backend_name_of(x) not in (None, backend.name):
+        raise BackendMismatchError(f"{name} is a {describe(x)} but the computation runs on backend {backend.name!r}; "
+                                   f"move it with get_backend({backend.name!r}).asarray({name}) first")
+    arr = backend.asarray(x)
+    allowed = tuple(np.dtype(d) for d in (dtypes if dtypes is not None else backend.float_dtypes))
+    if arr.dtype not in allowed:
+        raise DTypeError(f"{name} has dtype {arr.dtype} (shape {tuple(arr.shape)}); expected one of "
+                         f"{', '.join(str(d) for d in allowed)}. lingp does not cast silently: convert it explicitly, "
+                         f"e.g. {name}.astype('float64')")
+    if shape is not None:
+        check_shape(arr, name, shape)
+    elif ndim is not None:
+        allowed_ndim = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if arr.ndim not in allowed_ndim:
+            raise ShapeError(f"{name} must have {' or '.join(map(str, allowed_ndim))} dimension(s), "
+                             f"got shape {tuple(arr.shape)}")
+    if finite:
+        check_finite(arr, name, backend)
+    return arr
+
+
+def check_shape(arr: Any, name: str, shape: Sequence[int | None]) -> None:
+    """Raise ShapeError unless arr.shape matches ``shape`` (None entries match any size)."""
+    got = tuple(arr.shape)
+    if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+        wanted = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ShapeError(f"{name} has shape {got}; expected {wanted}")
+
+
+def check_finite(arr: Any, name: str, backend: Backend) -> None:
+    """Raise NonFiniteError naming how many NaN/Inf entries ``arr`` holds and where the first one is."""
+    xp = backend.xp
+    finite = xp.isfinite(arr)
+    if bool(finite.all()):
+        return
+    n_nan = int(xp.isnan(arr).sum())
+    n_inf = int(finite.size - int(finite.sum()) - n_nan)
+    first = tuple(int(i) for i in np.unravel_index(int(xp.argmin(finite.ravel())), arr.shape))
+    raise NonFiniteError(f"{name} (shape {tuple(arr.shape)}, dtype {arr.dtype}) holds {n_nan} NaN and {n_inf} Inf "
+                         f"entries, the first at index {first}; lingp never replaces them, clean the input first")
+
+
+def check_same_dtype(**arrays: Any) -> np.dtype:
+    """The one dtype shared by the named arrays; DTypeError listing every name and dtype otherwise."""
+    dtypes = {name: np.dtype(a.dtype) for name, a in arrays.items() if a is not None}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name}: {d}" for name, d in dtypes.items())
+        raise DTypeError(f"dtypes must agree ({listed}); convert explicitly, lingp does not cast silently")
+    return next(iter(dtypes.values()))
+
+
+# ----- scalars ----------------------------------------------------------------------------------------------------
+
+def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """A finite real scalar > 0 (or >= 0 with ``allow_zero``) as float; ValueRangeError or TypeError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    ok = np.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+    if not ok:
+        raise ValueRangeError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return v
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer within [minimum, maximum]; TypeError for non-integers, ValueRangeError outside the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        lo = "-inf" if minimum is None else minimum
+        hi = "inf" if maximum is None else maximum
+        raise ValueRangeError(f"{name} must lie in [{lo}, {hi}], got {v}")
+    return v
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """One of ``choices``; ValueError listing them otherwise."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+# ----- memory -----------------------------------------------------------------------------------------------------
+
+DEFAULT_BUDGET_FRACTION = 0.5  # of the free memory where arrays live: room for the caller's own arrays
+
+
+def nbytes_of(shape: Sequence[int], dtype: Any) -> int:
+    """Bytes of an array of this shape and dtype."""
+    return int(np.prod([int(s) for s in shape], dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def format_bytes(n: float) -> str:
+    """'1.5 GiB' style sizes for messages."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def resolve_memory_budget(budget: Any, backend: Backend) -> int:
+    """Bytes allowed: the given budget, or DEFAULT_BUDGET_FRACTION of the free memory where ``backend`` allocates."""
+    if budget is None:
+        return int(DEFAULT_BUDGET_FRACTION * backend.free_memory().arrays)
+    return int(check_positive(budget, "memory_budget"))
+
+
+def check_memory(nbytes: int, budget: int, *, what: str, alternative: str) -> None:
+    """Raise MemoryBudgetError, with the numbers and the alternative, when ``nbytes`` exceeds ``budget``."""
+    if nbytes > budget:
+        raise MemoryBudgetError(f"{what} needs {format_bytes(nbytes)} but the memory budget is {format_bytes(budget)}; "
+                                f"{alternative} (or raise memory_budget)")
