@@ -47,8 +47,16 @@ class ConvergenceError(LingpError, RuntimeError):
     """An iterative method failed in a way that leaves no usable result."""
 
 
+class NotPositiveDefiniteError(LingpError, ValueError):
+    """A matrix that must be symmetric positive definite is not, even after the allowed jitter."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative method stopped before meeting its tolerance; its result says by how much."""
+
+
+class NumericalWarning(UserWarning):
+    """A numerical safeguard changed the problem (e.g. jitter added to a diagonal); the message says by how much."""
 
 
 # ----- backends ---------------------------------------------------------------------------------------------------

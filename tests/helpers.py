@@ -42,3 +42,12 @@ def spd_matrix(rng: np.random.Generator, n: int, condition: float = 100.0) -> np
 def data_pointer(x: Any) -> int:
     """Address of the first element of a NumPy or CuPy array (to prove that no copy was made)."""
     return int(x.data.ptr) if hasattr(x.data, "ptr") else int(x.__array_interface__["data"][0])
+
+
+def spd_with_outliers(rng: np.random.Generator, n: int, condition: float, outliers: int = 10) -> np.ndarray:
+    """A float64 SPD (n, n) matrix shaped like a kernel plus noise: ``outliers`` eigenvalues spread log-evenly up to
+    ``condition``, the rest clustered near 1 (the noise floor)."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eigenvalues = 1.0 + 0.1 * rng.random(n)
+    eigenvalues[:outliers] = np.logspace(np.log10(condition), 1.0, outliers)
+    return (q * eigenvalues) @ q.T

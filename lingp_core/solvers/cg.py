@@ -1,0 +1,292 @@
+"""Batched preconditioned conjugate gradients with per-column convergence, on NumPy or CuPy."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from lingp_core import _validate as v
+from lingp_core._precision import default_rtol
+from lingp_core.operators import as_operator
+from lingp_core.solvers._common import column_norms, linear_system
+
+# Recursive residuals drift from the true ones (badly so in float32); a column whose recursive residual meets the
+# tolerance is only accepted once its true residual b − A x does too.
+# Stagnation: the recursive residual met the tolerance more than MAX_RESTARTS times while the true one did not, so
+# the dtype's accuracy floor (~eps·‖A‖·‖x‖) lies above the tolerance. (CG residual norms are not monotone and can
+# plateau or grow for many iterations on ill-conditioned systems, so a lack of progress alone proves nothing.)
+MAX_RESTARTS = 3
+DIVERGENCE_FACTOR = 1e4  # a residual this many times the right-hand side's norm means the iteration blew up
+
+
+class CGResult(NamedTuple):
+    """What :func:`cg` returns. Per-column diagnostics are NumPy arrays of length k (k = 1 for a vector B).
+
+    Attributes
+    ----------
+    x : array, (n,) or (n, k)
+        The solution, on B's backend, in B's dtype.
+    converged : ndarray of bool, (k,)
+        True where the true residual ‖b − A x‖ met max(rtol·‖b‖, atol).
+    iterations : ndarray of int, (k,)
+        Iterations each column ran.
+    residual_norms : ndarray of float64, (k,)
+        True residual norms ‖b − A x‖ of the returned x.
+    thresholds : ndarray of float64, (k,)
+        The target max(rtol·‖b‖, atol) of each column.
+    status : tuple of str, (k,)
+        "converged", "maxiter", "stagnated", "diverged" or "indefinite" (non-positive curvature pᵀAp ≤ 0: A is not
+        positive definite, or rounding made it look so).
+    restarts : ndarray of int, (k,)
+        How often a column's residual was replaced by the true residual and its search direction restarted.
+    history : list of (int, ndarray) or None
+        With ``return_history``: (iteration, recursive residual norms (k,)) at every convergence check.
+    tridiagonal : tuple of (ndarray, ndarray) or None
+        With ``return_tridiagonal``: the Lanczos tridiagonal matrices of the (preconditioned) iteration, diagonals
+        (maxit, k) and off-diagonals (maxit − 1, k) in float64; column j is valid for its first iterations[j] steps
+        (and exact only where restarts[j] == 0).
+    """
+
+    x: Any
+    converged: np.ndarray
+    iterations: np.ndarray
+    residual_norms: np.ndarray
+    thresholds: np.ndarray
+    status: tuple[str, ...]
+    restarts: np.ndarray
+    history: list[tuple[int, np.ndarray]] | None = None
+    tridiagonal: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = None, atol: float = 0.0,
+       maxiter: int | None = None, check_every: int | None = None, callback: Callable[[int, np.ndarray], Any] | None = None,
+       return_history: bool = False, return_tridiagonal: bool = False, warn: bool = True) -> CGResult:
+    """Solve A X = B for symmetric positive-definite A, all columns of B together.
+
+    Parameters
+    ----------
+    A : array (n, n) or operator
+        SPD matrix, or an operator with shape, dtype and ``matmat``.
+    B : array (n,) or (n, k)
+        Right-hand sides, same dtype and backend as A.
+    M : array (n, n) or operator, optional
+        Preconditioner applying an approximation of A⁻¹ (SciPy's convention), e.g. from
+        :func:`pivoted_cholesky_preconditioner`.
+    x0 : array like B, optional
+        Starting guess (default zeros).
+    rtol, atol : float
+        Column j stops once ‖b_j − A x_j‖ ≤ max(rtol·‖b_j‖, atol). Default rtol is sqrt(eps) of the dtype
+        (1.5e-8 for float64, 3.5e-4 for float32); atol defaults to 0.
+    maxiter : int, optional
+        Iterations at most (default 10·n).
+    check_every : int, optional
+        Convergence is checked (a host synchronization on GPU) every this many iterations: default 1 on NumPy,
+        10 on CuPy.
+    callback : callable, optional
+        ``callback(iteration, residual_norms)`` at every check; residual_norms is a (k,) NumPy array.
+    return_history, return_tridiagonal : bool
+        Keep residual histories / the Lanczos tridiagonals (for log-determinants) in the result.
+    warn : bool
+        Emit a ConvergenceWarning naming the numbers when a column does not converge (default True).
+
+    Returns
+    -------
+    CGResult
+    """
+    system = linear_system(A, B)
+    op, rhs, backend = system.op, system.rhs, system.backend
+    xp, n, k = backend.xp, rhs.shape[0], rhs.shape[1]
+    dtype = np.dtype(rhs.dtype)
+    precond = None if M is None else as_operator(M, "M", backend=backend)
+    if precond is not None and (precond.shape != op.shape or precond.dtype != dtype):
+        raise v.ShapeError(f"M has shape {precond.shape} and dtype {precond.dtype}; expected {op.shape} and {dtype}")
+    rtol = default_rtol(dtype) if rtol is None else v.check_positive(rtol, "rtol", allow_zero=True)
+    atol = v.check_positive(atol, "atol", allow_zero=True)
+    maxiter = 10 * n if maxiter is None else v.check_int(maxiter, "maxiter", minimum=1)
+    check_every = (1 if backend.name == "numpy" else 10) if check_every is None else \
+        v.check_int(check_every, "check_every", minimum=1)
+
+    if x0 is None:
+        x = xp.zeros_like(rhs)
+        residual = rhs.copy()
+    else:
+        x = v.as_float_array(x0, "x0", backend, shape=tuple(rhs.shape) if not system.single else (n,), dtypes=[dtype])
+        x = (x[:, None] if system.single else x).copy()
+        residual = rhs - op.matmat(x)
+    b_norms = backend.to_numpy(column_norms(rhs, backend))
+    thresholds = np.maximum(rtol * b_norms, atol)
+
+    state = _CGState(op, precond, rhs, x, residual, backend)
+    iterations = np.zeros(k, dtype=np.int64)
+    restarts = np.zeros(k, dtype=np.int64)
+    status = ["maxiter"] * k
+    history: list[tuple[int, np.ndarray]] = []
+    tridiag_log: list[tuple[np.ndarray, Any, Any]] = []
+
+    # columns already solved by x0 (or with b = 0) never iterate
+    start_norms = backend.to_numpy(column_norms(residual, backend))
+    done = start_norms <= thresholds
+    for j in np.flatnonzero(done):
+        status[j] = "converged"
+    state.keep(~done)
+
+    it = 0
+    while state.active.size and it < maxiter:
+        alpha, beta = state.step()
+        it += 1
+        if return_tridiagonal:
+            tridiag_log.append((state.active.copy(), alpha, beta))
+        if it % check_every and it != maxiter:
+            continue
+        act = state.active
+        norms = backend.to_numpy(column_norms(state.residual, backend))
+        iterations[act] = it
+        finished = np.zeros(act.size, dtype=bool)
+        indefinite = backend.to_numpy(state.indefinite)
+        for pos, j in enumerate(act):
+            if indefinite[pos]:
+                status[j], finished[pos] = "indefinite", True
+            elif not np.isfinite(norms[pos]) or norms[pos] > DIVERGENCE_FACTOR * max(b_norms[j], start_norms[j]):
+                status[j], finished[pos] = "diverged", True
+        candidates = np.flatnonzero(~finished & (norms <= thresholds[act]))
+        if candidates.size:
+            true_norms = state.true_residual_norms(candidates)
+            accepted = true_norms <= thresholds[act[candidates]]
+            for pos in candidates[accepted]:
+                status[act[pos]], finished[pos] = "converged", True
+            drifted = candidates[~accepted]
+            if drifted.size:  # the recursive residual lied: continue from the true one
+                state.restart(drifted)
+                restarts[act[drifted]] += 1
+                norms[drifted] = true_norms[~accepted]
+        stalled = ~finished & (restarts[act] > MAX_RESTARTS)
+        for pos in np.flatnonzero(stalled):
+            status[act[pos]], finished[pos] = "stagnated", True
+        if return_history or callback is not None:
+            full = np.zeros(k)
+            full[act] = norms
+            if return_history:
+                history.append((it, full))
+            if callback is not None:
+                callback(it, full)
+        if finished.any():
+            state.keep(~finished)
+
+    x = state.solution()
+    final_norms = backend.to_numpy(column_norms(rhs - op.matmat(x), backend))
+    converged = np.array([s == "converged" for s in status])
+    if warn and not converged.all():
+        _warn_not_converged(status, converged, final_norms, b_norms, rtol, atol, maxiter, dtype)
+    tridiagonal = _assemble_tridiagonal(tridiag_log, k, backend) if return_tridiagonal else None
+    return CGResult(x[:, 0] if system.single else x, converged, iterations, final_norms, thresholds, tuple(status),
+                    restarts, history if return_history else None, tridiagonal)
+
+
+class _CGState:
+    """The iteration state of the still-active columns; solved columns are written back to ``x`` and dropped."""
+
+    def __init__(self, op: Any, precond: Any, rhs: Any, x: Any, residual: Any, backend: Any):
+        self.op, self.precond, self.rhs, self.x, self.backend = op, precond, rhs, x, backend
+        self.active = np.arange(rhs.shape[1])
+        self.x_active, self.residual = x, residual
+        self._reset_direction()
+
+    def _apply_precond(self, r: Any) -> Any:
+        return r if self.precond is None else self.precond.matmat(r)
+
+    def _reset_direction(self) -> None:
+        xp = self.backend.xp
+        self.z = self._apply_precond(self.residual)
+        self.direction = self.z.copy()
+        self.rz = (self.residual * self.z).sum(axis=0)
+        self.indefinite = xp.zeros(self.active.size, dtype=bool)
+        self.prev_alpha = None
+
+    def step(self) -> tuple[Any, Any]:
+        """One CG iteration on all active columns, without a host synchronization."""
+        xp = self.backend.xp
+        ap = self.op.matmat(self.direction)
+        curvature = (self.direction * ap).sum(axis=0)
+        positive = curvature > 0
+        self.indefinite |= ~positive & (self.rz != 0)  # rz = 0: the residual is exactly zero, nothing to do
+        alpha = xp.where(positive, self.rz / xp.where(positive, curvature, 1), 0).astype(self.rz.dtype)
+        self.x_active += alpha * self.direction
+        self.residual -= alpha * ap
+        self.z = self._apply_precond(self.residual)
+        rz_new = (self.residual * self.z).sum(axis=0)
+        beta = xp.where(self.rz != 0, rz_new / xp.where(self.rz != 0, self.rz, 1), 0).astype(self.rz.dtype)
+        self.direction = self.z + beta * self.direction
+        self.rz = rz_new
+        return alpha, beta
+
+    def true_residual_norms(self, positions: np.ndarray) -> np.ndarray:
+        """‖b − A x‖ for the active columns at these positions (one product with those columns)."""
+        cols = self.backend.xp.asarray(positions)
+        true = self.rhs[:, self.active[positions]] - self.op.matmat(self.x_active[:, cols])
+        self._true = (positions, true)
+        return self.backend.to_numpy(column_norms(true, self.backend))
+
+    def restart(self, positions: np.ndarray) -> None:
+        """Replace the residual of these columns by the true one just computed and restart their directions."""
+        xp = self.backend.xp
+        stored_positions, true = self._true
+        cols = xp.asarray(positions)
+        self.residual[:, cols] = true[:, xp.asarray(np.searchsorted(stored_positions, positions))]
+        z = self._apply_precond(self.residual[:, cols])
+        self.z[:, cols] = z
+        self.direction[:, cols] = z
+        self.rz[cols] = (self.residual[:, cols] * z).sum(axis=0)
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Write the columns not in ``mask`` back to x and drop them from the iteration."""
+        xp = self.backend.xp
+        self.x[:, xp.asarray(self.active)] = self.x_active
+        keep = xp.asarray(np.flatnonzero(mask))
+        self.active = self.active[mask]
+        self.x_active = self.x_active[:, keep]
+        self.residual = self.residual[:, keep]
+        self.z = self.z[:, keep]
+        self.direction = self.direction[:, keep]
+        self.rz = self.rz[keep]
+        self.indefinite = self.indefinite[keep]
+
+    def solution(self) -> Any:
+        if self.active.size:
+            self.x[:, self.backend.xp.asarray(self.active)] = self.x_active
+        return self.x
+
+
+def _assemble_tridiagonal(log: list, k: int, backend: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Lanczos tridiagonals from CG coefficients: T_jj = 1/α_j + β_{j-1}/α_{j-1}, T_{j,j+1} = √β_j / α_j."""
+    steps = len(log)
+    alphas = np.zeros((steps, k))
+    betas = np.zeros((steps, k))
+    for t, (active, alpha, beta) in enumerate(log):
+        alphas[t, active] = backend.to_numpy(alpha)
+        betas[t, active] = backend.to_numpy(beta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(alphas != 0, 1.0 / alphas, 0.0)
+        diag = inv.copy()
+        diag[1:] += betas[:-1] * inv[:-1]
+        off = np.sqrt(np.maximum(betas[:-1], 0)) * inv[:-1]
+    return diag, off
+
+
+def _warn_not_converged(status: list[str], converged: np.ndarray, final_norms: np.ndarray, b_norms: np.ndarray,
+                        rtol: float, atol: float, maxiter: int, dtype: np.dtype) -> None:
+    bad = np.flatnonzero(~converged)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(b_norms[bad] > 0, final_norms[bad] / b_norms[bad], final_norms[bad])
+    reasons = sorted({status[j] for j in bad})
+    advice = {
+        "maxiter": f"raise maxiter (now {maxiter}) or pass a preconditioner M",
+        "stagnated": "the residual stopped falling: use a preconditioner, float64 instead of "
+                     f"{dtype}" if dtype == np.float32 else "the residual stopped falling: use a preconditioner",
+        "diverged": "the iteration blew up: check that A is symmetric positive definite",
+        "indefinite": "pᵀAp ≤ 0 was met: A is not positive definite (add jitter or noise to its diagonal)",
+    }
+    warnings.warn(
+        f"CG: {bad.size} of {converged.size} right-hand sides did not reach max(rtol={rtol:.3g}·‖b‖, atol={atol:.3g}) "
+        f"(status: {', '.join(reasons)}; worst relative residual {np.max(relative):.3g}); "
+        + "; ".join(advice[r] for r in reasons), v.ConvergenceWarning, stacklevel=3)

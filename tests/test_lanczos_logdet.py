@@ -1,0 +1,138 @@
+"""Lanczos, top eigenpairs, log-determinants and safe Cholesky against float64 dense oracles."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lingp_core as lg
+from tests.helpers import assert_matches, spd_matrix, spd_with_outliers, tolerance
+
+N = 80
+
+
+def test_lanczos_full_reorthogonalization_keeps_q_orthonormal(backend, rng):
+    a = spd_matrix(rng, N, 1e6)
+    result = lg.lanczos(backend.asarray(a), 40)
+    q = backend.to_numpy(result.Q)
+    assert result.Q.shape == (N, 40) and result.Q.dtype == np.float64 and not result.breakdown
+    assert np.abs(q.T @ q - np.eye(40)).max() <= 1e-8
+    t = np.diag(backend.to_numpy(result.alpha)) + np.diag(backend.to_numpy(result.beta), 1) + \
+        np.diag(backend.to_numpy(result.beta), -1)
+    np.testing.assert_allclose(q.T @ a @ q, t, atol=1e-8 * np.abs(a).max())
+
+
+def test_lanczos_float32(backend, rng):
+    a = spd_matrix(rng, N, 1e2).astype(np.float32)
+    result = lg.lanczos(backend.asarray(a), 20)
+    q = backend.to_numpy(result.Q).astype(np.float64)
+    assert result.Q.dtype == np.float32 and result.alpha.dtype == np.float64
+    assert np.abs(q.T @ q - np.eye(20)).max() <= tolerance(np.float32, 100)
+
+
+def test_lanczos_without_reorthogonalization_is_the_three_term_recurrence(backend, rng):
+    a = spd_matrix(rng, N, 10.0)
+    v0 = rng.standard_normal(N)
+    full = lg.lanczos(backend.asarray(a), 8, v0=backend.asarray(v0))
+    plain = lg.lanczos(backend.asarray(a), 8, v0=backend.asarray(v0), reorthogonalize="none")
+    assert_matches(plain.alpha, backend.to_numpy(full.alpha), backend, dtype=np.float64, rtol=1e-10)
+
+
+def test_lanczos_stops_when_the_krylov_space_is_exhausted(backend, rng):
+    q, _ = np.linalg.qr(rng.standard_normal((N, N)))
+    a = (q * np.repeat([1.0, 2.0, 5.0], [30, 30, 20])) @ q.T  # three distinct eigenvalues
+    result = lg.lanczos(backend.asarray(a), 10)
+    assert result.breakdown and result.Q.shape == (N, 3)
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(np.diag(backend.to_numpy(result.alpha)) +
+                                                          np.diag(backend.to_numpy(result.beta), 1) +
+                                                          np.diag(backend.to_numpy(result.beta), -1))),
+                               [1.0, 2.0, 5.0], rtol=1e-10)
+
+
+def test_lanczos_eigsh_matches_eigh(backend, rng):
+    q, _ = np.linalg.qr(rng.standard_normal((N, N)))
+    values = np.concatenate([100.0 * 0.5 ** np.arange(10), 0.01 * rng.random(N - 10)])
+    a = (q * values) @ q.T
+    result = lg.lanczos_eigsh(backend.asarray(a), 6)
+    expected = np.sort(values)[::-1][:6]
+    assert_matches(result.values, expected, backend, dtype=np.float64, rtol=1e-10)
+    vectors = backend.to_numpy(result.vectors)
+    np.testing.assert_allclose(a @ vectors, vectors * expected, atol=1e-8 * expected[0])
+    assert np.all(backend.to_numpy(result.residual_norms) <= 1e-8 * expected[0])
+
+
+def test_lanczos_bad_inputs(backend, rng):
+    a = backend.asarray(spd_matrix(rng, 10))
+    with pytest.raises(lg.ValueRangeError, match=r"k must lie in \[1, 10\], got 11"):
+        lg.lanczos(a, 11)
+    with pytest.raises(ValueError, match="reorthogonalize must be one of 'full', 'none'"):
+        lg.lanczos(a, 3, reorthogonalize="partial")
+    with pytest.raises(lg.ShapeError, match=r"v0 has shape \(9,\); expected \(10,\)"):
+        lg.lanczos(a, 3, v0=a[0, :9])
+
+
+def test_exact_logdet_matches_slogdet(backend, rng, dtype):
+    a = spd_matrix(rng, N, 1e3)
+    result = lg.logdet(backend.asarray(a.astype(dtype)))
+    sign, expected = np.linalg.slogdet(a.astype(dtype).astype(np.float64))
+    assert sign == 1 and result.method == "cholesky" and result.std_error == 0.0
+    assert abs(result.logdet - expected) <= tolerance(np.float64, 1e3) * N * np.log(1e3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_slq_logdet_is_within_three_standard_errors(backend, rng, seed):
+    a = spd_with_outliers(rng, 200, 1e4)
+    _, expected = np.linalg.slogdet(a)
+    result = lg.logdet(backend.asarray(a), method="slq", num_probes=40, lanczos_steps=30, seed=seed)
+    assert result.method == "slq" and result.probe_estimates.shape == (40,)
+    assert result.std_error > 0
+    assert abs(result.logdet - expected) <= 3 * result.std_error
+
+
+def test_slq_is_reproducible_and_runs_on_operators(backend, rng):
+    a = spd_matrix(rng, 60, 1e2)
+    op = lg.AddedDiagonalOperator(lg.as_operator(backend.asarray(a)), 0.5)
+    first = lg.logdet(op, num_probes=10, seed=7)
+    second = lg.logdet(op, num_probes=10, seed=7)
+    assert first.method == "slq" and first.logdet == second.logdet
+    _, expected = np.linalg.slogdet(a + 0.5 * np.eye(60))
+    assert abs(first.logdet - expected) <= 4 * first.std_error
+    exact = lg.logdet(op, method="cholesky")
+    assert abs(exact.logdet - expected) <= 1e-9 * abs(expected)
+
+
+def test_slq_on_an_indefinite_matrix_raises(backend, rng):
+    a = spd_matrix(rng, 40) - 10.0 * np.eye(40)
+    with pytest.raises(lg.NotPositiveDefiniteError, match="Ritz value"):
+        lg.logdet(backend.asarray(a), method="slq", num_probes=4)
+
+
+def test_safe_cholesky_of_a_pd_matrix_adds_nothing(backend, rng, dtype):
+    a = spd_matrix(rng, N, 1e3).astype(dtype)
+    result = lg.safe_cholesky(backend.asarray(a))
+    assert result.jitter == 0.0 and result.tries == 1
+    assert result.factor.dtype == np.float64  # float64 factorization even for float32 input
+    lower = backend.to_numpy(result.factor)
+    np.testing.assert_allclose(lower @ lower.T, a.astype(np.float64), atol=tolerance(np.float64) * np.abs(a).max())
+    assert np.all(np.triu(lower, 1) == 0)
+
+
+def test_safe_cholesky_of_a_singular_matrix_adds_reported_jitter(backend, rng):
+    j = rng.standard_normal((N, 10))
+    a = j @ j.T  # rank 10: not positive definite
+    with pytest.warns(lg.NumericalWarning, match=r"added jitter .* of the mean diagonal"):
+        result = lg.safe_cholesky(backend.asarray(a))
+    assert result.jitter > 0 and result.tries > 1
+    lower = backend.to_numpy(result.factor)
+    np.testing.assert_allclose(lower @ lower.T, a + result.jitter * np.eye(N), atol=1e-10 * np.abs(a).max())
+
+
+def test_safe_cholesky_rejects_indefinite_and_asymmetric(backend, rng):
+    a = spd_matrix(rng, 20)
+    with pytest.raises(lg.NotPositiveDefiniteError, match="not positive definite even with jitter"):
+        lg.safe_cholesky(backend.asarray(a - 5.0 * np.eye(20)))  # eigenvalues from −4 to 95
+    asym = a.copy()
+    asym[0, 1] += 1.0
+    with pytest.raises(lg.ValueRangeError, match="not symmetric"):
+        lg.safe_cholesky(backend.asarray(asym))
+    with pytest.raises(lg.ShapeError, match="square"):
+        lg.safe_cholesky(backend.asarray(a[:, :5]))
