@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 
 from backends._base import Backend, MemoryInfo, is_cupy_array, is_torch_tensor
 
-__all__ = ["BACKEND_NAMES", "Backend", "BackendStatus", "MemoryInfo", "available_backends", "backend_name_of", "get_backend",
-           "infer"]
+__all__ = ["BACKEND_NAMES", "Backend", "BackendStatus", "MemoryInfo", "available_backends", "backend_name_of",
+           "get_backend", "infer"]
 
 BACKEND_NAMES = ("numpy", "cupy")
 
@@ -25,14 +25,14 @@ class BackendStatus(NamedTuple):
     reason: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _numpy_backend() -> Backend:
     from backends._numpy import NumpyBackend
 
     return NumpyBackend()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cupy_status() -> tuple[Backend | None, str]:
     """Make the CuPy backend once, or say in one line why it cannot be made."""
     if importlib.util.find_spec("cupy") is None:

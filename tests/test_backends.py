@@ -60,7 +60,8 @@ def test_mixed_numpy_and_cupy_arrays_raise_type_error_naming_both(cupy_backend):
 def test_mixing_is_detected_from_the_array_type_alone():
     # A stand-in type from a module named like CuPy's: the dispatch logic, runnable without a GPU.
     stand_in = type("ndarray", (), {"__module__": "cupy._core.core"})
-    with pytest.raises(TypeError, match=r"argument 0: numpy\.ndarray \(numpy\), argument 1: cupy\._core\.core\.ndarray"):
+    expected = r"argument 0: numpy\.ndarray \(numpy\), argument 1: cupy\._core\.core\.ndarray"
+    with pytest.raises(TypeError, match=expected):
         backends.infer(np.zeros(2), stand_in())
 
 

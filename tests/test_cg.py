@@ -137,7 +137,8 @@ def test_callback_history_and_restarts_fields(backend, rng):
 def test_maxiter_stops_and_warns_with_advice(backend, rng):
     a = spd_matrix(rng, N, 1e4)
     b = rng.standard_normal(N)
-    with pytest.warns(lg.ConvergenceWarning, match=r"1 of 1 right-hand sides.*status: maxiter.*raise maxiter \(now 5\)"):
+    expected = r"1 of 1 right-hand sides.*status: maxiter.*raise maxiter \(now 5\)"
+    with pytest.warns(lg.ConvergenceWarning, match=expected):
         result = lg.cg(backend.asarray(a), backend.asarray(b), maxiter=5)
     assert result.iterations[0] == 5 and result.status == ("maxiter",)
     with warnings.catch_warnings():

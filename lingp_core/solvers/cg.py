@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -60,8 +61,9 @@ class CGResult(NamedTuple):
 
 
 def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = None, atol: float = 0.0,
-       maxiter: int | None = None, check_every: int | None = None, callback: Callable[[int, np.ndarray], Any] | None = None,
-       return_history: bool = False, return_tridiagonal: bool = False, warn: bool = True) -> CGResult:
+       maxiter: int | None = None, check_every: int | None = None,
+       callback: Callable[[int, np.ndarray], Any] | None = None, return_history: bool = False,
+       return_tridiagonal: bool = False, warn: bool = True) -> CGResult:
     """Solve A X = B for symmetric positive-definite A, all columns of B together.
 
     Parameters
@@ -223,7 +225,7 @@ class _CGState:
     def true_residual_norms(self, positions: np.ndarray) -> np.ndarray:
         """‖b − A x‖ for the active columns at these positions (one product with those columns)."""
         cols = self.backend.xp.asarray(positions)
-        true = self.rhs[:, self.active[positions]] - self.op.matmat(self.x_active[:, cols])
+        true = self.rhs[:, self.backend.xp.asarray(self.active[positions])] - self.op.matmat(self.x_active[:, cols])
         self._true = (positions, true)
         return self.backend.to_numpy(column_norms(true, self.backend))
 

@@ -49,7 +49,7 @@ def pivoted_cholesky(A: Any, rank: int, *, rtol: float = 0.0) -> PivotedCholesky
     trace falls below rtol·trace(A). Computed in float64.
     """
     op = as_operator(A, "A")
-    backend, xp = op.backend, op.backend.xp
+    xp = op.backend.xp
     n = op.shape[0]
     rank = v.check_int(rank, "rank", minimum=1, maximum=n)
     rtol = v.check_positive(rtol, "rtol", allow_zero=True)
