@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=1e-2, help="σ² relative to the mean kernel diagonal")
     parser.add_argument("--rank", type=int, default=100, help="pivoted-Cholesky preconditioner rank (default 100)")
     parser.add_argument("--single-max-n", type=int, default=4000, help="largest n for 32 single solves")
+    parser.add_argument("--gpytorch-max-n", type=int, default=8000,
+                        help="largest n for linear_operator CG (1000 iterations: slow beyond)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_solvers",
                         help="output folder (JSON + PNG)")
     args = parser.parse_args(argv)
@@ -134,35 +136,38 @@ def bench_size(n: int, args: argparse.Namespace, backend) -> dict:
     row.update(lingp_pcg_s=t_pc, lingp_pcg_iters=int(res_pc.iterations.max()),
                lingp_pcg_converged=bool(res_pc.converged.all()))
 
-    k_torch = torch.as_tensor(kernel_host, device=torch_device)
-    b_torch = torch.as_tensor(b_host, device=torch_device)
     torch_sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
-    torch_sync()
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        x_gp, calls = gpytorch_cg(lambda v: k_torch @ v, b_torch, args.rtol)
-    torch_sync()
-    row["gpytorch_cg_s"] = time.perf_counter() - start
-    x_gp_host = x_gp.cpu().numpy()
-    gp_relres = np.linalg.norm(b_host - kernel_host @ x_gp_host, axis=0) / np.linalg.norm(b_host, axis=0)
-    row.update(gpytorch_cg_products=calls, gpytorch_cg_relres_max=float(gp_relres.max()),
-               gpytorch_cg_relres_mean=float(gp_relres.mean()),
-               gpytorch_cg_reached_rtol=bool(gp_relres.max() <= args.rtol))
+    run_gpytorch = n <= args.gpytorch_max_n
+    if run_gpytorch:
+        k_torch = torch.as_tensor(kernel_host, device=torch_device)
+        b_torch = torch.as_tensor(b_host, device=torch_device)
+        torch_sync()
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x_gp, calls = gpytorch_cg(lambda v: k_torch @ v, b_torch, args.rtol)
+        torch_sync()
+        row["gpytorch_cg_s"] = time.perf_counter() - start
+        x_gp_host = x_gp.cpu().numpy()
+        gp_relres = np.linalg.norm(b_host - kernel_host @ x_gp_host, axis=0) / np.linalg.norm(b_host, axis=0)
+        row.update(gpytorch_cg_products=calls, gpytorch_cg_relres_max=float(gp_relres.max()),
+                   gpytorch_cg_relres_mean=float(gp_relres.mean()),
+                   gpytorch_cg_reached_rtol=bool(gp_relres.max() <= args.rtol))
 
     # matrix-free: the same kernel as J (Jᵀ v) + σ² v
     jac = backend.asarray(jac_host)
     op = KernelOperator(jac, args.noise, backend)
     res_mf, t_mf = timed(lambda: lg.cg(op, b, rtol=args.rtol, maxiter=maxiter, warn=False), backend)
     row.update(lingp_cg_matfree_s=t_mf, lingp_cg_matfree_iters=int(res_mf.iterations.max()))
-    j_torch = torch.as_tensor(jac_host, device=torch_device)
-    torch_sync()
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gpytorch_cg(lambda v: j_torch @ (j_torch.T @ v) + args.noise * v, b_torch, args.rtol)
-    torch_sync()
-    row["gpytorch_cg_matfree_s"] = time.perf_counter() - start
+    if run_gpytorch:
+        j_torch = torch.as_tensor(jac_host, device=torch_device)
+        torch_sync()
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gpytorch_cg(lambda v: j_torch @ (j_torch.T @ v) + args.noise * v, b_torch, args.rtol)
+        torch_sync()
+        row["gpytorch_cg_matfree_s"] = time.perf_counter() - start
 
     if n <= args.single_max_n:
         def singles():
@@ -173,21 +178,36 @@ def bench_size(n: int, args: argparse.Namespace, backend) -> dict:
     return row
 
 
-HEADER = (f"{'n':>6} {'cho_solve s':>11} {'CG s':>8} {'CG it':>6} {'CG res':>8} {'PCG s':>8} {'PCG it':>6} "
-          f"{'GPyT s':>8} {'GPyT it':>7} {'GPyT res':>8} {'GPyT/CG':>7} {'chol/CG':>7} {'it/PCGit':>8} {'MF CG s':>8} "
-          f"{'MF GPyT/CG':>10} {'32x1/batch':>10}")
+COLUMNS = [  # (header, width, value from a row or None when not measured)
+    ("n", 6, lambda r: f"{r['n']}"),
+    ("cho_solve s", 11, lambda r: f"{r['scipy_cho_solve_s']:.3f}"),
+    ("CG s", 8, lambda r: f"{r['lingp_cg_s']:.3f}"),
+    ("CG it", 6, lambda r: f"{r['lingp_cg_iters']}"),
+    ("CG res", 8, lambda r: f"{r['lingp_cg_relres']:.1e}"),
+    ("PCG s", 8, lambda r: f"{r['lingp_pcg_s']:.3f}"),
+    ("PCG it", 6, lambda r: f"{r['lingp_pcg_iters']}"),
+    ("GPyT s", 8, lambda r: f"{r['gpytorch_cg_s']:.3f}"),
+    ("GPyT it", 7, lambda r: f"{r['gpytorch_cg_products'] - 1}"),
+    ("GPyT res", 8, lambda r: f"{r['gpytorch_cg_relres_max']:.1e}"),
+    ("GPyT/CG", 7, lambda r: f"{r['gpytorch_cg_s'] / r['lingp_cg_s']:.2f}"),
+    ("chol/CG", 7, lambda r: f"{r['scipy_cho_solve_s'] / r['lingp_cg_s']:.2f}"),
+    ("chol/PCG", 8, lambda r: f"{r['scipy_cho_solve_s'] / r['lingp_pcg_s']:.2f}"),
+    ("it/PCGit", 8, lambda r: f"{r['lingp_cg_iters'] / max(r['lingp_pcg_iters'], 1):.2f}"),
+    ("MF CG s", 8, lambda r: f"{r['lingp_cg_matfree_s']:.3f}"),
+    ("MF GPyT/CG", 10, lambda r: f"{r['gpytorch_cg_matfree_s'] / r['lingp_cg_matfree_s']:.2f}"),
+    ("32x1/batch", 10, lambda r: f"{r['lingp_cg_32_single_s'] / r['lingp_cg_s']:.2f}"),
+]
+HEADER = " ".join(f"{name:>{width}}" for name, width, _ in COLUMNS)
 
 
 def print_row(r: dict) -> None:
-    single = r.get("lingp_cg_32_single_s")
-    single_ratio = "-" if single is None else f"{single / r['lingp_cg_s']:.2f}"
-    print(f"{r['n']:>6} {r['scipy_cho_solve_s']:>11.3f} {r['lingp_cg_s']:>8.3f} {r['lingp_cg_iters']:>6} "
-          f"{r['lingp_cg_relres']:>8.1e} {r['lingp_pcg_s']:>8.3f} {r['lingp_pcg_iters']:>6} {r['gpytorch_cg_s']:>8.3f} "
-          f"{r['gpytorch_cg_products'] - 1:>7} {r['gpytorch_cg_relres_max']:>8.1e} "
-          f"{r['gpytorch_cg_s'] / r['lingp_cg_s']:>7.2f} {r['scipy_cho_solve_s'] / r['lingp_cg_s']:>7.2f} "
-          f"{r['lingp_cg_iters'] / max(r['lingp_pcg_iters'], 1):>8.2f} {r['lingp_cg_matfree_s']:>8.3f} "
-          f"{r['gpytorch_cg_matfree_s'] / r['lingp_cg_matfree_s']:>10.2f} "
-          f"{single_ratio:>10}", flush=True)
+    cells = []
+    for _, width, value in COLUMNS:
+        try:
+            cells.append(f"{value(r):>{width}}")
+        except KeyError:  # not measured at this size
+            cells.append(f"{'-':>{width}}")
+    print(" ".join(cells), flush=True)
 
 
 def machine_info(backend) -> dict:
@@ -206,12 +226,12 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    n = [r["n"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in [("scipy_cho_solve_s", "scipy cho_factor + cho_solve"), ("lingp_cg_s", "lingp CG"),
                        ("lingp_pcg_s", "lingp CG + pivoted Cholesky"), ("gpytorch_cg_s", "linear_operator CG"),
                        ("lingp_cg_matfree_s", "lingp CG, matrix-free")]:
-        ax.plot(n, [r[key] for r in rows], marker="o", label=label)
+        measured = [(r["n"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*measured), marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel="n (kernel size)", ylabel="seconds for 32 right-hand sides",
            title=f"Solving (K + σ²I) X = B to rtol {rows[0]['rtol']:g}")
     ax.legend(fontsize=8)
