@@ -16,6 +16,9 @@ from lingp_core._validate import (
     ShapeError,
     ValueRangeError,
 )
+from lingp_core.autograd_operator import AutogradJacobian
+from lingp_core.export import LAST_LAYER, STRUCTURES, export_jacobian
+from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.operators import AddedDiagonalOperator, DenseOperator, LinearOperator, LowRankPlusDiagonal, as_operator
 from lingp_core.solvers import (
     CGResult,
@@ -38,12 +41,18 @@ from lingp_core.solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LAST_LAYER",
+    "STRUCTURES",
     "AddedDiagonalOperator",
+    "AutogradJacobian",
     "BackendMismatchError",
     "CGResult",
     "CholeskyResult",
+    "DenseBlock",
     "DenseOperator",
     "EigenResult",
+    "FactoredLinearBlock",
+    "JacobianBlocks",
     "LanczosResult",
     "LinearOperator",
     "LogdetResult",
@@ -62,6 +71,7 @@ __all__ = [
     "as_operator",
     "available_backends",
     "cg",
+    "export_jacobian",
     "get_backend",
     "infer",
     "jacobi_preconditioner",
