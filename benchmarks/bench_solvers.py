@@ -12,6 +12,7 @@ Times are ratios against the baselines measured in the same run. Prints a table 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -95,13 +96,15 @@ def gpytorch_cg(matmul, rhs, rtol: float):
     return x, calls[0]
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, json_path: Path) -> dict:
+    """Measure every size; the JSON is rewritten after each row, so a crash or a kill keeps what was measured."""
     backend = backends.get_backend(args.backend)
-    rows = []
+    result = {"rows": [], "machine": machine_info(backend), "args": {k: str(v) for k, v in vars(args).items()}}
     for n in args.sizes:
-        rows.append(bench_size(n, args, backend))
-        print_row(rows[-1])
-    return {"rows": rows, "machine": machine_info(backend), "args": {k: str(v) for k, v in vars(args).items()}}
+        result["rows"].append(bench_size(n, args, backend))
+        print_row(result["rows"][-1])
+        json_path.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def bench_size(n: int, args: argparse.Namespace, backend) -> dict:
@@ -137,7 +140,7 @@ def bench_size(n: int, args: argparse.Namespace, backend) -> dict:
                lingp_pcg_converged=bool(res_pc.converged.all()))
 
     torch_sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
-    run_gpytorch = n <= args.gpytorch_max_n
+    run_gpytorch = n <= args.gpytorch_max_n and importlib.util.find_spec("linear_operator") is not None
     if run_gpytorch:
         k_torch = torch.as_tensor(kernel_host, device=torch_device)
         b_torch = torch.as_tensor(b_host, device=torch_device)
@@ -212,14 +215,18 @@ def print_row(r: dict) -> None:
 
 def machine_info(backend) -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "backend": backend.name, "numpy": np.__version__}
+            "backend": backend.name, "numpy": np.__version__,
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
     if backend.name == "cupy":
         props = backend.xp.cuda.runtime.getDeviceProperties(0)
         info["device"] = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     return info
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> bool:
+    """Write the time-versus-n plot; False (and nothing written) when matplotlib is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,16 +245,21 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("linear_operator") is None:
+        print("linear_operator is not installed: its CG columns stay empty (pip install 'lingp[bench]')")
     print(HEADER)
-    result = run(args)
-    (args.out / "bench_solvers.json").write_text(json.dumps(result, indent=2))
-    plot(result, args.out / "bench_solvers.png")
-    print(f"wrote {args.out / 'bench_solvers.json'} and {args.out / 'bench_solvers.png'}")
+    result = run(args, args.out / "bench_solvers.json")
+    print(f"wrote {args.out / 'bench_solvers.json'}")
+    if plot(result, args.out / "bench_solvers.png"):
+        print(f"wrote {args.out / 'bench_solvers.png'}")
+    else:
+        print("matplotlib is not installed: no plot")
     return 0
 
 

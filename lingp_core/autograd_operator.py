@@ -9,9 +9,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import numpy as np
-
-from lingp_core._validate import ShapeError, as_float_array, check_int
+from lingp_core._validate import check_int
 from lingp_core.export import (
     _as_input_tensor,
     _check_model,
@@ -21,11 +19,12 @@ from lingp_core.export import (
     _select_outputs,
     _select_parameters,
 )
+from lingp_core.jacobian import JacobianShape
 
 __all__ = ["AutogradJacobian"]
 
 
-class AutogradJacobian:
+class AutogradJacobian(JacobianShape):
     """The Jacobian J (n·c × p) of ``model`` at ``inputs`` as a matrix-free operator with autograd products.
 
     Parameters
@@ -66,16 +65,6 @@ class AutogradJacobian:
 
     # ----- description -------------------------------------------------------------------------------------------
     @property
-    def n(self) -> int:
-        """Number of examples."""
-        return int(self.f0.shape[0])
-
-    @property
-    def n_outputs(self) -> int:
-        """Number of outputs per example, c."""
-        return int(self.f0.shape[1])
-
-    @property
     def param_names(self) -> tuple[str, ...]:
         """Parameter names in column order."""
         return tuple(self._primals)
@@ -90,16 +79,6 @@ class AutogradJacobian:
         """Total number of parameters (columns of J)."""
         return sum(int(p.numel()) for p in self._primals.values())
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(n·c, p)."""
-        return (self.n * self.n_outputs, self.p)
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The model's dtype (every product computes and returns in it)."""
-        return np.dtype(self.f0.dtype)
-
     def __repr__(self) -> str:
         return (f"AutogradJacobian(n={self.n}, c={self.n_outputs}, p={self.p}, dtype={self.dtype}, "
                 f"backend={self.backend.name!r})")
@@ -113,15 +92,11 @@ class AutogradJacobian:
         return out.reshape(out.shape[0], -1)[:, self._index].reshape(-1)
 
     def _operand(self, x: Any, name: str, rows: int) -> tuple[Any, bool]:
+        """The checked operand as a 2-D torch tensor sharing its memory (DLPack), and whether it was 1-D."""
         import torch
 
-        arr = as_float_array(x, name, self.backend, ndim=(1, 2), dtypes=(self.dtype,))
-        if arr.shape[0] != rows:
-            raise ShapeError(f"{name} has shape {tuple(arr.shape)}; expected ({rows},) or ({rows}, k) for a Jacobian "
-                             f"of shape {self.shape}")
-        vector = arr.ndim == 1
-        t = torch.from_dlpack(arr[:, None] if vector else arr)
-        return t, vector
+        arr, vector = super()._operand(x, name, rows)
+        return torch.from_dlpack(arr), vector
 
     def matmat(self, V: Any) -> Any:
         """J V for V of shape (p, k) or (p,) in parameter order: (n·c, k) or (n·c,), by vmapped ``jvp``."""

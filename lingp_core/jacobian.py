@@ -31,7 +31,7 @@ from lingp_core._validate import (
     resolve_memory_budget,
 )
 
-__all__ = ["DenseBlock", "FactoredLinearBlock", "JacobianBlocks"]
+__all__ = ["DenseBlock", "FactoredLinearBlock", "JacobianBlocks", "JacobianShape"]
 
 # Largest intermediate (in elements) a product builds at once; bigger problems run in chunks of examples/columns.
 _WORK_ELEMENTS = 1 << 24
@@ -298,7 +298,50 @@ class FactoredLinearBlock(_Block):
         return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)
 
 
-class JacobianBlocks:
+class JacobianShape:
+    """What every Jacobian object shares: f0 (n, c) on a backend, the (n·c, p) shape and checked operands.
+
+    Subclasses set ``f0`` and ``backend`` and define ``p``.
+    """
+
+    f0: Any
+    backend: Backend
+
+    @property
+    def n(self) -> int:
+        """Number of examples."""
+        return int(self.f0.shape[0])
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of outputs per example, c."""
+        return int(self.f0.shape[1])
+
+    @property
+    def p(self) -> int:
+        """Total number of parameters (columns of J)."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n·c, p), the shape of J."""
+        return (self.n * self.n_outputs, self.p)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of f0 and of every product."""
+        return np.dtype(self.f0.dtype)
+
+    def _operand(self, x: Any, name: str, rows: int) -> tuple[Any, bool]:
+        """Check an operand (rows,) or (rows, k) of this object's dtype; return it as 2-D and whether it was 1-D."""
+        arr = as_float_array(x, name, self.backend, ndim=(1, 2), dtypes=(self.dtype,))
+        if arr.shape[0] != rows:
+            raise ShapeError(f"{name} has shape {tuple(arr.shape)}; expected ({rows},) or ({rows}, k) for a Jacobian "
+                             f"of shape {self.shape}")
+        return (arr[:, None], True) if arr.ndim == 1 else (arr, False)
+
+
+class JacobianBlocks(JacobianShape):
     """The Jacobian J (n·c × p) of a network at n inputs, held in parameter blocks, with f₀ = the network outputs.
 
     Made by :func:`lingp_core.export_jacobian`. Rows are example-major (row ``i*c + k`` is example i, output k);
@@ -333,29 +376,9 @@ class JacobianBlocks:
         return self.backend.xp
 
     @property
-    def n(self) -> int:
-        """Number of examples."""
-        return int(self.f0.shape[0])
-
-    @property
-    def n_outputs(self) -> int:
-        """Number of outputs per example, c."""
-        return int(self.f0.shape[1])
-
-    @property
     def p(self) -> int:
         """Total number of parameters (columns of J)."""
         return sum(b.p for b in self.blocks)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(n·c, p), the shape of J."""
-        return (self.n * self.n_outputs, self.p)
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype of f0 and every block."""
-        return np.dtype(self.f0.dtype)
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -390,14 +413,6 @@ class JacobianBlocks:
         return offsets
 
     # ----- products ----------------------------------------------------------------------------------------------
-    def _operand(self, x: Any, name: str, rows: int) -> tuple[Any, bool]:
-        """Check an operand (rows,) or (rows, k) of this object's dtype; return it as 2-D and whether it was 1-D."""
-        arr = as_float_array(x, name, self.backend, ndim=(1, 2), dtypes=(self.dtype,))
-        if arr.shape[0] != rows:
-            raise ShapeError(f"{name} has shape {tuple(arr.shape)}; expected ({rows},) or ({rows}, k) for a Jacobian "
-                             f"of shape {self.shape}")
-        return (arr[:, None], True) if arr.ndim == 1 else (arr, False)
-
     def matmat(self, V: Any) -> Any:
         """J V, block by block.
 

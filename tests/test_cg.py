@@ -5,8 +5,6 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import lingp_core as lg
 from lingp_core._precision import default_rtol
@@ -204,17 +202,3 @@ def test_mixed_backends_raise(cupy_backend, rng):
     a = spd_matrix(rng, 10)
     with pytest.raises(lg.BackendMismatchError):
         lg.cg(a, cupy_backend.asarray(rng.standard_normal(10)))
-
-
-@settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 25), k=st.integers(1, 4), use_float32=st.booleans(), seed=st.integers(0, 2**16))
-def test_cg_shapes_and_dtypes_property(n, k, use_float32, seed):
-    rng = np.random.default_rng(seed)
-    dtype = np.float32 if use_float32 else np.float64
-    a = spd_matrix(rng, n, 10.0).astype(dtype)
-    b = rng.standard_normal((n, k)).astype(dtype)
-    result = lg.cg(a, b)
-    assert result.x.shape == (n, k) and result.x.dtype == dtype
-    assert result.converged.shape == result.iterations.shape == result.residual_norms.shape == (k,)
-    assert result.converged.all()
-    assert np.all(result.iterations <= 10 * n)
