@@ -19,6 +19,7 @@ from lingp_core._validate import (
 from lingp_core.autograd_operator import AutogradJacobian
 from lingp_core.export import LAST_LAYER, STRUCTURES, export_jacobian
 from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
+from lingp_core.kernels import KernelOperator, kernel, kernel_diag
 from lingp_core.operators import AddedDiagonalOperator, DenseOperator, LinearOperator, LowRankPlusDiagonal, as_operator
 from lingp_core.solvers import (
     CGResult,
@@ -53,6 +54,7 @@ __all__ = [
     "EigenResult",
     "FactoredLinearBlock",
     "JacobianBlocks",
+    "KernelOperator",
     "LanczosResult",
     "LinearOperator",
     "LogdetResult",
@@ -75,6 +77,8 @@ __all__ = [
     "get_backend",
     "infer",
     "jacobi_preconditioner",
+    "kernel",
+    "kernel_diag",
     "lanczos",
     "lanczos_eigsh",
     "logdet",

@@ -1,0 +1,227 @@
+"""The finite NTK K = s · J J'ᵀ assembled from Jacobian blocks, its diagonal, and a matrix-free kernel operator.
+
+Output modes (c = outputs per example; rows example-major, row i·c + k is example i, output k):
+
+- ``"full"``: the (n·c, n'·c) kernel with its cross-output blocks;
+- ``"independent"``: (c, n, n'), one kernel per output, K_k = s · J_k J'_kᵀ (J_k: the rows of output k), as the
+  paper's code builds it;
+- ``"trace"``: (n, n'), the mean over outputs of the independent kernels;
+- an int k: (n, n'), the kernel of output k alone.
+
+Assembly streams over parameter blocks (factored Linear blocks through (A Aᵀ)∘(Δ Δᵀ), dense blocks through GEMMs) and,
+for a symmetric K(X, X), over example tiles of the upper triangle only, mirrored at the end. Each tile is computed in
+the accumulation dtype (float64 by default: a float32 Jacobian still gives a float64 kernel) and added into K, so the
+work space beyond K is one tile pair of blocks and one tile of K.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lingp_core import _validate as v
+from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
+from lingp_core.operators import LinearOperator
+
+OUTPUT_MODES = ("full", "independent", "trace")
+_TILE_ROWS = 4096  # rows of K per tile: big GEMMs run near peak; the work space stays one tile (128 MiB at float64)
+
+
+def _check_mode(output_mode: Any, c: int) -> Any:
+    """A valid output mode: one of OUTPUT_MODES, or an int output index in [0, c)."""
+    if isinstance(output_mode, str):
+        return v.check_choice(output_mode, "output_mode", OUTPUT_MODES)
+    return v.check_int(output_mode, "output_mode (an output index)", minimum=0, maximum=c - 1)
+
+
+def _check_jacobians(J1: Any, J2: Any) -> JacobianBlocks:
+    if not isinstance(J1, JacobianBlocks):
+        raise TypeError(f"J1 must be a JacobianBlocks from export_jacobian, got {type(J1).__name__}")
+    if J2 is None:
+        return J1
+    if not isinstance(J2, JacobianBlocks):
+        raise TypeError(f"J2 must be a JacobianBlocks from export_jacobian, got {type(J2).__name__}")
+    J1._check_compatible(J2)
+    if J1.outputs != J2.outputs:
+        raise v.ShapeError(f"J1 holds model outputs {J1.outputs} but J2 holds {J2.outputs}; export both with the same "
+                           "outputs=...")
+    return J2
+
+
+def _view(J: JacobianBlocks, examples: slice, output: int | None, dtype: np.dtype) -> list:
+    """The blocks of J restricted to some examples (and to one output), as arrays of ``dtype`` (views if possible)."""
+    blocks = []
+    c = J.n_outputs
+    for b in J.blocks:
+        if isinstance(b, DenseBlock):
+            values = b.values[examples.start * c: examples.stop * c]
+            if output is not None:
+                values = values.reshape(-1, c, b.p)[:, output, :]
+            blocks.append(DenseBlock(b.names, b.shapes, J.xp.asarray(values, dtype=dtype),
+                                     1 if output is not None else c, J.xp))
+        elif isinstance(b, FactoredLinearBlock):
+            delta = b.delta[examples]
+            if output is not None:
+                delta = delta[:, output: output + 1]
+            blocks.append(FactoredLinearBlock(b.names, b.shapes, b.A[examples].astype(dtype, copy=False),
+                                              delta.astype(dtype, copy=False), has_weight=b.has_weight,
+                                              has_bias=b.has_bias, xp=J.xp))
+        else:
+            raise TypeError(f"unknown block type {type(b).__name__}")
+    return blocks
+
+
+def _tiles(n: int, rows_per_example: int) -> list[slice]:
+    """Example ranges whose kernel rows number about _TILE_ROWS."""
+    size = max(1, _TILE_ROWS // rows_per_example)
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: Any, dtype: np.dtype) -> None:
+    """Add J1 J2ᵀ (one output's rows, or all) into ``out`` tile by tile; for J2 is J1, upper tiles only, mirrored."""
+    xp = J1.xp
+    rows = 1 if output is not None else J1.n_outputs
+    symmetric = J2 is J1
+    tiles1, tiles2 = _tiles(J1.n, rows), _tiles(J2.n, rows)
+    for a, ta in enumerate(tiles1):
+        left = _view(J1, ta, output, dtype)
+        for b, tb in enumerate(tiles2):
+            if symmetric and b < a:
+                continue
+            right = left if (symmetric and a == b) else _view(J2, tb, output, dtype)
+            tile = xp.zeros(((ta.stop - ta.start) * rows, (tb.stop - tb.start) * rows), dtype=dtype)
+            for lb, rb in zip(left, right):
+                lb.add_gram(rb, tile)  # tile is C-contiguous: add_gram may reshape it in place
+            r0, c0 = ta.start * rows, tb.start * rows
+            out[r0: r0 + tile.shape[0], c0: c0 + tile.shape[1]] += tile
+            if symmetric and b > a:
+                out[c0: c0 + tile.shape[1], r0: r0 + tile.shape[0]] += tile.T
+
+
+def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale: float = 1.0,
+           output_mode: str | int = "full", dtype: Any = np.float64, memory_budget: float | None = None) -> Any:
+    """The Jacobian kernel K(X1, X2) = s · J1 J2ᵀ, assembled from Jacobian blocks.
+
+    Parameters
+    ----------
+    J1 : JacobianBlocks
+        Jacobian at X1 (n1 examples, c outputs), from :func:`export_jacobian`.
+    J2 : JacobianBlocks, optional
+        Jacobian at X2 (n2 examples) with the same parameters, outputs, dtype and backend; default J1 (then K is
+        symmetric and only its upper tiles are computed).
+    prior_scale : float
+        s > 0, the prior variance of θ − θ̂.
+    output_mode : {"full", "independent", "trace"} or int
+        See the module docstring. Shapes: (n1·c, n2·c), (c, n1, n2), (n1, n2), (n1, n2).
+    dtype : float32 or float64
+        Accumulation and result dtype (default float64, whatever the blocks' dtype).
+    memory_budget : float, optional
+        Bytes allowed for K plus its work space (default: half the free memory where the backend allocates).
+
+    Returns
+    -------
+    array on J1's backend, of ``dtype``.
+    """
+    other = _check_jacobians(J1, J2)
+    s = v.check_positive(prior_scale, "prior_scale")
+    mode = _check_mode(output_mode, J1.n_outputs)
+    dtype = np.dtype(dtype)
+    if dtype not in J1.backend.float_dtypes:
+        raise v.DTypeError(f"dtype must be float32 or float64, got {dtype}")
+    c, n1, n2 = J1.n_outputs, J1.n, other.n
+    shape = {"full": (n1 * c, n2 * c), "independent": (c, n1, n2)}.get(mode, (n1, n2)) if isinstance(mode, str) \
+        else (n1, n2)
+    tile_rows = min(_TILE_ROWS, max(n1, n2) * c)
+    work = 2 * tile_rows * tile_rows + 2 * tile_rows * max(b.p for b in J1.blocks)
+    v.check_memory(v.nbytes_of(shape, dtype) + work * dtype.itemsize, v.resolve_memory_budget(memory_budget,
+                   J1.backend), what=f"the kernel of shape {shape} ({dtype})",
+                   alternative="use KernelOperator for matrix-free products, or output_mode='trace' / a single output")
+    xp = J1.backend.xp
+    result = xp.zeros(shape, dtype=dtype)
+    if mode == "full":
+        _assemble(J1, other, None, result, dtype)
+    elif mode == "independent":
+        for k in range(c):
+            _assemble(J1, other, k, result[k], dtype)
+    elif mode == "trace":
+        for k in range(c):
+            _assemble(J1, other, k, result, dtype)
+        s /= c
+    else:
+        _assemble(J1, other, mode, result, dtype)
+    result *= dtype.type(s)
+    return result
+
+
+def kernel_diag(J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str | int = "full",
+                dtype: Any = np.float64) -> Any:
+    """The diagonal of K(X, X) = s · J Jᵀ without forming K.
+
+    Shapes by output mode: "full" (n·c,), "independent" (c, n), "trace" (n,), int (n,); ``dtype`` as in
+    :func:`kernel`.
+    """
+    _check_jacobians(J, None)
+    s = v.check_positive(prior_scale, "prior_scale")
+    mode = _check_mode(output_mode, J.n_outputs)
+    dtype = np.dtype(dtype)
+    if dtype not in J.backend.float_dtypes:
+        raise v.DTypeError(f"dtype must be float32 or float64, got {dtype}")
+    diag = J.xp.zeros(J.n * J.n_outputs, dtype=dtype)
+    for b in _view(J, slice(0, J.n), None, dtype):
+        diag += b.gram_diagonal()
+    per_output = diag.reshape(J.n, J.n_outputs) * dtype.type(s)
+    if mode == "full":
+        return per_output.reshape(-1)
+    if mode == "independent":
+        return per_output.T.copy()
+    if mode == "trace":
+        return per_output.mean(axis=1)
+    return per_output[:, mode].copy()
+
+
+class KernelOperator(LinearOperator):
+    """K = s · J Jᵀ (+ noise·I) as a matrix-free operator: K V = s · J (Jᵀ V) through the blocks, multi-column.
+
+    Parameters
+    ----------
+    J : JacobianBlocks
+    prior_scale : float
+        s > 0.
+    output_mode : {"full", "trace"} or int
+        "full": (n·c, n·c); "trace": (n, n), the mean over outputs; an int k: (n, n) for output k.
+    noise : float, optional
+        σ² ≥ 0 added to the diagonal (default 0).
+    """
+
+    def __init__(self, J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str | int = "full",
+                 noise: float = 0.0):
+        _check_jacobians(J, None)
+        self.J = J
+        self.prior_scale = v.check_positive(prior_scale, "prior_scale")
+        self.noise = v.check_positive(noise, "noise", allow_zero=True)
+        if output_mode == "independent":
+            raise ValueError("KernelOperator has no 'independent' mode: make one operator per output "
+                             "(output_mode=k for k in range(c))")
+        self.output_mode = _check_mode(output_mode, J.n_outputs)
+        rows = J.n * J.n_outputs if self.output_mode == "full" else J.n
+        self.shape, self.dtype, self.backend = (rows, rows), J.dtype, J.backend
+        c = J.n_outputs
+        if self.output_mode == "full":
+            self._views, self._weight = [J.blocks], 1.0
+        else:
+            outputs = range(c) if self.output_mode == "trace" else [self.output_mode]
+            self._views = [_view(J, slice(0, J.n), k, J.dtype) for k in outputs]
+            self._weight = 1.0 / len(self._views)
+
+    def _matmat(self, x: Any) -> Any:
+        out = self.backend.xp.zeros_like(x)
+        for blocks in self._views:
+            for b in blocks:
+                out += b.matmat(b.rmatmat(x))
+        scale = self.dtype.type(self.prior_scale * self._weight)
+        return out * scale + self.dtype.type(self.noise) * x
+
+    def diagonal(self) -> Any:
+        mode = self.output_mode
+        d = kernel_diag(self.J, prior_scale=self.prior_scale, output_mode=mode, dtype=self.dtype)
+        return d + self.dtype.type(self.noise)

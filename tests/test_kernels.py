@@ -1,0 +1,142 @@
+"""kernel, kernel_diag and KernelOperator against float64 dense kernels from torch.func Jacobians, in every mode."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import lingp_core as lg  # noqa: E402
+from lingp_core import kernels as kernels_module  # noqa: E402
+from tests.helpers import assert_matches, tolerance  # noqa: E402
+from tests.test_export import SmallCNN, mlp, on_backend, oracle  # noqa: E402
+
+MODES = ["full", "independent", "trace", 1]
+S = 0.7  # prior scale
+
+
+def dense_kernel(J1: np.ndarray, J2: np.ndarray, c: int, mode) -> np.ndarray:
+    """The float64 oracle: s·J1 J2ᵀ rearranged for the output mode."""
+    full = S * J1 @ J2.T
+    n1, n2 = J1.shape[0] // c, J2.shape[0] // c
+    per_output = full.reshape(n1, c, n2, c)
+    independent = np.stack([per_output[:, k, :, k] for k in range(c)])
+    if mode == "full":
+        return full
+    if mode == "independent":
+        return independent
+    if mode == "trace":
+        return independent.mean(axis=0)
+    return independent[mode]
+
+
+def exported(backend, model, x, dtype=np.float64, **kw):
+    model, x = on_backend(model, x, backend, dtype)
+    return lg.export_jacobian(model, x, backend=backend.name, **kw), oracle(model, x)[0]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("structure", ["auto", "dense"])
+def test_kernel_matches_the_dense_oracle(backend, mode, structure):
+    J, J64 = exported(backend, mlp(nn.Tanh, widths=(3, 8, 8, 3)), torch.randn(6, 3), structure=structure)
+    K = lg.kernel(J, prior_scale=S, output_mode=mode)
+    assert_matches(K, dense_kernel(J64, J64, 3, mode), backend, dtype=np.float64, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cross_kernel_between_test_and_training_inputs(backend, mode):
+    model = SmallCNN()
+    J, J64 = exported(backend, model, torch.randn(5, 2, 6, 6))
+    Js, Js64 = exported(backend, model, torch.randn(3, 2, 6, 6))
+    K = lg.kernel(Js, J, prior_scale=S, output_mode=mode)
+    assert_matches(K, dense_kernel(Js64, J64, 3, mode), backend, dtype=np.float64, rtol=1e-10)
+
+
+def test_many_tiles_give_the_same_symmetric_kernel(backend, monkeypatch):
+    monkeypatch.setattr(kernels_module, "_TILE_ROWS", 7)  # several tiles per side, uneven last tile
+    J, J64 = exported(backend, mlp(nn.ELU, widths=(3, 8, 2)), torch.randn(11, 3))
+    for mode in MODES[:3]:
+        K = lg.kernel(J, prior_scale=S, output_mode=mode)
+        assert_matches(K, dense_kernel(J64, J64, 2, mode), backend, dtype=np.float64, rtol=1e-10)
+
+
+def test_float32_blocks_accumulate_in_float64_by_default(backend):
+    J, J64 = exported(backend, mlp(nn.Tanh, widths=(3, 8, 2)), torch.randn(6, 3), dtype=np.float32)
+    K = lg.kernel(J, prior_scale=S)
+    assert K.dtype == np.float64
+    # the blocks carry float32 rounding; the products of those rounded numbers are exact to float64
+    assert_matches(K, dense_kernel(J64, J64, 2, "full"), backend, dtype=np.float64, rtol=tolerance(np.float32, 100))
+    K32 = lg.kernel(J, prior_scale=S, dtype=np.float32)
+    assert_matches(K32, dense_kernel(J64, J64, 2, "full"), backend, dtype=np.float32, rtol=tolerance(np.float32, 100))
+
+
+def test_kernel_of_a_sequence_model(backend):
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # x: (b, T, 3)
+            return self.head(torch.tanh(self.inner(x)).mean(dim=1))
+
+    J, J64 = exported(backend, Seq(), torch.randn(5, 4, 3), structure="factored")
+    assert [getattr(b, "T", None) for b in J.blocks] == [4, 1]
+    for mode in MODES:
+        assert_matches(lg.kernel(J, prior_scale=S, output_mode=mode), dense_kernel(J64, J64, 2, mode), backend,
+                       dtype=np.float64, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kernel_diag_matches_the_oracle(backend, mode):
+    J, J64 = exported(backend, mlp(nn.ReLU, widths=(3, 8, 3)), torch.randn(6, 3))
+    full = dense_kernel(J64, J64, 3, mode)
+    expected = np.stack([np.diag(k) for k in full]) if mode == "independent" else np.diag(full)
+    assert_matches(lg.kernel_diag(J, prior_scale=S, output_mode=mode), expected, backend, dtype=np.float64,
+                   rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["full", "trace", 0])
+def test_kernel_operator_products_and_diagonal(backend, rng, mode):
+    J, J64 = exported(backend, mlp(nn.Tanh, widths=(3, 8, 2)), torch.randn(6, 3))
+    op = lg.KernelOperator(J, prior_scale=S, output_mode=mode, noise=0.1)
+    K = dense_kernel(J64, J64, 2, mode) + 0.1 * np.eye(op.shape[0])
+    assert op.shape == K.shape and op.dtype == np.float64
+    V = rng.standard_normal((op.shape[0], 3))
+    assert_matches(op.matmat(backend.asarray(V)), K @ V, backend, dtype=np.float64, rtol=1e-10)
+    assert_matches(op.matmat(backend.asarray(V[:, 0])), K @ V[:, 0], backend, dtype=np.float64, rtol=1e-10)
+    assert_matches(op.diagonal(), np.diag(K), backend, dtype=np.float64, rtol=1e-10)
+    assert_matches(op.to_dense(), K, backend, dtype=np.float64, rtol=1e-10)
+    solved = lg.cg(op, backend.asarray(V))  # the operator plugs into the solvers
+    assert solved.converged.all()
+
+
+def test_bad_inputs(backend):
+    model = mlp(nn.Tanh, widths=(3, 8, 2))
+    J, _ = exported(backend, model, torch.randn(4, 3))
+    J_last, _ = exported(backend, model, torch.randn(4, 3), params="last_layer")
+    J_out, _ = exported(backend, model, torch.randn(4, 3), outputs=[0])
+    with pytest.raises(lg.ShapeError, match="export both with the same params"):
+        lg.kernel(J, J_last)
+    with pytest.raises(lg.ShapeError, match=r"J1 holds model outputs \(0, 1\) but J2 holds \(0,\)"):
+        lg.kernel(J, J_out)
+    with pytest.raises(ValueError, match="output_mode must be one of 'full', 'independent', 'trace'"):
+        lg.kernel(J, output_mode="diag")
+    with pytest.raises(lg.ValueRangeError, match=r"output_mode \(an output index\) must lie in \[0, 1\], got 2"):
+        lg.kernel_diag(J, output_mode=2)
+    with pytest.raises(lg.ValueRangeError, match="prior_scale must be finite and > 0"):
+        lg.kernel(J, prior_scale=0.0)
+    with pytest.raises(TypeError, match="J1 must be a JacobianBlocks"):
+        lg.kernel(np.zeros((3, 3)))
+    with pytest.raises(lg.DTypeError, match="dtype must be float32 or float64"):
+        lg.kernel(J, dtype=np.int32)
+    with pytest.raises(lg.MemoryBudgetError, match=r"the kernel of shape \(8, 8\)"):
+        lg.kernel(J, memory_budget=100)
+    with pytest.raises(ValueError, match="one operator per output"):
+        lg.KernelOperator(J, output_mode="independent")
