@@ -18,8 +18,17 @@ from lingp_core._validate import (
 )
 from lingp_core.autograd_operator import AutogradJacobian
 from lingp_core.export import LAST_LAYER, STRUCTURES, export_jacobian
+from lingp_core.fisher import LOWRANK_METHODS, FisherOperator, LowRankResult, fisher, fisher_lowrank, kernel_lowrank
 from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
+from lingp_core.likelihoods import (
+    LIKELIHOODS,
+    BernoulliLikelihood,
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+    as_likelihood,
+)
 from lingp_core.operators import AddedDiagonalOperator, DenseOperator, LinearOperator, LowRankPlusDiagonal, as_operator
 from lingp_core.solvers import (
     CGResult,
@@ -43,22 +52,30 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LAST_LAYER",
+    "LIKELIHOODS",
+    "LOWRANK_METHODS",
     "STRUCTURES",
     "AddedDiagonalOperator",
     "AutogradJacobian",
     "BackendMismatchError",
+    "BernoulliLikelihood",
+    "CategoricalLikelihood",
     "CGResult",
     "CholeskyResult",
     "DenseBlock",
     "DenseOperator",
     "EigenResult",
     "FactoredLinearBlock",
+    "FisherOperator",
+    "GaussianLikelihood",
     "JacobianBlocks",
     "KernelOperator",
     "LanczosResult",
+    "Likelihood",
     "LinearOperator",
     "LogdetResult",
     "LowRankPlusDiagonal",
+    "LowRankResult",
     "PivotedCholesky",
     "ConvergenceError",
     "ConvergenceWarning",
@@ -70,15 +87,19 @@ __all__ = [
     "NumericalWarning",
     "ShapeError",
     "ValueRangeError",
+    "as_likelihood",
     "as_operator",
     "available_backends",
     "cg",
     "export_jacobian",
+    "fisher",
+    "fisher_lowrank",
     "get_backend",
     "infer",
     "jacobi_preconditioner",
     "kernel",
     "kernel_diag",
+    "kernel_lowrank",
     "lanczos",
     "lanczos_eigsh",
     "logdet",

@@ -140,6 +140,29 @@ class DenseBlock(_Block):
         """The block as an (n·c, p_b) array (the stored one, not a copy)."""
         return self.values
 
+    def column_sq_norms(self) -> Any:
+        """Column sums of squares, diag(J_bᵀ J_b): (p_b,), in chunks of rows (a disk-backed block is read once)."""
+        xp = self.xp
+        rows_total, p_b = self.values.shape
+        result = xp.zeros(p_b, dtype=self.dtype)
+        for rows in _chunks(rows_total, _WORK_ELEMENTS // max(1, p_b)):
+            part = xp.asarray(self.values[rows])
+            result += xp.einsum("ij,ij->j", part, part)
+        return result
+
+    def transform_rows(self, factors: Any) -> DenseBlock:
+        """The block with rows of example i replaced by L_iᵀ J_b,i (a new in-memory block).
+
+        ``factors`` is (n, c) (diagonal L_i, one scale per row) or (n, c, c).
+        """
+        n, c, xp = self.n, self.c, self.xp
+        values = xp.asarray(self.values).reshape(n, c, -1)
+        if factors.ndim == 2:
+            new = values * factors[:, :, None]
+        else:
+            new = factors.transpose(0, 2, 1) @ values  # (n, c, c) @ (n, c, p_b): L_iᵀ J_i per example
+        return DenseBlock(self.names, self.shapes, new.reshape(n * c, -1), c, xp)
+
 
 class FactoredLinearBlock(_Block):
     """The weight and/or bias columns of J for one ``nn.Linear`` layer, as layer inputs and output sensitivities.
@@ -284,6 +307,43 @@ class FactoredLinearBlock(_Block):
             dd = d @ d.transpose(0, 1, 3, 2)  # (s, c, T, T)
             result[rows] = xp.einsum("itu,ictu->ic", aa, dd)
         return result.reshape(n * c)
+
+    def column_sq_norms(self) -> Any:
+        """diag(J_bᵀ J_b): (p_b,), without forming J_b.
+
+        Column (o, j) of row (i, k) is Σ_t δ_ikto a_itj, so its sum of squares over rows is
+        Σ_i Σ_{t,t'} (Σ_k δ_ikto δ_ikt'o) (a_itj a_it'j): one GEMM of the (i, t, t') products of Δ with those of A
+        (for T = 1 simply (Σ_k Δ²)ᵀ A²), in chunks of examples.
+        """
+        xp = self.xp
+        n, c, T, n_out = self.n, self.c, self.T, self.out_features
+        m = self.A.shape[2]
+        g = xp.zeros((n_out, m), dtype=self.dtype)
+        if T == 1:
+            for rows in _chunks(n, _WORK_ELEMENTS // max(1, c * n_out + m)):
+                d_sq = (self.delta[rows, :, 0, :] ** 2).sum(axis=1)  # (s, out)
+                g += d_sq.T @ (self.A[rows, 0, :] ** 2)
+        else:
+            for rows in _chunks(n, _WORK_ELEMENTS // max(1, T * T * (c * n_out + m))):
+                s = rows.stop - rows.start
+                d = self.delta[rows]  # (s, c, T, out)
+                dd = xp.einsum("icto,icuo->ituo", d, d).reshape(s * T * T, n_out)
+                a = self.A[rows]  # (s, T, m)
+                aa = (a[:, :, None, :] * a[:, None, :, :]).reshape(s * T * T, m)
+                g += dd.T @ aa
+        return self._from_layer_matrix(g[:, :, None])[:, 0]
+
+    def transform_rows(self, factors: Any) -> FactoredLinearBlock:
+        """The block with rows of example i replaced by L_iᵀ J_b,i: Δ̃_i = L_iᵀ Δ_i (A is shared, not copied).
+
+        ``factors`` is (n, c) (diagonal L_i, one scale per row) or (n, c, c).
+        """
+        if factors.ndim == 2:
+            delta = self.delta * factors[:, :, None, None]
+        else:
+            delta = self.xp.einsum("ijk,ijto->ikto", factors, self.delta)
+        return FactoredLinearBlock(self.names, self.shapes, self.A, delta, has_weight=self.has_weight,
+                                   has_bias=self.has_bias, xp=self.xp)
 
     def to_dense(self) -> Any:
         """The block's columns of J as an (n·c, p_b) array (built on demand; meant for small problems and tests)."""
@@ -511,6 +571,36 @@ class JacobianBlocks(JacobianShape):
         for block in self.blocks:
             result += block.gram_diagonal()
         return result
+
+    def column_sq_norms(self) -> Any:
+        """diag(Jᵀ J): (p,), the column sums of squares, block by block without forming J."""
+        return self.xp.concatenate([block.column_sq_norms() for block in self.blocks])
+
+    def transform_rows(self, factors: Any) -> JacobianBlocks:
+        """G with the rows of each example transformed, G_i = L_iᵀ J_i, so that Gᵀ G = Σ_i J_iᵀ L_i L_iᵀ J_i.
+
+        With L_i L_iᵀ = Λ_i (:meth:`lingp_core.likelihoods.Likelihood.sqrt_curvature`) Gᵀ G is the Fisher
+        Jᵀ Λ J. Factored blocks transform Δ only (A is shared with this object); dense blocks get new values.
+
+        Parameters
+        ----------
+        factors : array of shape (n, c) or (n, c, c)
+            Per-example L_i: (n, c) for diagonal ones (row i·c + k scaled by factors[i, k]), else full c × c.
+            This object's dtype and backend.
+
+        Returns
+        -------
+        JacobianBlocks
+            Same n, c, p, parameter order, f0 (kept for shape; G is not the Jacobian of the network).
+        """
+        n, c = self.n, self.n_outputs
+        arr = as_float_array(factors, "factors", self.backend, ndim=(2, 3), dtypes=(self.dtype,))
+        wanted = (n, c) if arr.ndim == 2 else (n, c, c)
+        if tuple(arr.shape) != wanted:
+            raise ShapeError(f"factors has shape {tuple(arr.shape)}; expected (n, c) = {(n, c)} or (n, c, c) = "
+                             f"{(n, c, c)} for a Jacobian with n = {n} examples and c = {c} outputs")
+        return JacobianBlocks(self.f0, [block.transform_rows(arr) for block in self.blocks], backend=self.backend,
+                              outputs=self.outputs)
 
     def to_dense(self, *, memory_budget: float | None = None) -> Any:
         """The full Jacobian J as an (n·c, p) array (for small problems, tests and debugging).

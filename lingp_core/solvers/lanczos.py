@@ -91,6 +91,9 @@ def lanczos_columns(op: LinearOperator, start: Any, k: int, *, reorthogonalize: 
     alphas, betas = [], []
     q_prev = xp.zeros_like(q)
     beta_prev = xp.zeros(m, dtype=op.dtype)
+    # running size of T per column: a β at rounding level against it means an invariant subspace (see _valid_steps)
+    scale = xp.zeros(m, dtype=op.dtype)
+    eps = 100 * np.finfo(op.dtype).eps
     for j in range(k):
         if keep:
             basis[j] = q
@@ -105,8 +108,12 @@ def lanczos_columns(op: LinearOperator, start: Any, k: int, *, reorthogonalize: 
             break
         beta = xp.sqrt((w.astype(np.float64) ** 2).sum(axis=0)).astype(op.dtype)
         betas.append(beta)
-        safe = xp.where(beta > 0, beta, 1)
-        q_prev, q, beta_prev = q, w / safe, beta
+        scale = xp.maximum(scale, xp.maximum(xp.abs(alpha), beta))
+        # after a breakdown the column stops (q = 0): dividing rounding noise by a tiny β would blow the basis up
+        # and make later α, β huge, so the breakdown would no longer look like one
+        alive = beta > eps * scale
+        q_next = xp.where(alive, w / xp.where(alive, beta, 1), 0)
+        q_prev, q, beta_prev = q, q_next, xp.where(alive, beta, 0)
     alpha_host = np.stack([backend.to_numpy(a) for a in alphas]).astype(np.float64)
     beta_host = (np.stack([backend.to_numpy(b) for b in betas]).astype(np.float64) if betas
                  else np.zeros((0, m)))

@@ -1,0 +1,240 @@
+"""Likelihoods and their curvature Λ: the per-example Hessian of the negative log-likelihood in the outputs.
+
+The generalized Gauss–Newton / Fisher matrix is F = Jᵀ Λ J with Λ block diagonal, one c × c block Λ_i per example.
+Λ is never formed as an n·c × n·c matrix: each likelihood gives per-example factors L_i with L_i L_iᵀ = Λ_i, as an
+(n, c) array when Λ_i is diagonal (Gaussian, Bernoulli) or an (n, c, c) array (categorical), so that
+F = Gᵀ G with G's rows per example L_iᵀ J_i (see :meth:`lingp_core.jacobian.JacobianBlocks.transform_rows`).
+
+- Gaussian, noise σ² (scalar or one per output): Λ_i = diag(1/σ²), L_i = diag(1/σ).
+- Bernoulli, one logit f: Λ_i = p(1 − p) with p = sigmoid(f), L_i = √(p(1 − p)).
+- Categorical, c logits: p_i = softmax(f_i), Λ_i = diag(p_i) − p_i p_iᵀ, L_i = diag(√p_i) − p_i √p_iᵀ
+  (L_i L_iᵀ = diag(p) − 2 p pᵀ + p (Σ_k p_k) pᵀ = Λ_i because Σ_k p_k = 1).
+
+Everything works through ``backend.xp`` on the backend of f, in f's dtype.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import backends
+from lingp_core import _validate as v
+
+__all__ = ["BernoulliLikelihood", "CategoricalLikelihood", "GaussianLikelihood", "Likelihood", "LIKELIHOODS"]
+
+
+class Likelihood:
+    """Base class: a likelihood p(y | f) of the c network outputs f of each example.
+
+    Subclasses implement :meth:`_sqrt_curvature` and :meth:`_check_labels`, and may narrow :meth:`_check_outputs`.
+    """
+
+    name = ""
+    #: Whether the per-example factors are diagonal, returned as (n, c) instead of (n, c, c).
+    diagonal = True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    # ----- public ----------------------------------------------------------------------------------------------
+    def sqrt_curvature(self, f: Any) -> Any:
+        """Per-example factors L_i with L_i L_iᵀ = Λ_i, in f's dtype and backend.
+
+        Parameters
+        ----------
+        f : array of shape (n, c)
+            Network outputs (logits for Bernoulli and categorical).
+
+        Returns
+        -------
+        array of shape (n, c) (diagonal factors: Gaussian, Bernoulli) or (n, c, c) (categorical)
+        """
+        return self._sqrt_curvature(self.check_outputs(f))
+
+    def curvature(self, f: Any) -> Any:
+        """Dense per-example curvature Λ_i = ∂²(−log p(y_i | f_i)) / ∂f_i²: (n, c, c), for tests and small uses."""
+        factor = self.sqrt_curvature(f)
+        if factor.ndim == 2:
+            xp = v.backend_of(factor).xp
+            n, c = factor.shape
+            out = xp.zeros((n, c, c), dtype=factor.dtype)
+            out[:, np.arange(c), np.arange(c)] = factor * factor
+            return out
+        return factor @ factor.transpose(0, 2, 1)
+
+    def check_outputs(self, f: Any) -> Any:
+        """f checked: a finite float (n, c) array on its backend, with c allowed by this likelihood."""
+        arr = v.as_float_array(f, "f", v.backend_of(f), ndim=2)
+        self._check_outputs(arr)
+        return arr
+
+    def check_labels(self, y: Any, f: Any) -> Any:
+        """Labels y checked against outputs f (n, c): shape, dtype and range for this likelihood; y on f's backend.
+
+        Raises
+        ------
+        ShapeError, DTypeError, ValueRangeError, NonFiniteError, BackendMismatchError
+        """
+        f = self.check_outputs(f)
+        backend = v.backend_of(f)
+        if y is None:
+            raise TypeError("y is required, got None")
+        if backends.backend_name_of(y) not in (None, backend.name):
+            raise v.BackendMismatchError(f"y is a {v.describe(y)} but f lives on backend {backend.name!r}")
+        return self._check_labels(backend.asarray(y), f, backend)
+
+    # ----- for subclasses --------------------------------------------------------------------------------------
+    def _check_outputs(self, f: Any) -> None:
+        if f.shape[1] < 1:
+            raise v.ShapeError(f"f has shape {tuple(f.shape)}; a likelihood needs at least one output per example")
+
+    def _sqrt_curvature(self, f: Any) -> Any:
+        raise NotImplementedError
+
+    def _check_labels(self, y: Any, f: Any, backend: Any) -> Any:
+        raise NotImplementedError
+
+
+class GaussianLikelihood(Likelihood):
+    """y_ik ~ N(f_ik, σ²_k): Λ_i = diag(1/σ²).
+
+    Parameters
+    ----------
+    noise : float or array_like of shape (c,)
+        The noise variance σ² > 0, one for all outputs or one per output.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, noise: Any = 1.0) -> None:
+        if np.ndim(noise) == 0 and not hasattr(noise, "shape"):
+            self.noise: Any = v.check_positive(noise, "noise")
+            return
+        # per-output variances are a few numbers: keep them on the host, in float64
+        arr = v.backend_of(noise).to_numpy(noise) if backends.backend_name_of(noise) else np.asarray(noise)
+        if arr.ndim != 1 or arr.size == 0:
+            raise v.ShapeError(f"noise must be a scalar or a 1-D array with one variance per output, got shape "
+                               f"{arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+            raise v.DTypeError(f"noise has dtype {arr.dtype}; expected real numbers")
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise v.NonFiniteError(f"noise (shape {arr.shape}) holds NaN or Inf: {arr.tolist()}")
+        if (arr <= 0).any():
+            raise v.ValueRangeError(f"noise variances must be > 0, got {arr.tolist()}")
+        self.noise = arr
+
+    def __repr__(self) -> str:
+        noise = self.noise if isinstance(self.noise, float) else self.noise.tolist()
+        return f"GaussianLikelihood(noise={noise})"
+
+    def _check_outputs(self, f: Any) -> None:
+        super()._check_outputs(f)
+        if not isinstance(self.noise, float) and self.noise.size != f.shape[1]:
+            raise v.ShapeError(f"noise has {self.noise.size} per-output variances (shape {self.noise.shape}) but f "
+                               f"has shape {tuple(f.shape)}, i.e. c = {f.shape[1]} outputs")
+
+    def _sqrt_curvature(self, f: Any) -> Any:
+        xp = v.backend_of(f).xp
+        inv_sd = np.broadcast_to(1.0 / np.sqrt(self.noise), (f.shape[1],)).astype(f.dtype)
+        return xp.broadcast_to(xp.asarray(inv_sd)[None, :], f.shape).copy()
+
+    def _check_labels(self, y: Any, f: Any, backend: Any) -> Any:
+        y = v.as_float_array(y, "y", backend, ndim=(1, 2), dtypes=(f.dtype,))
+        if y.ndim == 1 and f.shape[1] == 1:
+            y = y[:, None]
+        v.check_shape(y, "y", f.shape)
+        return y
+
+
+class BernoulliLikelihood(Likelihood):
+    """y_i ∈ {0, 1} (or a probability) ~ Bernoulli(sigmoid(f_i)) for one logit per example: Λ_i = p(1 − p)."""
+
+    name = "bernoulli"
+
+    def _check_outputs(self, f: Any) -> None:
+        if f.shape[1] != 1:
+            raise v.ShapeError(f"a Bernoulli likelihood takes one logit per example, but f has shape "
+                               f"{tuple(f.shape)} (c = {f.shape[1]}); use CategoricalLikelihood for c classes")
+
+    def _sqrt_curvature(self, f: Any) -> Any:
+        xp = v.backend_of(f).xp
+        # p (1 − p) = e^{−|f|} / (1 + e^{−|f|})², which never overflows; its square root is e^{−|f|/2} / (1 + e^{−|f|})
+        e = xp.exp(-xp.abs(f))
+        return xp.exp(-0.5 * xp.abs(f)) / (1 + e)
+
+    def _check_labels(self, y: Any, f: Any, backend: Any) -> Any:
+        xp = backend.xp
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        v.check_shape(y, "y", (f.shape[0],))
+        if y.dtype == np.bool_ or np.issubdtype(y.dtype, np.integer):
+            bad = (y != 0) & (y != 1)
+            if bool(bad.any()):
+                raise v.ValueRangeError(f"Bernoulli labels must be 0 or 1; y holds {int(bad.sum())} other values, "
+                                        f"e.g. {backend.to_numpy(y[xp.argmax(bad)]).item()}")
+            return y
+        y = v.as_float_array(y, "y", backend, ndim=1)
+        bad = (y < 0) | (y > 1)
+        if bool(bad.any()):
+            raise v.ValueRangeError(f"Bernoulli labels must be probabilities in [0, 1]; y holds {int(bad.sum())} "
+                                    f"values outside, e.g. {backend.to_numpy(y[xp.argmax(bad)]).item()}")
+        return y
+
+
+class CategoricalLikelihood(Likelihood):
+    """y_i ∈ {0, …, c−1} ~ Categorical(softmax(f_i)): Λ_i = diag(p_i) − p_i p_iᵀ, c × c per example."""
+
+    name = "categorical"
+    diagonal = False
+
+    def _check_outputs(self, f: Any) -> None:
+        if f.shape[1] < 2:
+            raise v.ShapeError(f"a categorical likelihood needs c ≥ 2 logits per example, but f has shape "
+                               f"{tuple(f.shape)}; use BernoulliLikelihood for one logit")
+
+    @staticmethod
+    def probabilities(f: Any) -> Any:
+        """softmax(f) over the last axis by log-sum-exp (no overflow for large logits): (n, c)."""
+        xp = v.backend_of(f).xp
+        shifted = f - f.max(axis=1, keepdims=True)
+        e = xp.exp(shifted)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def _sqrt_curvature(self, f: Any) -> Any:
+        xp = v.backend_of(f).xp
+        p = self.probabilities(f)
+        sqrt_p = xp.sqrt(p)
+        n, c = p.shape
+        factor = -p[:, :, None] * sqrt_p[:, None, :]  # − p √pᵀ
+        factor[:, np.arange(c), np.arange(c)] += sqrt_p
+        return factor
+
+    def _check_labels(self, y: Any, f: Any, backend: Any) -> Any:
+        n, c = f.shape
+        if not np.issubdtype(y.dtype, np.integer):
+            raise v.DTypeError(f"categorical labels must be integers in [0, {c}), got dtype {y.dtype} (shape "
+                               f"{tuple(y.shape)}); convert explicitly, e.g. y.astype('int64')")
+        v.check_shape(y, "y", (n,))
+        bad = (y < 0) | (y >= c)
+        if bool(bad.any()):
+            first = backend.to_numpy(y[backend.xp.argmax(bad)]).item()
+            raise v.ValueRangeError(f"categorical labels must lie in [0, {c}) for c = {c} logits; y holds "
+                                    f"{int(bad.sum())} values outside, e.g. {first}")
+        return y
+
+
+#: Names accepted where a likelihood can be given by name.
+LIKELIHOODS = {"gaussian": GaussianLikelihood, "bernoulli": BernoulliLikelihood, "categorical": CategoricalLikelihood}
+
+
+def as_likelihood(likelihood: Any) -> Likelihood:
+    """A Likelihood instance, or one of the names in :data:`LIKELIHOODS` (Gaussian with noise 1)."""
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if isinstance(likelihood, str):
+        v.check_choice(likelihood, "likelihood", tuple(LIKELIHOODS))
+        return LIKELIHOODS[likelihood]()
+    raise TypeError(f"likelihood must be a Likelihood or one of {', '.join(map(repr, LIKELIHOODS))}, got "
+                    f"{type(likelihood).__name__}")
