@@ -89,6 +89,10 @@ def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: A
             if symmetric and b < a:
                 continue
             right = left if (symmetric and a == b) else _view(J2, tb, output, dtype)
+            if len(tiles1) == len(tiles2) == 1:  # one tile is all of out (C-contiguous): no separate tile needed
+                for lb, rb in zip(left, right):
+                    lb.add_gram(rb, out)
+                return
             tile = xp.zeros(((ta.stop - ta.start) * rows, (tb.stop - tb.start) * rows), dtype=dtype)
             for lb, rb in zip(left, right):
                 lb.add_gram(rb, tile)  # tile is C-contiguous: add_gram may reshape it in place
