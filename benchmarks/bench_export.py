@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import machine_info, paper_mlp, pyplot  # noqa: E402
 
 PATHS = ("factored", "torchfunc", "autograd_kvp")
 FULL_SIZES = (1000, 2000, 5000, 10000)
@@ -47,20 +48,6 @@ def _rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def _model_and_inputs(n: int, device: str, seed: int = 0):
-    import torch
-
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(WIDTHS) - 2:
-            layers.append(torch.nn.ELU())
-    model = torch.nn.Sequential(*layers).to(device).eval()
-    x = torch.randn(n, WIDTHS[0], generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    return model, x
 
 
 def _run_factored(model, x, backend):
@@ -116,7 +103,7 @@ def worker(path: str, n: int, backend_name: str, repeats: int, kernel_file: str 
 
     backend = backends.get_backend(backend_name)
     device = "cpu" if backend.name == "numpy" else "cuda"
-    model, x = _model_and_inputs(n, device)
+    model, x = paper_mlp(n, device, WIDTHS)
     run = {"factored": _run_factored, "torchfunc": _run_torchfunc, "autograd_kvp": _run_autograd_kvp}[path]
     op = None
     if path == "autograd_kvp":  # the operator itself (inputs + f0) is set-up, not the product
@@ -124,7 +111,7 @@ def worker(path: str, n: int, backend_name: str, repeats: int, kernel_file: str 
 
         op = AutogradJacobian(model, x, backend=backend.name)
         run = lambda model, x, backend: _run_autograd_kvp(model, x, backend, op)  # noqa: E731
-    warm_model, warm_x = _model_and_inputs(min(n, 16), device)
+    warm_model, warm_x = paper_mlp(min(n, 16), device, WIDTHS)
     (_run_autograd_kvp(warm_model, warm_x, backend) if path == "autograd_kvp" else run(warm_model, warm_x, backend))
     if device == "cuda":
         import cupy
@@ -231,12 +218,8 @@ def _ratios(rows: list[dict], device: bool) -> list[dict]:
 
 
 def _plot(rows: list[dict], out: Path, backend: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = {"factored": "(a) factored export + J Jᵀ", "torchfunc": "(b) torch.func full J + J Jᵀ",
@@ -256,22 +239,6 @@ def _plot(rows: list[dict], out: Path, backend: str) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
-
-
-def _machine(backend_name: str) -> dict:
-    import numpy as np
-    import torch
-
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        pass
-    if backend_name == "cupy":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sum(a * b + b for a, b in zip(WIDTHS[:-1], WIDTHS[1:]))
     report = {"benchmark": "bench_export", "backend": args.backend, "quick": args.quick, "dtype": "float32",
               "model": {"widths": list(WIDTHS), "activation": "ELU", "p": p}, "memory_method": memory_method,
-              "machine": _machine(args.backend), "rows": rows, "ratios": ratios, "targets": targets,
+              "machine": machine_info(args.backend), "rows": rows, "ratios": ratios, "targets": targets,
               "kernel_agreement": agreement}
     json_path = args.out / f"bench_export_{args.backend}{'_quick' if args.quick else ''}.json"
     report["plot"] = _plot(rows, args.out, args.backend + ("_quick" if args.quick else ""))

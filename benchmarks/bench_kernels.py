@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import tracemalloc
@@ -26,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import backends  # noqa: E402
 import lingp_core as lg  # noqa: E402
+from benchmarks._common import machine_info, pyplot, save_figure  # noqa: E402
 from lingp_core.jacobian import DenseBlock, JacobianBlocks  # noqa: E402
 
 DEFAULT_SIZES = [(4096, 32768), (8192, 32768), (4096, 131072)]
@@ -102,12 +101,8 @@ def print_row(row: dict) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [f"{r['nc']}×{r['p']}\n{r['dtype']}" for r in rows]
@@ -117,10 +112,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.bar(x + offset, [r[key] for r in rows], width=0.27, label=label)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set(ylabel="seconds", title="Assembling K = J Jᵀ from one dense block")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -128,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backend = backends.get_backend(args.backend)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"rows": [], "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                                      "cpus": os.cpu_count(), "backend": backend.name, "numpy": np.__version__,
-                                      "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")},
+    result = {"rows": [], "machine": machine_info(backend.name),
               "memory_method": "tracemalloc peak during the call (NumPy allocations), beyond the existing J"}
     print(" ".join(f"{name:>{w}}" for name, w, _ in COLUMNS))
     json_path = args.out / "bench_kernels.json"

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import machine_info, paper_mlp, pyplot  # noqa: E402
+
 WIDTHS = (5, 200, 2000, 200, 1)
 QUICK_WIDTHS = (5, 32, 64, 32, 1)
 FULL_N, QUICK_N = 1000, 64
@@ -38,20 +38,6 @@ NOISE = 0.1  # σ² of the Gaussian likelihood
 EPS = 1e-4  # the paper's finite-difference step
 TARGET_SPEEDUP = 10.0
 BASELINES = {"Kv": "autograd", "Fv": "fd_kl"}
-
-
-def _model_and_inputs(widths: tuple[int, ...], n: int, device: str, seed: int = 0):
-    import torch
-
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(torch.nn.ELU())
-    model = torch.nn.Sequential(*layers).to(device).eval()
-    x = torch.randn(n, widths[0], generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    return model, x
 
 
 class FiniteDifferenceKLFisher:
@@ -136,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     device = "cuda" if args.backend == "cupy" else "cpu"
     widths = QUICK_WIDTHS if args.quick else WIDTHS
     n = args.n or (QUICK_N if args.quick else FULL_N)
-    model, x = _model_and_inputs(widths, n, device)
+    model, x = paper_mlp(n, device, widths)
     p = sum(int(q.numel()) for q in model.parameters())
     lik = GaussianLikelihood(NOISE)
     rng = np.random.default_rng(0)
@@ -181,24 +167,8 @@ def run(args: argparse.Namespace) -> dict:
     targets["met"] = bool(min(v for k, v in targets.items() if k != "speedup_min") >= TARGET_SPEEDUP)
     return {"benchmark": "bench_products", "backend": args.backend, "quick": args.quick, "dtype": "float32",
             "model": {"widths": list(widths), "activation": "ELU", "p": p}, "n": n, "noise": NOISE, "eps": EPS,
-            "repeats": args.repeats, "sequence": args.sequence, "baselines": BASELINES, "machine": _machine(args),
-            "rows": rows, "targets": targets}
-
-
-def _machine(args: argparse.Namespace) -> dict:
-    import numpy as np
-    import torch
-
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        pass
-    if args.backend == "cupy":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+            "repeats": args.repeats, "sequence": args.sequence, "baselines": BASELINES,
+            "machine": machine_info(args.backend), "rows": rows, "targets": targets}
 
 
 def _table(report: dict) -> str:
@@ -215,12 +185,8 @@ def _table(report: dict) -> str:
 
 
 def _plot(report: dict, out: Path, stem: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     rows = report["rows"]
     labels = [f"{r['product']} {r['path']}" for r in rows]

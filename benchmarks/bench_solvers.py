@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import backends  # noqa: E402
 import lingp_core as lg  # noqa: E402
+from benchmarks._common import machine_info, pyplot, save_figure  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,7 +98,7 @@ def gpytorch_cg(matmul, rhs, rtol: float):
 def run(args: argparse.Namespace, json_path: Path) -> dict:
     """Measure every size; the JSON is rewritten after each row, so a crash or a kill keeps what was measured."""
     backend = backends.get_backend(args.backend)
-    result = {"rows": [], "machine": machine_info(backend), "args": {k: str(v) for k, v in vars(args).items()}}
+    result = {"rows": [], "machine": machine_info(backend.name), "args": {k: str(v) for k, v in vars(args).items()}}
     for n in args.sizes:
         result["rows"].append(bench_size(n, args, backend))
         print_row(result["rows"][-1])
@@ -213,24 +212,11 @@ def print_row(r: dict) -> None:
     print(" ".join(cells), flush=True)
 
 
-def machine_info(backend) -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "backend": backend.name, "numpy": np.__version__,
-            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
-    if backend.name == "cupy":
-        props = backend.xp.cuda.runtime.getDeviceProperties(0)
-        info["device"] = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return info
-
-
 def plot(result: dict, path: Path) -> bool:
     """Write the time-versus-n plot; False (and nothing written) when matplotlib is not installed."""
-    if importlib.util.find_spec("matplotlib") is None:
+    plt = pyplot()
+    if plt is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -241,10 +227,7 @@ def plot(result: dict, path: Path) -> bool:
         ax.plot(*zip(*measured), marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel="n (kernel size)", ylabel="seconds for 32 right-hand sides",
            title=f"Solving (K + σ²I) X = B to rtol {rows[0]['rtol']:g}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -1,0 +1,69 @@
+"""Pieces the benchmark scripts share: the paper's MLP and an optional matplotlib."""
+from __future__ import annotations
+
+from typing import Any
+
+PAPER_WIDTHS = (5, 200, 2000, 200, 1)  # the speed-test MLP of Maddox et al. (2021): p = 803,601 with ELU
+
+
+def paper_mlp(n: int, device: str, widths: tuple[int, ...] = PAPER_WIDTHS, seed: int = 0) -> tuple[Any, Any]:
+    """A seeded ELU MLP of the given widths in eval mode and n seeded standard-normal inputs, on ``device``."""
+    import torch
+
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(torch.nn.ELU())
+    model = torch.nn.Sequential(*layers).to(device).eval()
+    x = torch.randn(n, widths[0], generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    return model, x
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def machine_info(backend_name: str) -> dict:
+    """What a reader needs to compare numbers: Python, platform, CPU model and count, library versions, BLAS core
+    type override, and the GPU name on CuPy."""
+    import os
+    import platform
+
+    import numpy as np
+
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpu_count": os.cpu_count(), "numpy": np.__version__, "backend": backend_name,
+                            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    try:
+        import torch
+    except ImportError:
+        return info
+    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    if backend_name == "cupy" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def save_figure(fig: Any, path: Any) -> None:
+    """Legend, tight layout, 120 dpi PNG, and the figure closed (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    fig.axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
