@@ -87,10 +87,6 @@ class Backend:
         return hash(self.name)
 
     # ----- arrays -------------------------------------------------------------------------------------
-    def is_array(self, x: Any) -> bool:
-        """True when x is an array of this backend."""
-        return isinstance(x, self.xp.ndarray)
-
     def asarray(self, x: Any, dtype: Any = None) -> Any:
         """x as an array of this backend.
 

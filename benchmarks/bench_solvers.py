@@ -58,7 +58,7 @@ def make_jacobian(n: int, p: int, seed: int = 0) -> np.ndarray:
     return j / np.sqrt((j**2).sum(axis=1).mean())
 
 
-class KernelOperator(lg.LinearOperator):
+class DenseJacobianKernel(lg.LinearOperator):
     """K = J Jᵀ + σ²I as a matrix-free operator: two GEMMs per product, O(n p) memory."""
 
     def __init__(self, jac, noise: float, backend):
@@ -158,7 +158,7 @@ def bench_size(n: int, args: argparse.Namespace, backend) -> dict:
 
     # matrix-free: the same kernel as J (Jᵀ v) + σ² v
     jac = backend.asarray(jac_host)
-    op = KernelOperator(jac, args.noise, backend)
+    op = DenseJacobianKernel(jac, args.noise, backend)
     res_mf, t_mf = timed(lambda: lg.cg(op, b, rtol=args.rtol, maxiter=maxiter, warn=False), backend)
     row.update(lingp_cg_matfree_s=t_mf, lingp_cg_matfree_iters=int(res_mf.iterations.max()))
     if run_gpytorch:

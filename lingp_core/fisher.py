@@ -16,6 +16,7 @@ import numpy as np
 
 from lingp_core import _validate as v
 from lingp_core.jacobian import JacobianBlocks, JacobianShape
+from lingp_core.kernels import KernelOperator
 from lingp_core.likelihoods import Likelihood, as_likelihood
 from lingp_core.operators import LinearOperator, LowRankPlusDiagonal
 from lingp_core.solvers._common import seeded_normal
@@ -277,27 +278,12 @@ def kernel_lowrank(J: JacobianBlocks, k: int, *, prior_scale: float = 1.0, shift
     k, method, oversample, power_iters = _check_lowrank_args(k, method, oversample, power_iters, min(J.shape))
     trace = s * float(J.gram_diagonal().astype(np.float64).sum())
     if method == "lanczos":
-        values, vectors, res = _lanczos_pairs(_KernelOperator(J, s), k, steps, seed)
+        values, vectors, res = _lanczos_pairs(KernelOperator(J, prior_scale=s), k, steps, seed)
     else:
         values, vectors, res = _randomized_pairs(J.matmat, J.rmatmat, J.shape, k, oversample, power_iters, seed,
                                                  J.dtype, J.backend, right=False)
         values, res = values * s, res * s
     return LowRankResult(values, vectors, shift, trace, method, res, J.backend)
-
-
-class _KernelOperator(LinearOperator):
-    """s·J Jᵀ (n·c, n·c) through J.gram_matmat (the public kernel operators live in lingp_core.kernels)."""
-
-    def __init__(self, J: JacobianBlocks, scale: float) -> None:
-        self.J, self.scale = J, scale
-        self.shape = (J.shape[0], J.shape[0])
-        self.dtype, self.backend = J.dtype, J.backend
-
-    def _matmat(self, x: Any) -> Any:
-        return self.scale * self.J.gram_matmat(x)
-
-    def diagonal(self) -> Any:
-        return self.scale * self.J.gram_diagonal()
 
 
 def _check_lowrank_args(k: Any, method: Any, oversample: Any, power_iters: Any, max_rank: int) -> tuple:

@@ -517,7 +517,8 @@ class JacobianBlocks(JacobianShape):
             result += block.matmat(block.rmatmat(u))
         return result[:, 0] if vector else result
 
-    def _check_compatible(self, other: JacobianBlocks) -> None:
+    def check_compatible(self, other: JacobianBlocks) -> None:
+        """Raise unless ``other`` has this object's backend, dtype and parameter blocks (names and shapes)."""
         if not isinstance(other, JacobianBlocks):
             raise TypeError(f"other must be a JacobianBlocks, got {type(other).__name__}")
         if other.backend != self.backend:
@@ -554,7 +555,7 @@ class JacobianBlocks(JacobianShape):
             When the result would not fit; use :meth:`gram_matmat` (matrix-free) or fewer examples.
         """
         other = self if other is None else other
-        self._check_compatible(other)
+        self.check_compatible(other)
         shape = (self.shape[0], other.shape[0])
         needed = nbytes_of(shape, self.dtype) + 3 * _WORK_ELEMENTS * self.dtype.itemsize
         check_memory(needed, resolve_memory_budget(memory_budget, self.backend),

@@ -41,7 +41,7 @@ def _check_jacobians(J1: Any, J2: Any) -> JacobianBlocks:
         return J1
     if not isinstance(J2, JacobianBlocks):
         raise TypeError(f"J2 must be a JacobianBlocks from export_jacobian, got {type(J2).__name__}")
-    J1._check_compatible(J2)
+    J1.check_compatible(J2)
     if J1.outputs != J2.outputs:
         raise v.ShapeError(f"J1 holds model outputs {J1.outputs} but J2 holds {J2.outputs}; export both with the same "
                            "outputs=...")

@@ -169,7 +169,8 @@ def test_lowrank_truncation_reports_dropped_trace(backend, method):
     result = fisher_lowrank(J, lik, k, method=method, power_iters=4)
     values = backend.to_numpy(result.values)
     assert result.truncated_trace == pytest.approx(np.trace(F64) - values.sum(), rel=1e-10)
-    # the top pairs are found well, so what was dropped is the tail of the spectrum
+    # an approximation of a full-rank F: the top pairs are found to the accuracy the spectral gaps allow (1e-3 is a
+    # quality check, not an exactness one), so what was dropped is the tail of the spectrum
     np.testing.assert_allclose(values, eig[:k], rtol=1e-3)
     assert result.truncated_trace == pytest.approx(eig[k:].sum(), rel=1e-2)
     assert backend.to_numpy(result.residual_norms).max() < 1e-2 * eig[0]
