@@ -23,6 +23,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -683,7 +684,10 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
     n = int(x.shape[0])
     bar = progress_bar(n, enabled=bool(progress), desc="export_jacobian", unit="example")  # tqdm missing: fail early
     try:
-        with _eval_mode(model), torch.no_grad():
+        with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+            # torch announces, once per thread, that it makes the CUDA primary context current for cuBLAS (CuPy may
+            # have created it): an initialization notice, not a problem with the export
+            warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
             return _export(model, x, params, outputs, structure, out_dtype, batch_size, budget, storage_dir, be,
                            device, model_dtype, bar)
     finally:
