@@ -19,6 +19,8 @@ from lingp_core._validate import (
 from lingp_core.autograd_operator import AutogradJacobian
 from lingp_core.export import LAST_LAYER, STRUCTURES, export_jacobian
 from lingp_core.fisher import LOWRANK_METHODS, FisherOperator, LowRankResult, fisher, fisher_lowrank, kernel_lowrank
+from lingp_core.gp import GP_METHODS, MEANS, LinearizedGP, Plan
+from lingp_core.io import ArchiveError
 from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
 from lingp_core.likelihoods import (
@@ -55,7 +57,10 @@ __all__ = [
     "LIKELIHOODS",
     "LOWRANK_METHODS",
     "STRUCTURES",
+    "GP_METHODS",
+    "MEANS",
     "AddedDiagonalOperator",
+    "ArchiveError",
     "AutogradJacobian",
     "BackendMismatchError",
     "BernoulliLikelihood",
@@ -71,12 +76,14 @@ __all__ = [
     "JacobianBlocks",
     "KernelOperator",
     "LanczosResult",
+    "LinearizedGP",
     "Likelihood",
     "LinearOperator",
     "LogdetResult",
     "LowRankPlusDiagonal",
     "LowRankResult",
     "PivotedCholesky",
+    "Plan",
     "ConvergenceError",
     "ConvergenceWarning",
     "DTypeError",

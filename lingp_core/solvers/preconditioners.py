@@ -80,12 +80,14 @@ class _SpectralInverse(LinearOperator):
 
     def __init__(self, u: Any, values: Any, tail: float, op: LinearOperator):
         self.u = u.astype(op.dtype)
-        self.tail = tail
-        self.coeff = (1.0 / values - 1.0 / tail).astype(op.dtype)
+        # when U spans everything there is no complement: its 1/tail terms would only cancel, badly for a tiny tail
+        self.tail = None if u.shape[1] >= op.shape[0] else tail
+        self.coeff = (1.0 / values - (0.0 if self.tail is None else 1.0 / tail)).astype(op.dtype)
         self.shape, self.dtype, self.backend = op.shape, op.dtype, op.backend
 
     def _matmat(self, x: Any) -> Any:
-        return self.u @ (self.coeff[:, None] * (self.u.T @ x)) + x / self.dtype.type(self.tail)
+        out = self.u @ (self.coeff[:, None] * (self.u.T @ x))
+        return out if self.tail is None else out + x / self.dtype.type(self.tail)
 
 
 def pivoted_cholesky_preconditioner(A: Any, rank: int = 100) -> LinearOperator:

@@ -1,0 +1,489 @@
+"""Posterior engines of :class:`lingp_core.gp.LinearizedGP`: one Gaussian-process regression problem each.
+
+A problem ("task") is m rows of the Jacobian J (m × p, kernel K = s·K0 with K0 = J Jᵀ in function space), targets
+R (m, q) that share the kernel, and noise variances given as a host float64 array broadcastable to (m, q) — one value
+per column (the usual case) or one per row (per-output noise in the "full" output mode). Every engine computes, in
+float64:
+
+- the posterior mean at test rows, s·K0(X*, X) α (function space) or J* μ (parameter space);
+- latent variances and covariances;
+- the log marginal likelihood log N(R | 0, s·K0 + diag(noise)).
+
+Engines: ``FunctionCholesky`` (factor s·K0 + D), ``FunctionSpectral`` (one eigendecomposition of K0, then any (s, σ²)
+in O(m)), ``ParameterCholesky`` (factor the p × p precision Jᵀ D⁻¹ J + I/s), ``ParameterSpectral`` (eigendecomposition
+of Jᵀ J), ``Iterative`` (preconditioned CG through matrix-free kernel products, LOVE-style Lanczos variances, SLQ log
+determinant). Their ``state()`` holds what prediction needs, so a fitted model can be saved and loaded.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from backends import Backend
+from lingp_core import _validate as v
+from lingp_core.jacobian import JacobianBlocks
+from lingp_core.kernels import KernelOperator, kernel, kernel_diag
+from lingp_core.operators import AddedDiagonalOperator
+from lingp_core.solvers import cg, lanczos, logdet, pivoted_cholesky_preconditioner, safe_cholesky
+
+_LOG_2PI = float(np.log(2 * np.pi))
+
+
+def noise_groups(noise: np.ndarray, q: int) -> list[tuple[list[int], np.ndarray]]:
+    """Columns of R that share one noise column: [(columns, noise (m,) or (1,))], in column order."""
+    cols = np.broadcast_to(noise, (noise.shape[0], q))
+    groups: list[tuple[list[int], np.ndarray]] = []
+    for j in range(q):
+        for members, value in groups:
+            if np.array_equal(value, cols[:, j]):
+                members.append(j)
+                break
+        else:
+            groups.append(([j], cols[:, j].copy()))
+    return groups
+
+
+def clamp_variances(var: Any, scale: Any, xp: Any) -> tuple[Any, int, int]:
+    """max(var, 0): returns (clamped, how many were negative, how many beyond rounding of ``scale`` (prior var))."""
+    negative = var < 0
+    n_negative = int(negative.sum())
+    if not n_negative:
+        return var, 0, 0
+    significant = int((var < -1e-6 * xp.maximum(scale, 1e-300)).sum())
+    return xp.maximum(var, 0.0), n_negative, significant
+
+
+class StarRows:
+    """Test-side quantities of one task, computed once per predict call and shared by the engines' methods."""
+
+    def __init__(self, J_star: JacobianBlocks, J: JacobianBlocks | None, mode: Any, memory_budget: Any):
+        self.J_star, self.J, self.mode, self.budget = J_star, J, mode, memory_budget
+        self._cross = self._dense = None
+
+    @property
+    def cross(self) -> Any:
+        """K0(X*, X): (m*, m), float64."""
+        if self._cross is None:
+            self._cross = kernel(self.J_star, self.J, output_mode=self.mode, memory_budget=self.budget)
+        return self._cross
+
+    def prior_diag(self) -> Any:
+        """diag K0(X*, X*): (m*,), float64."""
+        return kernel_diag(self.J_star, output_mode=self.mode)
+
+    def prior_full(self) -> Any:
+        """K0(X*, X*): (m*, m*), float64."""
+        return kernel(self.J_star, output_mode=self.mode, memory_budget=self.budget)
+
+    @property
+    def dense(self) -> Any:
+        """J* as a dense float64 (m*, p) array (parameter space)."""
+        if self._dense is None:
+            self._dense = self.J_star.to_dense(memory_budget=self.budget).astype(np.float64)
+        return self._dense
+
+
+# ----- function space -----------------------------------------------------------------------------------------------
+
+class FunctionCholesky:
+    """Exact: L Lᵀ = s·K0 + D per noise group; α = (s·K0 + D)⁻¹ R."""
+
+    space, solver = "function", "cholesky"
+
+    def __init__(self, K0: Any, backend: Backend):
+        self.K0, self.backend = K0, backend
+        self.m = int(K0.shape[0])
+
+    def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
+        xp, be = self.backend.xp, self.backend
+        self.s, self.q = s, int(R.shape[1])
+        self.alpha = xp.zeros(R.shape, dtype=np.float64)
+        self.groups, self.factors, self.jitter = noise_groups(noise, self.q), [], 0.0
+        self._lml = 0.0
+        for cols, d in self.groups:
+            K = s * self.K0
+            K[xp.arange(self.m), xp.arange(self.m)] += xp.asarray(np.broadcast_to(d, (self.m,)))
+            chol = safe_cholesky(K)
+            self.jitter = max(self.jitter, chol.jitter)
+            alpha = be.cho_solve(chol.factor, R[:, cols])
+            self.alpha[:, cols] = alpha
+            self.factors.append(chol.factor)
+            half_logdet = float(xp.log(xp.diagonal(chol.factor)).sum())
+            self._lml += -0.5 * float((R[:, cols] * alpha).sum()) - len(cols) * (half_logdet + 0.5 * self.m * _LOG_2PI)
+
+    def lml(self) -> float:
+        return self._lml
+
+    def mean(self, star: StarRows) -> Any:
+        return self.s * (star.cross @ self.alpha)
+
+    def _whitened(self, star: StarRows) -> list[Any]:
+        return [self.backend.solve_triangular(L, star.cross.T, lower=True) for L in self.factors]
+
+    def var(self, star: StarRows) -> Any:
+        prior = self.s * star.prior_diag()
+        out = self.backend.xp.empty((prior.shape[0], self.q))
+        for (cols, _), w in zip(self.groups, self._whitened(star)):
+            out[:, cols] = (prior - self.s**2 * (w**2).sum(axis=0))[:, None]
+        return out
+
+    def cov(self, star: StarRows) -> Any:
+        prior = self.s * star.prior_full()
+        out = self.backend.xp.empty((self.q,) + prior.shape)
+        for (cols, _), w in zip(self.groups, self._whitened(star)):
+            out[cols] = prior - self.s**2 * (w.T @ w)
+        return out
+
+    def gradient(self, noise_index: np.ndarray) -> np.ndarray:
+        """d lml / d(log s, log σ²_g) for the noise parameters g; ``noise_index`` (m, q) maps entries to g."""
+        xp, be = self.backend.xp, self.backend
+        grads = np.zeros(1 + int(noise_index.max()) + 1)
+        for (cols, d), L in zip(self.groups, self.factors):
+            inv = be.cho_solve(L, xp.eye(self.m))
+            for j in cols:
+                a = self.alpha[:, j]
+                grads[0] += 0.5 * self.s * float(a @ (self.K0 @ a) - (inv * self.K0).sum())
+                per_row = be.to_numpy(0.5 * (a**2 - xp.diagonal(inv))) * np.broadcast_to(d, (self.m,))
+                np.add.at(grads, 1 + noise_index[:, j], per_row)
+        return grads
+
+    def state(self) -> dict[str, Any]:
+        out = {"alpha": self.alpha}
+        out.update({f"factor{g}": L for g, L in enumerate(self.factors)})
+        return out
+
+
+class FunctionSpectral:
+    """One eigendecomposition K0 = U diag(λ) Uᵀ; then for any (s, σ²): α = U (Uᵀ r / (sλ + σ²))."""
+
+    space, solver = "function", "spectral"
+
+    def __init__(self, K0: Any, backend: Backend):
+        self.K0, self.backend = K0, backend
+        self.m = int(K0.shape[0])
+        lam, self.U = backend.eigh(K0)
+        self.lam = backend.xp.maximum(lam, 0.0)  # K0 is PSD: negative eigenvalues are rounding
+
+    def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
+        xp = self.backend.xp
+        if noise.shape[0] != 1:
+            raise ValueError("the spectral method needs one noise variance per output column")
+        self.s, self.q = s, int(R.shape[1])
+        self.noise = np.broadcast_to(noise[0], (self.q,)).astype(np.float64)
+        self.Z = self.U.T @ R
+        self.d = s * self.lam[:, None] + xp.asarray(self.noise)[None, :]
+        self.alpha = self.U @ (self.Z / self.d)
+
+    def spectrum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(λ (k,), weights (k, q), rest (q,), m) for :func:`spectral_lml`."""
+        be = self.backend
+        return be.to_numpy(self.lam), be.to_numpy(self.Z**2), np.zeros(self.q), self.m
+
+    def lml(self) -> float:
+        return spectral_lml(*self.spectrum(), self.s, self.noise)[0]
+
+    def mean(self, star: StarRows) -> Any:
+        return self.s * (star.cross @ self.alpha)
+
+    def var(self, star: StarRows) -> Any:
+        w = star.cross @ self.U
+        return self.s * star.prior_diag()[:, None] - self.s**2 * ((w**2) @ (1.0 / self.d))
+
+    def cov(self, star: StarRows) -> Any:
+        w = star.cross @ self.U
+        prior = self.s * star.prior_full()
+        return self.backend.xp.stack([prior - self.s**2 * ((w / self.d[:, j]) @ w.T) for j in range(self.q)])
+
+    def state(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "U": self.U, "lam": self.lam, "Z": self.Z}
+
+
+def spectral_lml(lam: np.ndarray, weights: np.ndarray, rest: np.ndarray, m: int, s: float,
+                 noise: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """log N(R | 0, s·J Jᵀ + σ²_j I) summed over columns j, from a spectrum, with its gradient.
+
+    ``lam`` (k,) eigenvalues of J Jᵀ or Jᵀ J (k ≤ m kept), ``weights`` (k, q) the squared projections of the targets
+    on the eigenvectors in the form w_ij = (u_iᵀ r_j)², ``rest`` (q,) the squared norm of each target outside their
+    span, ``noise`` (q,). With d = sλ + σ²: data_j = rest_j/σ²_j + Σ_i w_ij/d_ij, logdet_j = Σ_i log d_ij +
+    (m − k) log σ²_j. Returns (lml, d lml/d log s, d lml/d log σ²_j (q,)).
+    """
+    k = lam.shape[0]
+    d = s * lam[:, None] + noise[None, :]
+    data = rest / noise + (weights / d).sum(axis=0)
+    logdet = np.log(d).sum(axis=0) + (m - k) * np.log(noise)
+    lml = float(-0.5 * (data + logdet).sum() - 0.5 * m * weights.shape[1] * _LOG_2PI)
+    d_data_s = -(weights * lam[:, None] / d**2).sum(axis=0)
+    d_logdet_s = (lam[:, None] / d).sum(axis=0)
+    d_data_n = -rest / noise**2 - (weights / d**2).sum(axis=0)
+    d_logdet_n = (1.0 / d).sum(axis=0) + (m - k) / noise
+    grad_log_s = float(-0.5 * s * (d_data_s + d_logdet_s).sum())
+    grad_log_noise = -0.5 * noise * (d_data_n + d_logdet_n)
+    return lml, grad_log_s, grad_log_noise
+
+
+# ----- parameter space ----------------------------------------------------------------------------------------------
+
+class ParameterCholesky:
+    """Exact in weight space: A = Jᵀ D⁻¹ J + I/s (p × p), μ = A⁻¹ Jᵀ D⁻¹ r, mean* = J* μ, var* = diag(J* A⁻¹ J*ᵀ)."""
+
+    space, solver = "parameter", "cholesky"
+
+    def __init__(self, Jd: Any, backend: Backend):
+        self.Jd, self.backend = Jd, backend
+        self.m, self.p = (int(x) for x in Jd.shape)
+
+    def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
+        xp, be = self.backend.xp, self.backend
+        self.s, self.q = s, int(R.shape[1])
+        self.mu = xp.zeros((self.p, self.q))
+        self.groups, self.factors, self.jitter, self._lml = noise_groups(noise, self.q), [], 0.0, 0.0
+        for cols, d in self.groups:
+            dinv = xp.asarray(1.0 / np.broadcast_to(d, (self.m,)))
+            A = self.Jd.T @ (self.Jd * dinv[:, None])
+            A[xp.arange(self.p), xp.arange(self.p)] += 1.0 / s
+            chol = safe_cholesky(A)
+            self.jitter = max(self.jitter, chol.jitter)
+            r = R[:, cols]
+            b = self.Jd.T @ (r * dinv[:, None])
+            mu = be.cho_solve(chol.factor, b)
+            self.mu[:, cols] = mu
+            self.factors.append(chol.factor)
+            # determinant lemma: log det(s J Jᵀ + D) = log det D + p log s + log det A;  Woodbury for the data term
+            logdet_ = (float(np.log(np.broadcast_to(d, (self.m,))).sum()) + self.p * np.log(s)
+                       + 2.0 * float(xp.log(xp.diagonal(chol.factor)).sum()))
+            data = float((r * r * dinv[:, None]).sum() - (b * mu).sum())
+            self._lml += -0.5 * data - len(cols) * 0.5 * (logdet_ + self.m * _LOG_2PI)
+
+    def lml(self) -> float:
+        return self._lml
+
+    def mean(self, star: StarRows) -> Any:
+        return star.dense @ self.mu
+
+    def _whitened(self, star: StarRows) -> list[Any]:
+        return [self.backend.solve_triangular(L, star.dense.T, lower=True) for L in self.factors]
+
+    def var(self, star: StarRows) -> Any:
+        out = self.backend.xp.empty((star.dense.shape[0], self.q))
+        for (cols, _), w in zip(self.groups, self._whitened(star)):
+            out[:, cols] = (w**2).sum(axis=0)[:, None]
+        return out
+
+    def cov(self, star: StarRows) -> Any:
+        m_star = star.dense.shape[0]
+        out = self.backend.xp.empty((self.q, m_star, m_star))
+        for (cols, _), w in zip(self.groups, self._whitened(star)):
+            out[cols] = w.T @ w
+        return out
+
+    def state(self) -> dict[str, Any]:
+        out = {"mu": self.mu}
+        out.update({f"factor{g}": L for g, L in enumerate(self.factors)})
+        return out
+
+
+class ParameterSpectral:
+    """One eigendecomposition Jᵀ J = V diag(λ) Vᵀ (p × p); then for any (s, σ²): μ = V (Vᵀ Jᵀ r / (λ + σ²/s))."""
+
+    space, solver = "parameter", "spectral"
+
+    def __init__(self, Jd: Any, backend: Backend):
+        self.Jd, self.backend = Jd, backend
+        self.m, self.p = (int(x) for x in Jd.shape)
+        lam, self.V = backend.eigh(Jd.T @ Jd)
+        self.lam = backend.xp.maximum(lam, 0.0)
+
+    def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
+        xp = self.backend.xp
+        if noise.shape[0] != 1:
+            raise ValueError("the spectral method needs one noise variance per output column")
+        self.s, self.q = s, int(R.shape[1])
+        self.noise = np.broadcast_to(noise[0], (self.q,)).astype(np.float64)
+        self.Qc = self.V.T @ (self.Jd.T @ R)  # (p, q)
+        # directions with λ at rounding level carry no signal: treat them as exact zeros (their targets are "rest")
+        self.keep = self.lam > float(self.lam.max()) * self.p * np.finfo(np.float64).eps
+        kept = self.Qc[self.keep] / self.lam[self.keep][:, None]
+        residual = R - self.Jd @ (self.V[:, self.keep] @ kept)
+        self.rest = (residual**2).sum(axis=0)
+        self.weights = self.Qc[self.keep] * kept  # (uᵀ r)² = (vᵀ Jᵀ r)² / λ
+        self.shrink = 1.0 / (self.lam[:, None] + xp.asarray(self.noise)[None, :] / s)
+        self.mu = self.V @ (self.Qc * self.shrink)
+
+    def spectrum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        be = self.backend
+        return be.to_numpy(self.lam[self.keep]), be.to_numpy(self.weights), be.to_numpy(self.rest), self.m
+
+    def lml(self) -> float:
+        return spectral_lml(*self.spectrum(), self.s, self.noise)[0]
+
+    def mean(self, star: StarRows) -> Any:
+        return star.dense @ self.mu
+
+    def var(self, star: StarRows) -> Any:
+        w = star.dense @ self.V  # var = Σ_i w_i² / (λ_i/σ² + 1/s) = Σ_i w_i² σ² · shrink_i
+        return (w**2) @ (self.shrink * self.backend.xp.asarray(self.noise)[None, :])
+
+    def cov(self, star: StarRows) -> Any:
+        w = star.dense @ self.V
+        scale = self.shrink * self.backend.xp.asarray(self.noise)[None, :]
+        return self.backend.xp.stack([(w * scale[:, j]) @ w.T for j in range(self.q)])
+
+    def state(self) -> dict[str, Any]:
+        return {"mu": self.mu, "V": self.V, "lam": self.lam, "shrink": self.shrink}
+
+
+# ----- matrix-free ---------------------------------------------------------------------------------------------------
+
+class Iterative:
+    """Function space without forming K: CG with a pivoted-Cholesky preconditioner for α, variances by batched CG
+    (small test sets) or a Lanczos cache (LOVE), log-determinant by stochastic Lanczos quadrature.
+
+    Computes in the Jacobian's dtype (the products run on its blocks); results are returned in float64.
+    """
+
+    space, solver = "function", "iterative"
+
+    def __init__(self, J: JacobianBlocks, mode: Any, *, rtol: float | None, maxiter: int | None, precond_rank: int,
+                 variance_rank: int, variance_cg_max: int, num_probes: int, seed: int):
+        self.J, self.mode, self.backend = J, mode, J.backend
+        self.dtype = J.dtype
+        self.rtol, self.maxiter, self.precond_rank = rtol, maxiter, precond_rank
+        self.variance_rank, self.variance_cg_max = variance_rank, variance_cg_max
+        self.num_probes, self.seed = num_probes, seed
+        self.m = J.n * J.n_outputs if mode == "full" else J.n
+        self.info: dict[str, Any] = {}
+
+    def _operator(self, s: float, d: np.ndarray) -> Any:
+        if d.shape[0] == 1:
+            return KernelOperator(self.J, prior_scale=s, output_mode=self.mode, noise=float(d[0]))
+        base = KernelOperator(self.J, prior_scale=s, output_mode=self.mode)
+        return AddedDiagonalOperator(base, self.backend.xp.asarray(d.astype(self.dtype)))
+
+    def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
+        xp = self.backend.xp
+        self.R = R
+        self._prepare(s, noise, int(R.shape[1]))
+        self.alpha = xp.zeros(R.shape, dtype=np.float64)
+        self.info = {"cg_iterations": [], "cg_residuals": [], "preconditioner_rank": int(min(self.precond_rank,
+                                                                                               self.m))}
+        for (cols, _), op, M in zip(self.groups, self.ops, self.preconditioners):
+            result = cg(op, R[:, cols].astype(self.dtype), M=M, rtol=self.rtol, maxiter=self.maxiter)
+            self.alpha[:, cols] = result.x.astype(np.float64)
+            self.info["cg_iterations"].append(result.iterations.tolist())
+            self.info["cg_residuals"].append((result.residual_norms / np.maximum(result.thresholds, 1e-300)).tolist())
+
+    def _prepare(self, s: float, noise: np.ndarray, q: int) -> None:
+        """Operators s·K0 + D and their preconditioners, one per noise group."""
+        self.s, self.q = s, q
+        self.groups = noise_groups(noise, q)
+        self.ops = [self._operator(s, d) for _, d in self.groups]
+        self.preconditioners = [pivoted_cholesky_preconditioner(op, rank=min(self.precond_rank, self.m))
+                                for op in self.ops]
+        self._love: dict[int, Any] = {}
+
+    def lml(self) -> tuple[float, float]:
+        """(estimate, standard error): the data term from the CG solution, log det by SLQ."""
+        total, variance = 0.0, 0.0
+        for (cols, _), op in zip(self.groups, self.ops):
+            ld = logdet(op, method="slq", num_probes=self.num_probes, seed=self.seed)
+            data = float((self.R[:, cols] * self.alpha[:, cols]).sum())
+            total += -0.5 * data - len(cols) * 0.5 * (ld.logdet + self.m * _LOG_2PI)
+            variance += (len(cols) * 0.5 * ld.std_error) ** 2
+        return total, float(np.sqrt(variance))
+
+    def mean(self, star: StarRows) -> Any:
+        return self.s * (star.cross @ self.alpha)
+
+    def _solve(self, g: int, rhs: Any) -> Any:
+        result = cg(self.ops[g], rhs.astype(self.dtype), M=self.preconditioners[g], rtol=self.rtol,
+                    maxiter=self.maxiter)
+        return result.x.astype(np.float64)
+
+    def _love_cache(self, g: int) -> Any:
+        """C (m, k) with C Cᵀ ≈ (s·K0 + D)⁻¹ from k Lanczos steps (seeded start vector: the same cache after load)."""
+        if g not in self._love:
+            be, xp = self.backend, self.backend.xp
+            run = lanczos(self.ops[g], min(self.variance_rank, self.m), seed=self.seed)
+            k = run.alpha.shape[0]
+            T = xp.diag(run.alpha) + xp.diag(run.beta, 1) + xp.diag(run.beta, -1)
+            L = be.cholesky(T)
+            self._love[g] = be.solve_triangular(L, run.Q.astype(np.float64).T, lower=True).T  # Q L⁻ᵀ
+            self.info["lanczos_rank"] = int(k)
+        return self._love[g]
+
+    def var(self, star: StarRows) -> Any:
+        xp = self.backend.xp
+        prior = self.s * star.prior_diag()
+        m_star = int(prior.shape[0])
+        out = xp.empty((m_star, self.q))
+        for g, (cols, _) in enumerate(self.groups):
+            if m_star <= self.variance_cg_max:
+                x = self._solve(g, self.s * star.cross.T)
+                reduction = self.s * (star.cross * x.T).sum(axis=1)
+                self.info["variance_method"] = "cg"
+            else:
+                cache = self._love_cache(g)
+                reduction = self.s**2 * ((star.cross @ cache) ** 2).sum(axis=1)
+                self.info["variance_method"] = "lanczos"
+                self.info["variance_error"] = self._love_error(g, star, reduction)
+            out[:, cols] = (prior - reduction)[:, None]
+        return out
+
+    def _love_error(self, g: int, star: StarRows, reduction: Any) -> float:
+        """Max over up to 8 test rows of |LOVE variance − CG variance| / prior variance: the truncation error."""
+        m_star = star.cross.shape[0]
+        rows = np.unique(np.linspace(0, m_star - 1, min(8, m_star)).astype(np.int64))
+        idx = self.backend.xp.asarray(rows)
+        cross = star.cross[idx]
+        x = self._solve(g, self.s * cross.T)
+        exact = self.s * (cross * x.T).sum(axis=1)
+        prior = self.s * star.prior_diag()[idx]
+        return float(self.backend.xp.max(self.backend.xp.abs(exact - reduction[idx]) / prior))
+
+    def cov(self, star: StarRows) -> Any:
+        prior = self.s * star.prior_full()
+        out = self.backend.xp.empty((self.q,) + prior.shape)
+        for g, (cols, _) in enumerate(self.groups):
+            x = self._solve(g, self.s * star.cross.T)
+            out[cols] = prior - self.s * (star.cross @ x)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+
+def restore(method: str, J: JacobianBlocks | None, mode: Any, backend: Backend, state: dict[str, Any], s: float,
+            noise: np.ndarray, settings: Any) -> Any:
+    """Rebuild a fitted engine from its :meth:`state` (arrays on ``backend``) and hyperparameters, without data."""
+    cls = {"function-cholesky": FunctionCholesky, "function-spectral": FunctionSpectral,
+           "parameter-cholesky": ParameterCholesky, "parameter-spectral": ParameterSpectral,
+           "iterative": Iterative}[method]
+    if cls is Iterative:
+        engine = Iterative(J, mode, rtol=settings.rtol, maxiter=settings.maxiter,
+                           precond_rank=settings.preconditioner_rank, variance_rank=settings.variance_rank,
+                           variance_cg_max=settings.variance_cg_max, num_probes=settings.num_probes, seed=settings.seed)
+        engine.alpha, engine.R = state["alpha"], None
+        engine._prepare(s, noise, int(state["alpha"].shape[1]))
+        return engine
+    engine = object.__new__(cls)
+    engine.backend, engine.s = backend, s
+    for name, array in state.items():
+        if not name.startswith("factor"):
+            setattr(engine, name, array)
+    q = int((state["alpha"] if "alpha" in state else state["mu"]).shape[1])
+    engine.q, engine.noise = q, np.broadcast_to(noise[0], (q,)).astype(np.float64)
+    engine.groups = noise_groups(noise, q)
+    engine.factors = [state[f"factor{g}"] for g in range(len(engine.groups))] if cls.solver == "cholesky" else None
+    if cls is FunctionSpectral:
+        engine.d = s * engine.lam[:, None] + backend.xp.asarray(engine.noise)[None, :]
+    return engine
+
+
+def warn_clamped(n_negative: int, significant: int, total: int) -> None:
+    """Announce variances clamped at 0 when some were negative beyond rounding."""
+    if significant:
+        warnings.warn(f"{significant} of {total} predictive variances were negative beyond rounding and were set to 0 "
+                      f"({n_negative} negative in all): the solve is inaccurate; use an exact method, tighter rtol or "
+                      "more noise", v.NumericalWarning, stacklevel=3)

@@ -1,0 +1,296 @@
+"""LinearizedGP against the float64 dense formulas of DESIGN.md, written out here from a torch.func.jacrev Jacobian.
+
+Oracle: K = s·J Jᵀ per output mode, C = K + diag(noise), α = C⁻¹ r, mean* = m* + s·J* Jᵀ α,
+var* = diag(s·J* J*ᵀ − s² J* Jᵀ C⁻¹ J J*ᵀ), log p(y) = log N(r | 0, C) by scipy.stats.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import lingp_core as lg  # noqa: E402
+from lingp_core import _posterior as post  # noqa: E402
+from tests.helpers import assert_matches  # noqa: E402
+from tests.test_export import mlp, on_backend, oracle  # noqa: E402
+
+EXACT = ("function-cholesky", "function-spectral", "parameter-cholesky", "parameter-spectral")
+RTOL = 1e-9  # exact float64 paths: a few thousand eps of conditioning (noise ≥ 0.05, kernels of order 1)
+N, N_STAR = 14, 6
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def problem(backend, rng, c=2, widths=None):
+    """A small tanh MLP, training/test inputs, targets; J, J* on the backend and float64 oracle Jacobians."""
+    model = mlp(nn.Tanh, widths or (3, 8, 8, c))
+    x = torch.randn(N, 3, dtype=torch.float64)
+    xs = torch.randn(N_STAR, 3, dtype=torch.float64)
+    J64, f64 = oracle(model, x)
+    Js64, fs64 = oracle(model, xs)
+    y = f64 + 0.5 * rng.standard_normal(f64.shape)
+    m, xb = on_backend(model, x, backend)
+    _, xsb = on_backend(model, xs, backend)
+    return (lg.export_jacobian(m, xb, backend=backend.name), lg.export_jacobian(m, xsb, backend=backend.name),
+            backend.asarray(y), dict(J=J64, f=f64, Js=Js64, fs=fs64, y=y))
+
+
+def dense_posterior(o, s, noise, mode, mean="network"):
+    """Mean (n*, c), variances (n*, c), covariance, log marginal likelihood from the dense formulas."""
+    J, Js, y = o["J"], o["Js"], o["y"]
+    n, c = y.shape
+    prior = {"network": (o["f"], o["fs"]), "zero": (0 * o["f"], 0 * o["fs"]),
+             "constant": (np.broadcast_to(y.mean(0), y.shape), np.broadcast_to(y.mean(0), o["fs"].shape))}[mean]
+    r = y - prior[0]
+    noise = np.broadcast_to(np.asarray(noise, dtype=float), (c,))
+    rows = lambda A, k: A.reshape(-1, c, A.shape[1])[:, k, :]  # noqa: E731  rows of output k
+    mean_star, var_star, covs, lml = prior[1].copy(), np.zeros(o["fs"].shape), [], 0.0
+    if mode == "full":
+        C = s * J @ J.T + np.diag(np.tile(noise, n))
+        Ks = s * Js @ J.T
+        alpha = np.linalg.solve(C, r.reshape(-1))
+        cov = s * Js @ Js.T - Ks @ np.linalg.solve(C, Ks.T)
+        mean_star += (Ks @ alpha).reshape(-1, c)
+        var_star = np.diag(cov).reshape(-1, c).copy()
+        lml = scipy.stats.multivariate_normal(np.zeros(n * c), C).logpdf(r.reshape(-1))
+        return mean_star, var_star, cov, lml
+    for k in range(c):
+        if mode == "independent":
+            K, Ks, Kss = (s * rows(A, k) @ rows(B, k).T for A, B in ((J, J), (Js, J), (Js, Js)))
+        else:  # trace: the mean over outputs of the per-output kernels
+            K, Ks, Kss = (sum(s * rows(A, j) @ rows(B, j).T for j in range(c)) / c for A, B in ((J, J), (Js, J), (Js, Js)))
+        C = K + noise[k] * np.eye(n)
+        mean_star[:, k] += Ks @ np.linalg.solve(C, r[:, k])
+        cov = Kss - Ks @ np.linalg.solve(C, Ks.T)
+        var_star[:, k] = np.diag(cov)
+        covs.append(cov)
+        lml += scipy.stats.multivariate_normal(np.zeros(n), C).logpdf(r[:, k])
+    return mean_star, var_star, np.stack(covs), lml
+
+
+def check_against_dense(gp, Js, o, backend, mode, *, rtol=RTOL, mean="network", lml=True):
+    expected = dense_posterior(o, gp.prior_scale, gp.noise, mode, mean)
+    mu, var, cov = gp.predict(Js, return_var=True, return_cov=True)
+    assert_matches(mu, expected[0], backend, dtype=np.float64, rtol=rtol)
+    assert_matches(var, expected[1], backend, dtype=np.float64, rtol=rtol)
+    assert_matches(cov, expected[2], backend, dtype=np.float64, rtol=rtol)
+    if lml:
+        np.testing.assert_allclose(gp.log_marginal_likelihood(), expected[3], rtol=rtol)
+
+
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("mode", ["full", "independent", "trace"])
+def test_exact_methods_equal_dense_formulas(backend, rng, method, mode):
+    J, Js, y, o = problem(backend, rng)
+    if mode == "trace" and method.startswith("parameter"):
+        with pytest.raises(ValueError, match="trace"):
+            lg.LinearizedGP(output_mode=mode, method=method).fit(J, y)
+        return
+    gp = lg.LinearizedGP(0.7, 0.05, output_mode=mode, method=method).fit(J, y)
+    assert gp.plan_.method == method
+    check_against_dense(gp, Js, o, backend, mode)
+
+
+@pytest.mark.parametrize("mean", ["zero", "constant"])
+@pytest.mark.parametrize("method", ["function-cholesky", "parameter-spectral"])
+def test_prior_means(backend, rng, mean, method):
+    J, Js, y, o = problem(backend, rng)
+    gp = lg.LinearizedGP(1.3, 0.2, mean=mean, method=method).fit(J, y)
+    check_against_dense(gp, Js, o, backend, "full", mean=mean)
+
+
+@pytest.mark.parametrize("method", ["function-cholesky", "parameter-cholesky", "iterative"])
+@pytest.mark.parametrize("mode", ["full", "independent"])
+def test_per_output_noise(backend, rng, method, mode):
+    J, Js, y, o = problem(backend, rng)
+    gp = lg.LinearizedGP(0.9, np.array([0.05, 0.4]), output_mode=mode, method=method, rtol=1e-12).fit(J, y)
+    check_against_dense(gp, Js, o, backend, mode, rtol=RTOL if method != "iterative" else 1e-7, lml=method != "iterative")
+
+
+def test_function_space_equals_parameter_space_when_p_is_small(backend, rng):
+    # a wide dataset and a small net: p = 3·2 + 2 + 2·2 + 2 = 14 < n·c = 28, so auto picks the parameter space
+    J, Js, y, o = problem(backend, rng, widths=(3, 2, 2))
+    auto = lg.LinearizedGP(0.5, 0.1).fit(J, y)
+    assert auto.plan_.method == "parameter-cholesky" and "p = 14 < 28" in auto.plan_.reason
+    function = lg.LinearizedGP(0.5, 0.1, method="function-cholesky").fit(J, y)
+    for a, b in zip(auto.predict(Js, return_var=True), function.predict(Js, return_var=True)):
+        assert_matches(a, backend.to_numpy(b), backend, dtype=np.float64, rtol=RTOL)
+    np.testing.assert_allclose(auto.log_marginal_likelihood(), function.log_marginal_likelihood(), rtol=RTOL)
+    check_against_dense(auto, Js, o, backend, "full")
+
+
+@pytest.mark.parametrize("mode", ["full", "independent", "trace"])
+def test_iterative_meets_its_tolerance(backend, rng, mode):
+    J, Js, y, o = problem(backend, rng)
+    gp = lg.LinearizedGP(0.7, 0.05, output_mode=mode, method="iterative", rtol=1e-11).fit(J, y)
+    expected = dense_posterior(o, 0.7, 0.05, mode)
+    mu, var = gp.predict(Js, return_var=True)
+    # CG stops at ‖r‖ ≤ rtol‖b‖; the error of α is at most cond(C) times that, and cond(C) ≤ (λmax + σ²)/σ²
+    cond = 1 + 0.7 * np.linalg.norm(o["J"], 2) ** 2 / 0.05
+    assert_matches(mu, expected[0], backend, dtype=np.float64, rtol=10 * cond * 1e-11)
+    assert_matches(var, expected[1], backend, dtype=np.float64, rtol=10 * cond * 1e-11)
+    lml = gp.log_marginal_likelihood()
+    assert gp.lml_std_error_ > 0
+    assert abs(lml - expected[3]) <= 4 * gp.lml_std_error_ + 1e-8 * abs(expected[3])
+
+
+def test_lanczos_variances_are_conservative_and_report_their_error(backend, rng):
+    J, Js, y, o = problem(backend, rng)
+    expected = dense_posterior(o, 0.7, 0.05, "full")[1]
+    full = lg.LinearizedGP(0.7, 0.05, method="iterative", variance_cg_max=0, variance_rank=N * 2, rtol=1e-12)
+    _, var = full.fit(J, y).predict(Js, return_var=True)
+    assert full._engines[0].info["variance_method"] == "lanczos"
+    assert_matches(var, expected, backend, dtype=np.float64, rtol=1e-7)  # a full Krylov space: exact
+    short = lg.LinearizedGP(0.7, 0.05, method="iterative", variance_cg_max=0, variance_rank=4, rtol=1e-12)
+    _, var = short.fit(J, y).predict(Js, return_var=True)
+    var = backend.to_numpy(var)
+    # Q (Qᵀ C Q)⁻¹ Qᵀ ≼ C⁻¹: a truncated cache subtracts too little, so its variances are upper bounds
+    assert np.all(var >= expected - 1e-12)
+    error = short._engines[0].info["variance_error"]
+    prior = np.diag(0.7 * o["Js"] @ o["Js"].T).reshape(var.shape)
+    assert error > 0 and np.max(np.abs(var - expected) / prior) >= error - 1e-12
+
+
+def test_spectral_lml_gradient_matches_finite_differences(rng):
+    lam = rng.uniform(0, 3, 7)
+    weights, rest = rng.uniform(0, 1, (7, 2)), rng.uniform(0, 1, 2)
+    s, noise = 0.8, np.array([0.3, 0.05])
+    _, g_s, g_n = post.spectral_lml(lam, weights, rest, 10, s, noise)
+    h = 1e-6
+    f = lambda s_, n_: post.spectral_lml(lam, weights, rest, 10, s_, n_)[0]  # noqa: E731
+    np.testing.assert_allclose(g_s, (f(s * np.exp(h), noise) - f(s * np.exp(-h), noise)) / (2 * h), rtol=1e-6)
+    for j in range(2):
+        step = np.zeros(2)
+        step[j] = h
+        fd = (f(s, noise * np.exp(step)) - f(s, noise * np.exp(-step))) / (2 * h)
+        np.testing.assert_allclose(g_n[j], fd, rtol=1e-6)
+
+
+def dense_lml(o, s, noise, mode):
+    return dense_posterior(o, s, noise, mode)[3]
+
+
+@pytest.mark.parametrize("method,mode,noise", [("auto", "full", 0.3), ("parameter-cholesky", "independent", 0.3),
+                                               ("function-cholesky", "full", np.array([0.3, 0.3]))])
+def test_optimize_hyperparameters_finds_the_dense_maximum(backend, rng, method, mode, noise):
+    J, Js, y, o = problem(backend, rng)
+    gp = lg.LinearizedGP(1.0, noise, output_mode=mode, method=method).fit(J, y)
+    before = gp.log_marginal_likelihood()
+    gp.optimize_hyperparameters()
+    s, sigma2 = gp.prior_scale, gp.noise
+    best = dense_lml(o, s, sigma2, mode)
+    assert gp.optimization_["success"] and best > before
+    np.testing.assert_allclose(gp.log_marginal_likelihood(), best, rtol=RTOL)
+    for factor in (0.97, 1.03):  # a maximum: every nearby point is lower
+        assert dense_lml(o, s * factor, sigma2, mode) < best
+        assert dense_lml(o, s, sigma2 * factor, mode) < best
+    if method != "auto":
+        assert gp.plan_.method == method
+    else:
+        assert gp.plan_.solver == "spectral" and "kept" in gp.plan_.reason
+    check_against_dense(gp, Js, o, backend, mode)
+
+
+def test_sample_matches_posterior_moments_and_is_seeded(backend, rng):
+    J, Js, y, o = problem(backend, rng)
+    gp = lg.LinearizedGP(0.7, 0.05).fit(J, y)
+    mean, cov = (backend.to_numpy(a) for a in gp.predict(Js, return_cov=True))
+    draws = gp.sample(Js, 4000, seed=3)
+    assert isinstance(draws, backend.xp.ndarray) and draws.shape == (4000, N_STAR, 2) and draws.dtype == np.float64
+    flat = backend.to_numpy(draws).reshape(4000, -1)
+    sd = np.sqrt(np.diag(cov))
+    assert np.all(np.abs(flat.mean(0) - mean.reshape(-1)) <= 5 * sd / np.sqrt(4000) + 1e-12)
+    np.testing.assert_allclose(np.cov(flat.T), cov, atol=6 * sd.max() ** 2 / np.sqrt(4000))
+    np.testing.assert_array_equal(backend.to_numpy(gp.sample(Js, 5, seed=1)), backend.to_numpy(gp.sample(Js, 5, seed=1)))
+
+
+@pytest.mark.parametrize("method", list(EXACT) + ["iterative"])
+@pytest.mark.parametrize("mode", ["full", "independent"])
+def test_save_load_predicts_identically(backend, rng, tmp_path, method, mode):
+    J, Js, y, o = problem(backend, rng)
+    gp = lg.LinearizedGP(0.7, 0.05, output_mode=mode, method=method, variance_cg_max=3).fit(J, y)
+    path = gp.save(tmp_path / "model")
+    loaded = lg.LinearizedGP.load(path, backend=backend.name)
+    assert loaded.plan_ == gp.plan_ and loaded.data_hash_ == gp.data_hash_
+    for a, b in zip(gp.predict(Js, return_var=True), loaded.predict(Js, return_var=True)):
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+    assert loaded.log_marginal_likelihood() == gp.log_marginal_likelihood()
+
+
+def test_archive_errors(tmp_path, rng):
+    backend = lg.get_backend("numpy")
+    J, Js, y, _ = problem(backend, rng)
+    path = lg.LinearizedGP(0.7, 0.05).fit(J, y).save(tmp_path / "m.npz")
+    data = (tmp_path / "m.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(lg.ArchiveError, match="truncated"):
+        lg.LinearizedGP.load(tmp_path / "cut.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["task0_alpha"] = arrays["task0_alpha"] + 1e-9
+    np.savez(tmp_path / "edited.npz", **arrays)
+    with pytest.raises(lg.ArchiveError, match="'task0_alpha'.*checksum"):
+        lg.LinearizedGP.load(tmp_path / "edited.npz")
+    header = str(arrays["__lingp_header__"])
+    for old, new, match in [('"version": 1', '"version": 99', "version 99"),
+                            ('"prior_scale": 0.7', '"prior_scale": 0.8', "configuration fails its checksum"),
+                            ('"kind": "LinearizedGP"', '"kind": "Other"', "holds a 'Other'")]:
+        arrays["task0_alpha"] = arrays["task0_alpha"] - 0  # untouched arrays from here on
+        with np.load(path) as z:
+            fresh = {k: z[k] for k in z.files}
+        fresh["__lingp_header__"] = np.array(header.replace(old, new))
+        np.savez(tmp_path / "h.npz", **fresh)
+        with pytest.raises(lg.ArchiveError, match=match):
+            lg.LinearizedGP.load(tmp_path / "h.npz")
+    np.savez(tmp_path / "plain.npz", a=np.ones(3))
+    with pytest.raises(lg.ArchiveError, match="not a lingp archive"):
+        lg.LinearizedGP.load(tmp_path / "plain.npz")
+    with pytest.raises(FileNotFoundError):
+        lg.LinearizedGP.load(tmp_path / "missing.npz")
+
+
+def test_bad_input_raises_clear_errors(backend, rng):
+    J, Js, y, o = problem(backend, rng)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        lg.LinearizedGP().predict(Js)
+    with pytest.raises(lg.ValueRangeError, match="prior_scale"):
+        lg.LinearizedGP(prior_scale=0.0)
+    with pytest.raises(lg.ValueRangeError, match="noise"):
+        lg.LinearizedGP(noise=np.array([0.1, -1.0]))
+    with pytest.raises(ValueError, match="method must be one of"):
+        lg.LinearizedGP(method="magic")
+    gp = lg.LinearizedGP()
+    with pytest.raises(lg.ShapeError, match=r"y has shape \(13, 2\); expected \(14, 2\)"):
+        gp.fit(J, y[:13])
+    bad = backend.to_numpy(y).copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(lg.NonFiniteError, match=r"1 NaN.*\(3, 1\)"):
+        gp.fit(J, backend.asarray(bad))
+    with pytest.raises(lg.DTypeError, match="int64"):
+        gp.fit(J, backend.xp.ones((N, 2), dtype=np.int64))
+    with pytest.raises(lg.ShapeError, match="3 per-output variances but J has c = 2"):
+        lg.LinearizedGP(noise=np.ones(3)).fit(J, y)
+    with pytest.raises(ValueError, match="spectral methods need one noise variance"):
+        lg.LinearizedGP(noise=np.ones(2), method="function-spectral").fit(J, y)
+    gp.fit(J, y)
+    model, x = on_backend(mlp(nn.Tanh, (3, 8, 8, 2)), torch.randn(4, 3, dtype=torch.float64), backend)
+    other = lg.export_jacobian(model, x, params="last_layer", backend=backend.name)
+    with pytest.raises(lg.ShapeError, match="exported with parameters"):
+        gp.predict(other)
+    with pytest.raises(TypeError, match="JacobianBlocks"):
+        gp.predict(backend.to_numpy(y))
+
+
+def test_plan_explains_the_choice(backend, rng):
+    J, _, y, _ = problem(backend, rng)
+    gp = lg.LinearizedGP(exact_max_rows=10).fit(J, y)  # 28 rows > 10, p = 122 > 28
+    assert gp.plan_.method == "iterative" and "exact_max_rows = 10" in gp.plan_.reason
+    gp = lg.LinearizedGP().fit(J, y)
+    assert gp.plan_.method == "function-cholesky" and "p = 122" in str(gp.plan_)
+    assert "plan='function-cholesky'" in repr(gp)
