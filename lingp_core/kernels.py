@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lingp_core import _validate as v
-from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
+from lingp_core.jacobian import _WORK_ELEMENTS, DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.operators import LinearOperator
 
 OUTPUT_MODES = ("full", "independent", "trace")
@@ -69,6 +69,13 @@ def _view(J: JacobianBlocks, examples: slice, output: int | None, dtype: np.dtyp
         else:
             raise TypeError(f"unknown block type {type(b).__name__}")
     return blocks
+
+
+def _stored_per_row(block: Any) -> int:
+    """Elements a block stores per kernel row: what a tile's copy of it costs (a factored block holds A and Δ)."""
+    if isinstance(block, FactoredLinearBlock):
+        return -(-block.T * (block.A.shape[2] + block.c * block.out_features) // block.c)
+    return block.p
 
 
 def _tiles(n: int, rows_per_example: int) -> list[slice]:
@@ -136,7 +143,7 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     shape = {"full": (n1 * c, n2 * c), "independent": (c, n1, n2)}.get(mode, (n1, n2)) if isinstance(mode, str) \
         else (n1, n2)
     tile_rows = min(_TILE_ROWS, max(n1, n2) * c)
-    work = 2 * tile_rows * tile_rows + 2 * tile_rows * max(b.p for b in J1.blocks)
+    work = 2 * tile_rows * tile_rows + 2 * tile_rows * max(_stored_per_row(b) for b in J1.blocks) + 2 * _WORK_ELEMENTS
     v.check_memory(v.nbytes_of(shape, dtype) + work * dtype.itemsize, v.resolve_memory_budget(memory_budget,
                    J1.backend), what=f"the kernel of shape {shape} ({dtype})",
                    alternative="use KernelOperator for matrix-free products, or output_mode='trace' / a single output")
