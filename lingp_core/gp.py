@@ -192,6 +192,7 @@ class LinearizedGP:
         self._R = [self._task_rows(task, residual) for task in self._tasks]
         self.data_hash_ = io.fingerprint(y, J.f0)
         self.plan_ = self._choose_plan(J)
+        self._first_reason = self.plan_.reason
         self._build_and_fit()
         return self
 
@@ -296,6 +297,13 @@ class LinearizedGP:
     def _fit_engines(self) -> None:
         for task, engine, R in zip(self._tasks, self._engines, self._R):
             engine.fit(self.prior_scale, self._task_noise(task, self.n_), R)
+
+    @property
+    def diagnostics_(self) -> list[dict[str, Any]]:
+        """Per task: jitter added by a Cholesky path; CG iterations and relative residuals, preconditioner rank,
+        Lanczos cache rank and the estimated variance truncation error of the iterative path."""
+        self._check_fitted()
+        return [dict(getattr(e, "info", {}), jitter=getattr(e, "jitter", 0.0)) for e in self._engines]
 
     # ----- predictions ---------------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -471,14 +479,17 @@ class LinearizedGP:
         chosen = self.plan_.method
         if spectral and self.plan_.solver != "spectral":
             self._switch(f"{self.plan_.space}-spectral")
+        elif not spectral and self.plan_.solver != "cholesky":
+            self._switch("function-cholesky")  # per-row noise: exact gradients from the factorization
         objective = self._spectral_objective if spectral else self._cholesky_objective
         theta0 = np.concatenate([[np.log(self.prior_scale)], np.log(np.atleast_1d(self.noise))])
         result = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=[_LOG_BOUNDS] * theta0.size,
                           options={"maxiter": maxiter})
         self._set_hyperparameters(result.x)
-        if self.method == "auto" and spectral and chosen != self.plan_.method:
-            self.plan_ = dataclasses.replace(self.plan_, reason=self.plan_.reason + "; hyperparameters optimized on "
-                                             "one eigendecomposition, which is kept for predictions")
+        if self.method == "auto" and chosen != self.plan_.method:
+            note = ("hyperparameters optimized on one eigendecomposition, which is kept for predictions" if spectral
+                    else "per-output noise optimized with exact factorizations")
+            self.plan_ = dataclasses.replace(self.plan_, reason=f"{self._first_reason}; {note}")
         if chosen != self.plan_.method and self.method != "auto":
             self._switch(chosen)  # the method the user forced, at the optimized hyperparameters
         else:
@@ -569,6 +580,7 @@ class LinearizedGP:
         model._dtype, model._signature = np.dtype(config["dtype"]), _signature_from_json(config["signature"])
         model._constant, model.data_hash_, model._saved_lml = arrays["constant"], config["data_hash"], config["lml"]
         model.plan_ = Plan(**config["plan"])
+        model._first_reason = model.plan_.reason
         J = None
         if config["jacobian"] is not None:
             J = io.jacobian_from_arrays(arrays, config["jacobian"], be)

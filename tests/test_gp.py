@@ -145,14 +145,15 @@ def test_lanczos_variances_are_conservative_and_report_their_error(backend, rng)
     expected = dense_posterior(o, 0.7, 0.05, "full")[1]
     full = lg.LinearizedGP(0.7, 0.05, method="iterative", variance_cg_max=0, variance_rank=N * 2, rtol=1e-12)
     _, var = full.fit(J, y).predict(Js, return_var=True)
-    assert full._engines[0].info["variance_method"] == "lanczos"
+    assert full.diagnostics_[0]["variance_method"] == "lanczos"
     assert_matches(var, expected, backend, dtype=np.float64, rtol=1e-7)  # a full Krylov space: exact
     short = lg.LinearizedGP(0.7, 0.05, method="iterative", variance_cg_max=0, variance_rank=4, rtol=1e-12)
     _, var = short.fit(J, y).predict(Js, return_var=True)
     var = backend.to_numpy(var)
     # Q (Qᵀ C Q)⁻¹ Qᵀ ≼ C⁻¹: a truncated cache subtracts too little, so its variances are upper bounds
     assert np.all(var >= expected - 1e-12)
-    error = short._engines[0].info["variance_error"]
+    assert short.diagnostics_[0]["lanczos_rank"] == 4
+    error = short.diagnostics_[0]["variance_error"]
     prior = np.diag(0.7 * o["Js"] @ o["Js"].T).reshape(var.shape)
     assert error > 0 and np.max(np.abs(var - expected) / prior) >= error - 1e-12
 
