@@ -76,10 +76,11 @@ class _Task:
 
 
 def _check_noise(noise: Any) -> float | np.ndarray:
-    if np.ndim(noise) == 0 and not hasattr(noise, "shape"):
-        return v.check_positive(noise, "noise")
     name = backends.backend_name_of(noise)
-    arr = backends.get_backend(name).to_numpy(noise) if name else np.asarray(noise)
+    arr = backends.get_backend(name).to_numpy(noise) if name else noise
+    if np.ndim(arr) == 0:  # a Python or NumPy scalar, or a 0-d array
+        return v.check_positive(arr.item() if hasattr(arr, "item") else arr, "noise")
+    arr = np.asarray(arr)
     if arr.ndim != 1 or arr.size == 0 or not (np.issubdtype(arr.dtype, np.floating)
                                                or np.issubdtype(arr.dtype, np.integer)):
         raise v.ShapeError(f"noise must be a positive number or a 1-D array of one variance per output, got "
@@ -482,7 +483,7 @@ class LinearizedGP:
         elif not spectral and self.plan_.solver != "cholesky":
             self._switch("function-cholesky")  # per-row noise: exact gradients from the factorization
         objective = self._spectral_objective if spectral else self._cholesky_objective
-        theta0 = np.concatenate([[np.log(self.prior_scale)], np.log(np.atleast_1d(self.noise))])
+        theta0 = self._starting_point(objective, spectral)
         result = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=[_LOG_BOUNDS] * theta0.size,
                           options={"maxiter": maxiter})
         self._set_hyperparameters(result.x)
@@ -513,6 +514,27 @@ class LinearizedGP:
             engines.append(self._engine(task) if source is None else classes[method](source, self._backend))
         self._engines = engines
         self._fit_engines()
+
+    def _starting_point(self, objective: Any, grid: bool) -> np.ndarray:
+        """The best of: the current values, a data-scaled guess (s·mean diag K0 = σ² = half the mean square of the
+        targets around the prior mean) and, on spectral paths where evaluations cost O(n·c), a log grid around that
+        guess. L-BFGS from a poor start can slide into the s → 0 (all noise) or σ² → 0 corners."""
+        from lingp_core.kernels import kernel_diag
+
+        size = 1 + np.atleast_1d(self.noise).size
+        current = np.concatenate([[np.log(self.prior_scale)], np.log(np.atleast_1d(self.noise))])
+        square = float(sum(float((R**2).sum()) for R in self._R) / sum(R.size for R in self._R))
+        diag = float(np.mean([float(kernel_diag(t.J, output_mode=t.mode).mean()) for t in self._tasks]))
+        if not (square > 0 and diag > 0):
+            return current
+        log_s, log_noise = np.log(0.5 * square / diag), np.log(0.5 * square)
+        candidates = [current, np.array([log_s] + [log_noise] * (size - 1))]
+        if grid:
+            candidates += [np.array([log_s + a] + [log_noise + b] * (size - 1))
+                           for a in np.linspace(-4, 4, 17) * np.log(10) for b in np.linspace(-4, 1, 11) * np.log(10)]
+        low, high = _LOG_BOUNDS
+        values = [objective(np.clip(theta, low, high))[0] for theta in candidates]
+        return np.clip(candidates[int(np.argmin(values))], low, high)
 
     def _set_hyperparameters(self, theta: np.ndarray) -> None:
         self.prior_scale = float(np.exp(theta[0]))

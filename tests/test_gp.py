@@ -295,3 +295,12 @@ def test_plan_explains_the_choice(backend, rng):
     gp = lg.LinearizedGP().fit(J, y)
     assert gp.plan_.method == "function-cholesky" and "p = 122" in str(gp.plan_)
     assert "plan='function-cholesky'" in repr(gp)
+
+
+def test_optimizer_escapes_a_badly_scaled_start(backend, rng):
+    J, _, y, o = problem(backend, rng)
+    gp = lg.LinearizedGP(1e4, np.float64(1e-5), mean="zero").fit(J, y)  # NumPy scalars are accepted as noise
+    gp.optimize_hyperparameters()
+    grid = [(s, n) for s in np.logspace(-5, 3, 33) for n in np.logspace(-5, 1, 25)]
+    best_on_grid = max(dense_posterior(o, s, n, "full", "zero")[3] for s, n in grid)
+    assert gp.log_marginal_likelihood() >= best_on_grid - 1e-9 * abs(best_on_grid)
