@@ -67,3 +67,29 @@ def save_figure(fig: Any, path: Any) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def repro_parser(name: str, description: str) -> Any:
+    """The command line every reproduction script shares: --backend, --quick, --seed, --out (default
+    benchmarks/results/<name>) and --torch-threads; scripts add their own options to the returned parser."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                        help="where lingp's arrays live; cupy also puts the torch model on CUDA (default numpy)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes that run in seconds (the smoke tests)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, networks and training (default 0)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / name,
+                        help="folder for the JSON and PNG (default %(default)s)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on networks this small, thread hand-offs cost more "
+                             "than they save, badly so on a shared machine)")
+    return parser
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table of already formatted cells, so a printed table pastes into README.md unchanged."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

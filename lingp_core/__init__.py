@@ -11,6 +11,7 @@ from lingp_core._validate import (
     LingpError,
     MemoryBudgetError,
     NonFiniteError,
+    NotFittedError,
     NotPositiveDefiniteError,
     NumericalWarning,
     ShapeError,
@@ -23,6 +24,7 @@ from lingp_core.gp import GP_METHODS, MEANS, LinearizedGP, Plan
 from lingp_core.io import ArchiveError
 from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
+from lingp_core.laplace import LAPLACE_METHODS, PREDICTIVE_METHODS, LaplaceClassifier
 from lingp_core.likelihoods import (
     LIKELIHOODS,
     BernoulliLikelihood,
@@ -54,8 +56,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LAST_LAYER",
+    "LAPLACE_METHODS",
     "LIKELIHOODS",
     "LOWRANK_METHODS",
+    "PREDICTIVE_METHODS",
     "STRUCTURES",
     "GP_METHODS",
     "MEANS",
@@ -76,6 +80,7 @@ __all__ = [
     "JacobianBlocks",
     "KernelOperator",
     "LanczosResult",
+    "LaplaceClassifier",
     "LinearizedGP",
     "Likelihood",
     "LinearOperator",
@@ -90,6 +95,7 @@ __all__ = [
     "LingpError",
     "MemoryBudgetError",
     "NonFiniteError",
+    "NotFittedError",
     "NotPositiveDefiniteError",
     "NumericalWarning",
     "ShapeError",

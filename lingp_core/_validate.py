@@ -52,6 +52,10 @@ class NotPositiveDefiniteError(LingpError, ValueError):
     """A matrix that must be symmetric positive definite is not, even after the allowed jitter."""
 
 
+class NotFittedError(LingpError, RuntimeError):
+    """A model was used for prediction (or evidence) before ``fit`` or ``load``."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative method stopped before meeting its tolerance; its result says by how much."""
 

@@ -309,7 +309,7 @@ class LinearizedGP:
     # ----- predictions ---------------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if self._engines is None:
-            raise RuntimeError("this LinearizedGP is not fitted: call fit(J, y) (or LinearizedGP.load) first")
+            raise v.NotFittedError("this LinearizedGP is not fitted: call fit(J, y) (or LinearizedGP.load) first")
 
     def _check_star(self, J_star: Any) -> JacobianBlocks:
         if not isinstance(J_star, JacobianBlocks):
@@ -459,7 +459,7 @@ class LinearizedGP:
 
         self._check_fitted()
         if not hasattr(self, "_R"):
-            raise RuntimeError("a loaded model holds no training targets: refit it with fit(J, y) to optimize")
+            raise v.NotFittedError("a loaded model holds no training targets: refit it with fit(J, y) to optimize")
         if self.plan_.method == "iterative":
             raise ValueError("optimize_hyperparameters needs an exact method: the iterative marginal likelihood is a "
                              "stochastic estimate. Optimize on a subset with an exact method and refit with those "

@@ -1,0 +1,493 @@
+"""Adaptation methods the reproduction scripts compare: lingp and its baselines, with the small training loops.
+
+Every method takes a trained source network and a small adaptation set (x, y) from a new task and predicts at test
+inputs; the source network is never modified (the trained baselines work on a deep copy).
+
+- ``linearized_gp``: lingp — the network's Jacobian kernel GP, mean f(x; θ̂), prior scale and noise by the marginal
+  likelihood.
+- ``retrain_last_layer``: Adam on the last ``nn.Linear`` only, from the source weights, MSE loss.
+- ``fine_tune``: Adam on every parameter, from the source weights, MSE loss.
+- ``BayesianLinearRegression``: an ABLR-style Bayesian last layer (Perrone et al., 2018): Bayesian linear regression
+  on the source network's last hidden features (plus a constant), w ~ N(0, α⁻¹I), noise precision β, with α and β
+  maximizing the evidence.
+
+Arrays: the training loops and the features are torch tensors on the model's device; ``BayesianLinearRegression``
+works on float64 NumPy arrays (a few hundred points and features: host float64 is the honest baseline).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lingp_core._validate import DTypeError, NonFiniteError, ShapeError, ValueRangeError
+
+# ----- the networks' last layer -----------------------------------------------------------------------------------
+
+def last_linear(model: Any) -> Any:
+    """The last ``torch.nn.Linear`` in ``model.modules()`` order (the output layer of a Sequential-style network).
+
+    Raises
+    ------
+    ValueRangeError
+        When the model holds no Linear layer.
+    """
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not layers:
+        raise ValueRangeError(f"{type(model).__name__} has no torch.nn.Linear layer to treat as its last layer")
+    return layers[-1]
+
+
+def hidden_features(model: Any, x: Any) -> Any:
+    """The inputs of the model's last Linear layer at ``x``: the features the last layer combines.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    x : torch.Tensor of shape (n, ...)
+
+    Returns
+    -------
+    torch.Tensor of shape (n, d)
+        Detached, computed in eval mode (training flags restored); d is the last layer's ``in_features``.
+    """
+    import torch
+
+    captured: list[Any] = []
+    handle = last_linear(model).register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()                                            # features as the network predicts (no dropout noise)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+        for module, flag in flags:
+            module.training = flag
+    if len(captured) != 1:
+        raise ValueRangeError(f"the last Linear layer ran {len(captured)} times in one forward pass; hidden features "
+                              "are defined for a layer called once")
+    return captured[0].detach().reshape(x.shape[0], -1)
+
+
+# ----- training loops ---------------------------------------------------------------------------------------------
+
+def _check_xy(x: Any, y: Any) -> None:
+    import torch
+
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise TypeError(f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}")
+    if y.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] < 1:
+        raise ShapeError(f"x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}: y must be (n, c) with the "
+                         "same n ≥ 1 as x")
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise NonFiniteError("x or y holds NaN or Inf")
+
+
+def train_mse(model: Any, x: Any, y: Any, *, steps: int, lr: float, params: Any = None, batch_size: int | None = None,
+              weight_decay: float = 0.0, cosine: bool = True, seed: int = 0) -> list[float]:
+    """Train ``model`` in place with Adam on the mean squared error; the training loop every baseline shares.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps x (n, ...) to (n, c); switched to train mode during the loop and back to eval mode after it.
+    x : torch.Tensor of shape (n, ...)
+    y : torch.Tensor of shape (n, c)
+        On the model's device, in its dtype.
+    steps : int
+        Optimizer steps (each on one mini-batch, or on all n examples when ``batch_size`` is None).
+    lr : float
+        Adam's learning rate.
+    params : iterable of torch parameters, optional
+        What to train (default: every parameter of the model).
+    batch_size : int, optional
+        Mini-batch size, sampled without replacement each step by a generator seeded with ``seed``.
+    weight_decay : float
+        Adam's L2 penalty on the trained parameters.
+    cosine : bool
+        Anneal the learning rate from ``lr`` to 0 along a half cosine over the steps (default), so the last steps
+        settle instead of hovering at Adam's lr-sized noise floor; False keeps it constant.
+    seed : int
+
+    Returns
+    -------
+    list of float
+        The loss of every step (on its mini-batch), so a caller can check it went down.
+    """
+    import torch
+
+    _check_xy(x, y)
+    if steps < 1 or lr <= 0:
+        raise ValueRangeError(f"need steps ≥ 1 and lr > 0, got steps={steps}, lr={lr}")
+    params = list(model.parameters() if params is None else params)
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if cosine else None
+    generator = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    losses = []
+    model.train()
+    try:
+        for _ in range(steps):
+            if batch_size is None or batch_size >= n:
+                xb, yb = x, y
+            else:
+                index = torch.randperm(n, generator=generator)[:batch_size].to(x.device)
+                xb, yb = x[index], y[index]
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.eval()
+    if not math.isfinite(losses[-1]):
+        raise NonFiniteError(f"training diverged: loss {losses[-1]} after {steps} steps at lr={lr}")
+    return losses
+
+
+def retrain_last_layer(model: Any, x: Any, y: Any, *, steps: int = 500, lr: float = 1e-2, seed: int = 0) -> Any:
+    """A copy of ``model`` whose last Linear layer (weight and bias) is retrained on (x, y) from its source values;
+    every other parameter stays fixed. Returns the copy in eval mode."""
+    adapted = copy.deepcopy(model)
+    # the hidden features do not change while only the last layer trains: compute them once, train the layer alone
+    train_mse(last_linear(adapted), hidden_features(adapted, x), y, steps=steps, lr=lr, seed=seed)
+    return adapted.eval()
+
+
+def fine_tune(model: Any, x: Any, y: Any, *, steps: int = 200, lr: float = 1e-3, seed: int = 0) -> Any:
+    """A copy of ``model`` with every parameter trained on (x, y) from its source values. Returns it in eval mode."""
+    adapted = copy.deepcopy(model)
+    train_mse(adapted, x, y, steps=steps, lr=lr, seed=seed)
+    return adapted.eval()
+
+
+def predict(model: Any, x: Any) -> Any:
+    """``model(x)`` without gradients, detached: (n, c)."""
+    import torch
+
+    with torch.no_grad():
+        return model(x).detach()
+
+
+# ----- ABLR-style Bayesian last layer -----------------------------------------------------------------------------
+
+class BayesianLinearRegression:
+    """Bayesian linear regression y = Φ w + ε with w ~ N(0, α⁻¹ I), ε ~ N(0, β⁻¹ I), α and β maximizing the evidence.
+
+    With Φ the source network's last hidden features plus a constant column this is the ABLR-style Bayesian last
+    layer. The evidence is computed from the thin SVD Φ = U S Vᵀ: along uᵢ the marginal covariance of y has
+    eigenvalue sᵢ²/α + 1/β, on the rest of ℝⁿ it is 1/β, so each evaluation costs O(n) after one SVD.
+
+    Parameters
+    ----------
+    add_bias : bool
+        Append a constant column of ones to Φ (default True).
+    log_bounds : float
+        log α and log β are searched in [−log_bounds, log_bounds].
+    min_noise_fraction : float
+        Floor of the noise variance 1/β as a fraction of var(y). With n ≤ d the data can be interpolated and the
+        evidence keeps rising as 1/β → 0 (its supremum is the noise-free limit), so the search needs a floor to
+        stop somewhere reproducible.
+
+    Attributes (after ``fit``)
+    --------------------------
+    alpha_, beta_ : float
+        Prior precision of w and noise precision.
+    log_evidence_ : float
+        log p(y | α, β) at the optimum.
+    mean_ : ndarray of shape (d,)
+        Posterior mean of w (d includes the bias column).
+    """
+
+    def __init__(self, *, add_bias: bool = True, log_bounds: float = 25.0, min_noise_fraction: float = 1e-6) -> None:
+        self.add_bias = add_bias
+        self.log_bounds = log_bounds
+        self.min_noise_fraction = min_noise_fraction
+
+    def _design(self, features: Any) -> np.ndarray:
+        phi = np.asarray(features)
+        if phi.ndim != 2:
+            raise ShapeError(f"features must be an (n, d) array, got shape {phi.shape}")
+        if phi.dtype != np.float64:
+            raise DTypeError(f"features must be float64 (the baseline computes in float64), got {phi.dtype}")
+        if not np.isfinite(phi).all():
+            raise NonFiniteError("features hold NaN or Inf")
+        if self.add_bias:
+            phi = np.concatenate([phi, np.ones((phi.shape[0], 1))], axis=1)
+        return phi
+
+    def _spectrum(self, phi: np.ndarray, y: np.ndarray) -> None:
+        """Cache what every evidence evaluation needs: sᵢ², z = Uᵀy, the energy of y outside span(U), n."""
+        u, s, _ = np.linalg.svd(phi, full_matrices=False)
+        self._s2 = s**2
+        self._z = u.T @ y
+        self._residual = max(float(y @ y - self._z @ self._z), 0.0)
+        self._n = y.shape[0]
+
+    def _neg_log_evidence(self, log_params: np.ndarray) -> tuple[float, np.ndarray]:
+        """−log p(y | α, β) and its gradient in (log α, log β)."""
+        alpha, beta = np.exp(log_params)
+        v = self._s2 / alpha + 1.0 / beta                       # eigenvalues of Cov(y) along the uᵢ
+        outside = self._n - v.shape[0]                          # dimensions of ℝⁿ where Cov(y) = 1/β
+        value = 0.5 * (np.log(v).sum() + outside * np.log(1.0 / beta) + (self._z**2 / v).sum()
+                       + beta * self._residual + self._n * np.log(2 * np.pi))
+        d_v = 0.5 * (1.0 / v - self._z**2 / v**2)               # ∂(−log p)/∂vᵢ
+        grad_log_alpha = float(d_v @ (-self._s2 / alpha))
+        grad_log_beta = float(d_v.sum() * (-1.0 / beta)) + 0.5 * (-outside + beta * self._residual)
+        return float(value), np.array([grad_log_alpha, grad_log_beta])
+
+    def log_evidence(self, features: Any, y: Any, alpha: float, beta: float) -> float:
+        """log p(y | α, β) for features (n, d) and targets (n,), without fitting."""
+        phi, y = self._design(features), self._targets(y, features)
+        self._spectrum(phi, y)
+        return -self._neg_log_evidence(np.log([alpha, beta]))[0]
+
+    @staticmethod
+    def _targets(y: Any, features: Any) -> np.ndarray:
+        y = np.asarray(y)
+        if y.ndim != 1 or y.shape[0] != np.shape(features)[0]:
+            raise ShapeError(f"y must be an (n,) array matching features of shape {np.shape(features)}, got shape "
+                             f"{y.shape}")
+        if y.dtype != np.float64:
+            raise DTypeError(f"y must be float64, got {y.dtype}")
+        if not np.isfinite(y).all():
+            raise NonFiniteError("y holds NaN or Inf")
+        return y
+
+    def fit(self, features: Any, y: Any, *, alpha: float | None = None,
+            beta: float | None = None) -> BayesianLinearRegression:
+        """Maximize the evidence over (α, β) by L-BFGS-B in log space from a few starts, then form the posterior.
+
+        Parameters
+        ----------
+        features : float64 ndarray of shape (n, d)
+        y : float64 ndarray of shape (n,)
+        alpha, beta : float, optional
+            Hold α or β at this value instead of optimizing it (both given: no search at all).
+        """
+        from scipy.optimize import minimize
+
+        phi, y = self._design(features), self._targets(y, features)
+        self._spectrum(phi, y)
+        scale = max(float(np.var(y)), 1e-12)
+        top_log_beta = min(self.log_bounds, -np.log(self.min_noise_fraction * scale))
+        bounds = [(-self.log_bounds, self.log_bounds), (-self.log_bounds, top_log_beta)]
+        for i, fixed in enumerate((alpha, beta)):
+            if fixed is not None:
+                if not fixed > 0:
+                    raise ValueRangeError(f"alpha and beta must be positive, got alpha={alpha}, beta={beta}")
+                bounds[i] = (float(np.log(fixed)),) * 2
+        best = None
+        for noise_fraction in (1.0, 1e-1, 1e-3):                # starts: noise = a fraction of var(y)
+            start = np.clip(np.log([1.0, 1.0 / (noise_fraction * scale)]), *np.array(bounds).T)
+            result = minimize(self._neg_log_evidence, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                              options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 1000})
+            if best is None or result.fun < best.fun:
+                best = result
+        self.alpha_, self.beta_ = (float(fixed if fixed is not None else np.exp(v))
+                                   for fixed, v in zip((alpha, beta), best.x))
+        self.log_evidence_ = -float(best.fun)
+        precision = self.alpha_ * np.eye(phi.shape[1]) + self.beta_ * phi.T @ phi
+        self._chol = np.linalg.cholesky(precision)
+        self.mean_ = self.beta_ * self._solve(phi.T @ y)
+        return self
+
+    def _solve(self, b: np.ndarray) -> np.ndarray:
+        """(αI + βΦᵀΦ)⁻¹ b by the cached Cholesky factor."""
+        from scipy.linalg import cho_solve
+
+        return cho_solve((self._chol, True), b)
+
+    def predict(self, features: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean (n*,) and variance (n*,) of the latent f* = Φ* w (add 1/β for a noisy observation)."""
+        phi = self._design(features)
+        if phi.shape[1] != self.mean_.shape[0]:
+            raise ShapeError(f"features have {phi.shape[1] - self.add_bias} columns, the fit had "
+                             f"{self.mean_.shape[0] - self.add_bias}")
+        variance = np.einsum("ij,ji->i", phi, self._solve(phi.T))
+        return phi @ self.mean_, np.maximum(variance, 0.0)
+
+
+def ablr(model: Any, x: Any, y: Any, x_test: Any) -> tuple[np.ndarray, np.ndarray, BayesianLinearRegression]:
+    """ABLR-style Bayesian last layer of ``model`` fitted on (x, y) with one output; mean and latent variance at
+    ``x_test`` as float64 NumPy (n*,) arrays, and the fitted regression."""
+    if y.ndim != 2 or y.shape[1] != 1:
+        raise ShapeError(f"the Bayesian last layer here handles one output: y must be (n, 1), got {tuple(y.shape)}")
+    blr = BayesianLinearRegression().fit(to_numpy(hidden_features(model, x)), to_numpy(y)[:, 0])
+    mean, var = blr.predict(to_numpy(hidden_features(model, x_test)))
+    return mean, var, blr
+
+
+# ----- lingp ------------------------------------------------------------------------------------------------------
+
+LINGP_STARTS = ((0.5, 0.5), (0.9, 0.1), (0.1, 0.9))
+"""Starts of the marginal-likelihood search, as (signal, noise) shares of var(y − f₀): s·mean diag(JJᵀ) gets the
+first share, σ² the second. A single start can end in a worse local optimum with n ≈ 10 (seen on the tabular
+reproduction: log ML −17.3 and twice the test error against −16.8 from another start)."""
+
+
+def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "numpy",
+                  starts: Any = LINGP_STARTS, fixed: tuple[float, float] | None = None) -> dict:
+    """lingp's adaptation: the Jacobian-kernel GP of ``model`` with mean f(x; θ̂), fitted on (x, y).
+
+    The Jacobians are exported on ``backend`` (the model must live on its device). The prior scale s and noise σ²
+    maximize the marginal likelihood (``LinearizedGP.optimize_hyperparameters``) from each of ``starts`` (see
+    :data:`LINGP_STARTS`); the start reaching the highest log marginal likelihood is kept. With
+    ``fixed=(signal_variance, noise)`` nothing is optimized: s = signal_variance / mean diag(JJᵀ), so the prior
+    variance of f at the training inputs is signal_variance on average, and σ² = noise.
+
+    Returns
+    -------
+    dict
+        ``mean`` and ``var`` (latent, no noise) as float64 NumPy (n*, c) arrays, the fitted ``prior_scale``, ``noise``
+        and ``log_marginal_likelihood``, the GP's ``plan``, the parameter count ``p`` and every start's result in
+        ``starts``.
+    """
+    import backends
+    import lingp_core as lg
+
+    be = backends.get_backend(backend)
+    jac = lg.export_jacobian(model, x, backend=be.name)
+    jac_test = lg.export_jacobian(model, x_test, backend=be.name)
+    targets = be.asarray(y.detach())
+    spread = max(float(np.var(be.to_numpy(targets) - be.to_numpy(jac.f0))), 1e-8)
+    kernel_size = float(be.to_numpy(lg.kernel_diag(jac)).mean())
+    if fixed is not None:
+        starts, spread = [(fixed[0], fixed[1])], 1.0
+    best, tried = None, []
+    for signal, noise in starts:
+        gp = lg.LinearizedGP(prior_scale=signal * spread / kernel_size, noise=noise * spread, mean="network")
+        gp.fit(jac, targets)
+        if fixed is None:
+            gp.optimize_hyperparameters()
+        lml = gp.log_marginal_likelihood()
+        tried.append({"start": [signal, noise], "prior_scale": float(gp.prior_scale), "noise": float(gp.noise),
+                      "log_marginal_likelihood": lml})
+        if best is None or lml > best[1]:
+            best = (gp, lml)
+    gp, lml = best
+    mean, var = gp.predict(jac_test, return_var=True)
+    return {"mean": be.to_numpy(mean).astype(np.float64), "var": be.to_numpy(var).astype(np.float64),
+            "prior_scale": float(gp.prior_scale), "noise": float(gp.noise), "log_marginal_likelihood": lml,
+            "plan": str(gp.plan_), "p": int(jac.p), "starts": tried}
+
+
+# ----- every method on one adaptation set -------------------------------------------------------------------------
+
+METHODS = ("source", "lingp", "last_layer", "fine_tune", "ablr")
+"""The methods :func:`adapt_and_predict` knows: the unadapted source network, lingp, last-layer retraining,
+fine-tuning and the ABLR-style Bayesian last layer."""
+
+
+def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any = METHODS, backend: str = "numpy",
+                      last_layer: dict | None = None, fine_tuning: dict | None = None, seed: int = 0) -> dict:
+    """Adapt ``model`` to (x, y) with each method and predict at ``x_test``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained source network (not modified), on the device of ``backend``.
+    x, x_test : torch.Tensor of shape (n, ...) and (n*, ...)
+    y : torch.Tensor of shape (n, c)
+    methods : sequence of str
+        A subset of :data:`METHODS`.
+    backend : {"numpy", "cupy"}
+        lingp's backend.
+    last_layer, fine_tuning : dict, optional
+        Keyword arguments (steps, lr) of :func:`retrain_last_layer` and :func:`fine_tune`.
+    seed : int
+
+    Returns
+    -------
+    dict
+        For each method: ``mean`` (n*, c) float64 NumPy, ``var`` (n*, c) latent variance or None, ``seconds`` of wall
+        time (adaptation plus prediction, CUDA synchronized), and lingp's / ABLR's fitted hyperparameters.
+    """
+    import time
+
+    import torch
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueRangeError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+
+    def sync() -> None:
+        if torch.cuda.is_available() and x.is_cuda:
+            torch.cuda.synchronize()
+
+    results = {}
+    for name in methods:
+        sync()
+        start = time.perf_counter()
+        extra: dict = {}
+        var = None
+        if name == "source":
+            mean = to_numpy(predict(model, x_test))
+        elif name == "lingp":
+            extra = linearized_gp(model, x, y, x_test, backend=backend)
+            mean, var = extra.pop("mean"), extra.pop("var")
+        elif name == "last_layer":
+            mean = to_numpy(predict(retrain_last_layer(model, x, y, seed=seed, **(last_layer or {})), x_test))
+        elif name == "fine_tune":
+            mean = to_numpy(predict(fine_tune(model, x, y, seed=seed, **(fine_tuning or {})), x_test))
+        else:
+            mean, var, blr = ablr(model, x, y, x_test)
+            mean, var = mean[:, None], var[:, None]
+            extra = {"alpha": blr.alpha_, "beta": blr.beta_, "log_evidence": blr.log_evidence_}
+        sync()
+        results[name] = dict(mean=mean, var=var, seconds=time.perf_counter() - start, **extra)
+    return results
+
+
+# ----- small helpers the scripts share ----------------------------------------------------------------------------
+
+def torch_device(backend: str) -> str:
+    """The torch device that matches a lingp backend: CUDA for CuPy, CPU for NumPy. Exits with the reason when the
+    backend is not usable here (e.g. --backend cupy without a GPU)."""
+    import backends
+
+    status = {s.name: s for s in backends.available_backends()}[backend]
+    if not status.usable:
+        raise SystemExit(f"--backend {backend} is not usable here: {status.reason}")
+    return "cuda" if backend == "cupy" else "cpu"
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor (any device) as a float64 NumPy array."""
+    return t.detach().cpu().numpy().astype(np.float64)
+
+
+def mean_and_stderr(values: Any) -> tuple[float, float]:
+    """Mean and standard error (sample std / √k; 0 for one value) of k values."""
+    values = np.asarray(values, dtype=np.float64)
+    stderr = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
+    return float(values.mean()), stderr
+
+
+def count_parameters(model: Any) -> int:
+    """Number of trainable scalars in ``model``: the p of its Jacobian."""
+    return sum(int(p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """The command that reproduces this run, as typed from the repository root."""
+    import shlex
+
+    return " ".join(["python", f"benchmarks/{Path(script).name}"] + [shlex.quote(a) for a in argv])
+
+
+def set_torch_threads(threads: int) -> None:
+    """Set torch's intra-op CPU threads (the scripts' --torch-threads)."""
+    import torch
+
+    if threads < 1:
+        raise ValueRangeError(f"--torch-threads must be ≥ 1, got {threads}")
+    torch.set_num_threads(threads)

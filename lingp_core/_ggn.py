@@ -1,0 +1,139 @@
+"""The dense generalized Gauss–Newton matrix Jᵀ Λ J from Jacobian blocks without forming J, and per-example
+Gram blocks J_i J_iᵀ (used by the weight-space Laplace engine and its predictions)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lingp_core import _validate as v
+from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
+
+WORK_ELEMENTS = 1 << 24  # largest intermediate (elements) built at once; bigger work runs in chunks of examples
+
+
+# ----- dense GGN and per-example Gram blocks ------------------------------------------------------------------------
+
+def chunks(total: int, size: int) -> list[slice]:
+    size = max(1, int(size))
+    return [slice(s, min(s + size, total)) for s in range(0, total, size)]
+
+
+def _layer_order(block: FactoredLinearBlock) -> np.ndarray:
+    """For each of the block's parameter columns, its index o·m + j in the layer layout (bias = last column j)."""
+    out, n_in, m = block.out_features, block.in_features, block.A.shape[2]
+    parts = []
+    if block.has_weight:
+        o, j = np.divmod(np.arange(out * n_in), n_in)
+        parts.append(o * m + j)
+    if block.has_bias:
+        parts.append(np.arange(out) * m + (m - 1))
+    return np.concatenate(parts)
+
+
+def _kronecker_pair(b1: FactoredLinearBlock, b2: FactoredLinearBlock, curvature: Any) -> Any:
+    """F_{12} = Σ_i (Δ_i1ᵀ Λ_i Δ_i2) ⊗ (a_i1 a_i2ᵀ) for two factored blocks with T = 1, in parameter order.
+
+    One GEMM over examples of the flattened (out1·out2) and (m1·m2) outer products: n·p1·p2 flops instead of the
+    n·c·p1·p2 of Gᵀ G. For a block with itself both outer products are symmetric, so only their upper triangles
+    enter the GEMM (a quarter of the flops) and the result is scattered back.
+    """
+    xp = b1.xp
+    same = b2 is b1
+    o1, o2, m1, m2 = b1.out_features, b2.out_features, b1.A.shape[2], b2.A.shape[2]
+    if same:
+        upper_o, upper_m = np.triu_indices(o1), np.triu_indices(m1)
+        width_o, width_m = upper_o[0].size, upper_m[0].size
+    else:
+        width_o, width_m = o1 * o2, m1 * m2
+    acc = xp.zeros((width_o, width_m), dtype=np.float64)
+    for rows in chunks(b1.n, WORK_ELEMENTS // (o1 * o2 + m1 * m2 + 1)):
+        d1 = b1.delta[rows, :, 0, :].astype(np.float64)
+        d2 = d1 if same else b2.delta[rows, :, 0, :].astype(np.float64)
+        a1 = b1.A[rows, 0, :].astype(np.float64)
+        a2 = a1 if same else b2.A[rows, 0, :].astype(np.float64)
+        dd = d1.transpose(0, 2, 1) @ (curvature[rows] @ d2)  # (s, o1, o2)
+        aa = a1[:, :, None] * a2[:, None, :]  # (s, m1, m2)
+        s = rows.stop - rows.start
+        if same:
+            acc += dd[:, upper_o[0], upper_o[1]].T @ aa[:, upper_m[0], upper_m[1]]
+        else:
+            acc += dd.reshape(s, o1 * o2).T @ aa.reshape(s, m1 * m2)
+    if same:  # the packed index of (k, l) and (l, k) is the same entry of the upper triangle
+        acc = acc[xp.asarray(_packed_index(o1).ravel())][:, xp.asarray(_packed_index(m1).ravel())]
+    layer = acc.reshape(o1, o2, m1, m2).transpose(0, 2, 1, 3).reshape(o1 * m1, o2 * m2)
+    i1, i2 = xp.asarray(_layer_order(b1)), xp.asarray(_layer_order(b2))
+    return layer[i1[:, None], i2[None, :]]
+
+
+def _packed_index(k: int) -> np.ndarray:
+    """(k, k) symmetric map from (i, j) to the position of (min, max) in numpy's row-major upper-triangle order."""
+    index = np.zeros((k, k), dtype=np.int64)
+    rows, cols = np.triu_indices(k)
+    index[rows, cols] = np.arange(rows.size)
+    index[cols, rows] = np.arange(rows.size)
+    return index
+
+
+def _transformed_dense(block: Any, factors: Any) -> Any:
+    """Rows L_iᵀ J_b,i of a block as a dense float64 (n·c, p_b) array."""
+    xp = block.xp
+    if isinstance(block, DenseBlock):
+        values = xp.asarray(block.values).astype(np.float64).reshape(block.n, block.c, -1)
+        return (factors.transpose(0, 2, 1) @ values).reshape(block.n * block.c, -1)
+    return block.transform_rows(factors).to_dense().astype(np.float64, copy=False)
+
+
+def dense_ggn(J: JacobianBlocks, factors: Any, memory_budget: Any) -> Any:
+    """F = Jᵀ Λ J (p, p) float64, Λ_i = L_i L_iᵀ, assembled block pair by block pair.
+
+    Pairs of factored Linear blocks with T = 1 (and c > 1) take the Kronecker route of :func:`_kronecker_pair`;
+    other pairs use the dense transformed rows G_b = L_iᵀ J_b,i, F_{bb'} = G_bᵀ G_b'.
+    """
+    xp, p, c = J.xp, J.p, J.n_outputs
+    widest = max(b.p for b in J.blocks)
+    v.check_memory(v.nbytes_of((p, p), np.float64) + 2 * v.nbytes_of((J.n * c, widest), np.float64),
+                   v.resolve_memory_budget(memory_budget, J.backend),
+                   what=f"the dense p × p Hessian (p = {p}) of the weight-space Laplace approximation",
+                   alternative="use method='function' when n·c is small, or export fewer parameters "
+                               "(e.g. params='last_layer')")
+    curvature = factors @ factors.transpose(0, 2, 1)
+    F = xp.empty((p, p), dtype=np.float64)
+    starts = np.cumsum([0] + [b.p for b in J.blocks])
+    kron = [isinstance(b, FactoredLinearBlock) and b.T == 1 and c > 1 for b in J.blocks]
+    dense_cache: dict[int, Any] = {}
+
+    def transformed(k: int) -> Any:
+        if k not in dense_cache:
+            dense_cache[k] = _transformed_dense(J.blocks[k], factors)
+        return dense_cache[k]
+
+    for a, ba in enumerate(J.blocks):
+        for b in range(a, len(J.blocks)):
+            if kron[a] and kron[b]:
+                block = _kronecker_pair(ba, J.blocks[b], curvature)
+            else:
+                block = transformed(a).T @ transformed(b)
+            F[starts[a]:starts[a + 1], starts[b]:starts[b + 1]] = block
+            if b > a:
+                F[starts[b]:starts[b + 1], starts[a]:starts[a + 1]] = block.T
+    return F
+
+
+def example_grams(J: JacobianBlocks, rows: slice) -> Any:
+    """Per-example blocks J_i J_iᵀ (s, c, c) float64 for the examples in ``rows``."""
+    xp, c = J.xp, J.n_outputs
+    s = rows.stop - rows.start
+    out = xp.zeros((s, c, c), dtype=np.float64)
+    for b in J.blocks:
+        if isinstance(b, DenseBlock):
+            vals = xp.asarray(b.values[rows.start * c: rows.stop * c]).astype(np.float64).reshape(s, c, -1)
+            out += vals @ vals.transpose(0, 2, 1)
+            continue
+        A = b.A[rows].astype(np.float64)  # (s, T, m)
+        D = b.delta[rows].astype(np.float64)  # (s, c, T, out)
+        if b.T == 1:
+            out += (A[:, 0, :] ** 2).sum(axis=1)[:, None, None] * (D[:, :, 0, :] @ D[:, :, 0, :].transpose(0, 2, 1))
+        else:
+            out += xp.einsum("itu,ikto,iluo->ikl", A @ A.transpose(0, 2, 1), D, D)
+    return out

@@ -1,0 +1,418 @@
+"""The two Laplace engines of :class:`lingp_core.laplace.LaplaceClassifier` (weight space and function space),
+the float64 likelihood pieces they share, and prediction from a fitted state."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from backends import Backend
+from lingp_core import _validate as v
+from lingp_core._ggn import WORK_ELEMENTS, chunks, dense_ggn, example_grams
+from lingp_core._precision import eps
+from lingp_core.fisher import fisher
+from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
+from lingp_core.kernels import kernel
+from lingp_core.likelihoods import CategoricalLikelihood, Likelihood
+from lingp_core.operators import LinearOperator
+from lingp_core.solvers import cg, safe_cholesky
+
+_ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
+_MAX_HALVINGS = 40
+
+
+# ----- likelihood pieces in float64 ---------------------------------------------------------------------------------
+
+class Targets:
+    """Labels as a float64 (n, c) target matrix T (one-hot for categorical, y itself for Bernoulli) and the NLL pieces.
+
+    NLL(g) = Σ_i lse(g_i) − T_i·g_i (categorical) or Σ_i softplus(g_i) − y_i g_i (Bernoulli); ∇_g NLL = p(g) − T.
+    """
+
+    def __init__(self, likelihood: Likelihood, y: Any, n: int, c: int, backend: Backend) -> None:
+        xp = backend.xp
+        self.likelihood, self.backend = likelihood, backend
+        if isinstance(likelihood, CategoricalLikelihood):
+            self.T = xp.zeros((n, c), dtype=np.float64)
+            self.T[xp.arange(n), y] = 1.0
+        else:
+            self.T = y.astype(np.float64).reshape(n, 1)
+
+    def nll(self, g: Any) -> float:
+        xp = self.backend.xp
+        if isinstance(self.likelihood, CategoricalLikelihood):
+            top = g.max(axis=1, keepdims=True)
+            lse = top[:, 0] + xp.log(xp.exp(g - top).sum(axis=1))
+            return float((lse - (self.T * g).sum(axis=1)).sum())
+        softplus = xp.maximum(g, 0.0) + xp.log1p(xp.exp(-xp.abs(g)))
+        return float((softplus - self.T * g).sum())
+
+    def residual(self, g: Any) -> Any:
+        """∇_g NLL: (n, c)."""
+        return mean_probabilities(g, self.likelihood) - self.T
+
+
+def mean_probabilities(g: Any, likelihood: Likelihood) -> Any:
+    """softmax(g) (categorical) or sigmoid(g) (Bernoulli), (n, c), without overflow."""
+    xp = v.backend_of(g).xp
+    if isinstance(likelihood, CategoricalLikelihood):
+        return CategoricalLikelihood.probabilities(g)
+    return 0.5 * (1.0 + xp.tanh(0.5 * g))
+
+
+def _square_factors(likelihood: Likelihood, g: Any) -> Any:
+    """Per-example L_i (n, c, c) with L_i L_iᵀ = Λ_i at logits g (float64); diagonal factors become c × c."""
+    factor = likelihood.sqrt_curvature(g)
+    if factor.ndim == 3:
+        return factor
+    n, c = factor.shape
+    out = v.backend_of(factor).xp.zeros((n, c, c), dtype=factor.dtype)
+    out[:, np.arange(c), np.arange(c)] = factor
+    return out
+
+
+def _apply_blocks(factors: Any, u: Any, transpose: bool) -> Any:
+    """Block-diagonal product: L_i u_i (or L_iᵀ u_i) per example for u of shape (n·c, k) → (n·c, k)."""
+    n, c, _ = factors.shape
+    f = factors.transpose(0, 2, 1) if transpose else factors
+    return (f @ u.reshape(n, c, -1)).reshape(n * c, -1)
+
+
+# ----- products with J in float64 -----------------------------------------------------------------------------------
+
+def _sq(x: Any) -> float:
+    """‖x‖² as a float."""
+    return float(x @ x)
+
+
+def _J_times(J: JacobianBlocks, w: Any) -> Any:
+    """J w in J's dtype, returned as float64 (n·c,) or (n·c, k)."""
+    return J.matmat(w.astype(J.dtype, copy=False)).astype(np.float64, copy=False)
+
+
+def _Jt_times(J: JacobianBlocks, u: Any) -> Any:
+    """Jᵀ u in J's dtype, returned as float64 (p,) or (p, k)."""
+    return J.rmatmat(u.astype(J.dtype, copy=False)).astype(np.float64, copy=False)
+
+
+class _Float64Operator(LinearOperator):
+    """An operator in J's dtype (e.g. a float32 FisherOperator) seen as a float64 one, for float64 CG."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        self.op, self.shape, self.backend = op, op.shape, op.backend
+        self.dtype = np.dtype(np.float64)
+
+    def _matmat(self, x: Any) -> Any:
+        return self.op.matmat(x.astype(self.op.dtype, copy=False)).astype(np.float64, copy=False)
+
+
+class _DiagonalInverse(LinearOperator):
+    """Jacobi preconditioner: x ↦ x / d."""
+
+    def __init__(self, d: Any, backend: Backend) -> None:
+        self.d, self.backend = d, backend
+        self.shape, self.dtype = (int(d.shape[0]),) * 2, np.dtype(np.float64)
+
+    def _matmat(self, x: Any) -> Any:
+        return x / self.d[:, None]
+
+
+class _InverseFromFactor(LinearOperator):
+    """x ↦ (R Rᵀ)⁻¹ x = R⁻ᵀ (R⁻¹ x) given R⁻¹: an earlier Hessian as preconditioner."""
+
+    def __init__(self, inverse_factor: Any, backend: Backend) -> None:
+        self.inverse_factor, self.backend = inverse_factor, backend
+        self.shape, self.dtype = (int(inverse_factor.shape[0]),) * 2, np.dtype(np.float64)
+
+    def _matmat(self, x: Any) -> Any:
+        return self.inverse_factor.T @ (self.inverse_factor @ x)
+
+
+def _cholesky(A: Any, backend: Backend) -> Any:
+    """Lower Cholesky factor of a matrix that is positive definite by construction (GGN + I/s, or I + Lᵀ K L, both
+    ≥ their identity part): one plain factorization; the checked, jittered one only if rounding makes that fail."""
+    try:
+        factor = backend.cholesky(A)
+    except np.linalg.LinAlgError:
+        return safe_cholesky(A).factor
+    if not bool(backend.xp.isfinite(backend.xp.diagonal(factor)).all()):
+        return safe_cholesky(A).factor
+    return factor
+
+
+def _triangular_inverse(factor: Any, backend: Backend) -> Any:
+    """R⁻¹ for a lower triangular R: LAPACK's triangular inverse on the host (p³/3 flops, a third of a triangular
+    solve with p right-hand sides), a triangular solve against I elsewhere."""
+    if backend.name == "numpy":
+        import scipy.linalg
+
+        inv, info = scipy.linalg.lapack.dtrtri(factor, lower=1)
+        if info != 0:
+            raise v.NotPositiveDefiniteError(f"the Cholesky factor is singular (LAPACK dtrtri info = {info})")
+        return inv
+    return backend.solve_triangular(factor, backend.xp.eye(factor.shape[0]), lower=True)
+
+
+def _example_slice(J: JacobianBlocks, rows: slice) -> JacobianBlocks:
+    """The Jacobian of the examples in ``rows`` (views of J's arrays where possible)."""
+    c = J.n_outputs
+    blocks = []
+    for b in J.blocks:
+        if isinstance(b, DenseBlock):
+            blocks.append(DenseBlock(b.names, b.shapes, b.xp.asarray(b.values[rows.start * c: rows.stop * c]), c,
+                                     b.xp))
+        else:
+            blocks.append(FactoredLinearBlock(b.names, b.shapes, b.A[rows], b.delta[rows], has_weight=b.has_weight,
+                                              has_bias=b.has_bias, xp=b.xp))
+    return JacobianBlocks(J.f0[rows], blocks, backend=J.backend, outputs=J.outputs)
+
+
+def _example_chunks(n: int, per_example: int) -> list[slice]:
+    return chunks(n, WORK_ELEMENTS // max(1, per_example))
+
+
+# ----- the two engines ----------------------------------------------------------------------------------------------
+
+def _accept(new: float, old: float, alpha: float, slope: float) -> bool:
+    """Armijo's sufficient decrease; near the optimum a full Newton step whose change of Ψ is below rounding is
+    accepted too (it still shrinks the gradient, which Ψ's float64 value can no longer show)."""
+    if new <= old + _ARMIJO * alpha * slope:
+        return True
+    return alpha == 1.0 and new - old <= 16 * eps(np.float64) * max(1.0, abs(old))
+
+
+class _Newton:
+    """Convergence bookkeeping shared by the engines."""
+
+    def __init__(self) -> None:
+        self.iterations, self.cg_iterations, self.converged, self.gradient_ratio = 0, 0, False, float("nan")
+
+
+class WeightEngine:
+    """Parameter space: Newton–CG for ŵ; the dense H(ŵ) = F + I/s, its Cholesky factor R and R⁻¹ for the posterior."""
+
+    method = "parameter"
+
+    def __init__(self, J: JacobianBlocks, targets: Targets, likelihood: Likelihood, prior_mean: Any,
+                 memory_budget: Any) -> None:
+        self.J, self.targets, self.likelihood, self.budget = J, targets, likelihood, memory_budget
+        self.m = prior_mean  # (p,) float64: the prior mean of w
+        self.backend = J.backend
+        self.inverse_factor: Any = None  # R⁻¹ for the lower Cholesky factor R of H at the last MAP
+
+    def fit(self, s: float, w0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
+        xp, J = self.backend.xp, self.J
+        p = J.p
+        w = xp.zeros(p, dtype=np.float64) if w0 is None else w0.copy()
+        f0 = J.f0.astype(np.float64)
+        g = f0 + _J_times(J, w).reshape(f0.shape)
+        objective = self.targets.nll(g) + _sq(w - self.m) / (2 * s)
+        # an earlier Hessian (another s or the previous fit) is a far better preconditioner than Jacobi
+        precond = None if self.inverse_factor is None else _InverseFromFactor(self.inverse_factor, self.backend)
+        info = _Newton()
+        floor = 10 * eps(J.dtype)  # products in J's dtype: no inner solve is more accurate than this
+        for _ in range(maxiter):
+            data_grad = _Jt_times(J, self.targets.residual(g).reshape(-1))
+            grad = data_grad + (w - self.m) / s
+            scale = float(xp.linalg.norm(data_grad)) + math.sqrt(_sq(w - self.m)) / s
+            grad_norm = float(xp.linalg.norm(grad))
+            info.gradient_ratio = grad_norm / scale if scale > 0 else 0.0
+            if info.gradient_ratio <= rtol:
+                info.converged = True
+                break
+            op = _Float64Operator(fisher(J, self.likelihood, g.astype(J.dtype), damping=1.0 / s))
+            M = precond if precond is not None else _DiagonalInverse(
+                op.op.diagonal().astype(np.float64), self.backend)
+            forcing = max(min(0.5, math.sqrt(info.gradient_ratio)) * min(1.0, info.gradient_ratio), floor)
+            solve = cg(op, -grad, M=M, rtol=forcing, maxiter=cg_maxiter or 10 * p, warn=False)
+            info.cg_iterations += int(solve.iterations.max())
+            step = solve.x[:, 0] if solve.x.ndim == 2 else solve.x
+            moved = self._line_search(w, g, objective, grad, step, s)
+            info.iterations += 1
+            bar.update(1)
+            if moved is None:
+                break
+            w, g, objective = moved
+        self.w = w
+        self.g = g
+        F = dense_ggn(J, _square_factors(self.likelihood, g), self.budget)
+        # R⁻¹ (p³/3 flops, like the factorization) gives tr(H⁻¹) for the evidence's γ and turns every predictive
+        # covariance into products J* R⁻ᵀ through the blocks instead of triangular solves with dense rows of J*
+        self.inverse_factor = _triangular_inverse(self._factorize(F, s), self.backend)
+        del F
+        self.s = s
+        self.objective = self.targets.nll(g) + _sq(w - self.m) / (2 * s)
+        return {"newton_iterations": info.iterations, "cg_iterations": info.cg_iterations,
+                "converged": info.converged, "gradient_ratio": info.gradient_ratio}
+
+    def _factorize(self, F: Any, s: float) -> Any:
+        H = F.copy()
+        idx = self.backend.xp.arange(F.shape[0])
+        H[idx, idx] += 1.0 / s
+        return _cholesky(H, self.backend)
+
+    def _line_search(self, w: Any, g: Any, objective: float, grad: Any, step: Any, s: float) -> tuple | None:
+        J = self.J
+        slope = float(grad @ step)
+        if slope >= 0:  # an inexact inner solve can only fail this way by rounding: fall back to steepest descent
+            step, slope = -grad, -float(grad @ grad)
+        dg = _J_times(J, step).reshape(g.shape)
+        alpha = 1.0
+        for _ in range(_MAX_HALVINGS):
+            w_new, g_new = w + alpha * step, g + alpha * dg
+            obj_new = self.targets.nll(g_new) + _sq(w_new - self.m) / (2 * s)
+            if _accept(obj_new, objective, alpha, slope):
+                return w_new, g_new, obj_new
+            alpha *= 0.5
+        return None  # no decrease at machine precision: the iterate is as good as it gets
+
+    # ----- posterior quantities --------------------------------------------------------------------------------
+    def half_logdet(self) -> float:
+        """½ log det(s·H) = Σ log R_jj + (p/2) log s."""
+        xp = self.backend.xp
+        return -float(xp.log(xp.diagonal(self.inverse_factor)).sum()) + 0.5 * self.J.p * math.log(self.s)
+
+    def sq_norm_w(self) -> float:
+        """‖ŵ − m‖²."""
+        return _sq(self.w - self.m)
+
+    def effective_parameters(self) -> float:
+        """γ = p − tr(H⁻¹)/s, tr(H⁻¹) = ‖R⁻¹‖²_F."""
+        return self.J.p - _sq(self.inverse_factor.reshape(-1)) / self.s
+
+    def state(self) -> dict:
+        return {"w": self.w, "inverse_factor": self.inverse_factor}
+
+
+class FunctionEngine:
+    """Function space: Newton on h = J w with prior N(0, K), K = s·J Jᵀ (n·c × n·c); w = s Jᵀ a."""
+
+    method = "function"
+
+    def __init__(self, J: JacobianBlocks, targets: Targets, likelihood: Likelihood, prior_mean: Any,
+                 memory_budget: Any) -> None:
+        self.J, self.targets, self.likelihood, self.budget = J, targets, likelihood, memory_budget
+        self.m = prior_mean
+        # the prior mean J m of h moves into the offset: h − J m ~ N(0, K) around logits f0 + J m
+        self.offset = J.f0.astype(np.float64) + _J_times(J, prior_mean).reshape(J.f0.shape)
+        self.backend = J.backend
+        self.K0 = kernel(J, memory_budget=memory_budget)  # J Jᵀ in float64, computed once for every s
+
+    def fit(self, s: float, a0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
+        xp, J = self.backend.xp, self.J
+        m = self.K0.shape[0]
+        K = s * self.K0
+        a = xp.zeros(m, dtype=np.float64) if a0 is None else a0.copy()
+        h = K @ a
+        f0 = self.offset
+        objective = self.targets.nll(f0 + h.reshape(f0.shape)) + 0.5 * float(a @ h)
+        info = _Newton()
+        for _ in range(maxiter):
+            r = self.targets.residual(f0 + h.reshape(f0.shape)).reshape(-1)
+            scale = float(xp.linalg.norm(r)) + float(xp.linalg.norm(a))
+            info.gradient_ratio = float(xp.linalg.norm(r + a)) / scale if scale > 0 else 0.0
+            if info.gradient_ratio <= rtol:  # ∇_h Ψ = r + K⁻¹h = r + a
+                info.converged = True
+                break
+            factors = _square_factors(self.likelihood, f0 + h.reshape(f0.shape))
+            chol = self._b_factor(K, factors)
+            b = _apply_blocks(factors, _apply_blocks(factors, h[:, None], True), False)[:, 0] - r
+            kb = K @ b
+            inner = self.backend.cho_solve(chol, _apply_blocks(factors, kb[:, None], True))
+            a_new = b - _apply_blocks(factors, inner, False)[:, 0]
+            moved = self._line_search(a, h, objective, a_new - a, K, f0, r)
+            info.iterations += 1
+            bar.update(1)
+            if moved is None:
+                break
+            a, h, objective = moved
+        self.a, self.h, self.s = a, h, s
+        self.g = f0 + h.reshape(f0.shape)
+        self.factors = _square_factors(self.likelihood, self.g)
+        self.factor = self._b_factor(K, self.factors)
+        self.w = self.m + s * _Jt_times(J, a)
+        self.objective = objective
+        return {"newton_iterations": info.iterations, "cg_iterations": 0, "converged": info.converged,
+                "gradient_ratio": info.gradient_ratio}
+
+    @staticmethod
+    def _b_factor(K: Any, factors: Any) -> Any:
+        """Cholesky factor of B = I + Lᵀ K L (n·c × n·c)."""
+        m = K.shape[0]
+        B = _apply_blocks(factors, _apply_blocks(factors, K, True).T, True).T  # Lᵀ K L, K symmetric
+        B = 0.5 * (B + B.T)
+        idx = v.backend_of(K).xp.arange(m)
+        B[idx, idx] += 1.0
+        return _cholesky(B, v.backend_of(K))
+
+    def _line_search(self, a: Any, h: Any, objective: float, step: Any, K: Any, f0: Any, r: Any) -> tuple | None:
+        dh = K @ step
+        slope = float((r + a) @ dh)  # directional derivative of Ψ(a) = NLL(f0 + K a) + ½ aᵀ K a
+        alpha = 1.0
+        for _ in range(_MAX_HALVINGS):
+            a_new, h_new = a + alpha * step, h + alpha * dh
+            obj_new = self.targets.nll(f0 + h_new.reshape(f0.shape)) + 0.5 * float(a_new @ h_new)
+            if _accept(obj_new, objective, alpha, min(slope, 0.0)):
+                return a_new, h_new, obj_new
+            alpha *= 0.5
+        return None
+
+    def half_logdet(self) -> float:
+        """½ log det(s·H) = ½ log det(B) = Σ log diag(chol B)."""
+        xp = self.backend.xp
+        return float(xp.log(xp.diagonal(self.factor)).sum())
+
+    def sq_norm_w(self) -> float:
+        return self.s * float(self.a @ self.h)  # ‖s Jᵀ a‖² = s·aᵀ K a
+
+    def effective_parameters(self) -> float:
+        """γ = n·c − tr(B⁻¹)."""
+        return self.factor.shape[0] - _sq(_triangular_inverse(self.factor, self.backend).reshape(-1))
+
+    def state(self) -> dict:
+        return {"a": self.a, "factors": self.factors, "factor": self.factor, "prior_mean": self.m}
+
+
+# ----- prediction from a saved state (no training labels needed) ----------------------------------------------------
+
+def predict_weight(state: dict, J_star: JacobianBlocks, s: float, cov: str | None, budget: Any) -> tuple:
+    """Mean f0* + J* ŵ and, per example, the c × c blocks (or diagonals) of J* Σ J*ᵀ = Z Zᵀ with Z = J* R⁻ᵀ
+    computed through the blocks, in chunks of test examples."""
+    xp = J_star.xp
+    n, c, p = J_star.n, J_star.n_outputs, J_star.p
+    mean = J_star.f0.astype(np.float64) + _J_times(J_star, state["w"]).reshape(n, c)
+    if cov is None:
+        return mean, None
+    right = state["inverse_factor"].T.astype(J_star.dtype)  # R⁻ᵀ (p, p) in the blocks' dtype
+    out = xp.empty((n, c, c) if cov == "full" else (n, c), dtype=np.float64)
+    for rows in _example_chunks(n, 2 * c * p):
+        z = _J_times(_example_slice(J_star, rows), right).reshape(-1, c, p)
+        out[rows] = z @ z.transpose(0, 2, 1) if cov == "full" else (z * z).sum(axis=2)
+    return mean, out
+
+
+def predict_function(state: dict, J_train: JacobianBlocks, J_star: JacobianBlocks, s: float, cov: str | None,
+                      budget: Any) -> tuple:
+    """Mean f0* + J* m + K* a and covariances K**_i − (K* L B⁻¹ Lᵀ K*ᵀ)_i from the training Jacobian's kernel, in
+    chunks of test examples."""
+    xp, be = J_star.xp, J_star.backend
+    n, c = J_star.n, J_star.n_outputs
+    m = J_train.n * J_train.n_outputs
+    mean = xp.empty((n, c), dtype=np.float64)
+    out = None if cov is None else xp.empty((n, c, c) if cov == "full" else (n, c), dtype=np.float64)
+    for rows in _example_chunks(n, 2 * c * m):
+        part = _example_slice(J_star, rows)
+        K_cross = kernel(part, J_train, prior_scale=s, memory_budget=budget)  # (k·c, n·c)
+        mean[rows] = part.f0.astype(np.float64) + (_J_times(part, state["prior_mean"]) +
+                                                    K_cross @ state["a"]).reshape(-1, c)
+        if cov is None:
+            continue
+        y = _apply_blocks(state["factors"], K_cross.T, True)  # Lᵀ K*ᵀ (n·c, k·c)
+        z = be.solve_triangular(state["factor"], y, lower=True).reshape(m, -1, c)
+        prior = s * example_grams(J_star, rows)
+        if cov == "full":
+            out[rows] = prior - xp.einsum("jik,jil->ikl", z, z)
+        else:
+            out[rows] = xp.diagonal(prior, axis1=1, axis2=2) - (z * z).sum(axis=0)
+    return mean, out

@@ -1,0 +1,506 @@
+"""Classification with the linearized network: the Laplace approximation of a generalized linear model.
+
+The model (Maddox et al. 2021; Immer et al. 2021): logits g(x) = f₀(x) + J(x) w with w = θ − θ̂ ~ N(0, s·I), a
+categorical (softmax, c ≥ 2 logits) or Bernoulli (sigmoid, one logit) likelihood. Because g is linear in w the
+negative log joint
+
+    Ψ(w) = NLL(y, f₀ + J w) + ‖w − m‖² / (2s)
+
+(prior mean m = 0 by default; ``fit(..., prior_mean=-θ̂)`` puts the prior on θ itself, centred at the origin) is
+convex and its Hessian is exactly the generalized Gauss–Newton H(w) = Jᵀ Λ(g) J + I/s (Λ_i the c × c curvature of
+the NLL in the logits of example i). :class:`LaplaceClassifier` finds the MAP ŵ by Newton's method and approximates
+the posterior by N(ŵ, Σ), Σ = H(ŵ)⁻¹. Two ways to compute it, chosen by the sizes n·c (training rows) and p:
+
+- ``"parameter"`` (weight space, p × p): Newton–CG on w with Fisher products on the exported blocks (inner solves by
+  :func:`~lingp_core.solvers.cg`, Jacobi-preconditioned, or preconditioned by the factor of an earlier H on refits),
+  Armijo backtracking; then the dense H(ŵ) = Jᵀ Λ J + I/s, its Cholesky factor R (R Rᵀ = H) and R⁻¹. The dense GGN
+  is assembled without forming J: for factored Linear blocks Σ_i (Δ_iᵀ Λ_i Δ_i) ⊗ (a_i a_iᵀ) as one GEMM over
+  examples (n·p² flops instead of n·c·p² for Gᵀ G; a quarter of that for a block with itself). Predictive
+  covariance of the logits at x*: Z Zᵀ with Z = J* R⁻ᵀ, a product through the blocks (no dense J*).
+- ``"function"`` (n·c × n·c): Newton on the latent h = J (w − m) with prior N(0, K), K = s·J Jᵀ (Rasmussen &
+  Williams Alg. 3.3, multiclass through the per-example factors L_i L_iᵀ = Λ_i): with B = I + Lᵀ K L,
+  h ← K a, a = b − L B⁻¹ Lᵀ K b, b = Λ h − ∇NLL; ŵ = m + s Jᵀ â. Predictive covariance K** − K*ᵀ L B⁻¹ Lᵀ K*.
+
+Both give the same MAP, posterior and evidence (the tests check this against a dense float64 Newton solve).
+
+Laplace evidence (log marginal likelihood), with H at the MAP:
+
+    log p(y | s) ≈ −NLL(ĝ) − ‖ŵ − m‖²/(2s) − ½ log det(s·H) ,   det(s·H) = det(I_p + s Jᵀ Λ J) = det(I_nc + Lᵀ K L)
+
+(the Gaussian integral of the log joint's second-order expansion; the two determinants agree by Sylvester's identity).
+:meth:`LaplaceClassifier.optimize_prior_scale` maximizes it over s by MacKay's fixed point s ← ‖ŵ − m‖² / γ,
+γ = p − tr(Σ)/s (the effective number of parameters, = n·c − tr(B⁻¹) in function space), re-solving the MAP and the
+curvature at every step; the update is the stationarity condition of the evidence when Λ's own dependence on ŵ(s)
+is neglected (the standard evidence-framework approximation).
+
+Predictive class probabilities: the probit approximation softmax_k(μ_k / √(1 + π σ²_k / 8)) (sigmoid for Bernoulli),
+or a seeded Monte Carlo average of softmax over logits drawn from N(μ_i, Σ_i) per example.
+
+Precision: products with J run in the Jacobian's dtype; logits, objectives, factorizations and results are float64.
+
+Saved models (:meth:`LaplaceClassifier.save`) hold what prediction needs and no training labels: parameter space ŵ
+and R⁻¹ (p × p); function space the representer weights, the curvature factors, chol(B) and the training Jacobian
+blocks (the kernel with test points needs them), plus the prior mean.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+import backends
+from backends import Backend
+from lingp_core import _validate as v
+from lingp_core._ggn import WORK_ELEMENTS, chunks
+from lingp_core._laplace_engines import (
+    FunctionEngine,
+    Targets,
+    WeightEngine,
+    mean_probabilities,
+    predict_function,
+    predict_weight,
+)
+from lingp_core._precision import eps
+from lingp_core._progress import progress_bar
+from lingp_core._validate import NotFittedError
+from lingp_core.gp import Plan
+from lingp_core.io import (
+    ArchiveError,
+    fingerprint,
+    jacobian_from_arrays,
+    jacobian_to_arrays,
+    load_archive,
+    save_archive,
+)
+from lingp_core.jacobian import JacobianBlocks
+from lingp_core.likelihoods import BernoulliLikelihood, CategoricalLikelihood, Likelihood
+
+__all__ = ["LAPLACE_METHODS", "PREDICTIVE_METHODS", "LaplaceClassifier", "NotFittedError"]
+
+#: Accepted ``method`` values: "auto" picks the smaller of the function-space (n·c) and weight-space (p) systems.
+LAPLACE_METHODS = ("auto", "parameter", "function")
+#: Accepted ``predict_proba`` methods.
+PREDICTIVE_METHODS = ("probit", "mc")
+_LIKELIHOODS: dict[str, type[Likelihood]] = {"categorical": CategoricalLikelihood, "bernoulli": BernoulliLikelihood}
+_LOG_STEP_CAP = 2.0  # largest change of log s per prior-scale step, before doubling
+
+
+# ----- the estimator ------------------------------------------------------------------------------------------------
+
+def _signature(J: JacobianBlocks) -> dict:
+    """What a test Jacobian must share with the training one: parameters (names, shapes), outputs, dtype."""
+    return {"param_names": list(J.param_names), "param_shapes": [list(s) for s in J.param_shapes],
+            "block_names": [list(b.names) for b in J.blocks], "outputs": list(J.outputs), "dtype": str(J.dtype),
+            "n_outputs": J.n_outputs, "p": J.p}
+
+
+class LaplaceClassifier:
+    """Laplace approximation of the linearized network for classification (categorical or Bernoulli).
+
+    Parameters
+    ----------
+    prior_scale : float
+        s > 0, the prior variance of every θ − θ̂ (kernel s·J Jᵀ).
+    likelihood : {"categorical", "bernoulli"}
+        Softmax over c ≥ 2 logits with integer labels in [0, c), or a sigmoid of one logit with labels 0/1 (or
+        probabilities in [0, 1]).
+    method : {"auto", "parameter", "function"}
+        How to compute the posterior: "parameter" (weight space, p × p), "function" (n·c × n·c), or "auto": the
+        smaller system. The choice and its reason are in :attr:`plan_`.
+    rtol : float, optional
+        Newton stops when ‖∇Ψ‖ ≤ rtol·(‖∇NLL‖ + ‖ŵ − m‖/s) (a relative balance of the two gradient terms, which
+        cancel at the MAP). Default sqrt(eps) of the Jacobian's dtype (1.5e-8 float64, 3.5e-4 float32).
+    maxiter : int
+        Newton iterations at most (default 100); a ConvergenceWarning says when they ran out.
+    cg_maxiter : int, optional
+        CG iterations per Newton step at most (weight space; default 10·p).
+    memory_budget : float, optional
+        Bytes for the dense p × p or n·c × n·c matrices (default: half the free memory where the arrays live).
+    progress : bool
+        A progress bar over Newton iterations (needs tqdm).
+
+    Attributes (after fit)
+    ----------------------
+    plan_ : Plan
+        ``method`` and ``space`` ("parameter" or "function"), ``solver``, ``rows`` (n·c), ``p`` and ``reason``.
+    fit_info_ : dict
+        Newton and CG iteration counts, convergence flag, final relative gradient.
+    w_map_ : array of shape (p,)
+        ŵ = θ_MAP − θ̂, float64, on the Jacobian's backend.
+    prior_scale_history_ : list of (float, float)
+        (s, log evidence) visited by :meth:`optimize_prior_scale`.
+
+    Examples
+    --------
+    >>> J = lg.export_jacobian(model, X_train)                      # doctest: +SKIP
+    >>> clf = LaplaceClassifier(prior_scale=1.0).fit(J, y_train).optimize_prior_scale()  # doctest: +SKIP
+    >>> proba = clf.predict_proba(lg.export_jacobian(model, X_test))  # doctest: +SKIP
+    """
+
+    _KIND = "LaplaceClassifier"
+
+    def __init__(self, prior_scale: float = 1.0, likelihood: str = "categorical", method: str = "auto", *,
+                 rtol: float | None = None, maxiter: int = 100, cg_maxiter: int | None = None,
+                 memory_budget: float | None = None, progress: bool = False) -> None:
+        self.prior_scale = v.check_positive(prior_scale, "prior_scale")
+        self.likelihood = v.check_choice(likelihood, "likelihood", tuple(_LIKELIHOODS))
+        self.method = v.check_choice(method, "method", LAPLACE_METHODS)
+        self.rtol = None if rtol is None else v.check_positive(rtol, "rtol")
+        self.maxiter = v.check_int(maxiter, "maxiter", minimum=1)
+        self.cg_maxiter = None if cg_maxiter is None else v.check_int(cg_maxiter, "cg_maxiter", minimum=1)
+        self.memory_budget = None if memory_budget is None else v.check_positive(memory_budget, "memory_budget")
+        self.progress = bool(progress)
+        self._engine: Any = None
+        self._state: dict | None = None
+        self._signature: dict | None = None
+        self._J_train: JacobianBlocks | None = None
+        self._evidence: float | None = None
+        self._moved: dict[str, dict] = {}  # the prediction state copied to other backends, by name
+        self.prior_scale_history_: list[tuple[float, float]] = []
+
+    def __repr__(self) -> str:
+        fitted = "" if self._state is None else f", fitted: {self.plan_.method}"
+        return (f"LaplaceClassifier(prior_scale={self.prior_scale:.6g}, likelihood={self.likelihood!r}, "
+                f"method={self.method!r}{fitted})")
+
+    # ----- fitting ---------------------------------------------------------------------------------------------
+    def _lik(self) -> Likelihood:
+        return _LIKELIHOODS[self.likelihood]()
+
+    def fit(self, J: JacobianBlocks, y: Any, *, prior_mean: Any = None) -> LaplaceClassifier:
+        """Find the MAP of the linearized model and its Laplace posterior.
+
+        Parameters
+        ----------
+        J : JacobianBlocks
+            From :func:`~lingp_core.export_jacobian` at the training inputs; ``J.f0`` (n, c) are the network's
+            logits (c ≥ 2 for categorical, c = 1 for Bernoulli).
+        y : array of shape (n,)
+            Integer labels in [0, c) (categorical) or 0/1 labels or probabilities (Bernoulli); J's backend.
+        prior_mean : array of shape (p,), optional
+            The prior mean m of w = θ − θ̂ (J's column order, J's backend, float32/float64). Default 0: the prior is
+            centred at the trained network (the paper's GP prior, natural for adapting to new data). Pass −θ̂ (the
+            network's parameters, negated) for a prior N(0, s·I) on θ itself, centred at the origin as in
+            laplace-torch and Immer et al. (2021); this is the one whose evidence is informative on the data the
+            network was trained on: there ∇NLL(θ̂) ≈ 0, so with m = 0 the evidence only grows as s → 0.
+
+        Returns
+        -------
+        self
+        """
+        if not isinstance(J, JacobianBlocks):
+            raise TypeError(f"J must be a JacobianBlocks from export_jacobian, got {type(J).__name__}")
+        lik = self._lik()
+        y = lik.check_labels(y, J.f0)
+        n, c, p = J.n, J.n_outputs, J.p
+        method, reason = self._choose(n * c, p)
+        targets = Targets(lik, y, n, c, J.backend)
+        if prior_mean is None:
+            m = J.xp.zeros(p, dtype=np.float64)
+        else:
+            m = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(p,)).astype(np.float64)
+        engine_type = WeightEngine if method == "parameter" else FunctionEngine
+        self._engine = engine_type(J, targets, lik, m, self.memory_budget)
+        solver = "newton-cg, cholesky of H" if method == "parameter" else "newton, cholesky of B"
+        self.plan_ = Plan(method, method, solver, 1, n * c, p, reason)
+        self._signature = _signature(J)
+        self.data_hash_ = fingerprint(y, J.f0, m)
+        self._J_train = J
+        self.prior_scale_history_ = []
+        self._fit_at(self.prior_scale, warm=False)
+        return self
+
+    def _choose(self, nc: int, p: int) -> tuple[str, str]:
+        if self.method == "parameter":
+            return "parameter", "forced by method='parameter'"
+        if self.method == "function":
+            return "function", "forced by method='function'"
+        if nc <= p:
+            return "function", f"n·c = {nc} ≤ p = {p}: the n·c × n·c function-space system is the smaller one"
+        return "parameter", f"p = {p} < n·c = {nc}: the p × p weight-space system is the smaller one"
+
+    def _fit_at(self, s: float, warm: bool) -> None:
+        engine = self._engine
+        start = None
+        if warm:
+            start = engine.w if engine.method == "parameter" else engine.a
+        rtol = self.rtol if self.rtol is not None else float(np.sqrt(eps(self._engine.J.dtype)))
+        with progress_bar(self.maxiter, enabled=self.progress, desc="LaplaceClassifier Newton") as bar:
+            info = engine.fit(s, start, rtol, self.maxiter, self.cg_maxiter, bar)
+        if not info["converged"]:
+            warnings.warn(f"LaplaceClassifier: Newton stopped after {info['newton_iterations']} iterations with "
+                          f"relative gradient {info['gradient_ratio']:.3g} > rtol {rtol:.3g}; raise maxiter or rtol",
+                          v.ConvergenceWarning, stacklevel=3)
+        self.prior_scale = s
+        self._moved = {}  # copies of the state on other backends belong to the previous fit
+        self.fit_info_ = info
+        self.w_map_ = engine.w
+        self._state = engine.state()
+        self._evidence = -engine.objective - engine.half_logdet()
+
+    # ----- evidence ----------------------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if self._state is None:
+            raise NotFittedError("this LaplaceClassifier is not fitted yet: call fit(J, y) (or LaplaceClassifier.load)"
+                                 " first")
+
+    def log_evidence(self) -> float:
+        """The Laplace approximation of log p(y | s) at the fitted prior scale (see the module docstring).
+
+        A loaded model returns the value stored when it was saved.
+        """
+        self._check_fitted()
+        return float(self._evidence)
+
+    def optimize_prior_scale(self, *, max_iter: int = 50, tol: float = 1e-4, bounds: tuple[float, float] = (1e-8, 1e8)
+                             ) -> LaplaceClassifier:
+        """Maximize the Laplace evidence over the prior scale s by MacKay's fixed point s ← ‖ŵ − m‖² / γ.
+
+        Each step re-solves the MAP (warm-started, preconditioned by the previous Hessian) and the posterior at the
+        new s. The fixed point is where d log p(y | s) / d log s = ‖ŵ − m‖²/(2s) − γ/2 vanishes with Λ held at the MAP.
+        A secant step on log s replaces the plain update once two points are known and the secant slope is negative
+        (as at a stable fixed point); steps are capped at a factor e² in s, the cap doubling (in log s) while
+        successive steps hit it in one direction.
+
+        Parameters
+        ----------
+        max_iter : int
+            Steps at most; a ConvergenceWarning says when they ran out.
+        tol : float
+            Stop when |log s_new − log s| ≤ tol.
+        bounds : (float, float)
+            s is kept inside; hitting a bound warns (the evidence keeps rising beyond it).
+
+        Returns
+        -------
+        self
+            Refit at the chosen s; the path is in :attr:`prior_scale_history_`.
+        """
+        self._check_fitted()
+        if self._engine is None:
+            raise NotFittedError("optimize_prior_scale refits on the training data, which a loaded model does not "
+                                 "keep: call fit(J, y) first")
+        max_iter = v.check_int(max_iter, "max_iter", minimum=1)
+        tol = v.check_positive(tol, "tol")
+        lo, hi = (v.check_positive(b, "bounds") for b in bounds)
+        if not lo < hi:
+            raise v.ValueRangeError(f"bounds must satisfy lower < upper, got {bounds}")
+        engine = self._engine
+        t = math.log(self.prior_scale)
+        self.prior_scale_history_ = [(self.prior_scale, self.log_evidence())]
+        previous: tuple[float, float] | None = None
+        cap, capped = _LOG_STEP_CAP, 0  # capped: the direction of the last step if the cap cut it, else 0
+        for _ in range(max_iter):
+            gamma, sq = engine.effective_parameters(), engine.sq_norm_w()
+            if gamma <= 0 or sq <= 0:
+                target = math.log(lo) if sq <= 0 else math.log(hi)
+            else:
+                target = math.log(sq / gamma)
+            phi = target - t  # the fixed point is phi(t) = 0
+            step = phi
+            if previous is not None and phi != previous[1]:
+                slope = (phi - previous[1]) / (t - previous[0])
+                if slope < 0:  # a secant step on phi (Newton-like); else keep the plain fixed-point step
+                    step = -phi / slope
+            direction = 1 if step > 0 else -1
+            # a long way to go in one direction (e.g. towards a bound): double the cap while steps keep hitting it
+            cap = 2 * cap if capped == direction else _LOG_STEP_CAP
+            capped = direction if abs(step) > cap else 0
+            step = direction * min(abs(step), cap)
+            t_new = min(math.log(hi), max(math.log(lo), t + step))
+            if abs(t_new - t) <= tol:
+                break
+            previous = (t, phi)
+            t = t_new
+            self._fit_at(math.exp(t), warm=True)
+            self.prior_scale_history_.append((self.prior_scale, self.log_evidence()))
+        else:
+            warnings.warn(f"optimize_prior_scale: no fixed point within {max_iter} steps (last s = "
+                          f"{self.prior_scale:.6g}); raise max_iter", v.ConvergenceWarning, stacklevel=2)
+        if t <= math.log(lo) + 1e-12 or t >= math.log(hi) - 1e-12:
+            warnings.warn(f"optimize_prior_scale: s reached the bound {math.exp(t):.3g}; the evidence keeps rising "
+                          "beyond it", v.NumericalWarning, stacklevel=2)
+        return self
+
+    # ----- prediction --------------------------------------------------------------------------------------------
+    def _check_star(self, J_star: Any) -> JacobianBlocks:
+        self._check_fitted()
+        if not isinstance(J_star, JacobianBlocks):
+            raise TypeError(f"J_star must be a JacobianBlocks from export_jacobian, got {type(J_star).__name__}")
+        theirs, mine = _signature(J_star), self._signature
+        for key in ("param_names", "param_shapes", "outputs", "block_names"):
+            if theirs[key] != mine[key]:
+                raise v.ShapeError(f"J_star was exported with other parameters or outputs than the training Jacobian: "
+                                   f"{key} {theirs[key]} (p = {J_star.p}) against {mine[key]} (p = {mine['p']}); "
+                                   "export both with the same params= and outputs=")
+        if theirs["dtype"] != mine["dtype"]:
+            raise v.DTypeError(f"J_star has dtype {theirs['dtype']} but the model was fitted on {mine['dtype']}; "
+                               "export both in one dtype")
+        return J_star
+
+    def _state_on(self, backend: Backend) -> dict:
+        """The prediction state on ``backend`` (moved once and cached when it lives elsewhere)."""
+        state = self._state
+        if backends.infer(*state.values()) == backend:
+            return state
+        if backend.name not in self._moved:
+            self._moved[backend.name] = {k: backend.asarray(backends.infer(a).to_numpy(a)) for k, a in state.items()}
+        return self._moved[backend.name]
+
+    def _train_jacobian_on(self, backend: Backend) -> JacobianBlocks:
+        J = self._J_train
+        if J.backend == backend:
+            return J
+        arrays, config = jacobian_to_arrays(J)
+        return jacobian_from_arrays({k: J.backend.to_numpy(a) for k, a in arrays.items()}, config, backend)
+
+    def predict_logits(self, J_star: JacobianBlocks, *, return_var: bool | str = False) -> Any:
+        """Posterior predictive mean of the logits and, optionally, their covariance per example.
+
+        Parameters
+        ----------
+        J_star : JacobianBlocks
+            Exported at the test inputs with the same parameters, outputs and dtype as the training Jacobian.
+        return_var : bool or {"diag", "full"}
+            False: the mean only. True or "diag": also the variances (n*, c). "full": also the c × c covariance of
+            each example's logits (n*, c, c).
+
+        Returns
+        -------
+        mean : array of shape (n*, c), float64, on J_star's backend
+        var : array of shape (n*, c) or (n*, c, c), float64 (with ``return_var``)
+        """
+        J_star = self._check_star(J_star)
+        if return_var not in (False, True, "diag", "full"):
+            raise ValueError(f"return_var must be False, True, 'diag' or 'full'; got {return_var!r}")
+        cov = None if return_var is False else ("full" if return_var == "full" else "diag")
+        state = self._state_on(J_star.backend)
+        if self.plan_.space == "parameter":
+            mean, var = predict_weight(state, J_star, self.prior_scale, cov, self.memory_budget)
+        else:
+            J_train = self._train_jacobian_on(J_star.backend)
+            mean, var = predict_function(state, J_train, J_star, self.prior_scale, cov, self.memory_budget)
+        if var is not None:
+            var = self._clamp(var, cov)
+        return mean if cov is None else (mean, var)
+
+    @staticmethod
+    def _clamp(var: Any, cov: str) -> Any:
+        """Rounding can leave variances slightly below 0 where the posterior is tight: clamp those at 0."""
+        xp = v.backend_of(var).xp
+        if cov == "diag":
+            return xp.maximum(var, 0.0)
+        c = var.shape[1]
+        idx = np.arange(c)
+        var[:, idx, idx] = xp.maximum(var[:, idx, idx], 0.0)
+        return var
+
+    def predict_proba(self, J_star: JacobianBlocks, *, method: str = "probit", n_samples: int = 1000,
+                      seed: int = 0) -> Any:
+        """Predictive class probabilities.
+
+        Parameters
+        ----------
+        J_star : JacobianBlocks
+            As in :meth:`predict_logits`.
+        method : {"probit", "mc"}
+            "probit": softmax_k(μ_k / √(1 + π σ²_k / 8)) (sigmoid for Bernoulli), from the logit variances;
+            "mc": the average of softmax (sigmoid) over ``n_samples`` logit vectors drawn from N(μ_i, Σ_i) per example
+            (full c × c covariance), with standard normals from ``seed`` (the same on every backend).
+        n_samples, seed : int
+            For "mc".
+
+        Returns
+        -------
+        array of shape (n*, c), float64, rows summing to 1
+            For Bernoulli (c = 1) the shape is (n*, 2): [P(y = 0), P(y = 1)], as scikit-learn's ``predict_proba``.
+        """
+        v.check_choice(method, "method", PREDICTIVE_METHODS)
+        n_samples = v.check_int(n_samples, "n_samples", minimum=1)
+        seed = v.check_int(seed, "seed", minimum=0)
+        lik = self._lik()
+        if method == "probit":
+            mean, var = self.predict_logits(J_star, return_var="diag")
+            xp = v.backend_of(mean).xp
+            proba = mean_probabilities(mean / xp.sqrt(1.0 + (math.pi / 8.0) * var), lik)
+        else:
+            mean, cov = self.predict_logits(J_star, return_var="full")
+            proba = _monte_carlo(mean, cov, lik, n_samples, seed)
+        if isinstance(lik, BernoulliLikelihood):
+            xp = v.backend_of(proba).xp
+            proba = xp.concatenate([1.0 - proba, proba], axis=1)
+        return proba
+
+    # ----- persistence -------------------------------------------------------------------------------------------
+    def _hyper_hash(self) -> str:
+        text = json.dumps({"prior_scale": self.prior_scale, "likelihood": self.likelihood}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def save(self, path: Any) -> str:
+        """Write what prediction needs to an .npz archive (no pickle, no training labels); returns the path written.
+
+        Parameter space: ŵ (p,) and the Cholesky factor of H (p, p). Function space: the representer weights a (n·c,),
+        the curvature factors L (n, c, c), the Cholesky factor of B (n·c, n·c) and the training Jacobian blocks (the
+        kernel with test points needs them). Plus the hyperparameters and their hash, the parameter signature, a
+        fingerprint of the training labels and logits (:attr:`data_hash_`), the evidence and the format version.
+        """
+        self._check_fitted()
+        arrays = {f"state_{k}": a for k, a in self._state.items()}
+        arrays["w_map"] = self.w_map_
+        config = {"prior_scale": self.prior_scale, "likelihood": self.likelihood,
+                  "settings": {"method": self.method, "rtol": self.rtol, "maxiter": self.maxiter,
+                               "cg_maxiter": self.cg_maxiter, "memory_budget": self.memory_budget},
+                  "plan": dataclasses.asdict(self.plan_), "signature": self._signature, "data_hash": self.data_hash_,
+                  "hyper_hash": self._hyper_hash(), "log_evidence": self._evidence, "fit_info": self.fit_info_,
+                  "jacobian": None}
+        if self.plan_.space == "function":
+            J_arrays, config["jacobian"] = jacobian_to_arrays(self._J_train)
+            arrays.update(J_arrays)
+        return save_archive(path, self._KIND, arrays, config)
+
+    @classmethod
+    def load(cls, path: Any, *, backend: Any = "numpy") -> LaplaceClassifier:
+        """A fitted model from :meth:`save`, its arrays on ``backend`` ("numpy", "cupy" or a Backend); predictions
+        equal those of the saved model. It predicts and reports its saved evidence; refitting needs :meth:`fit`.
+
+        Raises
+        ------
+        ArchiveError
+            Another format version or model kind, a truncated or modified file.
+        """
+        arrays, config = load_archive(path, cls._KIND)
+        be = backends.get_backend(backend)
+        model = cls(config["prior_scale"], config["likelihood"], **config["settings"])
+        if model._hyper_hash() != config["hyper_hash"]:
+            raise ArchiveError(f"{os.fspath(path)!r}: the hyperparameters do not match their hash; the file was "
+                               "modified")
+        model.plan_, model._signature = Plan(**config["plan"]), config["signature"]
+        model.data_hash_, model.fit_info_, model._evidence = config["data_hash"], config["fit_info"], \
+            config["log_evidence"]
+        model._state = {k[len("state_"):]: be.asarray(a) for k, a in arrays.items() if k.startswith("state_")}
+        model.w_map_ = be.asarray(arrays["w_map"])
+        if config["jacobian"] is not None:
+            model._J_train = jacobian_from_arrays(arrays, config["jacobian"], be)
+        return model
+
+
+def _monte_carlo(mean: Any, cov: Any, likelihood: Likelihood, n_samples: int, seed: int) -> Any:
+    """Average of softmax/sigmoid over logits μ_i + S_i z, S_i S_iᵀ = Σ_i (eigen square root, PSD-safe)."""
+    be = v.backend_of(mean)
+    xp = be.xp
+    n, c = mean.shape
+    values, vectors = xp.linalg.eigh(cov)
+    root = vectors * xp.sqrt(xp.maximum(values, 0.0))[:, None, :]  # (n, c, c)
+    z_all = be.asarray(np.random.default_rng(seed).standard_normal((n_samples, n, c)))
+    total = xp.zeros((n, c), dtype=np.float64)
+    for rows in chunks(n_samples, WORK_ELEMENTS // max(1, n * c)):
+        z = z_all[rows]  # (k, n, c)
+        logits = mean[None] + xp.einsum("ikl,sil->sik", root, z)
+        total += mean_probabilities(logits.reshape(-1, c), likelihood).reshape(-1, n, c).sum(axis=0)
+    return total / n_samples

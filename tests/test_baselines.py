@@ -1,0 +1,295 @@
+"""The reproductions' baselines (benchmarks/_baselines.py) against independent float64 closed forms.
+
+ABLR-style Bayesian linear regression: its SVD evidence against the dense Gaussian log-density, its gradient against
+finite differences, its evidence-optimal (α, β) against scikit-learn's BayesianRidge (MacKay's fixed point, flat
+hyperpriors), its weight-space posterior against the function-space (GP) formulas. Training loops: last-layer
+retraining and fine-tuning of models whose optimum is a least-squares solution reach numpy's lstsq answer.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _baselines as bl  # noqa: E402
+from lingp_core import DTypeError, NonFiniteError, ShapeError, ValueRangeError  # noqa: E402
+
+
+def regression_data(rng: np.random.Generator, n: int, d: int, noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    phi = rng.standard_normal((n, d))
+    return phi, phi @ rng.standard_normal(d) + noise * rng.standard_normal(n)
+
+
+def dense_log_evidence(phi: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    """log N(y; 0, ΦΦᵀ/α + I/β) by a dense slogdet and solve."""
+    n = y.shape[0]
+    cov = phi @ phi.T / alpha + np.eye(n) / beta
+    sign, logdet = np.linalg.slogdet(cov)
+    assert sign > 0
+    return float(-0.5 * (y @ np.linalg.solve(cov, y) + logdet + n * np.log(2 * np.pi)))
+
+
+def with_bias(phi: np.ndarray) -> np.ndarray:
+    return np.hstack([phi, np.ones((phi.shape[0], 1))])
+
+
+@pytest.mark.parametrize(("n", "d"), [(40, 6), (8, 20)], ids=["n>d", "n<d"])
+def test_log_evidence_matches_dense_density(rng, n, d):
+    phi, y = regression_data(rng, n, d)
+    for alpha, beta in [(0.5, 4.0), (30.0, 0.2)]:
+        got = bl.BayesianLinearRegression().log_evidence(phi, y, alpha, beta)
+        assert isinstance(got, float)
+        np.testing.assert_allclose(got, dense_log_evidence(with_bias(phi), y, alpha, beta), rtol=1e-11)
+
+
+def test_evidence_gradient_matches_finite_differences(rng):
+    phi, y = regression_data(rng, 30, 5)
+    blr = bl.BayesianLinearRegression(add_bias=False)
+    point = np.array([np.log(0.7), np.log(3.0)])
+
+    def neg_log_evidence(log_params):
+        return -dense_log_evidence(phi, y, *np.exp(log_params))
+
+    blr.log_evidence(phi, y, 1.0, 1.0)  # caches the spectrum of this data
+    _, grad = blr._neg_log_evidence(point)
+    step = 1e-6
+    numeric = [(neg_log_evidence(point + step * e) - neg_log_evidence(point - step * e)) / (2 * step)
+               for e in np.eye(2)]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6)
+
+
+def test_fit_matches_sklearn_bayesian_ridge(rng):
+    from sklearn.linear_model import BayesianRidge
+
+    phi, y = regression_data(rng, 60, 5)
+    ours = bl.BayesianLinearRegression(add_bias=False).fit(phi, y)
+    ref = BayesianRidge(fit_intercept=False, alpha_1=0, alpha_2=0, lambda_1=0, lambda_2=0, tol=1e-14,
+                        max_iter=100_000).fit(phi, y)
+    # sklearn calls the noise precision alpha_ and the weight precision lambda_
+    np.testing.assert_allclose([ours.alpha_, ours.beta_], [ref.lambda_, ref.alpha_], rtol=1e-6)
+    np.testing.assert_allclose(ours.mean_, ref.coef_, rtol=1e-6)
+    assert ours.log_evidence_ >= dense_log_evidence(phi, y, ref.lambda_, ref.alpha_) - 1e-9
+
+
+def test_fit_is_a_local_maximum_of_the_dense_evidence(rng):
+    phi, y = regression_data(rng, 40, 6)
+    blr = bl.BayesianLinearRegression().fit(phi, y)
+    design = with_bias(phi)
+    best = dense_log_evidence(design, y, blr.alpha_, blr.beta_)
+    np.testing.assert_allclose(blr.log_evidence_, best, rtol=1e-10)
+    for fa, fb in [(1.05, 1), (1 / 1.05, 1), (1, 1.05), (1, 1 / 1.05)]:
+        assert dense_log_evidence(design, y, blr.alpha_ * fa, blr.beta_ * fb) <= best + 1e-10
+
+
+def test_interpolating_fit_stops_at_the_noise_floor(rng):
+    # n < d: the evidence rises monotonically as the noise goes to 0, so the fit must end on the floor
+    phi, y = regression_data(rng, 8, 20)
+    blr = bl.BayesianLinearRegression(min_noise_fraction=1e-4).fit(phi, y)
+    np.testing.assert_allclose(1 / blr.beta_, 1e-4 * np.var(y), rtol=1e-10)
+    design = with_bias(phi)
+    at_floor = dense_log_evidence(design, y, blr.alpha_, blr.beta_)
+    assert dense_log_evidence(design, y, blr.alpha_, blr.beta_ / 2) < at_floor
+    for fa in (1.05, 1 / 1.05):
+        assert dense_log_evidence(design, y, blr.alpha_ * fa, blr.beta_) <= at_floor + 1e-10
+
+
+@pytest.mark.parametrize(("n", "d", "fixed"), [(40, 6, False), (40, 6, True), (8, 20, True)],
+                         ids=["n>d-fitted", "n>d-fixed", "n<d-fixed"])
+def test_posterior_matches_function_space_formulas(rng, n, d, fixed):
+    phi, y = regression_data(rng, n, d)
+    phi_star = rng.standard_normal((7, d))
+    blr = bl.BayesianLinearRegression()
+    blr.fit(phi, y, alpha=0.8, beta=5.0) if fixed else blr.fit(phi, y)
+    if fixed:
+        assert (blr.alpha_, blr.beta_) == (0.8, 5.0)
+    mean, var = blr.predict(phi_star)
+    a, b = with_bias(phi), with_bias(phi_star)
+    k = a @ a.T / blr.alpha_ + np.eye(n) / blr.beta_          # Cov(y)
+    k_star = b @ a.T / blr.alpha_                              # Cov(f*, y)
+    expected_mean = k_star @ np.linalg.solve(k, y)
+    expected_var = np.sum(b * b, axis=1) / blr.alpha_ - np.sum(k_star * np.linalg.solve(k, k_star.T).T, axis=1)
+    for got, expected in [(mean, expected_mean), (var, expected_var)]:
+        assert got.dtype == np.float64 and got.shape == (7,)
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+
+
+def test_bayesian_regression_rejects_bad_inputs(rng):
+    phi, y = regression_data(rng, 10, 3)
+    blr = bl.BayesianLinearRegression()
+    with pytest.raises(DTypeError, match="float32"):
+        blr.fit(phi.astype(np.float32), y)
+    with pytest.raises(ShapeError, match=r"\(9,\)"):
+        blr.fit(phi, y[:9])
+    with pytest.raises(ShapeError, match=r"\(10,\)"):
+        blr.fit(phi[:, 0], y)
+    bad = y.copy()
+    bad[3] = np.nan
+    with pytest.raises(NonFiniteError):
+        blr.fit(phi, bad)
+    with pytest.raises(ValueRangeError, match="beta=0"):
+        blr.fit(phi, y, beta=0.0)
+    blr.fit(phi, y)
+    with pytest.raises(ShapeError, match="4 columns"):
+        blr.predict(rng.standard_normal((2, 4)))
+
+
+# ----- training loops ---------------------------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny networks train fastest on one thread (and far faster on a busy machine); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(seed: int, widths=(6, 4, 1)):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(widths[0], widths[1]), torch.nn.Tanh(),
+                               torch.nn.Linear(widths[1], widths[2])).double()
+
+
+def lstsq_fit(design: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.linalg.lstsq(design, y, rcond=None)[0]
+
+
+def test_hidden_features_are_the_last_layer_inputs(rng):
+    model = mlp(0)
+    x = torch.from_numpy(rng.standard_normal((5, 6)))
+    feats = bl.hidden_features(model, x)
+    assert feats.shape == (5, 4) and feats.dtype == torch.float64
+    expected = np.tanh(x.numpy() @ model[0].weight.detach().numpy().T + model[0].bias.detach().numpy())
+    np.testing.assert_allclose(feats.numpy(), expected, rtol=1e-12)
+    assert bl.last_linear(model) is model[2]
+    with pytest.raises(ValueRangeError, match="no torch.nn.Linear"):
+        bl.last_linear(torch.nn.Tanh())
+
+
+def test_retrain_last_layer_reaches_least_squares_and_leaves_the_rest(rng):
+    model = mlp(1)
+    source = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.from_numpy(2 * rng.standard_normal((40, 6)))   # well-conditioned features: Adam converges fast
+    y = torch.from_numpy(rng.standard_normal((40, 1)))
+    adapted = bl.retrain_last_layer(model, x, y, steps=1000, lr=0.1)
+    for key, value in model.state_dict().items():          # the source network is untouched
+        assert torch.equal(value, source[key])
+    for key in ("0.weight", "0.bias"):                     # the hidden layer of the copy too
+        assert torch.equal(adapted.state_dict()[key], source[key])
+    design = with_bias(bl.to_numpy(bl.hidden_features(model, x)))
+    coef = lstsq_fit(design, y.numpy()[:, 0])
+    got = np.concatenate([adapted[2].weight.detach().numpy()[0], adapted[2].bias.detach().numpy()])
+    np.testing.assert_allclose(got, coef, rtol=1e-8, atol=1e-8 * np.abs(coef).max())
+    assert not adapted.training
+
+
+def test_fine_tune_of_a_linear_model_reaches_least_squares(rng):
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 1)).double()
+    x = torch.from_numpy(rng.standard_normal((30, 4)))
+    y = torch.from_numpy(rng.standard_normal((30, 1)))
+    adapted = bl.fine_tune(model, x, y, steps=1000, lr=0.1)
+    coef = lstsq_fit(with_bias(x.numpy()), y.numpy()[:, 0])
+    got = np.concatenate([adapted[0].weight.detach().numpy()[0], adapted[0].bias.detach().numpy()])
+    np.testing.assert_allclose(got, coef, rtol=1e-8, atol=1e-8 * np.abs(coef).max())
+    assert not torch.equal(model[0].weight, adapted[0].weight)
+
+
+def test_train_mse_lowers_the_loss_with_minibatches_and_is_seeded(rng):
+    x = torch.from_numpy(rng.standard_normal((64, 6)))
+    y = 0.5 * x[:, :1] - 0.3 * x[:, 1:2]                     # representable by the network
+    runs = []
+    for _ in range(2):
+        model = mlp(3)
+        runs.append(bl.train_mse(model, x, y, steps=300, lr=1e-2, batch_size=16, seed=5))
+    assert runs[0] == runs[1] and len(runs[0]) == 300
+    assert np.mean(runs[0][-20:]) < 0.5 * np.mean(runs[0][:20])
+
+
+def test_train_mse_rejects_bad_inputs(rng):
+    model = mlp(0)
+    x = torch.from_numpy(rng.standard_normal((6, 6)))
+    with pytest.raises(ShapeError, match=r"\(6,\)"):
+        bl.train_mse(model, x, torch.zeros(6, dtype=torch.float64), steps=1, lr=1e-3)
+    with pytest.raises(ShapeError, match=r"\(5, 1\)"):
+        bl.train_mse(model, x, torch.zeros(5, 1, dtype=torch.float64), steps=1, lr=1e-3)
+    y = torch.zeros(6, 1, dtype=torch.float64)
+    y[2] = float("inf")
+    with pytest.raises(NonFiniteError):
+        bl.train_mse(model, x, y, steps=1, lr=1e-3)
+    with pytest.raises(ValueRangeError, match="lr=0"):
+        bl.train_mse(model, x, torch.zeros(6, 1, dtype=torch.float64), steps=1, lr=0)
+
+
+def test_mean_and_stderr():
+    values = [1.0, 2.0, 4.0, 7.0]
+    mean, stderr = bl.mean_and_stderr(values)
+    assert mean == pytest.approx(3.5)
+    assert stderr == pytest.approx(np.sqrt(np.var(values, ddof=1) / 4))
+    assert bl.mean_and_stderr([2.5]) == (2.5, 0.0)
+
+
+# ----- lingp through the helper -----------------------------------------------------------------------------------
+
+def dense_jacobian(model, x) -> np.ndarray:
+    """(n, p) float64 Jacobian of a one-output model by torch.func, columns in named_parameters order."""
+    params = dict(model.named_parameters())
+
+    def f(p, xi):
+        return torch.func.functional_call(model, p, (xi[None],))[0, 0]
+
+    jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(params, x)
+    return np.hstack([jac[name].reshape(x.shape[0], -1).detach().numpy() for name in params])
+
+
+def test_linearized_gp_matches_a_dense_gp_at_its_hyperparameters(rng):
+    model = mlp(4, widths=(2, 5, 1)).eval()
+    x = torch.from_numpy(rng.standard_normal((12, 2)))
+    y = torch.sin(x[:, :1]) + 0.1 * torch.from_numpy(rng.standard_normal((12, 1)))
+    x_star = torch.from_numpy(rng.standard_normal((6, 2)))
+    out = bl.linearized_gp(model, x, y, x_star)
+    s, noise = out["prior_scale"], out["noise"]
+    j, j_star = dense_jacobian(model, x), dense_jacobian(model, x_star)
+    f0, f0_star = bl.to_numpy(bl.predict(model, x))[:, 0], bl.to_numpy(bl.predict(model, x_star))[:, 0]
+    cov = s * j @ j.T + noise * np.eye(12)
+    residual = y.numpy()[:, 0] - f0
+    k_star = s * j_star @ j.T
+    expected_mean = f0_star + k_star @ np.linalg.solve(cov, residual)
+    expected_var = s * np.sum(j_star**2, axis=1) - np.sum(k_star * np.linalg.solve(cov, k_star.T).T, axis=1)
+    assert out["mean"].shape == (6, 1) and out["var"].shape == (6, 1) and out["mean"].dtype == np.float64
+    np.testing.assert_allclose(out["mean"][:, 0], expected_mean, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(out["var"][:, 0], expected_var, rtol=1e-6, atol=1e-10 * s * np.sum(j_star**2, 1).max())
+    sign, logdet = np.linalg.slogdet(cov)
+    expected_lml = -0.5 * (residual @ np.linalg.solve(cov, residual) + logdet + 12 * np.log(2 * np.pi))
+    np.testing.assert_allclose(out["log_marginal_likelihood"], expected_lml, rtol=1e-8)
+    assert out["p"] == j.shape[1] == 2 * 5 + 5 + 5 + 1
+    # the kept start is the best one, and it is a maximum of the dense marginal likelihood along s and σ²
+    assert out["log_marginal_likelihood"] == max(t["log_marginal_likelihood"] for t in out["starts"])
+    for fs, fn in [(1.1, 1), (1 / 1.1, 1), (1, 1.1), (1, 1 / 1.1)]:
+        c = fs * s * j @ j.T + fn * noise * np.eye(12)
+        lml = -0.5 * (residual @ np.linalg.solve(c, residual) + np.linalg.slogdet(c)[1] + 12 * np.log(2 * np.pi))
+        assert lml <= expected_lml + 1e-7
+
+
+def test_adapt_and_predict_runs_every_method_on_the_same_data(rng):
+    model = mlp(5).eval()
+    x = torch.from_numpy(rng.standard_normal((15, 6)))
+    y = torch.from_numpy(rng.standard_normal((15, 1)))
+    x_star = torch.from_numpy(rng.standard_normal((4, 6)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = bl.adapt_and_predict(model, x, y, x_star, last_layer={"steps": 20}, fine_tuning={"steps": 20})
+    assert set(out) == set(bl.METHODS)
+    for name, result in out.items():
+        assert result["mean"].shape == (4, 1) and result["mean"].dtype == np.float64 and result["seconds"] >= 0
+        assert (result["var"] is None) == (name not in ("lingp", "ablr"))
+    np.testing.assert_array_equal(out["source"]["mean"], bl.to_numpy(model(x_star)))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueRangeError, match="maml"):
+        bl.adapt_and_predict(model, x, y, x_star, methods=["maml"])

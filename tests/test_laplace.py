@@ -1,0 +1,352 @@
+"""LaplaceClassifier against a dense float64 NumPy Laplace approximation (Newton on w with J as a dense matrix).
+
+The oracle forms J (n·c × p) densely, runs damped Newton on Ψ(w) = NLL(f₀ + J w) + ‖w‖²/(2s) with the exact Hessian
+Jᵀ Λ J + I/s, and computes the evidence −Ψ(ŵ) − ½ log det(s·H) and the predictive covariances J*_i H⁻¹ J*_iᵀ
+directly. Both of lingp's methods (parameter and function space) must reproduce it on every backend.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import lingp_core as lg  # noqa: E402
+from lingp_core.io import ArchiveError  # noqa: E402
+from lingp_core.laplace import LaplaceClassifier, NotFittedError  # noqa: E402
+from tests.helpers import assert_matches, tolerance  # noqa: E402
+from tests.test_export import SharedLinear, mlp, on_backend  # noqa: E402
+
+METHODS = ("parameter", "function")
+F64 = 1e-9  # relative agreement in float64: Newton to rtol 1e-12 and Cholesky solves of well-conditioned systems
+
+
+# ----- problems and the dense oracle --------------------------------------------------------------------------------
+
+def problem(backend, likelihood="categorical", n=14, n_star=6, widths=(3, 6, 3), dtype=np.float64, seed=0):
+    """A tiny random tanh MLP, training/test Jacobians on the backend, labels, and float64 NumPy copies."""
+    torch.manual_seed(seed)
+    c = widths[-1] if likelihood == "categorical" else 1
+    model = mlp(torch.nn.Tanh, widths[:-1] + (c,))
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.mul_(2.0)  # logits of a few units: non-trivial curvature
+    x = torch.randn(n + n_star, widths[0], generator=torch.Generator().manual_seed(seed + 1))
+    model, x = on_backend(model, x, backend, dtype)
+    J = lg.export_jacobian(model, x[:n], backend=backend)
+    J_star = lg.export_jacobian(model, x[n:], backend=backend)
+    rng = np.random.default_rng(seed + 2)
+    y = rng.integers(0, max(c, 2), size=n)
+    dense = {"J": backend.to_numpy(J.to_dense()).astype(np.float64), "f0": backend.to_numpy(J.f0).astype(np.float64),
+             "Js": backend.to_numpy(J_star.to_dense()).astype(np.float64),
+             "f0s": backend.to_numpy(J_star.f0).astype(np.float64)}
+    return J, J_star, backend.asarray(y), y, dense
+
+
+def _probs(g, likelihood):
+    if likelihood == "categorical":
+        e = np.exp(g - g.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-g))
+
+
+def _nll(g, y, likelihood):
+    if likelihood == "categorical":
+        top = g.max(axis=1)
+        return float(np.sum(top + np.log(np.exp(g - top[:, None]).sum(axis=1)) - g[np.arange(len(y)), y]))
+    return float(np.sum(np.logaddexp(0.0, g[:, 0]) - y * g[:, 0]))
+
+
+def _curvature(g, likelihood):
+    """Block-diagonal Λ (n·c, n·c) of the NLL in the logits."""
+    pr = _probs(g, likelihood)
+    n, c = pr.shape
+    if likelihood == "categorical":
+        blocks = [np.diag(q) - np.outer(q, q) for q in pr]
+    else:
+        blocks = [np.array([[q[0] * (1 - q[0])]]) for q in pr]
+    lam = np.zeros((n * c, n * c))
+    for i, b in enumerate(blocks):
+        lam[i * c:(i + 1) * c, i * c:(i + 1) * c] = b
+    return lam
+
+
+def dense_laplace(d, y, s, likelihood, m=None):
+    """MAP ŵ, Hessian H(ŵ), evidence and per-example predictive covariances, all in float64 NumPy (prior N(m, sI))."""
+    J, f0 = d["J"], d["f0"]
+    n, c = f0.shape
+    p = J.shape[1]
+    m = np.zeros(p) if m is None else m
+    target = np.eye(c)[y] if likelihood == "categorical" else y[:, None].astype(np.float64)
+    w = np.zeros(p)
+
+    def psi(w):
+        return _nll(f0 + (J @ w).reshape(n, c), y, likelihood) + (w - m) @ (w - m) / (2 * s)
+
+    for _ in range(100):
+        g = f0 + (J @ w).reshape(n, c)
+        grad = J.T @ (_probs(g, likelihood) - target).ravel() + (w - m) / s
+        H = J.T @ _curvature(g, likelihood) @ J + np.eye(p) / s
+        step = np.linalg.solve(H, grad)
+        alpha = 1.0
+        while psi(w - alpha * step) > psi(w) and alpha > 1e-10:
+            alpha /= 2
+        w = w - alpha * step
+        if np.linalg.norm(alpha * step) <= 1e-15 * (1 + np.linalg.norm(w)):
+            break
+    g = f0 + (J @ w).reshape(n, c)
+    H = J.T @ _curvature(g, likelihood) @ J + np.eye(p) / s
+    evidence = -psi(w) - 0.5 * np.linalg.slogdet(s * H)[1]
+    Js = d["Js"]
+    cov_all = Js @ np.linalg.solve(H, Js.T)
+    n_star = d["f0s"].shape[0]
+    cov = np.stack([cov_all[i * c:(i + 1) * c, i * c:(i + 1) * c] for i in range(n_star)])
+    mean = d["f0s"] + (Js @ w).reshape(n_star, c)
+    gamma = p - np.trace(np.linalg.inv(H)) / s
+    return {"w": w, "H": H, "evidence": evidence, "mean": mean, "cov": cov, "gamma": gamma, "m": m}
+
+
+def network_parameters(J, backend, d):
+    """A prior mean for w: minus stand-in "network weights" (seeded), in J's column order and dtype."""
+    theta = np.random.default_rng(7).standard_normal(d["J"].shape[1])
+    return backend.asarray((-theta).astype(J.dtype)), -theta
+
+
+# ----- MAP, posterior and evidence against the oracle ---------------------------------------------------------------
+
+@pytest.mark.parametrize("prior", ["network", "origin"])
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+@pytest.mark.parametrize("method", METHODS)
+def test_map_posterior_and_evidence_match_dense_newton(backend, likelihood, method, prior):
+    J, Js, y, y_np, d = problem(backend, likelihood)
+    s = 0.8
+    m, m_np = network_parameters(J, backend, d) if prior == "origin" else (None, None)
+    clf = LaplaceClassifier(s, likelihood, method=method, rtol=1e-12).fit(J, y, prior_mean=m)
+    ref = dense_laplace(d, y_np, s, likelihood, m_np)
+    assert clf.plan_.method == method and clf.fit_info_["converged"]
+    assert_matches(clf.w_map_, ref["w"], backend, dtype=np.float64, rtol=F64)
+    assert abs(clf.log_evidence() - ref["evidence"]) <= F64 * max(1.0, abs(ref["evidence"]))
+    mean, cov = clf.predict_logits(Js, return_var="full")
+    assert_matches(mean, ref["mean"], backend, dtype=np.float64, rtol=F64)
+    assert_matches(cov, ref["cov"], backend, dtype=np.float64, rtol=F64)
+    mean2, var = clf.predict_logits(Js, return_var=True)
+    assert_matches(mean2, ref["mean"], backend, dtype=np.float64, rtol=F64)
+    assert_matches(var, np.diagonal(ref["cov"], axis1=1, axis2=2).copy(), backend, dtype=np.float64, rtol=F64)
+    assert_matches(clf.predict_logits(Js), ref["mean"], backend, dtype=np.float64, rtol=F64)
+
+
+def test_both_methods_agree_on_a_larger_problem(backend):
+    """n·c > p here, so the parameter space is the natural one; the function space must still agree."""
+    J, Js, y, _, _ = problem(backend, n=40, widths=(3, 5, 4))
+    fits = [LaplaceClassifier(1.5, method=m, rtol=1e-12).fit(J, y) for m in METHODS]
+    a, b = (f.predict_logits(Js, return_var="full") for f in fits)
+    for x, z in zip(a, b):
+        assert_matches(x, backend.to_numpy(z), backend, dtype=np.float64, rtol=F64)
+    assert abs(fits[0].log_evidence() - fits[1].log_evidence()) <= F64 * abs(fits[0].log_evidence())
+
+
+@pytest.mark.parametrize("structure", ["factored", "dense"])
+def test_dense_ggn_paths_on_shared_weights_and_dense_blocks(backend, structure):
+    """Weight sharing (a factored block applied twice, T = 2) and all-dense blocks take the Gᵀ G route of the dense
+    GGN, next to the Kronecker route of plain factored blocks: every route must give the oracle's posterior."""
+    torch.manual_seed(3)
+    model, x = on_backend(SharedLinear(), torch.randn(30, 3, generator=torch.Generator().manual_seed(4)), backend)
+    J = lg.export_jacobian(model, x[:24], backend=backend, structure=structure)
+    Js = lg.export_jacobian(model, x[24:], backend=backend, structure=structure)
+    kinds = {(b.kind, getattr(b, "T", 1)) for b in J.blocks}
+    assert kinds == ({("factored", 1), ("factored", 2)} if structure == "factored" else {("dense", 1)})
+    y_np = np.random.default_rng(5).integers(0, 2, size=24)
+    d = {"J": backend.to_numpy(J.to_dense()), "f0": backend.to_numpy(J.f0), "Js": backend.to_numpy(Js.to_dense()),
+         "f0s": backend.to_numpy(Js.f0)}
+    ref = dense_laplace(d, y_np, 0.6, "categorical")
+    clf = LaplaceClassifier(0.6, method="parameter", rtol=1e-12).fit(J, backend.asarray(y_np))
+    mean, cov = clf.predict_logits(Js, return_var="full")
+    assert_matches(mean, ref["mean"], backend, dtype=np.float64, rtol=F64)
+    assert_matches(cov, ref["cov"], backend, dtype=np.float64, rtol=F64)
+    assert abs(clf.log_evidence() - ref["evidence"]) <= F64 * abs(ref["evidence"])
+
+
+def test_float32_jacobians_give_float64_results_near_the_float64_answer(backend):
+    J, Js, y, y_np, d = problem(backend, dtype=np.float32)
+    ref = dense_laplace(d, y_np, 0.8, "categorical")
+    rtol = tolerance(np.float32, 1e4)  # products in float32 (~1e-7 each), Newton stops at sqrt(eps32)
+    for method in METHODS:
+        clf = LaplaceClassifier(0.8, method=method).fit(J, y)
+        mean, var = clf.predict_logits(Js, return_var=True)
+        assert_matches(mean, ref["mean"], backend, dtype=np.float64, rtol=rtol)
+        assert_matches(var, np.diagonal(ref["cov"], axis1=1, axis2=2).copy(), backend, dtype=np.float64, rtol=rtol)
+        assert abs(clf.log_evidence() - ref["evidence"]) <= rtol * abs(ref["evidence"])
+
+
+def test_auto_plan_picks_the_smaller_system(backend):
+    J, _, y, _, _ = problem(backend, n=5, widths=(3, 6, 3))  # n·c = 15 ≤ p = 45
+    clf = LaplaceClassifier(method="auto").fit(J, y)
+    assert clf.plan_.method == "function" and "15" in clf.plan_.reason and str(J.p) in clf.plan_.reason
+    J, _, y, _, _ = problem(backend, n=40, widths=(3, 6, 3))  # n·c = 120 > p = 45
+    clf = LaplaceClassifier(method="auto").fit(J, y)
+    assert clf.plan_.method == "parameter" and "120" in clf.plan_.reason
+    assert "forced" in LaplaceClassifier(method="function").fit(J, y).plan_.reason
+
+
+# ----- prior scale by the evidence ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prior", ["network", "origin"])
+@pytest.mark.parametrize("method", METHODS)
+def test_optimize_prior_scale_reaches_the_evidence_fixed_point(backend, method, prior):
+    J, _, y, y_np, d = problem(backend)
+    m, m_np = network_parameters(J, backend, d) if prior == "origin" else (None, None)
+    clf = LaplaceClassifier(0.05, method=method, rtol=1e-12).fit(J, y, prior_mean=m).optimize_prior_scale(tol=1e-8)
+    s = clf.prior_scale
+    ref = dense_laplace(d, y_np, s, "categorical", m_np)
+    # MacKay's condition: ‖ŵ − m‖² / s = γ at the MAP of s
+    dw = ref["w"] - ref["m"]
+    assert abs(np.log(dw @ dw / (s * ref["gamma"]))) <= 1e-6
+    assert abs(clf.log_evidence() - ref["evidence"]) <= F64 * abs(ref["evidence"])
+    # the fixed point neglects Λ's dependence on ŵ(s), so it sits near (not at) the maximum of the re-solved evidence
+    for factor in (2.0, 0.5):
+        assert dense_laplace(d, y_np, s * factor, "categorical", m_np)["evidence"] < ref["evidence"]
+    history = clf.prior_scale_history_
+    assert history[0][0] == 0.05 and history[-1][0] == s and len(history) >= 3
+
+
+# ----- predictive probabilities -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+def test_probit_probabilities(backend, likelihood):
+    J, Js, y, y_np, d = problem(backend, likelihood)
+    clf = LaplaceClassifier(0.8, likelihood, rtol=1e-12).fit(J, y)
+    ref = dense_laplace(d, y_np, 0.8, likelihood)
+    var = np.diagonal(ref["cov"], axis1=1, axis2=2)
+    expected = _probs(ref["mean"] / np.sqrt(1 + np.pi / 8 * var), likelihood)
+    if likelihood == "bernoulli":
+        expected = np.concatenate([1 - expected, expected], axis=1)
+    proba = clf.predict_proba(Js)
+    assert_matches(proba, expected, backend, dtype=np.float64, rtol=F64)
+    np.testing.assert_allclose(backend.to_numpy(proba).sum(axis=1), 1.0, rtol=1e-14)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+def test_monte_carlo_probabilities_match_the_gaussian_integral(backend, likelihood):
+    J, Js, y, y_np, d = problem(backend, likelihood)
+    clf = LaplaceClassifier(3.0, likelihood, rtol=1e-12).fit(J, y)  # a wide posterior: MC ≠ probit ≠ plug-in
+    ref = dense_laplace(d, y_np, 3.0, likelihood)
+    draws = 20000
+    proba = clf.predict_proba(Js, method="mc", n_samples=draws, seed=5)
+    # the oracle integral: many draws from the oracle's N(μ_i, Σ_i) by Cholesky
+    rng = np.random.default_rng(123)
+    c = ref["mean"].shape[1]
+    expected, spread = [], []
+    for mu, cov in zip(ref["mean"], ref["cov"]):
+        z = rng.standard_normal((200000, c)) @ np.linalg.cholesky(cov + 1e-12 * np.eye(c)).T + mu
+        pr = _probs(z, likelihood)
+        expected.append(pr.mean(axis=0))
+        spread.append(pr.std(axis=0))
+    expected, spread = np.array(expected), np.array(spread)
+    if likelihood == "bernoulli":
+        expected = np.concatenate([1 - expected, expected], axis=1)
+        spread = np.concatenate([spread, spread], axis=1)
+    got = backend.to_numpy(proba)
+    assert isinstance(proba, backend.xp.ndarray) and proba.dtype == np.float64 and got.shape == expected.shape
+    assert np.all(np.abs(got - expected) <= 5 * spread / np.sqrt(draws) + 1e-12)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-13)
+    np.testing.assert_array_equal(got, backend.to_numpy(clf.predict_proba(Js, method="mc", n_samples=draws, seed=5)))
+    assert not np.array_equal(got, backend.to_numpy(clf.predict_proba(Js, method="mc", n_samples=draws, seed=6)))
+
+
+# ----- save and load ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_predicts_identically(backend, tmp_path, method):
+    J, Js, y, _, _ = problem(backend)
+    clf = LaplaceClassifier(0.8, method=method).fit(J, y)
+    path = clf.save(tmp_path / "clf")
+    loaded = LaplaceClassifier.load(path, backend=backend.name)
+    assert loaded.plan_ == clf.plan_ and loaded.data_hash_ == clf.data_hash_
+    assert loaded.prior_scale == clf.prior_scale and loaded.log_evidence() == clf.log_evidence()
+    for a, b in zip(clf.predict_logits(Js, return_var="full"), loaded.predict_logits(Js, return_var="full")):
+        assert isinstance(b, backend.xp.ndarray)
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+    np.testing.assert_array_equal(backend.to_numpy(clf.predict_proba(Js, method="mc", n_samples=50)),
+                                  backend.to_numpy(loaded.predict_proba(Js, method="mc", n_samples=50)))
+    with pytest.raises(NotFittedError, match="loaded model"):
+        loaded.optimize_prior_scale()
+
+
+def test_archive_errors(tmp_path):
+    backend = lg.get_backend("numpy")
+    J, _, y, _, _ = problem(backend)
+    path = LaplaceClassifier(0.8).fit(J, y).save(tmp_path / "m.npz")
+    data = (tmp_path / "m.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArchiveError, match="truncated"):
+        LaplaceClassifier.load(tmp_path / "cut.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    edited = dict(arrays, state_a=arrays["state_a"] + 1e-9)
+    np.savez(tmp_path / "edited.npz", **edited)
+    with pytest.raises(ArchiveError, match="'state_a'.*checksum"):
+        LaplaceClassifier.load(tmp_path / "edited.npz")
+    header = str(arrays["__lingp_header__"])
+    for old, new, match in [('"version": 1', '"version": 99', "version 99"),
+                            ('"kind": "LaplaceClassifier"', '"kind": "LinearizedGP"', "holds a 'LinearizedGP'"),
+                            ('"prior_scale": 0.8', '"prior_scale": 0.9', "checksum|hash")]:
+        assert old in header
+        np.savez(tmp_path / "h.npz", **dict(arrays, __lingp_header__=np.array(header.replace(old, new))))
+        with pytest.raises(ArchiveError, match=match):
+            LaplaceClassifier.load(tmp_path / "h.npz")
+
+
+# ----- bad input ----------------------------------------------------------------------------------------------------
+
+def test_bad_input_raises_clear_errors(backend):
+    J, Js, y, y_np, _ = problem(backend)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        LaplaceClassifier().predict_logits(Js)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        LaplaceClassifier().log_evidence()
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(lg.ValueRangeError, match="prior_scale"):
+            LaplaceClassifier(prior_scale=bad)
+    with pytest.raises(ValueError, match="likelihood"):
+        LaplaceClassifier(likelihood="gaussian")
+    with pytest.raises(ValueError, match="method"):
+        LaplaceClassifier(method="weights")
+    clf = LaplaceClassifier()
+    bad_labels = y_np.copy()
+    bad_labels[3] = 3
+    with pytest.raises(lg.ValueRangeError, match=r"\[0, 3\).*e\.g\. 3"):
+        clf.fit(J, backend.asarray(bad_labels))
+    with pytest.raises(lg.DTypeError, match="integers"):
+        clf.fit(J, backend.asarray(y_np.astype(np.float64)))
+    with pytest.raises(lg.ShapeError, match=r"\(13,\)"):
+        clf.fit(J, y[:13])
+    with pytest.raises(TypeError, match="JacobianBlocks"):
+        clf.fit(d_array := backend.asarray(np.ones((3, 3))), y)
+    del d_array
+    with pytest.raises(lg.ShapeError, match="one logit"):
+        LaplaceClassifier(likelihood="bernoulli").fit(J, y)
+    clf.fit(J, y)
+    _, other, _, _, _ = problem(backend, widths=(3, 5, 3))
+    with pytest.raises(lg.ShapeError, match="other parameters"):
+        clf.predict_logits(other)
+    with pytest.raises(ValueError, match="return_var"):
+        clf.predict_logits(Js, return_var="cov")
+    with pytest.raises(ValueError, match="method"):
+        clf.predict_proba(Js, method="bridge")
+    with pytest.raises(lg.ValueRangeError, match="n_samples"):
+        clf.predict_proba(Js, method="mc", n_samples=0)
+    J32, Js32, *_ = problem(backend, dtype=np.float32)
+    with pytest.raises(lg.DTypeError, match="float32"):
+        clf.predict_logits(Js32)
+    with pytest.raises(lg.ValueRangeError, match="bounds"):
+        clf.optimize_prior_scale(bounds=(2.0, 1.0))
+    with pytest.raises(lg.ShapeError, match="prior_mean"):
+        clf.fit(J, y, prior_mean=backend.asarray(np.zeros(J.p - 1)))
+    with pytest.raises(lg.NonFiniteError, match="prior_mean"):
+        clf.fit(J, y, prior_mean=backend.asarray(np.full(J.p, np.nan)))
+
+
+def test_newton_that_runs_out_of_iterations_warns(backend):
+    J, _, y, _, _ = problem(backend)
+    with pytest.warns(lg.ConvergenceWarning, match="Newton stopped after 1 iterations"):
+        LaplaceClassifier(0.8, maxiter=1, rtol=1e-12).fit(J, y)
