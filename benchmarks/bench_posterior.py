@@ -4,7 +4,9 @@ Network: ELU MLP 5-200-2000-200-1 (p = 803,601, float32, seeded), n training inp
 y = sin(x₁) + x₂² / 4 + 0.1·ε. Paths, each timed from the trained network to posterior mean and variances:
 
   lingp      export_jacobian (factored blocks, train + test) → LinearizedGP(method="auto").fit → predict(return_var)
-             (the plan, e.g. function-cholesky, is printed; float64 kernel and factorization)
+             (the plan, e.g. function-cholesky, is printed; float64 kernel and factorization); with
+             --float32-kernel also kernel_dtype="float32" (float64 factorization), with its largest difference
+             from the float64 answer (relative to the largest |value|)
   autograd   the paper's approach: CG (lingp's, unpreconditioned) on s·K + σ²I with kernel-vector products by
              autograd (one vjp + one jvp pass per product, AutogradJacobian) for the mean and for the 50 variance
              right-hand sides K(X, x*), run until converged or its --baseline-cap seconds are spent (then it
@@ -45,7 +47,7 @@ def targets(x, seed: int):
     return np.sin(xh[:, 0]) + xh[:, 1] ** 2 / 4 + 0.1 * noise
 
 
-def run_lingp(model, x, xs, y, backend) -> dict:
+def run_lingp(model, x, xs, y, backend, kernel_dtype: str = "float64") -> dict:
     """Export + fit + predict with lingp; seconds per stage."""
     import lingp_core as lg
 
@@ -55,7 +57,7 @@ def run_lingp(model, x, xs, y, backend) -> dict:
     Js = lg.export_jacobian(model, xs, backend=backend)
     be.synchronize()
     t1 = time.perf_counter()
-    gp = lg.LinearizedGP(PRIOR_SCALE, NOISE).fit(J, be.asarray(y.astype(J.dtype)))
+    gp = lg.LinearizedGP(PRIOR_SCALE, NOISE, kernel_dtype=kernel_dtype).fit(J, be.asarray(y.astype(J.dtype)))
     be.synchronize()
     t2 = time.perf_counter()
     mean, var = gp.predict(Js, return_var=True)
@@ -128,6 +130,12 @@ def run(args: argparse.Namespace) -> dict:
         y = targets(x, args.seed)
         ours = run_lingp(model, x, xs, y, args.backend)
         row = {"n": n, "p": sum(p.numel() for p in model.parameters()), "lingp": ours}
+        if args.float32_kernel:
+            fast = run_lingp(model, x, xs, y, args.backend, kernel_dtype="float32")
+            for key in ("mean", "var"):
+                diff = np.abs(np.array(fast[key]) - np.array(ours[key]))
+                fast[f"max_rel_{key}_diff"] = float(diff.max() / np.abs(np.array(ours[key])).max())
+            row["lingp_float32_kernel"] = fast
         if n <= args.baseline_max_n:
             base = run_autograd(model, x, xs, y, args.backend, args.baseline_cap)
             base["max_abs_mean_diff"] = float(np.max(np.abs(np.array(base["mean"]) - np.array(ours["mean"]))))
@@ -150,6 +158,11 @@ def print_row(row: dict) -> None:
         f"{'-':>11} {'-':>6} {'-':>5} {'-':>9} {'-':>11}"
     print(f"{row['n']:>6} {row['p']:>8} {ours['plan']:>18} {ours['export_s']:>9.2f} {ours['fit_s']:>7.2f} "
           f"{ours['predict_s']:>7.2f} {ours['total_s']:>8.2f} {tail}", flush=True)
+    fast = row.get("lingp_float32_kernel")
+    if fast:
+        print(f"{row['n']:>6} {row['p']:>8} {'(float32 kernel)':>18} {fast['export_s']:>9.2f} {fast['fit_s']:>7.2f} "
+              f"{fast['predict_s']:>7.2f} {fast['total_s']:>8.2f}   max rel. diff from float64: mean "
+              f"{fast['max_rel_mean_diff']:.1e}, var {fast['max_rel_var_diff']:.1e}", flush=True)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -179,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest n for the autograd baseline (default 5000; quick: all)")
     parser.add_argument("--baseline-cap", type=float, default=None,
                         help="seconds the autograd baseline may spend per size (default 300; quick: 10)")
+    parser.add_argument("--float32-kernel", action="store_true",
+                        help="also time kernel_dtype='float32' (float64 factorization) against the exact run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_posterior")
     args = parser.parse_args(argv)
@@ -194,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         t = met[0]["lingp"]["total_s"]
         print(f"target: exact mean and variances at n = {TARGET_N} in ≤ {TARGET_SECONDS:.0f} s: {t:.2f} s "
               f"({'met' if t <= TARGET_SECONDS else 'NOT met'})")
+        if "lingp_float32_kernel" in met[0]:
+            t = met[0]["lingp_float32_kernel"]["total_s"]
+            print(f"  with a float32 kernel (float64 Cholesky): {t:.2f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"bench_posterior_{args.backend}{'_quick' if args.quick else ''}"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))

@@ -58,15 +58,18 @@ def clamp_variances(var: Any, scale: Any, xp: Any) -> tuple[Any, int, int]:
 class StarRows:
     """Test-side quantities of one task, computed once per predict call and shared by the engines' methods."""
 
-    def __init__(self, J_star: JacobianBlocks, J: JacobianBlocks | None, mode: Any, memory_budget: Any):
+    def __init__(self, J_star: JacobianBlocks, J: JacobianBlocks | None, mode: Any, memory_budget: Any,
+                 kernel_dtype: Any = np.float64):
         self.J_star, self.J, self.mode, self.budget = J_star, J, mode, memory_budget
+        self.kernel_dtype = kernel_dtype
         self._cross = self._dense = None
 
     @property
     def cross(self) -> Any:
         """K0(X*, X): (m*, m), float64."""
         if self._cross is None:
-            self._cross = kernel(self.J_star, self.J, output_mode=self.mode, memory_budget=self.budget)
+            self._cross = kernel(self.J_star, self.J, output_mode=self.mode, dtype=self.kernel_dtype,
+                                 memory_budget=self.budget)
         return self._cross
 
     def prior_diag(self) -> Any:
@@ -103,7 +106,7 @@ class FunctionCholesky:
         self.groups, self.factors, self.jitter = noise_groups(noise, self.q), [], 0.0
         self._lml = 0.0
         for cols, d in self.groups:
-            K = s * self.K0
+            K = self.K0.astype(np.float64) * s  # float64 whatever the kernel's accumulation dtype
             K[xp.arange(self.m), xp.arange(self.m)] += xp.asarray(np.broadcast_to(d, (self.m,)))
             chol = safe_cholesky(K)
             self.jitter = max(self.jitter, chol.jitter)
@@ -163,7 +166,7 @@ class FunctionSpectral:
     def __init__(self, K0: Any, backend: Backend):
         self.K0, self.backend = K0, backend
         self.m = int(K0.shape[0])
-        lam, self.U = backend.eigh(K0)
+        lam, self.U = backend.eigh(K0.astype(np.float64, copy=False))
         self.lam = backend.xp.maximum(lam, 0.0)  # K0 is PSD: negative eigenvalues are rounding
 
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:

@@ -304,3 +304,18 @@ def test_optimizer_escapes_a_badly_scaled_start(backend, rng):
     grid = [(s, n) for s in np.logspace(-5, 3, 33) for n in np.logspace(-5, 1, 25)]
     best_on_grid = max(dense_posterior(o, s, n, "full", "zero")[3] for s, n in grid)
     assert gp.log_marginal_likelihood() >= best_on_grid - 1e-9 * abs(best_on_grid)
+
+
+def test_float32_kernel_accumulation_is_close_to_the_float64_answer(backend, rng):
+    J, Js, y, o = problem(backend, rng)
+    expected = dense_posterior(o, 0.7, 0.05, "full")
+    for method in ("function-cholesky", "function-spectral"):
+        gp = lg.LinearizedGP(0.7, 0.05, method=method, kernel_dtype="float32").fit(J, y)
+        mu, var = gp.predict(Js, return_var=True)
+        # float32 sums add ~sqrt(width)·eps32 relative error to K's entries; cond(C) ≤ 1 + s‖J‖²/σ² amplifies it
+        cond = 1 + 0.7 * np.linalg.norm(o["J"], 2) ** 2 / 0.05
+        assert_matches(mu, expected[0], backend, dtype=np.float64, rtol=cond * 1e-6)
+        assert_matches(var, expected[1], backend, dtype=np.float64, rtol=cond * 1e-6)
+        assert np.abs(backend.to_numpy(mu) - expected[0]).max() > 0  # it is a different computation
+    with pytest.raises(ValueError, match="kernel_dtype"):
+        lg.LinearizedGP(kernel_dtype="float16")
