@@ -93,3 +93,14 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save_results(out: Any, stem: str, result: dict, plot: Any) -> None:
+    """Write ``stem``.json and, through ``plot(result, path) -> bool`` (False without matplotlib), ``stem``.png under
+    ``out``, printing each path written."""
+    import json
+
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / (stem + '.json')}")
+    if plot(result, out / f"{stem}.png"):
+        print(f"wrote {out / (stem + '.png')}")

@@ -19,7 +19,6 @@ from the data.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure, save_results  # noqa: E402
 
 NAME = "repro_relu_toy"
 REGIONS = {"data": (4.0, 6.0), "gap": (0.0, 1.0), "outside": (10.0, np.inf)}  # ranges of |x|
@@ -156,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = NAME + ("_quick" if args.quick else "")
     print(f"ReLU toy: {args.n} points, widths {args.widths}, backend {args.backend}")
     print(table(result))
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out / (stem + '.json')}")
-    if plot(result, args.out / f"{stem}.png"):
-        print(f"wrote {args.out / (stem + '.png')}")
+    save_results(args.out, stem, result, plot)
     return 0
 
 

@@ -22,7 +22,6 @@ regression on the 64 last hidden features. Reported: test RMSE in degrees, mean 
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure, save_results  # noqa: E402
 
 NAME = "repro_rotated_digits"
 MAX_ANGLE = 45.0
@@ -180,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['test_images']} test images (digits 5–9, ±{args.target_angle:g}°), p = {result['p']}, "
           f"{args.repeats} repeat(s), backend {args.backend}")
     print(table(result))
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out / (stem + '.json')}")
-    if plot(result, args.out / f"{stem}.png"):
-        print(f"wrote {args.out / (stem + '.png')}")
+    save_results(args.out, stem, result, plot)
     return 0
 
 

@@ -25,7 +25,6 @@ fine-tuning steps.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure, save_results  # noqa: E402
 
 NAME = "repro_sinusoid"
 SOURCE_TASK = {"amplitude": 2.55, "frequency": 1.25, "phase": math.pi}
@@ -230,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Sinusoid few-shot transfer: {args.source} source, {len(result['tasks'])} new tasks, {args.context} "
           f"context points each, p = {result['p']}, backend {args.backend}")
     print(table(result))
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out / (stem + '.json')}")
-    if plot(result, args.out / f"{stem}.png"):
-        print(f"wrote {args.out / (stem + '.png')}")
+    save_results(args.out, stem, result, plot)
     return 0
 
 

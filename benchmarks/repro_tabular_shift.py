@@ -21,7 +21,6 @@ and 50 fine-tuning steps: a smoke run, not a result.)
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure, save_results  # noqa: E402
 
 NAME = "repro_tabular_shift"
 SPLIT_FEATURE = 2  # body-mass index in load_diabetes
@@ -175,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
           f"RMSE {result['source_validation_rmse']:.1f} on {split['source_validation']} held out), {split['target']} "
           f"target patients, p = {result['p']}, {args.repeats} repeat(s), backend {args.backend}")
     print(table(result))
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out / (stem + '.json')}")
-    if plot(result, args.out / f"{stem}.png"):
-        print(f"wrote {args.out / (stem + '.png')}")
+    save_results(args.out, stem, result, plot)
     return 0
 
 
