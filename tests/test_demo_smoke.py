@@ -78,3 +78,14 @@ def test_source_training_is_fixed_by_the_seed(one_torch_thread):
     assert sum(p.numel() for p in first.parameters()) == 3658
     for p, q in zip(first.parameters(), second.parameters()):
         assert torch.equal(p, q)
+
+
+def test_cupy_without_a_gpu_is_a_clear_error(capsys):
+    import torch
+
+    from lingp_core.demo.__main__ import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: --backend cupy can run here")
+    assert main(["--backend", "cupy", "--quick", "--no-progress"]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err

@@ -141,11 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
     torch.set_num_threads(max(1, args.threads))
+    from lingp_core import LingpError
     from lingp_core.demo import plots
-    from lingp_core.demo.experiment import METHODS, run
+    from lingp_core.demo.experiment import METHODS, SetupError, run
 
-    with threadpool_limits(limits=max(1, args.threads)):
-        result = run(settings)
+    try:
+        with threadpool_limits(limits=max(1, args.threads)):
+            result = run(settings)
+    except (SetupError, LingpError) as exc:  # a setting this machine cannot run: say why, no traceback
+        print(f"lingp-demo: error: {exc}", file=sys.stderr)
+        return 2
     names = {m: METHODS[m] for m in settings.methods}
     src = result["source"]
     print(f"lingp few-shot domain adaptation on scikit-learn digits (backend {settings.backend}, seed {settings.seed})")

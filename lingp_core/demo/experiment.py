@@ -23,7 +23,7 @@ import torch
 from lingp_core._progress import progress_bar
 from lingp_core.demo import baselines, data, metrics, network, transfer
 
-__all__ = ["METHODS", "Settings", "run"]
+__all__ = ["METHODS", "SetupError", "Settings", "run"]
 
 METHODS = {
     "source": "source network",
@@ -57,12 +57,16 @@ class Settings:
     progress: bool = True
 
 
+class SetupError(RuntimeError):
+    """The requested run cannot start on this machine (e.g. --backend cupy without a CUDA device)."""
+
+
 def _device(backend: str) -> torch.device:
     if backend == "numpy":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--backend cupy runs the network on CUDA, but torch sees no CUDA device "
-                           f"(torch {torch.__version__}); use --backend numpy")
+        raise SetupError("--backend cupy runs the network on CUDA, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --backend numpy")
     return torch.device("cuda")
 
 
