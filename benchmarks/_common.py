@@ -82,6 +82,7 @@ def repro_parser(name: str, description: str) -> Any:
     parser.add_argument("--seed", type=int, default=0, help="seed of data, networks and training (default 0)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / name,
                         help="folder for the JSON and PNG (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (bars go to stderr)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch CPU threads (default 1: on networks this small, thread hand-offs cost more "
                              "than they save, badly so on a shared machine)")
@@ -104,3 +105,14 @@ def save_results(out: Any, stem: str, result: dict, plot: Any) -> None:
     print(f"wrote {out / (stem + '.json')}")
     if plot(result, out / f"{stem}.png"):
         print(f"wrote {out / (stem + '.png')}")
+
+
+def progress(items: Any, *, enabled: bool, desc: str, total: int | None = None) -> Any:
+    """``items`` wrapped in a tqdm bar on stderr when ``enabled`` and tqdm is installed, else ``items`` itself."""
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, total=total, leave=False)

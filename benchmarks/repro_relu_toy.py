@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure, save_results  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, progress, pyplot, repro_parser, save_figure, save_results  # noqa: E402
 
 NAME = "repro_relu_toy"
 REGIONS = {"data": (4.0, 6.0), "gap": (0.0, 1.0), "outside": (10.0, np.inf)}  # ranges of |x|
@@ -83,7 +83,7 @@ def run(args) -> dict:
     grid = np.linspace(-12.0, 12.0, 241)
     inputs = np.concatenate([x_test, grid])                  # one GP prediction for the test set and the grid
     rows, curves = [], []
-    for width in args.widths:
+    for width in progress(args.widths, enabled=not args.no_progress, desc="widths"):
         untrained = relu_net(width, args.seed, device)
         trained = copy.deepcopy(untrained)
         losses = bl.train_mse(trained, column(x, device), column(y, device), steps=args.steps, lr=1e-2,

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure, save_results  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, progress, pyplot, repro_parser, save_figure, save_results  # noqa: E402
 
 NAME = "repro_rotated_digits"
 MAX_ANGLE = 45.0
@@ -113,7 +113,7 @@ def run(args) -> dict:
         raise SystemExit(f"the largest adaptation set ({max(args.sizes)}) exceeds the pool ({len(y_pool)} images)")
     methods = list(LABELS)
     runs = []
-    for repeat in range(args.repeats):
+    for repeat in progress(range(args.repeats), enabled=not args.no_progress, desc="repeats"):
         order = rng.permutation(len(y_pool))
         for size in args.sizes:
             chosen = order[:size]

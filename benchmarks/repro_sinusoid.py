@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure, save_results  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, progress, pyplot, repro_parser, save_figure, save_results  # noqa: E402
 
 NAME = "repro_sinusoid"
 SOURCE_TASK = {"amplitude": 2.55, "frequency": 1.25, "phase": math.pi}
@@ -142,7 +142,7 @@ def run(args) -> dict:
     x_test = np.linspace(-5.0, 5.0, 200)
     methods = list(LABELS)
     tasks = []
-    for t in range(args.tasks):
+    for t in progress(range(args.tasks), enabled=not args.no_progress, desc="tasks"):
         task = draw_task(rng)
         x_ctx, y_ctx = noisy_sample(rng, task, args.context)
         preds = bl.adapt_and_predict(model, column(x_ctx, device), column(y_ctx, device), column(x_test, device),

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, pyplot, repro_parser, save_figure, save_results  # noqa: E402
+from benchmarks._common import machine_info, markdown_table, progress, pyplot, repro_parser, save_figure, save_results  # noqa: E402
 
 NAME = "repro_tabular_shift"
 SPLIT_FEATURE = 2  # body-mass index in load_diabetes
@@ -100,7 +100,7 @@ def run(args) -> dict:
     if max(args.sizes) > len(y_tgt) - n_test:
         raise SystemExit(f"the largest adaptation set ({max(args.sizes)}) exceeds the pool ({len(y_tgt) - n_test})")
     runs = []
-    for repeat in range(args.repeats):
+    for repeat in progress(range(args.repeats), enabled=not args.no_progress, desc="repeats"):
         order = rng.permutation(len(y_tgt))
         test, pool = order[:n_test], order[n_test:]
         for size in args.sizes:
