@@ -106,7 +106,8 @@ class FunctionCholesky:
         self.groups, self.factors, self.jitter = noise_groups(noise, self.q), [], 0.0
         self._lml = 0.0
         for cols, d in self.groups:
-            K = self.K0.astype(np.float64) * s  # float64 whatever the kernel's accumulation dtype
+            K = self.K0.astype(np.float64, copy=True)  # float64 whatever the kernel's accumulation dtype
+            K *= s
             K[xp.arange(self.m), xp.arange(self.m)] += xp.asarray(np.broadcast_to(d, (self.m,)))
             chol = safe_cholesky(K)
             self.jitter = max(self.jitter, chol.jitter)

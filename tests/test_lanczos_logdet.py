@@ -136,3 +136,14 @@ def test_safe_cholesky_rejects_indefinite_and_asymmetric(backend, rng):
         lg.safe_cholesky(backend.asarray(asym))
     with pytest.raises(lg.ShapeError, match="square"):
         lg.safe_cholesky(backend.asarray(a[:, :5]))
+
+
+@pytest.mark.parametrize("where", [(17, 2), (2, 17), (9, 15)])
+def test_safe_cholesky_symmetry_check_covers_every_tile(backend, rng, monkeypatch, where):
+    from lingp_core.solvers import cholesky
+
+    monkeypatch.setattr(cholesky, "_SYMMETRY_TILE", 4)  # 20 × 20: a 5 × 5 grid of tiles
+    a = spd_matrix(rng, 20, 10.0)
+    a[where] += 1e-3
+    with pytest.raises(lg.ValueRangeError, match=r"not symmetric: max \|A − Aᵀ\| = 0.001"):
+        lg.safe_cholesky(backend.asarray(a))
