@@ -47,8 +47,8 @@ def targets(x, seed: int):
     return np.sin(xh[:, 0]) + xh[:, 1] ** 2 / 4 + 0.1 * noise
 
 
-def run_lingp(model, x, xs, y, backend, kernel_dtype: str = "float64") -> dict:
-    """Export + fit + predict with lingp; seconds per stage."""
+def run_lingp(model, x, xs, y, backend, kernel_dtype: str = "float64", method: str = "auto") -> dict:
+    """Export + fit + predict with lingp; seconds per stage. method="iterative" uses the Lanczos variance cache."""
     import lingp_core as lg
 
     be = lg.get_backend(backend)
@@ -57,7 +57,8 @@ def run_lingp(model, x, xs, y, backend, kernel_dtype: str = "float64") -> dict:
     Js = lg.export_jacobian(model, xs, backend=backend)
     be.synchronize()
     t1 = time.perf_counter()
-    gp = lg.LinearizedGP(PRIOR_SCALE, NOISE, kernel_dtype=kernel_dtype).fit(J, be.asarray(y.astype(J.dtype)))
+    gp = lg.LinearizedGP(PRIOR_SCALE, NOISE, kernel_dtype=kernel_dtype, method=method,
+                         variance_cg_max=0 if method == "iterative" else 256).fit(J, be.asarray(y.astype(J.dtype)))
     be.synchronize()
     t2 = time.perf_counter()
     mean, var = gp.predict(Js, return_var=True)
@@ -65,7 +66,7 @@ def run_lingp(model, x, xs, y, backend, kernel_dtype: str = "float64") -> dict:
     t3 = time.perf_counter()
     return {"export_s": t1 - t0, "fit_s": t2 - t1, "predict_s": t3 - t2, "total_s": t3 - t0,
             "plan": gp.plan_.method, "reason": gp.plan_.reason, "mean": be.to_numpy(mean)[:, 0].tolist(),
-            "var": be.to_numpy(var)[:, 0].tolist()}
+            "var": be.to_numpy(var)[:, 0].tolist(), "diagnostics": gp.diagnostics_}
 
 
 class _AutogradKernel:
@@ -143,7 +144,26 @@ def run(args: argparse.Namespace) -> dict:
             row["autograd"] = base
         rows.append(row)
         print_row(row)
-    return {"rows": rows, "widths": list(widths), "n_test": N_TEST, "prior_scale": PRIOR_SCALE, "noise": NOISE,
+    exact = {r["n"]: r["lingp"] for r in rows}
+    iterative_rows = []
+    for n in args.iterative_sizes:
+        model, x = paper_mlp(n, device, widths, seed=args.seed)
+        _, xs = paper_mlp(N_TEST, device, widths, seed=args.seed + 100)
+        it = run_lingp(model, x, xs, targets(x, args.seed), args.backend, method="iterative")
+        if n in exact:
+            for key in ("mean", "var"):
+                diff = np.abs(np.array(it[key]) - np.array(exact[n][key]))
+                it[f"max_rel_{key}_diff"] = float(diff.max() / np.abs(np.array(exact[n][key])).max())
+        iterative_rows.append({"n": n, "lingp_iterative": it})
+        info = it["diagnostics"][0]
+        versus = (f"; max rel. diff from exact: mean {it['max_rel_mean_diff']:.1e}, var {it['max_rel_var_diff']:.1e}"
+                  if n in exact else "")
+        print(f"{n:>6} {'iterative':>27} {it['export_s']:>9.2f} {it['fit_s']:>7.2f} {it['predict_s']:>7.2f} "
+              f"{it['total_s']:>8.2f}   CG iterations {info['cg_iterations'][0][0]}, Lanczos rank "
+              f"{info.get('lanczos_rank')}, estimated variance error {info.get('variance_error', float('nan')):.1e}"
+              f"{versus}", flush=True)
+    return {"rows": rows, "iterative_rows": iterative_rows, "widths": list(widths), "n_test": N_TEST,
+            "prior_scale": PRIOR_SCALE, "noise": NOISE,
             "machine": machine_info(args.backend), "quick": args.quick}
 
 
@@ -194,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds the autograd baseline may spend per size (default 300; quick: 10)")
     parser.add_argument("--float32-kernel", action="store_true",
                         help="also time kernel_dtype='float32' (float64 factorization) against the exact run")
+    parser.add_argument("--iterative-sizes", type=int, nargs="*", default=[],
+                        help="sizes also run with method='iterative' (matrix-free CG, Lanczos variances)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_posterior")
     args = parser.parse_args(argv)

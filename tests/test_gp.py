@@ -150,14 +150,14 @@ def test_lanczos_variances_are_conservative_and_report_their_error(backend, rng)
     assert full.diagnostics_[0]["variance_method"] == "lanczos"
     assert_matches(var, expected, backend, dtype=np.float64, rtol=1e-7)  # a full Krylov space: exact
     short = lg.LinearizedGP(0.7, 0.05, method="iterative", variance_cg_max=0, variance_rank=4, rtol=1e-12)
-    _, var = short.fit(J, y).predict(Js, return_var=True)
+    with pytest.warns(lg.NumericalWarning, match=r"Lanczos cache \(rank 4\) is off by up to"):
+        _, var = short.fit(J, y).predict(Js, return_var=True)
     var = backend.to_numpy(var)
     # Q (Qᵀ C Q)⁻¹ Qᵀ ≼ C⁻¹: a truncated cache subtracts too little, so its variances are upper bounds
     assert np.all(var >= expected - 1e-12)
     assert short.diagnostics_[0]["lanczos_rank"] == 4
-    error = short.diagnostics_[0]["variance_error"]
-    prior = np.diag(0.7 * o["Js"] @ o["Js"].T).reshape(var.shape)
-    assert error > 0 and np.max(np.abs(var - expected) / prior) >= error - 1e-12
+    error = short.diagnostics_[0]["variance_error"]  # measured on up to 8 test rows against CG variances
+    assert error > 0 and np.max(np.abs(var - expected) / expected) >= error * (1 - 1e-6)
 
 
 def test_spectral_lml_gradient_matches_finite_differences(rng):
