@@ -7,17 +7,11 @@ from typing import Any
 import numpy as np
 
 from lingp_core import _validate as v
+from lingp_core.jacobian import _WORK_ELEMENTS as WORK_ELEMENTS
 from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
-
-WORK_ELEMENTS = 1 << 24  # largest intermediate (elements) built at once; bigger work runs in chunks of examples
-
+from lingp_core.jacobian import _chunks as chunks
 
 # ----- dense GGN and per-example Gram blocks ------------------------------------------------------------------------
-
-def chunks(total: int, size: int) -> list[slice]:
-    size = max(1, int(size))
-    return [slice(s, min(s + size, total)) for s in range(0, total, size)]
-
 
 def _layer_order(block: FactoredLinearBlock) -> np.ndarray:
     """For each of the block's parameter columns, its index o·m + j in the layer layout (bias = last column j)."""

@@ -12,7 +12,7 @@ from lingp_core import _validate as v
 from lingp_core._ggn import WORK_ELEMENTS, chunks, dense_ggn, example_grams
 from lingp_core._precision import eps
 from lingp_core.fisher import fisher
-from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
+from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import kernel
 from lingp_core.likelihoods import CategoricalLikelihood, Likelihood
 from lingp_core.operators import LinearOperator
@@ -129,18 +129,6 @@ class _InverseFromFactor(LinearOperator):
         return self.inverse_factor.T @ (self.inverse_factor @ x)
 
 
-def _cholesky(A: Any, backend: Backend) -> Any:
-    """Lower Cholesky factor of a matrix that is positive definite by construction (GGN + I/s, or I + Lᵀ K L, both
-    ≥ their identity part): one plain factorization; the checked, jittered one only if rounding makes that fail."""
-    try:
-        factor = backend.cholesky(A)
-    except np.linalg.LinAlgError:
-        return safe_cholesky(A).factor
-    if not bool(backend.xp.isfinite(backend.xp.diagonal(factor)).all()):
-        return safe_cholesky(A).factor
-    return factor
-
-
 def _triangular_inverse(factor: Any, backend: Backend) -> Any:
     """R⁻¹ for a lower triangular R: LAPACK's triangular inverse on the host (p³/3 flops, a third of a triangular
     solve with p right-hand sides), a triangular solve against I elsewhere."""
@@ -154,22 +142,8 @@ def _triangular_inverse(factor: Any, backend: Backend) -> Any:
     return backend.solve_triangular(factor, backend.xp.eye(factor.shape[0]), lower=True)
 
 
-def _example_slice(J: JacobianBlocks, rows: slice) -> JacobianBlocks:
-    """The Jacobian of the examples in ``rows`` (views of J's arrays where possible)."""
-    c = J.n_outputs
-    blocks = []
-    for b in J.blocks:
-        if isinstance(b, DenseBlock):
-            blocks.append(DenseBlock(b.names, b.shapes, b.xp.asarray(b.values[rows.start * c: rows.stop * c]), c,
-                                     b.xp))
-        else:
-            blocks.append(FactoredLinearBlock(b.names, b.shapes, b.A[rows], b.delta[rows], has_weight=b.has_weight,
-                                              has_bias=b.has_bias, xp=b.xp))
-    return JacobianBlocks(J.f0[rows], blocks, backend=J.backend, outputs=J.outputs)
-
-
 def _example_chunks(n: int, per_example: int) -> list[slice]:
-    return chunks(n, WORK_ELEMENTS // max(1, per_example))
+    return list(chunks(n, WORK_ELEMENTS // max(1, per_example)))
 
 
 # ----- the two engines ----------------------------------------------------------------------------------------------
@@ -235,14 +209,13 @@ class WeightEngine:
                 break
             w, g, objective = moved
         self.w = w
-        self.g = g
         F = dense_ggn(J, _square_factors(self.likelihood, g), self.budget)
         # R⁻¹ (p³/3 flops, like the factorization) gives tr(H⁻¹) for the evidence's γ and turns every predictive
         # covariance into products J* R⁻ᵀ through the blocks instead of triangular solves with dense rows of J*
         self.inverse_factor = _triangular_inverse(self._factorize(F, s), self.backend)
         del F
         self.s = s
-        self.objective = self.targets.nll(g) + _sq(w - self.m) / (2 * s)
+        self.objective = objective
         return {"newton_iterations": info.iterations, "cg_iterations": info.cg_iterations,
                 "converged": info.converged, "gradient_ratio": info.gradient_ratio}
 
@@ -250,7 +223,7 @@ class WeightEngine:
         H = F.copy()
         idx = self.backend.xp.arange(F.shape[0])
         H[idx, idx] += 1.0 / s
-        return _cholesky(H, self.backend)
+        return safe_cholesky(H).factor  # positive definite by construction (≥ I/s); jitter only for rounding
 
     def _line_search(self, w: Any, g: Any, objective: float, grad: Any, step: Any, s: float) -> tuple | None:
         J = self.J
@@ -328,8 +301,8 @@ class FunctionEngine:
                 break
             a, h, objective = moved
         self.a, self.h, self.s = a, h, s
-        self.g = f0 + h.reshape(f0.shape)
-        self.factors = _square_factors(self.likelihood, self.g)
+        g = f0 + h.reshape(f0.shape)
+        self.factors = _square_factors(self.likelihood, g)
         self.factor = self._b_factor(K, self.factors)
         self.w = self.m + s * _Jt_times(J, a)
         self.objective = objective
@@ -344,7 +317,7 @@ class FunctionEngine:
         B = 0.5 * (B + B.T)
         idx = v.backend_of(K).xp.arange(m)
         B[idx, idx] += 1.0
-        return _cholesky(B, v.backend_of(K))
+        return safe_cholesky(B).factor  # ≥ I by construction; jitter only for rounding
 
     def _line_search(self, a: Any, h: Any, objective: float, step: Any, K: Any, f0: Any, r: Any) -> tuple | None:
         dh = K @ step
@@ -376,7 +349,7 @@ class FunctionEngine:
 
 # ----- prediction from a saved state (no training labels needed) ----------------------------------------------------
 
-def predict_weight(state: dict, J_star: JacobianBlocks, s: float, cov: str | None, budget: Any) -> tuple:
+def predict_weight(state: dict, J_star: JacobianBlocks, cov: str | None) -> tuple:
     """Mean f0* + J* ŵ and, per example, the c × c blocks (or diagonals) of J* Σ J*ᵀ = Z Zᵀ with Z = J* R⁻ᵀ
     computed through the blocks, in chunks of test examples."""
     xp = J_star.xp
@@ -387,7 +360,7 @@ def predict_weight(state: dict, J_star: JacobianBlocks, s: float, cov: str | Non
     right = state["inverse_factor"].T.astype(J_star.dtype)  # R⁻ᵀ (p, p) in the blocks' dtype
     out = xp.empty((n, c, c) if cov == "full" else (n, c), dtype=np.float64)
     for rows in _example_chunks(n, 2 * c * p):
-        z = _J_times(_example_slice(J_star, rows), right).reshape(-1, c, p)
+        z = _J_times(J_star.examples(rows), right).reshape(-1, c, p)
         out[rows] = z @ z.transpose(0, 2, 1) if cov == "full" else (z * z).sum(axis=2)
     return mean, out
 
@@ -402,7 +375,7 @@ def predict_function(state: dict, J_train: JacobianBlocks, J_star: JacobianBlock
     mean = xp.empty((n, c), dtype=np.float64)
     out = None if cov is None else xp.empty((n, c, c) if cov == "full" else (n, c), dtype=np.float64)
     for rows in _example_chunks(n, 2 * c * m):
-        part = _example_slice(J_star, rows)
+        part = J_star.examples(rows)
         K_cross = kernel(part, J_train, prior_scale=s, memory_budget=budget)  # (k·c, n·c)
         mean[rows] = part.f0.astype(np.float64) + (_J_times(part, state["prior_mean"]) +
                                                     K_cross @ state["a"]).reshape(-1, c)

@@ -63,7 +63,7 @@ class StarRows:
                  kernel_dtype: Any = np.float64):
         self.J_star, self.J, self.mode, self.budget = J_star, J, mode, memory_budget
         self.kernel_dtype = kernel_dtype
-        self._cross = self._dense = None
+        self._cross = self._dense = self._diag = None
 
     @property
     def cross(self) -> Any:
@@ -74,8 +74,10 @@ class StarRows:
         return self._cross
 
     def prior_diag(self) -> Any:
-        """diag K0(X*, X*): (m*,), float64."""
-        return kernel_diag(self.J_star, output_mode=self.mode)
+        """diag K0(X*, X*): (m*,), float64 (computed once; the engines and the variance clamp all need it)."""
+        if self._diag is None:
+            self._diag = kernel_diag(self.J_star, output_mode=self.mode)
+        return self._diag
 
     def prior_full(self) -> Any:
         """K0(X*, X*): (m*, m*), float64."""
@@ -91,10 +93,53 @@ class StarRows:
 
 # ----- function space -----------------------------------------------------------------------------------------------
 
-class FunctionCholesky:
+class _GroupedCholesky:
+    """What both Cholesky engines share: one factor L per noise group and test rows B (K0(X*, X) in function space,
+    J* in parameter space) whitened as W = L⁻¹ Bᵀ; var = prior + scale·Σ W², cov = prior + scale·Wᵀ W."""
+
+    weights = ""  # name of the fitted weights (alpha or mu) in state()
+
+    def _test_rows(self, star: StarRows) -> Any:
+        raise NotImplementedError
+
+    def _prior_and_scale(self, star: StarRows, full: bool) -> tuple[Any, float]:
+        raise NotImplementedError
+
+    def _whitened(self, star: StarRows) -> list[Any]:
+        rows = self._test_rows(star).T
+        return [self.backend.solve_triangular(L, rows, lower=True) for L in self.factors]
+
+    def var(self, star: StarRows) -> Any:
+        prior, scale = self._prior_and_scale(star, full=False)
+        out = self.backend.xp.empty((self._test_rows(star).shape[0], self.q))
+        for (cols, _), w in zip(self.groups, self._whitened(star)):
+            out[:, cols] = (prior + scale * (w**2).sum(axis=0))[:, None]
+        return out
+
+    def cov(self, star: StarRows) -> Any:
+        prior, scale = self._prior_and_scale(star, full=True)
+        m_star = self._test_rows(star).shape[0]
+        out = self.backend.xp.empty((self.q, m_star, m_star))
+        for (cols, _), w in zip(self.groups, self._whitened(star)):
+            out[cols] = prior + scale * (w.T @ w)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        out = {self.weights: getattr(self, self.weights)}
+        out.update({f"factor{g}": L for g, L in enumerate(self.factors)})
+        return out
+
+
+def _add_to_diagonal(A: Any, values: Any, xp: Any) -> None:
+    """A[i, i] += values[i] (or a scalar) in place."""
+    idx = xp.arange(A.shape[0])
+    A[idx, idx] += values
+
+
+class FunctionCholesky(_GroupedCholesky):
     """Exact: L Lᵀ = s·K0 + D per noise group; α = (s·K0 + D)⁻¹ R."""
 
-    space, solver = "function", "cholesky"
+    space, solver, weights = "function", "cholesky", "alpha"
 
     def __init__(self, K0: Any, backend: Backend):
         self.K0, self.backend = K0, backend
@@ -109,7 +154,7 @@ class FunctionCholesky:
         for cols, d in self.groups:
             K = self.K0.astype(np.float64, copy=True)  # float64 whatever the kernel's accumulation dtype
             K *= s
-            K[xp.arange(self.m), xp.arange(self.m)] += xp.asarray(np.broadcast_to(d, (self.m,)))
+            _add_to_diagonal(K, xp.asarray(np.broadcast_to(d, (self.m,))), xp)
             chol = safe_cholesky(K)
             self.jitter = max(self.jitter, chol.jitter)
             alpha = be.cho_solve(chol.factor, R[:, cols])
@@ -124,22 +169,11 @@ class FunctionCholesky:
     def mean(self, star: StarRows) -> Any:
         return self.s * (star.cross @ self.alpha)
 
-    def _whitened(self, star: StarRows) -> list[Any]:
-        return [self.backend.solve_triangular(L, star.cross.T, lower=True) for L in self.factors]
+    def _test_rows(self, star: StarRows) -> Any:
+        return star.cross
 
-    def var(self, star: StarRows) -> Any:
-        prior = self.s * star.prior_diag()
-        out = self.backend.xp.empty((prior.shape[0], self.q))
-        for (cols, _), w in zip(self.groups, self._whitened(star)):
-            out[:, cols] = (prior - self.s**2 * (w**2).sum(axis=0))[:, None]
-        return out
-
-    def cov(self, star: StarRows) -> Any:
-        prior = self.s * star.prior_full()
-        out = self.backend.xp.empty((self.q,) + prior.shape)
-        for (cols, _), w in zip(self.groups, self._whitened(star)):
-            out[cols] = prior - self.s**2 * (w.T @ w)
-        return out
+    def _prior_and_scale(self, star: StarRows, full: bool) -> tuple[Any, float]:
+        return self.s * (star.prior_full() if full else star.prior_diag()), -self.s**2
 
     def gradient(self, noise_index: np.ndarray) -> np.ndarray:
         """d lml / d(log s, log σ²_g) for the noise parameters g; ``noise_index`` (m, q) maps entries to g."""
@@ -153,11 +187,6 @@ class FunctionCholesky:
                 per_row = be.to_numpy(0.5 * (a**2 - xp.diagonal(inv))) * np.broadcast_to(d, (self.m,))
                 np.add.at(grads, 1 + noise_index[:, j], per_row)
         return grads
-
-    def state(self) -> dict[str, Any]:
-        out = {"alpha": self.alpha}
-        out.update({f"factor{g}": L for g, L in enumerate(self.factors)})
-        return out
 
 
 class FunctionSpectral:
@@ -230,10 +259,10 @@ def spectral_lml(lam: np.ndarray, weights: np.ndarray, rest: np.ndarray, m: int,
 
 # ----- parameter space ----------------------------------------------------------------------------------------------
 
-class ParameterCholesky:
+class ParameterCholesky(_GroupedCholesky):
     """Exact in weight space: A = Jᵀ D⁻¹ J + I/s (p × p), μ = A⁻¹ Jᵀ D⁻¹ r, mean* = J* μ, var* = diag(J* A⁻¹ J*ᵀ)."""
 
-    space, solver = "parameter", "cholesky"
+    space, solver, weights = "parameter", "cholesky", "mu"
 
     def __init__(self, Jd: Any, backend: Backend):
         self.Jd, self.backend = Jd, backend
@@ -247,7 +276,7 @@ class ParameterCholesky:
         for cols, d in self.groups:
             dinv = xp.asarray(1.0 / np.broadcast_to(d, (self.m,)))
             A = self.Jd.T @ (self.Jd * dinv[:, None])
-            A[xp.arange(self.p), xp.arange(self.p)] += 1.0 / s
+            _add_to_diagonal(A, 1.0 / s, xp)
             chol = safe_cholesky(A)
             self.jitter = max(self.jitter, chol.jitter)
             r = R[:, cols]
@@ -267,26 +296,11 @@ class ParameterCholesky:
     def mean(self, star: StarRows) -> Any:
         return star.dense @ self.mu
 
-    def _whitened(self, star: StarRows) -> list[Any]:
-        return [self.backend.solve_triangular(L, star.dense.T, lower=True) for L in self.factors]
+    def _test_rows(self, star: StarRows) -> Any:
+        return star.dense
 
-    def var(self, star: StarRows) -> Any:
-        out = self.backend.xp.empty((star.dense.shape[0], self.q))
-        for (cols, _), w in zip(self.groups, self._whitened(star)):
-            out[:, cols] = (w**2).sum(axis=0)[:, None]
-        return out
-
-    def cov(self, star: StarRows) -> Any:
-        m_star = star.dense.shape[0]
-        out = self.backend.xp.empty((self.q, m_star, m_star))
-        for (cols, _), w in zip(self.groups, self._whitened(star)):
-            out[cols] = w.T @ w
-        return out
-
-    def state(self) -> dict[str, Any]:
-        out = {"mu": self.mu}
-        out.update({f"factor{g}": L for g, L in enumerate(self.factors)})
-        return out
+    def _prior_and_scale(self, star: StarRows, full: bool) -> tuple[Any, float]:
+        return 0.0, 1.0  # J* A⁻¹ J*ᵀ is the posterior covariance itself
 
 
 class ParameterSpectral:

@@ -18,8 +18,6 @@ Methods (``method=``), all in float64 and all exact except "iterative":
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
 
 import numpy as np
@@ -30,6 +28,7 @@ from lingp_core import _validate as v
 from lingp_core import io
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import _view
+from lingp_core.likelihoods import check_noise
 
 __all__ = ["GP_METHODS", "MEANS", "LinearizedGP", "Plan"]
 
@@ -73,22 +72,6 @@ class _Task:
     J: JacobianBlocks | None  # the task's training Jacobian (None after loading a parameter-space model)
     mode: str                 # kernel output mode applied to J: "full" or "trace"
     output: int | None        # the output an independent task serves
-
-
-def _check_noise(noise: Any) -> float | np.ndarray:
-    name = backends.backend_name_of(noise)
-    arr = backends.get_backend(name).to_numpy(noise) if name else noise
-    if np.ndim(arr) == 0:  # a Python or NumPy scalar, or a 0-d array
-        return v.check_positive(arr.item() if hasattr(arr, "item") else arr, "noise")
-    arr = np.asarray(arr)
-    if arr.ndim != 1 or arr.size == 0 or not (np.issubdtype(arr.dtype, np.floating)
-                                               or np.issubdtype(arr.dtype, np.integer)):
-        raise v.ShapeError(f"noise must be a positive number or a 1-D array of one variance per output, got "
-                           f"{arr.dtype} array of shape {arr.shape}")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all() or (arr <= 0).any():
-        raise v.ValueRangeError(f"noise variances must be finite and > 0, got {arr.tolist()}")
-    return arr
 
 
 class LinearizedGP:
@@ -136,7 +119,7 @@ class LinearizedGP:
                  variance_cg_max: int = 256, num_probes: int = 30, exact_max_rows: int = 20000,
                  kernel_dtype: Any = "float64", memory_budget: float | None = None, seed: int = 0) -> None:
         self.prior_scale = v.check_positive(prior_scale, "prior_scale")
-        self.noise = _check_noise(noise)
+        self.noise = check_noise(noise)
         self.mean = v.check_choice(mean, "mean", MEANS)
         self.output_mode = v.check_choice(output_mode, "output_mode", _OUTPUT_MODES)
         self.method = v.check_choice(method, "method", GP_METHODS)
@@ -189,8 +172,7 @@ class LinearizedGP:
             raise v.ShapeError(f"noise has {self.noise.size} per-output variances but J has c = {c} outputs")
         y = y.astype(np.float64)
         self._backend, self.n_, self.c_, self.p_ = be, n, c, J.p
-        self._signature = _signature(J)
-        self._dtype = J.dtype
+        self._signature = J.signature()
         self._constant = be.to_numpy(y.mean(axis=0)) if self.mean == "constant" else np.zeros(c)
         residual = y - self._prior_mean(J)
         self._J = J
@@ -301,6 +283,7 @@ class LinearizedGP:
         return (post.ParameterCholesky if method.endswith("cholesky") else post.ParameterSpectral)(Jd, be)
 
     def _fit_engines(self) -> None:
+        self._lml_cache: tuple[float, float] | None = None
         for task, engine, R in zip(self._tasks, self._engines, self._R):
             engine.fit(self.prior_scale, self._task_noise(task, self.n_), R)
 
@@ -322,14 +305,7 @@ class LinearizedGP:
         if J_star.backend != self._backend:
             raise v.BackendMismatchError(f"J_star lives on backend {J_star.backend.name!r} but the model on "
                                          f"{self._backend.name!r}; export the test inputs onto the same backend")
-        if J_star.dtype != self._dtype:
-            raise v.DTypeError(f"J_star has dtype {J_star.dtype} but the training Jacobian {self._dtype}; export both "
-                               "in one dtype")
-        if _signature(J_star) != self._signature:
-            raise v.ShapeError(f"J_star was exported with parameters {list(J_star.param_names)} and outputs "
-                               f"{list(J_star.outputs)}, not the training Jacobian's "
-                               f"{[n for block in self._signature['blocks'] for n in block[0]]} and outputs "
-                               f"{self._signature['outputs']}; export both with the same params= and outputs=")
+        J_star.check_signature(self._signature)
         return J_star
 
     def _stars(self, J_star: JacobianBlocks) -> list[post.StarRows]:
@@ -438,12 +414,15 @@ class LinearizedGP:
         self._check_fitted()
         if not hasattr(self, "_R"):
             return float(self._saved_lml)  # a loaded model: the value computed when it was saved
-        if self.plan_.method == "iterative":
-            parts = [engine.lml() for engine in self._engines]
-            self.lml_std_error_ = float(np.sqrt(sum(se**2 for _, se in parts)))
-            return float(sum(value for value, _ in parts))
-        self.lml_std_error_ = 0.0
-        return float(sum(engine.lml() for engine in self._engines))
+        if self._lml_cache is None:  # once per fit: SLQ runs num_probes Lanczos passes
+            if self.plan_.method == "iterative":
+                parts = [engine.lml() for engine in self._engines]
+                self._lml_cache = (float(sum(value for value, _ in parts)),
+                                   float(np.sqrt(sum(se**2 for _, se in parts))))
+            else:
+                self._lml_cache = (float(sum(engine.lml() for engine in self._engines)), 0.0)
+        self.lml_std_error_ = self._lml_cache[1]
+        return self._lml_cache[0]
 
     def optimize_hyperparameters(self, *, per_output_noise: bool | None = None, maxiter: int = 200) -> LinearizedGP:
         """Maximize the log marginal likelihood over the prior scale s and the noise σ² (L-BFGS on their logs).
@@ -503,8 +482,7 @@ class LinearizedGP:
         self.optimization_ = {"success": bool(result.success), "message": str(result.message),
                               "iterations": int(result.nit), "evaluations": int(result.nfev),
                               "lml_before": lml_before, "lml_after": self.log_marginal_likelihood(),
-                              "prior_scale": self.prior_scale,
-                              "noise": self.noise if isinstance(self.noise, float) else self.noise.tolist()}
+                              **self._hyperparameters()}
         return self
 
     def _switch(self, method: str) -> None:
@@ -567,10 +545,10 @@ class LinearizedGP:
         return -value, -grad
 
     # ----- persistence ---------------------------------------------------------------------------------------------
-    def _hyper_hash(self) -> str:
-        noise = self.noise if isinstance(self.noise, float) else self.noise.tolist()
-        text = json.dumps({"prior_scale": self.prior_scale, "noise": noise}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+    def _hyperparameters(self) -> dict[str, Any]:
+        """s and σ² as JSON (σ² a number or a list per output)."""
+        return {"prior_scale": self.prior_scale,
+                "noise": self.noise if isinstance(self.noise, float) else self.noise.tolist()}
 
     def save(self, path: Any) -> str:
         """Write what prediction needs to an .npz archive (no pickle, no training targets): hyperparameters, the
@@ -584,12 +562,11 @@ class LinearizedGP:
         if self.plan_.space == "function":
             jac_arrays, jac_config = io.jacobian_to_arrays(self._J)
             arrays.update(jac_arrays)
-        config = {"prior_scale": self.prior_scale,
-                  "noise": self.noise if isinstance(self.noise, float) else self.noise.tolist(),
-                  "settings": {name: getattr(self, name) for name in _SETTINGS},
+        hyper = self._hyperparameters()
+        config = {**hyper, "settings": {name: getattr(self, name) for name in _SETTINGS},
                   "plan": dataclasses.asdict(self.plan_), "n": self.n_, "c": self.c_, "p": self.p_,
-                  "dtype": str(self._dtype), "signature": self._signature, "jacobian": jac_config,
-                  "lml": self.log_marginal_likelihood(), "data_hash": self.data_hash_, "hyper_hash": self._hyper_hash()}
+                  "signature": self._signature, "jacobian": jac_config, "lml": self.log_marginal_likelihood(),
+                  "data_hash": self.data_hash_, "hyper_hash": io.fingerprint_json(hyper)}
         return io.save_archive(path, "LinearizedGP", arrays, config)
 
     @classmethod
@@ -601,10 +578,8 @@ class LinearizedGP:
         be = backends.get_backend(backend)
         model = cls(config["prior_scale"], config["noise"] if isinstance(config["noise"], float)
                     else np.asarray(config["noise"]), **config["settings"])
-        if model._hyper_hash() != config["hyper_hash"]:
-            raise io.ArchiveError(f"{path!r}: the hyperparameters do not match their hash; the file was modified")
         model._backend, model.n_, model.c_, model.p_ = be, config["n"], config["c"], config["p"]
-        model._dtype, model._signature = np.dtype(config["dtype"]), _signature_from_json(config["signature"])
+        model._signature = config["signature"]
         model._constant, model.data_hash_, model._saved_lml = arrays["constant"], config["data_hash"], config["lml"]
         model.plan_ = Plan(**config["plan"])
         model._first_reason = model.plan_.reason
@@ -625,17 +600,6 @@ class LinearizedGP:
 
 _SETTINGS = ("mean", "output_mode", "method", "rtol", "maxiter", "preconditioner_rank", "variance_rank",
              "variance_cg_max", "num_probes", "exact_max_rows", "kernel_dtype", "memory_budget", "seed")
-
-
-def _signature(J: JacobianBlocks) -> dict[str, Any]:
-    """What must match between training and test Jacobians: blocks (names, shapes, kind) and outputs."""
-    return {"blocks": [[list(b.names), [list(s) for s in b.shapes], b.kind] for b in J.blocks],
-            "outputs": list(J.outputs)}
-
-
-def _signature_from_json(sig: dict[str, Any]) -> dict[str, Any]:
-    return {"blocks": [[list(names), [list(s) for s in shapes], kind] for names, shapes, kind in sig["blocks"]],
-            "outputs": list(sig["outputs"])}
 
 
 def _output_view(J: JacobianBlocks, k: int) -> JacobianBlocks:

@@ -20,8 +20,8 @@ import numpy as np
 import backends
 from lingp_core._validate import LingpError
 
-__all__ = ["ArchiveError", "FORMAT_VERSION", "fingerprint", "jacobian_from_arrays", "jacobian_to_arrays",
-           "load_archive", "save_archive"]
+__all__ = ["ArchiveError", "FORMAT_VERSION", "fingerprint", "fingerprint_json", "jacobian_from_arrays",
+           "jacobian_to_arrays", "load_archive", "save_archive"]
 
 #: Version of the archive layout; bumped whenever what an archive holds changes meaning.
 FORMAT_VERSION = 1
@@ -45,8 +45,9 @@ def _digest(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _config_digest(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, allow_nan=False).encode()).hexdigest()
+def fingerprint_json(obj: Any) -> str:
+    """SHA-256 of a JSON-serializable object (keys sorted), e.g. of hyperparameters."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 def fingerprint(*arrays: Any) -> str:
@@ -84,7 +85,7 @@ def save_archive(path: Any, kind: str, arrays: dict[str, Any], config: dict[str,
         if a.dtype == object:
             raise TypeError(f"array {name!r} has dtype object; archives hold numeric arrays only")
     header = {"format": _FORMAT, "version": FORMAT_VERSION, "kind": kind, "config": config,
-              "config_sha256": _config_digest(config), "checksums": {name: _digest(a) for name, a in host.items()}}
+              "config_sha256": fingerprint_json(config), "checksums": {name: _digest(a) for name, a in host.items()}}
     text = json.dumps(header, sort_keys=True, allow_nan=False)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=directory)
@@ -141,7 +142,7 @@ def load_archive(path: Any, kind: str) -> tuple[dict[str, np.ndarray], dict[str,
     if header.get("kind") != kind:
         raise ArchiveError(f"{path!r} holds a {header.get('kind')!r}, not a {kind!r}; load it with "
                            f"{header.get('kind')}.load")
-    if _config_digest(header.get("config")) != header.get("config_sha256"):
+    if fingerprint_json(header.get("config")) != header.get("config_sha256"):
         raise ArchiveError(f"{path!r}: the saved configuration fails its checksum; the file was modified")
     checksums = header.get("checksums", {})
     if set(checksums) != set(contents):

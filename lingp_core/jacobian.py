@@ -533,6 +533,36 @@ class JacobianBlocks(JacobianShape):
                              f"this object's {[b.names for b in self.blocks]} (p={self.p}); export both with the "
                              "same params")
 
+    def examples(self, rows: slice) -> JacobianBlocks:
+        """The Jacobian of the examples in ``rows`` (a slice), sharing J's arrays (views, no copies)."""
+        c = self.n_outputs
+        blocks: list[_Block] = []
+        for b in self.blocks:
+            if isinstance(b, DenseBlock):
+                blocks.append(DenseBlock(b.names, b.shapes, b.values[rows.start * c: rows.stop * c], c, b.xp))
+            else:
+                blocks.append(FactoredLinearBlock(b.names, b.shapes, b.A[rows], b.delta[rows],
+                                                  has_weight=b.has_weight, has_bias=b.has_bias, xp=b.xp))
+        return JacobianBlocks(self.f0[rows], blocks, backend=self.backend, outputs=self.outputs)
+
+    def signature(self) -> dict[str, Any]:
+        """What a second export must share with this one for kernels and predictions between them, JSON-ready:
+        parameter blocks (names and shapes, in column order), the selected outputs and the dtype."""
+        return {"blocks": [[list(b.names), [list(s) for s in b.shapes]] for b in self.blocks],
+                "outputs": list(self.outputs), "dtype": str(self.dtype)}
+
+    def check_signature(self, signature: dict[str, Any], *, what: str = "the training Jacobian") -> None:
+        """Raise unless this export matches a :meth:`signature` recorded from ``what`` (e.g. at fit time)."""
+        mine = self.signature()
+        if mine["blocks"] != signature["blocks"] or mine["outputs"] != signature["outputs"]:
+            names = [n for names, _ in signature["blocks"] for n in names]
+            raise ShapeError(f"J_star was exported with parameters {list(self.param_names)} and outputs "
+                             f"{list(self.outputs)}: other parameters or outputs than {what}'s {names} and outputs "
+                             f"{signature['outputs']}; export both with the same params= and outputs=")
+        if mine["dtype"] != signature["dtype"]:
+            raise DTypeError(f"J_star has dtype {mine['dtype']} but {what} {signature['dtype']}; export both in one "
+                             "dtype")
+
     def gram(self, other: JacobianBlocks | None = None, *, memory_budget: float | None = None) -> Any:
         """J J'ᵀ summed over blocks (J Jᵀ when ``other`` is None): the unscaled kernel matrix.
 

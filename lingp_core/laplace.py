@@ -45,10 +45,7 @@ blocks (the kernel with test points needs them), plus the prior mean.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import os
 import warnings
 from typing import Any
 
@@ -71,15 +68,15 @@ from lingp_core._progress import progress_bar
 from lingp_core._validate import NotFittedError
 from lingp_core.gp import Plan
 from lingp_core.io import (
-    ArchiveError,
     fingerprint,
+    fingerprint_json,
     jacobian_from_arrays,
     jacobian_to_arrays,
     load_archive,
     save_archive,
 )
 from lingp_core.jacobian import JacobianBlocks
-from lingp_core.likelihoods import BernoulliLikelihood, CategoricalLikelihood, Likelihood
+from lingp_core.likelihoods import BernoulliLikelihood, Likelihood, as_likelihood
 
 __all__ = ["LAPLACE_METHODS", "PREDICTIVE_METHODS", "LaplaceClassifier", "NotFittedError"]
 
@@ -87,18 +84,11 @@ __all__ = ["LAPLACE_METHODS", "PREDICTIVE_METHODS", "LaplaceClassifier", "NotFit
 LAPLACE_METHODS = ("auto", "parameter", "function")
 #: Accepted ``predict_proba`` methods.
 PREDICTIVE_METHODS = ("probit", "mc")
-_LIKELIHOODS: dict[str, type[Likelihood]] = {"categorical": CategoricalLikelihood, "bernoulli": BernoulliLikelihood}
+_LIKELIHOODS = ("categorical", "bernoulli")  # of likelihoods.LIKELIHOODS, those with class labels
 _LOG_STEP_CAP = 2.0  # largest change of log s per prior-scale step, before doubling
 
 
 # ----- the estimator ------------------------------------------------------------------------------------------------
-
-def _signature(J: JacobianBlocks) -> dict:
-    """What a test Jacobian must share with the training one: parameters (names, shapes), outputs, dtype."""
-    return {"param_names": list(J.param_names), "param_shapes": [list(s) for s in J.param_shapes],
-            "block_names": [list(b.names) for b in J.blocks], "outputs": list(J.outputs), "dtype": str(J.dtype),
-            "n_outputs": J.n_outputs, "p": J.p}
-
 
 class LaplaceClassifier:
     """Laplace approximation of the linearized network for classification (categorical or Bernoulli).
@@ -149,7 +139,7 @@ class LaplaceClassifier:
                  rtol: float | None = None, maxiter: int = 100, cg_maxiter: int | None = None,
                  memory_budget: float | None = None, progress: bool = False) -> None:
         self.prior_scale = v.check_positive(prior_scale, "prior_scale")
-        self.likelihood = v.check_choice(likelihood, "likelihood", tuple(_LIKELIHOODS))
+        self.likelihood = v.check_choice(likelihood, "likelihood", _LIKELIHOODS)
         self.method = v.check_choice(method, "method", LAPLACE_METHODS)
         self.rtol = None if rtol is None else v.check_positive(rtol, "rtol")
         self.maxiter = v.check_int(maxiter, "maxiter", minimum=1)
@@ -171,7 +161,7 @@ class LaplaceClassifier:
 
     # ----- fitting ---------------------------------------------------------------------------------------------
     def _lik(self) -> Likelihood:
-        return _LIKELIHOODS[self.likelihood]()
+        return as_likelihood(self.likelihood)
 
     def fit(self, J: JacobianBlocks, y: Any, *, prior_mean: Any = None) -> LaplaceClassifier:
         """Find the MAP of the linearized model and its Laplace posterior.
@@ -209,7 +199,7 @@ class LaplaceClassifier:
         self._engine = engine_type(J, targets, lik, m, self.memory_budget)
         solver = "newton-cg, cholesky of H" if method == "parameter" else "newton, cholesky of B"
         self.plan_ = Plan(method, method, solver, 1, n * c, p, reason)
-        self._signature = _signature(J)
+        self._signature = J.signature()
         self.data_hash_ = fingerprint(y, J.f0, m)
         self._J_train = J
         self.prior_scale_history_ = []
@@ -333,15 +323,7 @@ class LaplaceClassifier:
         self._check_fitted()
         if not isinstance(J_star, JacobianBlocks):
             raise TypeError(f"J_star must be a JacobianBlocks from export_jacobian, got {type(J_star).__name__}")
-        theirs, mine = _signature(J_star), self._signature
-        for key in ("param_names", "param_shapes", "outputs", "block_names"):
-            if theirs[key] != mine[key]:
-                raise v.ShapeError(f"J_star was exported with other parameters or outputs than the training Jacobian: "
-                                   f"{key} {theirs[key]} (p = {J_star.p}) against {mine[key]} (p = {mine['p']}); "
-                                   "export both with the same params= and outputs=")
-        if theirs["dtype"] != mine["dtype"]:
-            raise v.DTypeError(f"J_star has dtype {theirs['dtype']} but the model was fitted on {mine['dtype']}; "
-                               "export both in one dtype")
+        J_star.check_signature(self._signature)
         return J_star
 
     def _state_on(self, backend: Backend) -> dict:
@@ -382,7 +364,7 @@ class LaplaceClassifier:
         cov = None if return_var is False else ("full" if return_var == "full" else "diag")
         state = self._state_on(J_star.backend)
         if self.plan_.space == "parameter":
-            mean, var = predict_weight(state, J_star, self.prior_scale, cov, self.memory_budget)
+            mean, var = predict_weight(state, J_star, cov)
         else:
             J_train = self._train_jacobian_on(J_star.backend)
             mean, var = predict_function(state, J_train, J_star, self.prior_scale, cov, self.memory_budget)
@@ -438,10 +420,6 @@ class LaplaceClassifier:
         return proba
 
     # ----- persistence -------------------------------------------------------------------------------------------
-    def _hyper_hash(self) -> str:
-        text = json.dumps({"prior_scale": self.prior_scale, "likelihood": self.likelihood}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
-
     def save(self, path: Any) -> str:
         """Write what prediction needs to an .npz archive (no pickle, no training labels); returns the path written.
 
@@ -453,11 +431,11 @@ class LaplaceClassifier:
         self._check_fitted()
         arrays = {f"state_{k}": a for k, a in self._state.items()}
         arrays["w_map"] = self.w_map_
-        config = {"prior_scale": self.prior_scale, "likelihood": self.likelihood,
-                  "settings": {"method": self.method, "rtol": self.rtol, "maxiter": self.maxiter,
-                               "cg_maxiter": self.cg_maxiter, "memory_budget": self.memory_budget},
+        hyper = {"prior_scale": self.prior_scale, "likelihood": self.likelihood}
+        config = {**hyper, "settings": {"method": self.method, "rtol": self.rtol, "maxiter": self.maxiter,
+                                        "cg_maxiter": self.cg_maxiter, "memory_budget": self.memory_budget},
                   "plan": dataclasses.asdict(self.plan_), "signature": self._signature, "data_hash": self.data_hash_,
-                  "hyper_hash": self._hyper_hash(), "log_evidence": self._evidence, "fit_info": self.fit_info_,
+                  "hyper_hash": fingerprint_json(hyper), "log_evidence": self._evidence, "fit_info": self.fit_info_,
                   "jacobian": None}
         if self.plan_.space == "function":
             J_arrays, config["jacobian"] = jacobian_to_arrays(self._J_train)
@@ -477,9 +455,6 @@ class LaplaceClassifier:
         arrays, config = load_archive(path, cls._KIND)
         be = backends.get_backend(backend)
         model = cls(config["prior_scale"], config["likelihood"], **config["settings"])
-        if model._hyper_hash() != config["hyper_hash"]:
-            raise ArchiveError(f"{os.fspath(path)!r}: the hyperparameters do not match their hash; the file was "
-                               "modified")
         model.plan_, model._signature = Plan(**config["plan"]), config["signature"]
         model.data_hash_, model.fit_info_, model._evidence = config["data_hash"], config["fit_info"], \
             config["log_evidence"]
@@ -497,10 +472,11 @@ def _monte_carlo(mean: Any, cov: Any, likelihood: Likelihood, n_samples: int, se
     n, c = mean.shape
     values, vectors = xp.linalg.eigh(cov)
     root = vectors * xp.sqrt(xp.maximum(values, 0.0))[:, None, :]  # (n, c, c)
-    z_all = be.asarray(np.random.default_rng(seed).standard_normal((n_samples, n, c)))
+    rng = np.random.default_rng(seed)
     total = xp.zeros((n, c), dtype=np.float64)
     for rows in chunks(n_samples, WORK_ELEMENTS // max(1, n * c)):
-        z = z_all[rows]  # (k, n, c)
+        # drawn chunk by chunk from one generator: the same stream as one big draw, in bounded memory
+        z = be.asarray(rng.standard_normal((rows.stop - rows.start, n, c)))
         logits = mean[None] + xp.einsum("ikl,sil->sik", root, z)
         total += mean_probabilities(logits.reshape(-1, c), likelihood).reshape(-1, n, c).sum(axis=0)
     return total / n_samples

@@ -21,7 +21,8 @@ import numpy as np
 import backends
 from lingp_core import _validate as v
 
-__all__ = ["BernoulliLikelihood", "CategoricalLikelihood", "GaussianLikelihood", "Likelihood", "LIKELIHOODS"]
+__all__ = ["BernoulliLikelihood", "CategoricalLikelihood", "GaussianLikelihood", "Likelihood", "LIKELIHOODS",
+           "check_noise"]
 
 
 class Likelihood:
@@ -96,6 +97,27 @@ class Likelihood:
         raise NotImplementedError
 
 
+def check_noise(noise: Any) -> float | np.ndarray:
+    """A noise variance σ² > 0 as a float, or one per output as a float64 host array (c,), from a number, a 0-d or
+    1-D array (NumPy or CuPy); ShapeError, DTypeError, NonFiniteError or ValueRangeError otherwise."""
+    # per-output variances are a few numbers: keep them on the host, in float64
+    arr = v.backend_of(noise).to_numpy(noise) if backends.backend_name_of(noise) else noise
+    if np.ndim(arr) == 0:  # a Python or NumPy scalar, or a 0-d array
+        return v.check_positive(arr.item() if hasattr(arr, "item") else arr, "noise")
+    arr = np.asarray(arr)
+    if arr.ndim != 1 or arr.size == 0:
+        raise v.ShapeError(f"noise must be a scalar or a 1-D array with one variance per output, got shape "
+                           f"{arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+        raise v.DTypeError(f"noise has dtype {arr.dtype}; expected real numbers")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise v.NonFiniteError(f"noise (shape {arr.shape}) holds NaN or Inf: {arr.tolist()}")
+    if (arr <= 0).any():
+        raise v.ValueRangeError(f"noise variances must be > 0, got {arr.tolist()}")
+    return arr
+
+
 class GaussianLikelihood(Likelihood):
     """y_ik ~ N(f_ik, σ²_k): Λ_i = diag(1/σ²).
 
@@ -108,22 +130,7 @@ class GaussianLikelihood(Likelihood):
     name = "gaussian"
 
     def __init__(self, noise: Any = 1.0) -> None:
-        if np.ndim(noise) == 0 and not hasattr(noise, "shape"):
-            self.noise: Any = v.check_positive(noise, "noise")
-            return
-        # per-output variances are a few numbers: keep them on the host, in float64
-        arr = v.backend_of(noise).to_numpy(noise) if backends.backend_name_of(noise) else np.asarray(noise)
-        if arr.ndim != 1 or arr.size == 0:
-            raise v.ShapeError(f"noise must be a scalar or a 1-D array with one variance per output, got shape "
-                               f"{arr.shape}")
-        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-            raise v.DTypeError(f"noise has dtype {arr.dtype}; expected real numbers")
-        arr = arr.astype(np.float64)
-        if not np.isfinite(arr).all():
-            raise v.NonFiniteError(f"noise (shape {arr.shape}) holds NaN or Inf: {arr.tolist()}")
-        if (arr <= 0).any():
-            raise v.ValueRangeError(f"noise variances must be > 0, got {arr.tolist()}")
-        self.noise = arr
+        self.noise: Any = check_noise(noise)
 
     def __repr__(self) -> str:
         noise = self.noise if isinstance(self.noise, float) else self.noise.tolist()

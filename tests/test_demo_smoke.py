@@ -33,13 +33,14 @@ def test_demo_quick_runs_and_reports(tmp_path):
     rows = report["rows"]
     assert [r["method"] for r in rows] == list(METHODS)
     assert all(r["labels_per_class"] == 2 for r in rows)
-    for r in rows:
-        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["ece"] <= 1.0
-        assert 0.0 < r["nll"] < 20.0 and r["seconds"] >= 0.0
+    by_method = {r["method"]: r for r in rows}
     # the source network works on its own domain and the shift hurts it: adaptation has something to do
-    source = next(r for r in rows if r["method"] == "source")
+    source = by_method["source"]
     assert report["source"]["upright_accuracy"] > 0.85
     assert source["accuracy"] < report["source"]["upright_accuracy"] - 0.3
+    # ... and the Laplace classifier adapts: more accurate and a lower NLL than the source network on the target
+    laplace = next(r for m, r in by_method.items() if "laplace" in m)
+    assert laplace["accuracy"] > source["accuracy"] + 0.1 and laplace["nll"] < source["nll"] - 1.0
     bins = report["reliability"]["bins"]
     assert set(bins) == set(METHODS)
     assert all(sum(b["counts"]) == report["n_test"] for b in bins.values())
@@ -52,7 +53,7 @@ def test_domains_and_draws_are_fixed_by_the_seed():
     for field in ("source_train_x", "source_train_y", "pool_x", "pool_y", "test_x", "test_y"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert not np.array_equal(a.test_x, data.load_domains(4).test_x)
-    # disjoint halves: no target image is an upright source image
+    # every digit image is used once: the four parts add up to all 1797
     assert a.source_train_x.shape[0] + a.source_test_x.shape[0] + a.pool_x.shape[0] + a.test_x.shape[0] == 1797
     draw = data.few_shot_indices(a.pool_y, 3, np.random.default_rng(0))
     np.testing.assert_array_equal(draw, data.few_shot_indices(a.pool_y, 3, np.random.default_rng(0)))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import lingp_core as lg
 from lingp_core._progress import progress_bar
 from lingp_core.demo import baselines, data, metrics, network, transfer
 
@@ -110,8 +111,8 @@ def _warm_up(model64: torch.nn.Module, pool_x: torch.Tensor, pool_y: np.ndarray,
     use costs seconds) before the clocks start; return how long that took."""
     clock = _Clock(device)
     chosen = data.few_shot_indices(pool_y, 1, np.random.default_rng(settings.seed))
-    J = transfer.export_jacobian(model64, pool_x[chosen].double(), settings.backend)
-    J_test = transfer.export_jacobian(model64, test_x[:8].double(), settings.backend)
+    J = lg.export_jacobian(model64, pool_x[chosen].double(), backend=settings.backend)
+    J_test = lg.export_jacobian(model64, test_x[:8].double(), backend=settings.backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the results are thrown away, and so is what they warn about
         if "lingp_gp" in settings.methods:
@@ -133,7 +134,7 @@ def _adapt(model: torch.nn.Module, model64: torch.nn.Module | None, ax: torch.Te
             outputs[m] = (probs, clock.seconds(), info)
     if model64 is not None:
         clock = _Clock(device)
-        J = transfer.export_jacobian(model64, ax.double(), settings.backend)
+        J = lg.export_jacobian(model64, ax.double(), backend=settings.backend)
         shared = clock.seconds() + test_export_seconds  # both exports, counted in each lingp row
         for m in settings.methods:
             clock = _Clock(device)
@@ -176,7 +177,7 @@ def run(settings: Settings) -> dict[str, Any]:
         if device.type == "cuda":
             warmup_seconds = _warm_up(model64, pool_x, domains.pool_y, test_x, settings, device)
         clock = _Clock(device)
-        J_test = transfer.export_jacobian(model64, test_x.double(), settings.backend)
+        J_test = lg.export_jacobian(model64, test_x.double(), backend=settings.backend)
         test_export_seconds = clock.seconds()
 
     rows: list[dict] = []

@@ -32,15 +32,11 @@ import numpy as np
 
 import lingp_core as lg
 from lingp_core.demo.class_probabilities import probability_of_largest
+from lingp_core.kernels import OUTPUT_MODES
 
-__all__ = ["GP_OUTPUT_MODES", "export_jacobian", "laplace_classifier", "linearized_gp"]
+__all__ = ["GP_OUTPUT_MODES", "laplace_classifier", "linearized_gp"]
 
-GP_OUTPUT_MODES = ("full", "independent", "trace")
-
-
-def export_jacobian(model64: Any, x64: Any, backend: str) -> lg.JacobianBlocks:
-    """The logits' Jacobian at ``x64`` (a float64 tensor on the model's device) on the named backend."""
-    return lg.export_jacobian(model64, x64, backend=backend)
+GP_OUTPUT_MODES = OUTPUT_MODES  # LinearizedGP takes every kernel output mode
 
 
 def linearized_gp(J: lg.JacobianBlocks, labels: np.ndarray, J_test: lg.JacobianBlocks, *,
@@ -83,6 +79,6 @@ def laplace_classifier(J: lg.JacobianBlocks, labels: np.ndarray,
     clf = lg.LaplaceClassifier(prior_scale=1.0, likelihood="categorical")
     clf.fit(J, be.asarray(labels))
     clf.optimize_prior_scale()
-    probs = be.to_numpy(clf.predict_proba(J_test, method="probit")).astype(np.float64, copy=False)
+    probs = be.to_numpy(clf.predict_proba(J_test, method="probit"))
     return probs, {"prior_scale": float(clf.prior_scale)}
 
