@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -475,19 +474,3 @@ def mean_and_stderr(values: Any) -> tuple[float, float]:
 def count_parameters(model: Any) -> int:
     """Number of trainable scalars in ``model``: the p of its Jacobian."""
     return sum(int(p.numel()) for p in model.parameters() if p.requires_grad)
-
-
-def command_line(script: str, argv: list[str]) -> str:
-    """The command that reproduces this run, as typed from the repository root."""
-    import shlex
-
-    return " ".join(["python", f"benchmarks/{Path(script).name}"] + [shlex.quote(a) for a in argv])
-
-
-def set_torch_threads(threads: int) -> None:
-    """Set torch's intra-op CPU threads (the scripts' --torch-threads)."""
-    import torch
-
-    if threads < 1:
-        raise ValueRangeError(f"--torch-threads must be ≥ 1, got {threads}")
-    torch.set_num_threads(threads)

@@ -116,3 +116,25 @@ def progress(items: Any, *, enabled: bool, desc: str, total: int | None = None) 
     except ImportError:
         return items
     return tqdm(items, desc=desc, total=total, leave=False)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, as typed from the repository root (argv None: this process's)."""
+    import os
+    import shlex
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+
+    return " ".join(["python", f"benchmarks/{os.path.basename(script)}"] + [shlex.quote(a) for a in argv])
+
+
+def set_torch_threads(threads: int) -> None:
+    """Set torch's intra-op CPU threads (the scripts' --torch-threads)."""
+    import torch
+
+    if threads < 1:
+        from lingp_core import ValueRangeError
+
+        raise ValueRangeError(f"--torch-threads must be ≥ 1, got {threads}")
+    torch.set_num_threads(threads)

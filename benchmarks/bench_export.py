@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import machine_info, paper_mlp, pyplot  # noqa: E402
+from benchmarks._common import PAPER_WIDTHS, command_line, machine_info, paper_mlp, pyplot  # noqa: E402
 
 PATHS = ("factored", "torchfunc", "autograd_kvp")
 FULL_SIZES = (1000, 2000, 5000, 10000)
 QUICK_SIZES = (100,)
-WIDTHS = (5, 200, 2000, 200, 1)
+WIDTHS = PAPER_WIDTHS
 TARGET_SPEEDUP, TARGET_MEMORY_RATIO, TARGET_N = 30.0, 0.1, 1000
 # torch.func's full Jacobian holds J (n·p) plus about as much again in vmap/jacrev temporaries, plus the kernel
 TORCHFUNC_OVERHEAD = 2.2
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "bench_export", "backend": args.backend, "quick": args.quick, "dtype": "float32",
               "model": {"widths": list(WIDTHS), "activation": "ELU", "p": p}, "memory_method": memory_method,
               "machine": machine_info(args.backend), "rows": rows, "ratios": ratios, "targets": targets,
-              "kernel_agreement": agreement}
+              "kernel_agreement": agreement, "command": command_line(__file__, argv)}
     json_path = args.out / f"bench_export_{args.backend}{'_quick' if args.quick else ''}.json"
     report["plot"] = _plot(rows, args.out, args.backend + ("_quick" if args.quick else ""))
     json_path.write_text(json.dumps(report, indent=2))

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import machine_info, pyplot, save_figure  # noqa: E402
+from benchmarks._common import command_line, machine_info, pyplot, save_figure  # noqa: E402
 
 FULL = {"n_train": 1200, "hidden": 64, "epochs": 1000}
 QUICK = {"n_train": 200, "hidden": 8, "epochs": 100}
@@ -282,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="laplace-torch variants to run: all, fast (kron and last layer) or none")
     args = parser.parse_args(argv)
     data = run(args)
+    data["command"] = command_line(__file__, argv)
     print_table(data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_laplace.json").write_text(json.dumps(data, indent=2, default=float))
-    plot(data, out / "bench_laplace.png")
+    stem = f"bench_laplace_{args.backend}{'_quick' if args.quick else ''}"  # a quick run keeps the full result
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2, default=float))
+    plot(data, out / f"{stem}.png")
     return 0
 
 

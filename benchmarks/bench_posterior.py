@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import PAPER_WIDTHS, machine_info, paper_mlp, pyplot, save_figure  # noqa: E402
+from benchmarks._common import PAPER_WIDTHS, command_line, machine_info, paper_mlp, pyplot, save_figure  # noqa: E402
 
 QUICK_WIDTHS = (5, 32, 64, 32, 1)
 N_TEST = 50
@@ -122,12 +122,11 @@ def run(args: argparse.Namespace) -> dict:
     widths = QUICK_WIDTHS if args.quick else PAPER_WIDTHS
     rows = []
     warm_model, warm_x = paper_mlp(8, device, widths, seed=args.seed)  # one-time torch set-up out of the timings
-    _, warm_xs = paper_mlp(N_TEST, device, widths, seed=args.seed + 100)
-    run_lingp(warm_model, warm_x, warm_xs, targets(warm_x, 0), args.backend)
-    run_autograd(warm_model, warm_x, warm_xs, targets(warm_x, 0), args.backend, 1.0)
+    _, xs = paper_mlp(N_TEST, device, widths, seed=args.seed + 100)  # the same 50 test inputs for every n
+    run_lingp(warm_model, warm_x, xs, targets(warm_x, 0), args.backend)
+    run_autograd(warm_model, warm_x, xs, targets(warm_x, 0), args.backend, 1.0)
     for n in args.sizes:
         model, x = paper_mlp(n, device, widths, seed=args.seed)
-        _, xs = paper_mlp(N_TEST, device, widths, seed=args.seed + 100)
         y = targets(x, args.seed)
         ours = run_lingp(model, x, xs, y, args.backend)
         row = {"n": n, "p": sum(p.numel() for p in model.parameters()), "lingp": ours}
@@ -148,7 +147,6 @@ def run(args: argparse.Namespace) -> dict:
     iterative_rows = []
     for n in args.iterative_sizes:
         model, x = paper_mlp(n, device, widths, seed=args.seed)
-        _, xs = paper_mlp(N_TEST, device, widths, seed=args.seed + 100)
         it = run_lingp(model, x, xs, targets(x, args.seed), args.backend, method="iterative")
         if n in exact:
             for key in ("mean", "var"):
@@ -226,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         args.baseline_cap = 10.0 if args.quick else 300.0
     print(HEADER)
     result = run(args)
+    result["command"] = command_line(__file__, argv)
     met = [r for r in result["rows"] if r["n"] == TARGET_N and not args.quick]
     if met:
         t = met[0]["lingp"]["total_s"]

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import machine_info, paper_mlp, pyplot  # noqa: E402
+from benchmarks._common import PAPER_WIDTHS, command_line, machine_info, paper_mlp, pyplot  # noqa: E402
 
-WIDTHS = (5, 200, 2000, 200, 1)
+WIDTHS = PAPER_WIDTHS
 QUICK_WIDTHS = (5, 32, 64, 32, 1)
 FULL_N, QUICK_N = 1000, 64
 NOISE = 0.1  # σ² of the Gaussian likelihood
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     report = run(args)
+    report["command"] = command_line(__file__, argv)
     stem = f"bench_products_{args.backend}{'_quick' if args.quick else ''}"
     report["plot"] = _plot(report, args.out, stem)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))

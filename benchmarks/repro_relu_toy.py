@@ -27,7 +27,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, progress, pyplot, repro_parser, save_figure, save_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    command_line,
+    machine_info,
+    markdown_table,
+    progress,
+    pyplot,
+    repro_parser,
+    save_figure,
+    save_results,
+    set_torch_threads,
+)
 
 NAME = "repro_relu_toy"
 REGIONS = {"data": (4.0, 6.0), "gap": (0.0, 1.0), "outside": (10.0, np.inf)}  # ranges of |x|
@@ -44,7 +54,7 @@ def parse_args(argv: list[str] | None = None):
     args.widths = args.widths or ([5, 50] if args.quick else [5, 50, 500, 5000])
     args.n = args.n or (100 if args.quick else 300)
     args.steps = args.steps or (200 if args.quick else 2000)
-    bl.set_torch_threads(args.torch_threads)
+    set_torch_threads(args.torch_threads)
     return args
 
 
@@ -149,7 +159,7 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.command = bl.command_line(__file__, sys.argv[1:] if argv is None else argv)
+    args.command = command_line(__file__, argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
     stem = NAME + ("_quick" if args.quick else "")

@@ -34,7 +34,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, progress, pyplot, repro_parser, save_figure, save_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    command_line,
+    machine_info,
+    markdown_table,
+    progress,
+    pyplot,
+    repro_parser,
+    save_figure,
+    save_results,
+    set_torch_threads,
+)
 
 NAME = "repro_sinusoid"
 SOURCE_TASK = {"amplitude": 2.55, "frequency": 1.25, "phase": math.pi}
@@ -61,7 +71,7 @@ def parse_args(argv: list[str] | None = None):
     args.fine_tune_steps = args.fine_tune_steps or (50 if args.quick else 300)
     args.source_steps = args.source_steps or (300 if args.quick else 4000)
     args.source_tasks = args.source_tasks or (10 if args.quick else 50)
-    bl.set_torch_threads(args.torch_threads)
+    set_torch_threads(args.torch_threads)
     return args
 
 
@@ -222,7 +232,7 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.command = bl.command_line(__file__, sys.argv[1:] if argv is None else argv)
+    args.command = command_line(__file__, argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
     stem = NAME + ("_single" if args.source == "single" else "") + ("_quick" if args.quick else "")

@@ -29,7 +29,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from benchmarks._common import machine_info, markdown_table, progress, pyplot, repro_parser, save_figure, save_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    command_line,
+    machine_info,
+    markdown_table,
+    progress,
+    pyplot,
+    repro_parser,
+    save_figure,
+    save_results,
+    set_torch_threads,
+)
 
 NAME = "repro_tabular_shift"
 SPLIT_FEATURE = 2  # body-mass index in load_diabetes
@@ -47,7 +57,7 @@ def parse_args(argv: list[str] | None = None):
     args.sizes = args.sizes or ([10, 20] if args.quick else [10, 20, 50, 100])
     args.repeats = args.repeats or (2 if args.quick else 20)
     args.source_steps = args.source_steps or (300 if args.quick else 1500)
-    bl.set_torch_threads(args.torch_threads)
+    set_torch_threads(args.torch_threads)
     return args
 
 
@@ -165,7 +175,7 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.command = bl.command_line(__file__, sys.argv[1:] if argv is None else argv)
+    args.command = command_line(__file__, argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
     stem = NAME + ("_quick" if args.quick else "")

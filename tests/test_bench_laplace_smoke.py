@@ -19,7 +19,7 @@ def test_bench_laplace_quick(tmp_path):
                              "none", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert "lingp full (probit)" in result.stdout and "laplace-torch full" in result.stdout
-    data = json.loads((tmp_path / "bench_laplace.json").read_text())
+    data = json.loads((tmp_path / "bench_laplace_numpy_quick.json").read_text())
     rows = {r["variant"]: r for r in data["rows"]}
     assert data["quick"] and data["sizes"]["n_train"] == 200
     for name in ("MAP", "lingp full (probit)", "lingp full (MC)", "lingp last layer (probit)"):
@@ -29,4 +29,4 @@ def test_bench_laplace_quick(tmp_path):
     assert ours["prior_scale"] > 0 and ours["evidence_steps"] >= 1 and ours["plan"].startswith("parameter")
     assert all("skipped" in rows[f"laplace-torch {v}"] for v in ("full", "kron", "last layer"))
     assert "accuracy_vs_map" in data["targets"]
-    assert (tmp_path / "bench_laplace.png").stat().st_size > 0
+    assert (tmp_path / "bench_laplace_numpy_quick.png").stat().st_size > 0

@@ -31,9 +31,9 @@ def test_bench_products_quick(tmp_path):
         assert row["per_product_s"] > 0 and row["sequence_s"] > 0 and row["setup_s"] >= 0
         assert row["speedup_per_product"] > 0 and row["speedup_sequence"] > 0
     assert rows[("Kv", "autograd")]["speedup_per_product"] == 1.0 and rows[("Fv", "fd_kl")]["speedup_sequence"] == 1.0
-    # exact products agree to float32 rounding; the finite difference to about its step
-    assert rows[("Kv", "autograd")]["rel_diff_vs_blocks"] < 1e-4
-    assert rows[("Kv", "gram")]["rel_diff_vs_blocks"] < 1e-4
-    assert rows[("Fv", "autograd")]["rel_diff_vs_blocks"] < 1e-4
-    assert rows[("Fv", "fd_kl")]["rel_diff_vs_blocks"] < 0.1
+    # exact products agree to float32 rounding (~1e-7 measured); the finite difference to about its step (~2e-3)
+    assert rows[("Kv", "autograd")]["rel_diff_vs_blocks"] < 1e-5
+    assert rows[("Kv", "gram")]["rel_diff_vs_blocks"] < 1e-5
+    assert rows[("Fv", "autograd")]["rel_diff_vs_blocks"] < 1e-5
+    assert rows[("Fv", "fd_kl")]["rel_diff_vs_blocks"] < 2e-2
     assert set(report["targets"]) >= {"Fv_per_product", "Fv_sequence", "Kv_per_product", "Kv_sequence", "met"}
