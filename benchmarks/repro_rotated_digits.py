@@ -15,7 +15,7 @@ Network: a small CNN in float64, conv 3×3 (8) → ReLU → max-pool → conv 3�
 → ReLU → linear 64→1 (p = 17,761), trained on the source by Adam (mini-batches of 128, lr 1e-3, cosine-annealed).
 
 Methods on each adaptation set: the source network unadapted; lingp (Jacobian kernel GP of all parameters, mean =
-the network, prior scale and noise by the marginal likelihood, best of 3 starts); last-layer retraining (Adam, 500
+the network, prior scale and noise by the marginal likelihood); last-layer retraining (Adam, 500
 steps, lr 1e-2); fine-tuning of all weights (Adam, 200 full-batch steps, lr 1e-3); ABLR-style Bayesian linear
 regression on the 64 last hidden features. Reported: test RMSE in degrees, mean ± standard error over the repeats.
 (--quick: 100 source steps, 100 last-layer and 50 fine-tuning steps: a smoke run, not a result.)

@@ -16,7 +16,7 @@ Protocol (ours; the paper's source-training details are not reproduced):
   function; MSE per task, then mean ± standard error over the tasks (100 full, 2 quick); for the two Bayesian
   methods also the fraction of the test grid where the true function lies within the latent mean ± 2σ;
 - methods, each on exactly the same context points: the source network unadapted; lingp (Jacobian kernel GP of all
-  1761 parameters, mean = the network, prior scale and noise by the marginal likelihood, best of 3 starts);
+  1761 parameters, mean = the network, prior scale and noise by the marginal likelihood);
   last-layer retraining (Adam, 500 steps, lr 1e-2, cosine); fine-tuning of all weights (Adam, 300 steps, lr 1e-2,
   cosine); ABLR-style Bayesian linear regression on the 40 last hidden features plus a constant, α and β by the
   evidence.

@@ -12,7 +12,7 @@ the network to extrapolate). Covariates and target are standardized with the sou
   pool's first 10, 20, 50, 100 patients (nested). 20 repeats (quick: 2 repeats, sizes 10 and 20).
 
 Methods on each adaptation set: the source network unadapted; lingp (Jacobian kernel GP of all parameters, mean =
-the network, prior scale and noise by the marginal likelihood, best of 3 starts); last-layer retraining (Adam, 500
+the network, prior scale and noise by the marginal likelihood); last-layer retraining (Adam, 500
 steps, lr 1e-2); fine-tuning of all weights (Adam, 200 steps, lr 1e-3); ABLR-style Bayesian last layer (Bayesian
 linear regression on the 50 last hidden features, evidence-optimized); and, to show what the network adds at all,
 Bayesian linear regression on the 10 covariates of the adaptation set alone ("target-only linear"). Reported: test

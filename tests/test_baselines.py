@@ -270,8 +270,7 @@ def test_linearized_gp_matches_a_dense_gp_at_its_hyperparameters(rng):
     expected_lml = -0.5 * (residual @ np.linalg.solve(cov, residual) + logdet + 12 * np.log(2 * np.pi))
     np.testing.assert_allclose(out["log_marginal_likelihood"], expected_lml, rtol=1e-8)
     assert out["p"] == j.shape[1] == 2 * 5 + 5 + 5 + 1
-    # the kept start is the best one, and it is a maximum of the dense marginal likelihood along s and σ²
-    assert out["log_marginal_likelihood"] == max(t["log_marginal_likelihood"] for t in out["starts"])
+    # the fitted values are a maximum of the dense marginal likelihood along s and σ²
     for fs, fn in [(1.1, 1), (1 / 1.1, 1), (1, 1.1), (1, 1 / 1.1)]:
         c = fs * s * j @ j.T + fn * noise * np.eye(12)
         lml = -0.5 * (residual @ np.linalg.solve(c, residual) + np.linalg.slogdet(c)[1] + 12 * np.log(2 * np.pi))
