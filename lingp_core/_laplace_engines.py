@@ -17,6 +17,7 @@ from lingp_core.kernels import kernel
 from lingp_core.likelihoods import CategoricalLikelihood, Likelihood
 from lingp_core.operators import LinearOperator
 from lingp_core.solvers import cg, safe_cholesky
+from lingp_core.solvers.preconditioners import _DiagonalInverse
 
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
 _MAX_HALVINGS = 40
@@ -107,17 +108,6 @@ class _Float64Operator(LinearOperator):
         return self.op.matmat(x.astype(self.op.dtype, copy=False)).astype(np.float64, copy=False)
 
 
-class _DiagonalInverse(LinearOperator):
-    """Jacobi preconditioner: x ↦ x / d."""
-
-    def __init__(self, d: Any, backend: Backend) -> None:
-        self.d, self.backend = d, backend
-        self.shape, self.dtype = (int(d.shape[0]),) * 2, np.dtype(np.float64)
-
-    def _matmat(self, x: Any) -> Any:
-        return x / self.d[:, None]
-
-
 class _InverseFromFactor(LinearOperator):
     """x ↦ (R Rᵀ)⁻¹ x = R⁻ᵀ (R⁻¹ x) given R⁻¹: an earlier Hessian as preconditioner."""
 
@@ -196,8 +186,7 @@ class WeightEngine:
                 info.converged = True
                 break
             op = _Float64Operator(fisher(J, self.likelihood, g.astype(J.dtype), damping=1.0 / s))
-            M = precond if precond is not None else _DiagonalInverse(
-                op.op.diagonal().astype(np.float64), self.backend)
+            M = precond if precond is not None else _DiagonalInverse(op.op.diagonal().astype(np.float64), op)
             forcing = max(min(0.5, math.sqrt(info.gradient_ratio)) * min(1.0, info.gradient_ratio), floor)
             solve = cg(op, -grad, M=M, rtol=forcing, maxiter=cg_maxiter or 10 * p, warn=False)
             info.cg_iterations += int(solve.iterations.max())
