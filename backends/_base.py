@@ -107,8 +107,10 @@ class Backend:
         raise NotImplementedError
 
     # ----- linalg extras ------------------------------------------------------------------------------
-    def cholesky(self, a: Any) -> Any:
-        """Lower Cholesky factor L of an SPD (n, n) matrix, a = L Lᵀ. Raises numpy.linalg.LinAlgError if not PD."""
+    def cholesky(self, a: Any, *, overwrite: bool = False) -> Any:
+        """Lower Cholesky factor L of an SPD (n, n) matrix, a = L Lᵀ (only its lower triangle is read). Raises
+        numpy.linalg.LinAlgError if not PD. ``overwrite=True`` lets the factorization reuse a's memory (a is then
+        undefined, also on failure)."""
         raise NotImplementedError
 
     def solve_triangular(self, a: Any, b: Any, *, lower: bool = True, trans: bool = False) -> Any:

@@ -44,7 +44,7 @@ class CupyBackend(Backend):
         pooled = self.xp.get_default_memory_pool().free_bytes()  # held by CuPy's pool but reusable
         return MemoryInfo(host=host_free_bytes(), device=int(free_device + pooled))
 
-    def cholesky(self, a: Any) -> Any:
+    def cholesky(self, a: Any, *, overwrite: bool = False) -> Any:  # cuSOLVER's wrapper always copies
         # cuSOLVER reports failure in an info array that CuPy ignores by default; make it raise.
         with self._cupyx.errstate(linalg="raise"):
             return self.xp.linalg.cholesky(a)

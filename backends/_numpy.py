@@ -29,13 +29,23 @@ class NumpyBackend(Backend):
     def free_memory(self) -> MemoryInfo:
         return MemoryInfo(host=host_free_bytes(), device=None)
 
-    def cholesky(self, a: np.ndarray) -> np.ndarray:
-        return scipy.linalg.cholesky(a, lower=True, check_finite=False)
+    def cholesky(self, a: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
+        if a.flags.c_contiguous:
+            # LAPACK works in Fortran order, where a C-ordered symmetric matrix is its own transpose: factor aᵀ as
+            # Uᵀ U and return Uᵀ = L, so that ``overwrite`` really works in place (no Fortran copy of a)
+            return scipy.linalg.cholesky(a.T, lower=False, overwrite_a=overwrite, check_finite=False).T
+        return scipy.linalg.cholesky(a, lower=True, overwrite_a=overwrite, check_finite=False)
 
+    # LAPACK copies a C-ordered matrix into Fortran order on every call; its transpose is Fortran-ordered already, so
+    # triangular work on a C-ordered factor goes through the transpose (the factors of ``cholesky`` are C-ordered)
     def solve_triangular(self, a: np.ndarray, b: np.ndarray, *, lower: bool = True, trans: bool = False) -> np.ndarray:
+        if a.flags.c_contiguous and not a.flags.f_contiguous:
+            return scipy.linalg.solve_triangular(a.T, b, lower=not lower, trans=0 if trans else 1, check_finite=False)
         return scipy.linalg.solve_triangular(a, b, lower=lower, trans=1 if trans else 0, check_finite=False)
 
     def cho_solve(self, lower_factor: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if lower_factor.flags.c_contiguous and not lower_factor.flags.f_contiguous:
+            return scipy.linalg.cho_solve((lower_factor.T, False), b, check_finite=False)
         return scipy.linalg.cho_solve((lower_factor, True), b, check_finite=False)
 
     def eigh(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

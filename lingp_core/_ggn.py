@@ -13,24 +13,24 @@ from lingp_core.jacobian import _chunks as chunks
 
 # ----- dense GGN and per-example Gram blocks ------------------------------------------------------------------------
 
-def _layer_order(block: FactoredLinearBlock) -> np.ndarray:
-    """For each of the block's parameter columns, its index o·m + j in the layer layout (bias = last column j)."""
-    out, n_in, m = block.out_features, block.in_features, block.A.shape[2]
-    parts = []
-    if block.has_weight:
-        o, j = np.divmod(np.arange(out * n_in), n_in)
-        parts.append(o * m + j)
+def _segments(block: FactoredLinearBlock) -> list[tuple[int, slice]]:
+    """The block's weight and bias parts as (first parameter column, input columns j of A): parameter column
+    first + o·width + (j − j₀) holds output o and input j of the layer (weights row-major, then the bias column)."""
+    n_in = block.in_features
+    parts = [(0, slice(0, n_in))] if block.has_weight else []
     if block.has_bias:
-        parts.append(np.arange(out) * m + (m - 1))
-    return np.concatenate(parts)
+        parts.append((block.out_features * n_in, slice(n_in, n_in + 1)))
+    return parts
 
 
-def _kronecker_pair(b1: FactoredLinearBlock, b2: FactoredLinearBlock, curvature: Any) -> Any:
-    """F_{12} = Σ_i (Δ_i1ᵀ Λ_i Δ_i2) ⊗ (a_i1 a_i2ᵀ) for two factored blocks with T = 1, in parameter order.
+def _kronecker_pair(b1: FactoredLinearBlock, b2: FactoredLinearBlock, curvature: Any, out: Any) -> None:
+    """Write F_{12} = Σ_i (Δ_i1ᵀ Λ_i Δ_i2) ⊗ (a_i1 a_i2ᵀ) for two factored blocks with T = 1 into ``out``
+    (p1, p2), a view of F, in parameter order.
 
     One GEMM over examples of the flattened (out1·out2) and (m1·m2) outer products: n·p1·p2 flops instead of the
     n·c·p1·p2 of Gᵀ G. For a block with itself both outer products are symmetric, so only their upper triangles
-    enter the GEMM (a quarter of the flops) and the result is scattered back.
+    enter the GEMM (a quarter of the flops) and the result is unpacked. Each weight/bias part is then one strided copy
+    into ``out`` (no gathers over p1·p2 indices).
     """
     xp = b1.xp
     same = b2 is b1
@@ -55,9 +55,15 @@ def _kronecker_pair(b1: FactoredLinearBlock, b2: FactoredLinearBlock, curvature:
             acc += dd.reshape(s, o1 * o2).T @ aa.reshape(s, m1 * m2)
     if same:  # the packed index of (k, l) and (l, k) is the same entry of the upper triangle
         acc = acc[xp.asarray(_packed_index(o1).ravel())][:, xp.asarray(_packed_index(m1).ravel())]
-    layer = acc.reshape(o1, o2, m1, m2).transpose(0, 2, 1, 3).reshape(o1 * m1, o2 * m2)
-    i1, i2 = xp.asarray(_layer_order(b1)), xp.asarray(_layer_order(b2))
-    return layer[i1[:, None], i2[None, :]]
+    layer = acc.reshape(o1, o2, m1, m2)  # [o1, o2, j1, j2]
+    for row0, js1 in _segments(b1):
+        w1 = js1.stop - js1.start
+        for col0, js2 in _segments(b2):
+            w2 = js2.stop - js2.start
+            target = out[row0: row0 + o1 * w1, col0: col0 + o2 * w2].reshape(o1, w1, o2, w2)
+            if target.base is None:  # splitting axes of a view is always a view; never write into a copy
+                raise RuntimeError("internal: the Hessian block view could not be reshaped in place")
+            target[...] = layer[:, :, js1, js2].transpose(0, 2, 1, 3)
 
 
 def _packed_index(k: int) -> np.ndarray:
@@ -104,13 +110,13 @@ def dense_ggn(J: JacobianBlocks, factors: Any, memory_budget: Any) -> Any:
 
     for a, ba in enumerate(J.blocks):
         for b in range(a, len(J.blocks)):
+            rows, cols = slice(starts[a], starts[a + 1]), slice(starts[b], starts[b + 1])
             if kron[a] and kron[b]:
-                block = _kronecker_pair(ba, J.blocks[b], curvature)
+                _kronecker_pair(ba, J.blocks[b], curvature, F[rows, cols])
             else:
-                block = transformed(a).T @ transformed(b)
-            F[starts[a]:starts[a + 1], starts[b]:starts[b + 1]] = block
+                F[rows, cols] = transformed(a).T @ transformed(b)
             if b > a:
-                F[starts[b]:starts[b + 1], starts[a]:starts[a + 1]] = block.T
+                F[cols, rows] = F[rows, cols].T
     return F
 
 

@@ -21,6 +21,9 @@ from lingp_core.solvers.preconditioners import _DiagonalInverse
 
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
 _MAX_HALVINGS = 40
+# Hutchinson probes for γ and dγ/d log s while the prior-scale steps are far from the fixed point (the last steps use
+# the exact γ): ~0.3 % on γ for the digits benchmark's p = 4,810
+_SLOPE_PROBES = 128
 
 
 # ----- likelihood pieces in float64 ---------------------------------------------------------------------------------
@@ -73,11 +76,50 @@ def _square_factors(likelihood: Likelihood, g: Any) -> Any:
     return out
 
 
+def _curvature_change(likelihood: Likelihood, g: Any, dg: Any) -> Any:
+    """Λ'_i (n, c, c): the derivative of the curvature Λ_i(g_i) in the direction dg_i. With π the mean probabilities
+    and π' = Λ dg: diag(π') − π' πᵀ − π π'ᵀ (softmax), (1 − 2π) π' (sigmoid)."""
+    xp = v.backend_of(g).xp
+    pi = mean_probabilities(g, likelihood)
+    if isinstance(likelihood, CategoricalLikelihood):
+        dpi = pi * dg - pi * (pi * dg).sum(axis=1, keepdims=True)
+        n, c = g.shape
+        out = -dpi[:, :, None] * pi[:, None, :] - pi[:, :, None] * dpi[:, None, :]
+        out[:, np.arange(c), np.arange(c)] += dpi
+        return out
+    return ((1.0 - 2.0 * pi) * pi * (1.0 - pi) * dg)[:, :, None]
+
+
+def _curvature_term(likelihood: Likelihood, g: Any, moved: Any, projected: Any, s: float) -> float:
+    """The part of dγ/d log s that the moving curvature adds: tr(H⁻¹ Jᵀ Λ' J H⁻¹)/s, by Hutchinson, from the logits'
+    change J dŵ/dt (n·c,) and the probes' J H⁻¹ z (n·c, k).
+
+    γ = p − tr(H⁻¹)/s and dH/dt = Jᵀ Λ' J − I/s give dγ/dt = tr(M (I − M)) + tr(H⁻¹ Jᵀ Λ' J H⁻¹)/s with
+    M = I − H⁻¹/s (eigenvalues sλ/(1 + sλ)); the callers estimate the first trace over the same kind of probes.
+    """
+    n, c = g.shape
+    change = _curvature_change(likelihood, g, moved.reshape(n, c))  # Λ' (n, c, c)
+    projected = projected.reshape(n, c, -1)
+    return float((projected * (change @ projected)).sum()) / (projected.shape[2] * s)
+
+
 def _apply_blocks(factors: Any, u: Any, transpose: bool) -> Any:
     """Block-diagonal product: L_i u_i (or L_iᵀ u_i) per example for u of shape (n·c, k) → (n·c, k)."""
     n, c, _ = factors.shape
     f = factors.transpose(0, 2, 1) if transpose else factors
     return (f @ u.reshape(n, c, -1)).reshape(n * c, -1)
+
+
+def _rademacher(dimension: int, backend: Backend) -> Any:
+    """_SLOPE_PROBES seeded ±1 columns (dimension, k), the same on every backend."""
+    rng = np.random.default_rng(0)
+    return backend.asarray(rng.choice(np.array([-1.0, 1.0]), size=(dimension, _SLOPE_PROBES)))
+
+
+def _hutchinson(left: Any, right: Any) -> float:
+    """Mean over probe columns of leftᵀ right: Hutchinson's estimate of tr(A) when left = z and right = A z (or of
+    tr(P Q) with left = P z, right = Q z for commuting symmetric P, Q)."""
+    return float((left * right).sum()) / left.shape[1]
 
 
 # ----- products with J in float64 -----------------------------------------------------------------------------------
@@ -108,15 +150,15 @@ class _Float64Operator(LinearOperator):
         return self.op.matmat(x.astype(self.op.dtype, copy=False)).astype(np.float64, copy=False)
 
 
-class _InverseFromFactor(LinearOperator):
-    """x ↦ (R Rᵀ)⁻¹ x = R⁻ᵀ (R⁻¹ x) given R⁻¹: an earlier Hessian as preconditioner."""
+class _CholeskyInverse(LinearOperator):
+    """x ↦ (R Rᵀ)⁻¹ x by two triangular solves: an earlier Hessian as preconditioner."""
 
-    def __init__(self, inverse_factor: Any, backend: Backend) -> None:
-        self.inverse_factor, self.backend = inverse_factor, backend
-        self.shape, self.dtype = (int(inverse_factor.shape[0]),) * 2, np.dtype(np.float64)
+    def __init__(self, factor: Any, backend: Backend) -> None:
+        self.factor, self.backend = factor, backend
+        self.shape, self.dtype = (int(factor.shape[0]),) * 2, np.dtype(np.float64)
 
     def _matmat(self, x: Any) -> Any:
-        return self.inverse_factor.T @ (self.inverse_factor @ x)
+        return self.backend.cho_solve(self.factor, x)
 
 
 def _triangular_inverse(factor: Any, backend: Backend) -> Any:
@@ -125,10 +167,11 @@ def _triangular_inverse(factor: Any, backend: Backend) -> Any:
     if backend.name == "numpy":
         import scipy.linalg
 
-        inv, info = scipy.linalg.lapack.dtrtri(factor, lower=1)
+        # (R⁻¹)ᵀ = (Rᵀ)⁻¹, and Rᵀ of a C-ordered R is Fortran-ordered: LAPACK then works without copying R
+        inv, info = scipy.linalg.lapack.dtrtri(factor.T, lower=0)
         if info != 0:
             raise v.NotPositiveDefiniteError(f"the Cholesky factor is singular (LAPACK dtrtri info = {info})")
-        return inv
+        return inv.T
     return backend.solve_triangular(factor, backend.xp.eye(factor.shape[0]), lower=True)
 
 
@@ -163,7 +206,10 @@ class WeightEngine:
         self.J, self.targets, self.likelihood, self.budget = J, targets, likelihood, memory_budget
         self.m = prior_mean  # (p,) float64: the prior mean of w
         self.backend = J.backend
-        self.inverse_factor: Any = None  # R⁻¹ for the lower Cholesky factor R of H at the last MAP
+        self.dimension = J.p  # of the posterior's matrices
+        self.factor: Any = None  # the lower Cholesky factor R of H at the last MAP
+        self._inverse_factor: Any = None  # R⁻¹, computed when first needed
+        self._probes: tuple | None = None  # solves with the Hutchinson probes, computed when first needed
 
     def fit(self, s: float, w0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
         xp, J = self.backend.xp, self.J
@@ -173,7 +219,7 @@ class WeightEngine:
         g = f0 + _J_times(J, w).reshape(f0.shape)
         objective = self.targets.nll(g) + _sq(w - self.m) / (2 * s)
         # an earlier Hessian (another s or the previous fit) is a far better preconditioner than Jacobi
-        precond = None if self.inverse_factor is None else _InverseFromFactor(self.inverse_factor, self.backend)
+        precond = None if self.factor is None else _CholeskyInverse(self.factor, self.backend)
         info = _Newton()
         floor = 10 * eps(J.dtype)  # products in J's dtype: no inner solve is more accurate than this
         for _ in range(maxiter):
@@ -197,11 +243,9 @@ class WeightEngine:
             if moved is None:
                 break
             w, g, objective = moved
-        self.w = w
+        self.w, self.g = w, g
         F = dense_ggn(J, _square_factors(self.likelihood, g), self.budget)
-        # R⁻¹ (p³/3 flops, like the factorization) gives tr(H⁻¹) for the evidence's γ and turns every predictive
-        # covariance into products J* R⁻ᵀ through the blocks instead of triangular solves with dense rows of J*
-        self.inverse_factor = _triangular_inverse(self._factorize(F, s), self.backend)
+        self.factor, self._inverse_factor, self._probes = self._factorize(F, s), None, None
         del F
         self.s = s
         self.objective = objective
@@ -209,10 +253,10 @@ class WeightEngine:
                 "converged": info.converged, "gradient_ratio": info.gradient_ratio}
 
     def _factorize(self, F: Any, s: float) -> Any:
-        H = F.copy()
+        """Cholesky factor of H = F + I/s, adding the prior to F in place (F is not needed afterwards)."""
         idx = self.backend.xp.arange(F.shape[0])
-        H[idx, idx] += 1.0 / s
-        return safe_cholesky(H).factor  # positive definite by construction (≥ I/s); jitter only for rounding
+        F[idx, idx] += 1.0 / s
+        return safe_cholesky(F).factor  # positive definite by construction (≥ I/s); jitter only for rounding
 
     def _line_search(self, w: Any, g: Any, objective: float, grad: Any, step: Any, s: float) -> tuple | None:
         J = self.J
@@ -230,18 +274,52 @@ class WeightEngine:
         return None  # no decrease at machine precision: the iterate is as good as it gets
 
     # ----- posterior quantities --------------------------------------------------------------------------------
+    @property
+    def inverse_factor(self) -> Any:
+        """R⁻¹ (p³/3 flops, like the factorization): tr(H⁻¹) for the exact γ, and every predictive covariance as
+        products J* R⁻ᵀ through the blocks instead of triangular solves with dense rows of J*."""
+        if self._inverse_factor is None:
+            self._inverse_factor = _triangular_inverse(self.factor, self.backend)
+        return self._inverse_factor
+
+    def _solve(self, x: Any) -> Any:
+        """H⁻¹ x by the Cholesky factor."""
+        return self.backend.cho_solve(self.factor, x)
+
     def half_logdet(self) -> float:
         """½ log det(s·H) = Σ log R_jj + (p/2) log s."""
         xp = self.backend.xp
-        return -float(xp.log(xp.diagonal(self.inverse_factor)).sum()) + 0.5 * self.J.p * math.log(self.s)
+        return float(xp.log(xp.diagonal(self.factor)).sum()) + 0.5 * self.J.p * math.log(self.s)
 
     def sq_norm_w(self) -> float:
         """‖ŵ − m‖²."""
         return _sq(self.w - self.m)
 
-    def effective_parameters(self) -> float:
-        """γ = p − tr(H⁻¹)/s, tr(H⁻¹) = ‖R⁻¹‖²_F."""
-        return self.J.p - _sq(self.inverse_factor.reshape(-1)) / self.s
+    def effective_parameters(self, exact: bool = True) -> float:
+        """γ = p − tr(H⁻¹)/s: tr(H⁻¹) = ‖R⁻¹‖²_F, or (``exact=False``) Hutchinson's mean of ‖R⁻¹ z‖²."""
+        if exact:
+            return self.J.p - _sq(self.inverse_factor.reshape(-1)) / self.s
+        reduced, _ = self._probe_solves()
+        return self.J.p - _hutchinson(reduced, reduced) / self.s
+
+    def _probe_solves(self) -> tuple:
+        """R⁻¹ z and H⁻¹ z = R⁻ᵀ R⁻¹ z for the Hutchinson probes z, once per fit."""
+        if self._probes is None:
+            reduced = self.backend.solve_triangular(self.factor, _rademacher(self.J.p, self.backend), lower=True)
+            self._probes = (reduced, self.backend.solve_triangular(self.factor, reduced, lower=True, trans=True))
+        return self._probes
+
+    def sq_norm_w_slope(self) -> float:
+        """d‖ŵ − m‖²/d log s = 2 (ŵ − m)ᵀ H⁻¹ (ŵ − m) / s (the MAP condition differentiated; exact)."""
+        return 2.0 * float((self.w - self.m) @ self._solve(self.w - self.m)) / self.s
+
+    def effective_parameters_slope(self) -> float:
+        """dγ/d log s, estimated (see :func:`_curvature_term`), with H⁻¹ z and J H⁻¹ z by the Cholesky factor."""
+        probes = _rademacher(self.J.p, self.backend)
+        inverse = self._probe_solves()[1]
+        held = _hutchinson(probes - inverse / self.s, inverse / self.s)
+        moved = _J_times(self.J, self._solve(self.w - self.m) / self.s)  # J dŵ/dt
+        return held + _curvature_term(self.likelihood, self.g, moved, _J_times(self.J, inverse), self.s)
 
     def state(self) -> dict:
         return {"w": self.w, "inverse_factor": self.inverse_factor}
@@ -260,6 +338,7 @@ class FunctionEngine:
         self.offset = J.f0.astype(np.float64) + _J_times(J, prior_mean).reshape(J.f0.shape)
         self.backend = J.backend
         self.K0 = kernel(J, memory_budget=memory_budget)  # J Jᵀ in float64, computed once for every s
+        self.dimension = self.K0.shape[0]  # n·c, of the posterior's matrices
 
     def fit(self, s: float, a0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
         xp, J = self.backend.xp, self.J
@@ -328,9 +407,38 @@ class FunctionEngine:
     def sq_norm_w(self) -> float:
         return self.s * float(self.a @ self.h)  # ‖s Jᵀ a‖² = s·aᵀ K a
 
-    def effective_parameters(self) -> float:
-        """γ = n·c − tr(B⁻¹)."""
-        return self.factor.shape[0] - _sq(_triangular_inverse(self.factor, self.backend).reshape(-1))
+    def effective_parameters(self, exact: bool = True) -> float:
+        """γ = n·c − tr(B⁻¹): exactly by the triangular inverse, or (``exact=False``) by Hutchinson."""
+        rows = self.factor.shape[0]
+        if exact:
+            return rows - _sq(_triangular_inverse(self.factor, self.backend).reshape(-1))
+        reduced = self.backend.solve_triangular(self.factor, _rademacher(rows, self.backend), lower=True)
+        return rows - _hutchinson(reduced, reduced)
+
+    def sq_norm_w_slope(self) -> float:
+        """d‖ŵ − m‖²/d log s = 2 (ŵ − m)ᵀ H⁻¹ (ŵ − m) / s = 2s (aᵀ h − ‖chol(B)⁻¹ Lᵀ h‖²) with h = K a, by Woodbury:
+        H⁻¹ = s I − s² Jᵀ L B⁻¹ Lᵀ J and ŵ − m = s Jᵀ a."""
+        projected = _apply_blocks(self.factors, self.h[:, None], True)
+        reduced = self.backend.solve_triangular(self.factor, projected, lower=True)
+        return 2.0 * self.s * (float(self.a @ self.h) - _sq(reduced.reshape(-1)))
+
+    def effective_parameters_slope(self) -> float:
+        """dγ/d log s, estimated (see :func:`_curvature_term`): tr(M (I − M)) = tr(B⁻¹ − B⁻²) over probes of length
+        n·c (B has eigenvalues 1 + sλ), and the curvature's part over probes z of length p, with
+        J H⁻¹ z = s (I − K L B⁻¹ Lᵀ) J z by Woodbury."""
+        probes = _rademacher(self.factor.shape[0], self.backend)
+        inverse = self.backend.cho_solve(self.factor, probes)  # B⁻¹ z
+        held = _hutchinson(probes - inverse, inverse)
+        moved = self._posterior_map(self.h[:, None])[:, 0]  # J dŵ/dt = J H⁻¹ Jᵀ a
+        projected = self.s * self._posterior_map(_J_times(self.J, _rademacher(self.J.p, self.backend)))
+        return held + _curvature_term(self.likelihood, self.h.reshape(-1, self.J.n_outputs) + self.offset, moved,
+                                      projected, self.s)
+
+    def _posterior_map(self, x: Any) -> Any:
+        """(I − K L B⁻¹ Lᵀ) x for x (n·c, k): J H⁻¹ Jᵀ = K − K L B⁻¹ Lᵀ K (Woodbury), so J H⁻¹ Jᵀ a is this map of
+        h = K a."""
+        inner = self.backend.cho_solve(self.factor, _apply_blocks(self.factors, x, True))
+        return x - self.s * (self.K0 @ _apply_blocks(self.factors, inner, False))
 
     def state(self) -> dict:
         return {"a": self.a, "factors": self.factors, "factor": self.factor, "prior_mean": self.m}
@@ -340,17 +448,18 @@ class FunctionEngine:
 
 def predict_weight(state: dict, J_star: JacobianBlocks, cov: str | None) -> tuple:
     """Mean f0* + J* ŵ and, per example, the c × c blocks (or diagonals) of J* Σ J*ᵀ = Z Zᵀ with Z = J* R⁻ᵀ
-    computed through the blocks, in chunks of test examples."""
+    computed through the blocks, summed over chunks of Z's columns (each column of R⁻ᵀ is rearranged for the blocks
+    once, whatever the number of test examples)."""
     xp = J_star.xp
     n, c, p = J_star.n, J_star.n_outputs, J_star.p
     mean = J_star.f0.astype(np.float64) + _J_times(J_star, state["w"]).reshape(n, c)
     if cov is None:
         return mean, None
-    right = state["inverse_factor"].T.astype(J_star.dtype)  # R⁻ᵀ (p, p) in the blocks' dtype
-    out = xp.empty((n, c, c) if cov == "full" else (n, c), dtype=np.float64)
-    for rows in _example_chunks(n, 2 * c * p):
-        z = _J_times(J_star.examples(rows), right).reshape(-1, c, p)
-        out[rows] = z @ z.transpose(0, 2, 1) if cov == "full" else (z * z).sum(axis=2)
+    out = xp.zeros((n, c, c) if cov == "full" else (n, c), dtype=np.float64)
+    for cols in chunks(p, max(1, WORK_ELEMENTS // (n * c))):
+        right = xp.ascontiguousarray(state["inverse_factor"][cols].T, dtype=J_star.dtype)  # R⁻ᵀ[:, cols]
+        z = _J_times(J_star, right).reshape(n, c, -1)
+        out += z @ z.transpose(0, 2, 1) if cov == "full" else (z * z).sum(axis=2)
     return mean, out
 
 

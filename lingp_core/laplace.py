@@ -30,8 +30,8 @@ Laplace evidence (log marginal likelihood), with H at the MAP:
 (the Gaussian integral of the log joint's second-order expansion; the two determinants agree by Sylvester's identity).
 :meth:`LaplaceClassifier.optimize_prior_scale` maximizes it over s by MacKay's fixed point s ← ‖ŵ − m‖² / γ,
 γ = p − tr(Σ)/s (the effective number of parameters, = n·c − tr(B⁻¹) in function space), re-solving the MAP and the
-curvature at every step; the update is the stationarity condition of the evidence when Λ's own dependence on ŵ(s)
-is neglected (the standard evidence-framework approximation).
+curvature at every step (Newton steps on the fixed-point condition in log s); the condition is the stationarity of
+the evidence when Λ's own dependence on ŵ(s) is neglected (the standard evidence-framework approximation).
 
 Predictive class probabilities: the probit approximation softmax_k(μ_k / √(1 + π σ²_k / 8)) (sigmoid for Bernoulli),
 or a seeded Monte Carlo average of softmax over logits drawn from N(μ_i, Σ_i) per example.
@@ -86,6 +86,7 @@ LAPLACE_METHODS = ("auto", "parameter", "function")
 PREDICTIVE_METHODS = ("probit", "mc")
 _LIKELIHOODS = ("categorical", "bernoulli")  # of likelihoods.LIKELIHOODS, those with class labels
 _LOG_STEP_CAP = 2.0  # largest change of log s per prior-scale step, before doubling
+_EXACT_TRACE_MAX = 1024  # above this p (or n·c), prior-scale steps estimate γ until the last ones
 
 
 # ----- the estimator ------------------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ class LaplaceClassifier:
         self.memory_budget = None if memory_budget is None else v.check_positive(memory_budget, "memory_budget")
         self.progress = bool(progress)
         self._engine: Any = None
-        self._state: dict | None = None
+        self._fitted = False
+        self._state: dict | None = None  # what prediction needs: built from the engine when first asked, or loaded
         self._signature: dict | None = None
         self._J_train: JacobianBlocks | None = None
         self._evidence: float | None = None
@@ -155,7 +157,7 @@ class LaplaceClassifier:
         self.prior_scale_history_: list[tuple[float, float]] = []
 
     def __repr__(self) -> str:
-        fitted = "" if self._state is None else f", fitted: {self.plan_.method}"
+        fitted = f", fitted: {self.plan_.method}" if self._fitted else ""
         return (f"LaplaceClassifier(prior_scale={self.prior_scale:.6g}, likelihood={self.likelihood!r}, "
                 f"method={self.method!r}{fitted})")
 
@@ -231,12 +233,12 @@ class LaplaceClassifier:
         self._moved = {}  # copies of the state on other backends belong to the previous fit
         self.fit_info_ = info
         self.w_map_ = engine.w
-        self._state = engine.state()
+        self._state, self._fitted = None, True
         self._evidence = -engine.objective - engine.half_logdet()
 
     # ----- evidence ----------------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
-        if self._state is None:
+        if not self._fitted:
             raise NotFittedError("this LaplaceClassifier is not fitted yet: call fit(J, y) (or LaplaceClassifier.load)"
                                  " first")
 
@@ -250,13 +252,15 @@ class LaplaceClassifier:
 
     def optimize_prior_scale(self, *, max_iter: int = 50, tol: float = 1e-4, bounds: tuple[float, float] = (1e-8, 1e8)
                              ) -> LaplaceClassifier:
-        """Maximize the Laplace evidence over the prior scale s by MacKay's fixed point s ← ‖ŵ − m‖² / γ.
+        """Maximize the Laplace evidence over the prior scale s by MacKay's fixed point s = ‖ŵ − m‖² / γ.
 
         Each step re-solves the MAP (warm-started, preconditioned by the previous Hessian) and the posterior at the
         new s. The fixed point is where d log p(y | s) / d log s = ‖ŵ − m‖²/(2s) − γ/2 vanishes with Λ held at the MAP.
-        A secant step on log s replaces the plain update once two points are known and the secant slope is negative
-        (as at a stable fixed point); steps are capped at a factor e² in s, the cap doubling (in log s) while
-        successive steps hit it in one direction.
+        Steps are Newton steps on φ(t) = log(‖ŵ − m‖²/γ) − t, t = log s: d‖ŵ − m‖²/dt is exact (the MAP condition
+        differentiated) and dγ/dt, with the curvature held, is a seeded Hutchinson estimate (32 probes); where that
+        slope is not negative the plain update t ← log(‖ŵ − m‖²/γ) is taken. The stopping test uses the exact γ, so
+        the estimate only decides how many refits it takes. Steps are capped at a factor e² in s, the cap doubling
+        (in log s) while successive steps hit it in one direction.
 
         Parameters
         ----------
@@ -284,20 +288,15 @@ class LaplaceClassifier:
         engine = self._engine
         t = math.log(self.prior_scale)
         self.prior_scale_history_ = [(self.prior_scale, self.log_evidence())]
-        previous: tuple[float, float] | None = None
         cap, capped = _LOG_STEP_CAP, 0  # capped: the direction of the last step if the cap cut it, else 0
+        # the exact γ costs a triangular inverse (dimension³/3 flops): above _EXACT_TRACE_MAX the steps use
+        # Hutchinson's estimate until one is within tol, and every step from then on uses the exact γ
+        exact = engine.dimension <= _EXACT_TRACE_MAX
         for _ in range(max_iter):
-            gamma, sq = engine.effective_parameters(), engine.sq_norm_w()
-            if gamma <= 0 or sq <= 0:
-                target = math.log(lo) if sq <= 0 else math.log(hi)
-            else:
-                target = math.log(sq / gamma)
-            phi = target - t  # the fixed point is phi(t) = 0
-            step = phi
-            if previous is not None and phi != previous[1]:
-                slope = (phi - previous[1]) / (t - previous[0])
-                if slope < 0:  # a secant step on phi (Newton-like); else keep the plain fixed-point step
-                    step = -phi / slope
+            step = _newton_step(engine, t, exact, lo, hi)
+            if abs(step) <= tol and not exact:
+                exact = True
+                step = _newton_step(engine, t, exact, lo, hi)
             direction = 1 if step > 0 else -1
             # a long way to go in one direction (e.g. towards a bound): double the cap while steps keep hitting it
             cap = 2 * cap if capped == direction else _LOG_STEP_CAP
@@ -306,7 +305,6 @@ class LaplaceClassifier:
             t_new = min(math.log(hi), max(math.log(lo), t + step))
             if abs(t_new - t) <= tol:
                 break
-            previous = (t, phi)
             t = t_new
             self._fit_at(math.exp(t), warm=True)
             self.prior_scale_history_.append((self.prior_scale, self.log_evidence()))
@@ -326,9 +324,15 @@ class LaplaceClassifier:
         J_star.check_signature(self._signature)
         return J_star
 
+    def _prediction_state(self) -> dict:
+        """The fitted state's arrays (parameter space: ŵ and R⁻¹, computed on first use)."""
+        if self._state is None:
+            self._state = self._engine.state()
+        return self._state
+
     def _state_on(self, backend: Backend) -> dict:
         """The prediction state on ``backend`` (moved once and cached when it lives elsewhere)."""
-        state = self._state
+        state = self._prediction_state()
         if backends.infer(*state.values()) == backend:
             return state
         if backend.name not in self._moved:
@@ -429,7 +433,7 @@ class LaplaceClassifier:
         fingerprint of the training labels and logits (:attr:`data_hash_`), the evidence and the format version.
         """
         self._check_fitted()
-        arrays = {f"state_{k}": a for k, a in self._state.items()}
+        arrays = {f"state_{k}": a for k, a in self._prediction_state().items()}
         arrays["w_map"] = self.w_map_
         hyper = {"prior_scale": self.prior_scale, "likelihood": self.likelihood}
         config = {**hyper, "settings": {"method": self.method, "rtol": self.rtol, "maxiter": self.maxiter,
@@ -458,11 +462,24 @@ class LaplaceClassifier:
         model.plan_, model._signature = Plan(**config["plan"]), config["signature"]
         model.data_hash_, model.fit_info_, model._evidence = config["data_hash"], config["fit_info"], \
             config["log_evidence"]
+        model._fitted = True
         model._state = {k[len("state_"):]: be.asarray(a) for k, a in arrays.items() if k.startswith("state_")}
         model.w_map_ = be.asarray(arrays["w_map"])
         if config["jacobian"] is not None:
             model._J_train = jacobian_from_arrays(arrays, config["jacobian"], be)
         return model
+
+
+def _newton_step(engine: Any, t: float, exact: bool, lo: float, hi: float) -> float:
+    """The step in t = log s towards MacKay's fixed point φ(t) = log(‖ŵ − m‖²/γ) − t = 0: Newton's −φ/φ' where
+    φ' < 0 (a stable fixed point), else φ itself (the plain update s ← ‖ŵ − m‖²/γ); towards a bound when γ or
+    ‖ŵ − m‖² vanish."""
+    gamma, sq = engine.effective_parameters(exact), engine.sq_norm_w()
+    if gamma <= 0 or sq <= 0:
+        return (math.log(lo) if sq <= 0 else math.log(hi)) - t
+    phi = math.log(sq / gamma) - t
+    slope = engine.sq_norm_w_slope() / sq - engine.effective_parameters_slope() / gamma - 1.0
+    return -phi / slope if slope < 0 else phi
 
 
 def _monte_carlo(mean: Any, cov: Any, likelihood: Likelihood, n_samples: int, seed: int) -> Any:

@@ -166,6 +166,29 @@ def test_dense_ggn_paths_on_shared_weights_and_dense_blocks(backend, structure):
     assert abs(clf.log_evidence() - ref["evidence"]) <= F64 * abs(ref["evidence"])
 
 
+@pytest.mark.parametrize("params", [["0.weight", "2.bias"], ["0.bias", "2.weight"], ["2.weight", "0.weight"]])
+def test_dense_ggn_on_weight_only_and_bias_only_blocks(backend, params):
+    """Blocks holding only a layer's weight or only its bias (the Kronecker route writes each part separately)."""
+    y_np = np.random.default_rng(2).integers(0, 3, size=30)
+    y = backend.asarray(y_np)
+    torch.manual_seed(0)
+    model = mlp(torch.nn.Tanh, (3, 6, 3))
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.mul_(2.0)
+    x = torch.randn(36, 3, generator=torch.Generator().manual_seed(1))
+    model, x = on_backend(model, x, backend, np.float64)
+    J = lg.export_jacobian(model, x[:30], params=params, backend=backend)
+    Js = lg.export_jacobian(model, x[30:], params=params, backend=backend)
+    d = {"J": backend.to_numpy(J.to_dense()), "f0": backend.to_numpy(J.f0), "Js": backend.to_numpy(Js.to_dense()),
+         "f0s": backend.to_numpy(Js.f0)}
+    ref = dense_laplace(d, y_np, 0.7, "categorical")
+    clf = LaplaceClassifier(0.7, method="parameter", rtol=1e-12).fit(J, y)
+    mean, cov = clf.predict_logits(Js, return_var="full")
+    assert_matches(mean, ref["mean"], backend, dtype=np.float64, rtol=F64)
+    assert_matches(cov, ref["cov"], backend, dtype=np.float64, rtol=F64)
+
+
 def test_float32_jacobians_give_float64_results_near_the_float64_answer(backend):
     J, Js, y, y_np, d = problem(backend, dtype=np.float32)
     ref = dense_laplace(d, y_np, 0.8, "categorical")
@@ -207,6 +230,65 @@ def test_optimize_prior_scale_reaches_the_evidence_fixed_point(backend, method, 
         assert dense_laplace(d, y_np, s * factor, "categorical", m_np)["evidence"] < ref["evidence"]
     history = clf.prior_scale_history_
     assert history[0][0] == 0.05 and history[-1][0] == s and len(history) >= 3
+
+
+def _dense_gamma_pieces(d, y_np, s, m_np):
+    """At the dense MAP of s: γ, the matrix M = I − H⁻¹/s (tr M = γ) and A with tr A = dγ/d log s, the curvature held
+    (M − M²) plus its change as the MAP moves (H⁻¹ Jᵀ Λ' J H⁻¹ / s, Λ' by central differences of the dense Λ)."""
+    ref = dense_laplace(d, y_np, s, "categorical", m_np)
+    J, f0 = d["J"], d["f0"]
+    Hinv = np.linalg.inv(ref["H"])
+    hat = np.eye(len(ref["w"])) - Hinv / s
+    g = f0 + (J @ ref["w"]).reshape(f0.shape)
+    dg = (J @ (Hinv @ (ref["w"] - m_np) / s)).reshape(f0.shape)
+    eps = 1e-6
+    change = (_curvature(g + eps * dg, "categorical") - _curvature(g - eps * dg, "categorical")) / (2 * eps)
+    return ref["gamma"], hat, hat - hat @ hat + Hinv @ J.T @ change @ J @ Hinv / s
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prior_scale_step_ingredients_match_the_dense_posterior(backend, method):
+    """The Newton steps' ingredients at a MAP: d‖ŵ − m‖²/d log s and dγ/d log s against central differences of the
+    dense MAP and γ; the Hutchinson estimates of dγ/d log s and of γ within 4 standard errors (bounded by the
+    Frobenius norms) of the dense traces, and in weight space equal to the same probes' average over the dense matrix."""
+    from lingp_core._laplace_engines import _SLOPE_PROBES, _rademacher
+
+    J, _, y, y_np, d = problem(backend)
+    m, m_np = network_parameters(J, backend, d)
+    s, h = 0.3, 1e-4
+    engine = LaplaceClassifier(s, method=method, rtol=1e-12).fit(J, y, prior_mean=m)._engine
+    ends = [dense_laplace(d, y_np, s * np.exp(e), "categorical", m_np) for e in (h, -h)]
+    sq_slope = sum(sign * np.sum((r["w"] - m_np) ** 2) for sign, r in zip((1, -1), ends)) / (2 * h)
+    assert abs(engine.sq_norm_w_slope() - sq_slope) <= 1e-6 * abs(sq_slope)
+    gamma, hat, slope_matrix = _dense_gamma_pieces(d, y_np, s, m_np)
+    gamma_slope = (ends[0]["gamma"] - ends[1]["gamma"]) / (2 * h)
+    assert abs(np.trace(slope_matrix) - gamma_slope) <= 1e-5 * abs(gamma_slope)  # the oracle's own consistency
+    assert abs(engine.effective_parameters() - gamma) <= F64 * gamma
+    for estimate, exact, matrix in ((engine.effective_parameters_slope(), gamma_slope, slope_matrix),
+                                    (engine.effective_parameters(exact=False), gamma, hat)):
+        assert abs(estimate - exact) <= 4 * np.sqrt(2 * np.sum(matrix ** 2) / _SLOPE_PROBES)
+        if method == "parameter":
+            z = backend.to_numpy(_rademacher(len(m_np), backend))
+            same_probes = np.einsum("ik,ij,jk->", z, matrix, z) / _SLOPE_PROBES
+            assert abs(estimate - same_probes) <= 1e-6 * abs(same_probes)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_optimize_prior_scale_with_estimated_gamma_stops_on_the_exact_condition(backend, method, monkeypatch):
+    """Forced onto the Hutchinson path (as for large p or n·c), the last step still uses the exact γ: the chosen s
+    meets MacKay's condition within tol."""
+    import lingp_core.laplace as laplace_module
+
+    monkeypatch.setattr(laplace_module, "_EXACT_TRACE_MAX", 0)
+    J, _, y, y_np, d = problem(backend)
+    m, m_np = network_parameters(J, backend, d)
+    tol = 1e-3
+    clf = LaplaceClassifier(0.05, method=method, rtol=1e-12).fit(J, y, prior_mean=m).optimize_prior_scale(tol=tol)
+    s = clf.prior_scale
+    ref = dense_laplace(d, y_np, s, "categorical", m_np)
+    dw = ref["w"] - m_np
+    # one more Newton step would move log s by less than tol: |φ| ≤ tol·|φ'|, and |φ'| ≤ 1.5 on this problem
+    assert abs(np.log(dw @ dw / (s * ref["gamma"]))) <= 1.5 * tol
 
 
 # ----- predictive probabilities -------------------------------------------------------------------------------------

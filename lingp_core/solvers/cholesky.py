@@ -24,14 +24,16 @@ class CholeskyResult(NamedTuple):
 _SYMMETRY_TILE = 1024  # tile side of the symmetry check: A[I, J] against A[J, I]ᵀ stays in cache (8× faster at n = 10⁴)
 
 
-def _max_asymmetry(a: Any, xp: Any) -> float:
-    """max |A − Aᵀ| over the upper tiles, without an n × n temporary or a strided pass over all of A."""
-    n, worst = a.shape[0], 0.0
+def _scale_and_asymmetry(a: Any, xp: Any) -> tuple[float, float]:
+    """(max |A|, max |A − Aᵀ|) in one pass over the upper tiles, without an n × n temporary or a strided pass."""
+    n, scale, worst = a.shape[0], 0.0, 0.0
     for i in range(0, n, _SYMMETRY_TILE):
         for j in range(i, n, _SYMMETRY_TILE):
-            block = a[i: i + _SYMMETRY_TILE, j: j + _SYMMETRY_TILE] - a[j: j + _SYMMETRY_TILE, i: i + _SYMMETRY_TILE].T
-            worst = max(worst, float(xp.abs(block).max()))
-    return worst
+            upper = a[i: i + _SYMMETRY_TILE, j: j + _SYMMETRY_TILE]
+            lower = a[j: j + _SYMMETRY_TILE, i: i + _SYMMETRY_TILE].T
+            scale = max(scale, float(xp.abs(upper).max()), float(xp.abs(lower).max()))
+            worst = max(worst, float(xp.abs(upper - lower).max()))
+    return scale, worst
 
 
 def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64, warn: bool = True) -> CholeskyResult:
@@ -66,26 +68,25 @@ def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64
     if compute_dtype not in backend.float_dtypes:
         raise v.DTypeError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
     xp = backend.xp
-    scale = float(xp.abs(a).max()) if n else 0.0
-    asymmetry = _max_asymmetry(a, xp)
+    scale, asymmetry = _scale_and_asymmetry(a, xp)
     if asymmetry > 1e3 * eps(a.dtype) * scale:
         raise v.ValueRangeError(f"A ({n} × {n}, {a.dtype}) is not symmetric: max |A − Aᵀ| = {asymmetry:.3g} against "
                                 f"max |A| = {scale:.3g}")
     mean_diag = float(xp.diagonal(a).astype(np.float64).mean()) if n else 1.0
     if not mean_diag > 0:
         raise v.NotPositiveDefiniteError(f"A has mean diagonal {mean_diag:.3g} ≤ 0: it cannot be positive definite")
-    work = a.astype(compute_dtype, copy=True)
     jitter = 0.0
     relative = 1e-3 * np.sqrt(eps(a.dtype))
     for attempt in range(max_tries + 1):
+        work = a.astype(compute_dtype, copy=True)  # one copy per attempt, factored in place
+        if jitter:
+            work[xp.arange(n), xp.arange(n)] += jitter
         try:
-            factor = backend.cholesky(work)
+            factor = backend.cholesky(work, overwrite=True)
         except np.linalg.LinAlgError:
             if attempt == max_tries:
                 break
-            step = relative * JITTER_GROWTH**attempt * mean_diag
-            work[xp.arange(n), xp.arange(n)] += step - jitter
-            jitter = step
+            jitter = relative * JITTER_GROWTH**attempt * mean_diag
             continue
         if jitter and warn:
             warnings.warn(f"safe_cholesky: A ({n} × {n}, {a.dtype}) was not numerically positive definite; added "
