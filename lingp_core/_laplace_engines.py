@@ -79,7 +79,6 @@ def _square_factors(likelihood: Likelihood, g: Any) -> Any:
 def _curvature_change(likelihood: Likelihood, g: Any, dg: Any) -> Any:
     """Λ'_i (n, c, c): the derivative of the curvature Λ_i(g_i) in the direction dg_i. With π the mean probabilities
     and π' = Λ dg: diag(π') − π' πᵀ − π π'ᵀ (softmax), (1 − 2π) π' (sigmoid)."""
-    xp = v.backend_of(g).xp
     pi = mean_probabilities(g, likelihood)
     if isinstance(likelihood, CategoricalLikelihood):
         dpi = pi * dg - pi * (pi * dg).sum(axis=1, keepdims=True)

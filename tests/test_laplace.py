@@ -232,35 +232,37 @@ def test_optimize_prior_scale_reaches_the_evidence_fixed_point(backend, method, 
     assert history[0][0] == 0.05 and history[-1][0] == s and len(history) >= 3
 
 
-def _dense_gamma_pieces(d, y_np, s, m_np):
+def _dense_gamma_pieces(d, y_np, s, m_np, likelihood):
     """At the dense MAP of s: γ, the matrix M = I − H⁻¹/s (tr M = γ) and A with tr A = dγ/d log s, the curvature held
     (M − M²) plus its change as the MAP moves (H⁻¹ Jᵀ Λ' J H⁻¹ / s, Λ' by central differences of the dense Λ)."""
-    ref = dense_laplace(d, y_np, s, "categorical", m_np)
+    ref = dense_laplace(d, y_np, s, likelihood, m_np)
     J, f0 = d["J"], d["f0"]
     Hinv = np.linalg.inv(ref["H"])
     hat = np.eye(len(ref["w"])) - Hinv / s
     g = f0 + (J @ ref["w"]).reshape(f0.shape)
     dg = (J @ (Hinv @ (ref["w"] - m_np) / s)).reshape(f0.shape)
     eps = 1e-6
-    change = (_curvature(g + eps * dg, "categorical") - _curvature(g - eps * dg, "categorical")) / (2 * eps)
+    change = (_curvature(g + eps * dg, likelihood) - _curvature(g - eps * dg, likelihood)) / (2 * eps)
     return ref["gamma"], hat, hat - hat @ hat + Hinv @ J.T @ change @ J @ Hinv / s
 
 
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
 @pytest.mark.parametrize("method", METHODS)
-def test_prior_scale_step_ingredients_match_the_dense_posterior(backend, method):
+def test_prior_scale_step_ingredients_match_the_dense_posterior(backend, method, likelihood):
     """The Newton steps' ingredients at a MAP: d‖ŵ − m‖²/d log s and dγ/d log s against central differences of the
     dense MAP and γ; the Hutchinson estimates of dγ/d log s and of γ within 4 standard errors (bounded by the
-    Frobenius norms) of the dense traces, and in weight space equal to the same probes' average over the dense matrix."""
+    Frobenius norms) of the dense traces, and in weight space equal to the same probes' average over the dense
+    matrix."""
     from lingp_core._laplace_engines import _SLOPE_PROBES, _rademacher
 
-    J, _, y, y_np, d = problem(backend)
+    J, _, y, y_np, d = problem(backend, likelihood)
     m, m_np = network_parameters(J, backend, d)
     s, h = 0.3, 1e-4
-    engine = LaplaceClassifier(s, method=method, rtol=1e-12).fit(J, y, prior_mean=m)._engine
-    ends = [dense_laplace(d, y_np, s * np.exp(e), "categorical", m_np) for e in (h, -h)]
+    engine = LaplaceClassifier(s, likelihood, method=method, rtol=1e-12).fit(J, y, prior_mean=m)._engine
+    ends = [dense_laplace(d, y_np, s * np.exp(e), likelihood, m_np) for e in (h, -h)]
     sq_slope = sum(sign * np.sum((r["w"] - m_np) ** 2) for sign, r in zip((1, -1), ends)) / (2 * h)
     assert abs(engine.sq_norm_w_slope() - sq_slope) <= 1e-6 * abs(sq_slope)
-    gamma, hat, slope_matrix = _dense_gamma_pieces(d, y_np, s, m_np)
+    gamma, hat, slope_matrix = _dense_gamma_pieces(d, y_np, s, m_np, likelihood)
     gamma_slope = (ends[0]["gamma"] - ends[1]["gamma"]) / (2 * h)
     assert abs(np.trace(slope_matrix) - gamma_slope) <= 1e-5 * abs(gamma_slope)  # the oracle's own consistency
     assert abs(engine.effective_parameters() - gamma) <= F64 * gamma
