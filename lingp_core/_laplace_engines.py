@@ -89,17 +89,17 @@ def _curvature_change(likelihood: Likelihood, g: Any, dg: Any) -> Any:
     return ((1.0 - 2.0 * pi) * pi * (1.0 - pi) * dg)[:, :, None]
 
 
-def _curvature_term(likelihood: Likelihood, g: Any, moved: Any, projected: Any, s: float) -> float:
-    """The part of dγ/d log s that the moving curvature adds: tr(H⁻¹ Jᵀ Λ' J H⁻¹)/s, by Hutchinson, from the logits'
-    change J dŵ/dt (n·c,) and the probes' J H⁻¹ z (n·c, k).
+def _curvature_term(likelihood: Likelihood, g: Any, moved: Any, left: Any, right: Any) -> float:
+    """Hutchinson's mean of leftᵀ Λ' right over probe columns (n·c, k), Λ' = :func:`_curvature_change` in the direction
+    ``moved`` = J dŵ/dt (n·c,): the part of dγ/d log s that the moving curvature adds.
 
     γ = p − tr(H⁻¹)/s and dH/dt = Jᵀ Λ' J − I/s give dγ/dt = tr(M (I − M)) + tr(H⁻¹ Jᵀ Λ' J H⁻¹)/s with
-    M = I − H⁻¹/s (eigenvalues sλ/(1 + sλ)); the callers estimate the first trace over the same kind of probes.
+    M = I − H⁻¹/s (eigenvalues sλ/(1 + sλ)); each engine writes the second trace as a trace in n·c space.
     """
     n, c = g.shape
     change = _curvature_change(likelihood, g, moved.reshape(n, c))  # Λ' (n, c, c)
-    projected = projected.reshape(n, c, -1)
-    return float((projected * (change @ projected)).sum()) / (projected.shape[2] * s)
+    product = change @ right.reshape(n, c, -1)
+    return _hutchinson(left.reshape(n * c, -1), product.reshape(n * c, -1))
 
 
 def _apply_blocks(factors: Any, u: Any, transpose: bool) -> Any:
@@ -318,7 +318,8 @@ class WeightEngine:
         inverse = self._probe_solves()[1]
         held = _hutchinson(probes - inverse / self.s, inverse / self.s)
         moved = _J_times(self.J, self._solve(self.w - self.m) / self.s)  # J dŵ/dt
-        return held + _curvature_term(self.likelihood, self.g, moved, _J_times(self.J, inverse), self.s)
+        projected = _J_times(self.J, inverse)  # J H⁻¹ z: tr(H⁻¹ Jᵀ Λ' J H⁻¹) is Hutchinson's mean of its Λ' form
+        return held + _curvature_term(self.likelihood, self.g, moved, projected, projected) / self.s
 
     def state(self) -> dict:
         return {"w": self.w, "inverse_factor": self.inverse_factor}
@@ -422,20 +423,23 @@ class FunctionEngine:
         return 2.0 * self.s * (float(self.a @ self.h) - _sq(reduced.reshape(-1)))
 
     def effective_parameters_slope(self) -> float:
-        """dγ/d log s, estimated (see :func:`_curvature_term`): tr(M (I − M)) = tr(B⁻¹ − B⁻²) over probes of length
-        n·c (B has eigenvalues 1 + sλ), and the curvature's part over probes z of length p, with
-        J H⁻¹ z = s (I − K L B⁻¹ Lᵀ) J z by Woodbury."""
-        probes = _rademacher(self.factor.shape[0], self.backend)
-        inverse = self.backend.cho_solve(self.factor, probes)  # B⁻¹ z
+        """dγ/d log s, estimated over probes u of length n·c (see :func:`_curvature_term`): tr(M (I − M)) =
+        tr(B⁻¹ − B⁻²) (B has eigenvalues 1 + sλ), and tr(H⁻¹ Jᵀ Λ' J H⁻¹)/s = tr(Λ' P K Pᵀ) by Woodbury, with
+        J H⁻¹ = s P J and P = I − K L B⁻¹ Lᵀ."""
+        probes = _rademacher(self.dimension, self.backend)
+        inverse = self.backend.cho_solve(self.factor, probes)  # B⁻¹ u
         held = _hutchinson(probes - inverse, inverse)
         moved = self._posterior_map(self.h[:, None])[:, 0]  # J dŵ/dt = J H⁻¹ Jᵀ a
-        projected = self.s * self._posterior_map(_J_times(self.J, _rademacher(self.J.p, self.backend)))
-        return held + _curvature_term(self.likelihood, self.h.reshape(-1, self.J.n_outputs) + self.offset, moved,
-                                      projected, self.s)
+        kernel_probes = self.s * (self.K0 @ probes)  # K u
+        transposed = probes - _apply_blocks(self.factors, self.backend.cho_solve(
+            self.factor, _apply_blocks(self.factors, kernel_probes, True)), False)  # Pᵀ u = u − L B⁻¹ Lᵀ K u
+        right = self._posterior_map(self.s * (self.K0 @ transposed))  # P K Pᵀ u
+        g = self.offset + self.h.reshape(self.offset.shape)
+        return held + _curvature_term(self.likelihood, g, moved, probes, right)
 
     def _posterior_map(self, x: Any) -> Any:
-        """(I − K L B⁻¹ Lᵀ) x for x (n·c, k): J H⁻¹ Jᵀ = K − K L B⁻¹ Lᵀ K (Woodbury), so J H⁻¹ Jᵀ a is this map of
-        h = K a."""
+        """P x = (I − K L B⁻¹ Lᵀ) x for x (n·c, k): J H⁻¹ Jᵀ = K − K L B⁻¹ Lᵀ K (Woodbury), so J H⁻¹ Jᵀ a is P h
+        with h = K a."""
         inner = self.backend.cho_solve(self.factor, _apply_blocks(self.factors, x, True))
         return x - self.s * (self.K0 @ _apply_blocks(self.factors, inner, False))
 

@@ -257,10 +257,11 @@ class LaplaceClassifier:
         Each step re-solves the MAP (warm-started, preconditioned by the previous Hessian) and the posterior at the
         new s. The fixed point is where d log p(y | s) / d log s = ‖ŵ − m‖²/(2s) − γ/2 vanishes with Λ held at the MAP.
         Steps are Newton steps on φ(t) = log(‖ŵ − m‖²/γ) − t, t = log s: d‖ŵ − m‖²/dt is exact (the MAP condition
-        differentiated) and dγ/dt, with the curvature held, is a seeded Hutchinson estimate (32 probes); where that
-        slope is not negative the plain update t ← log(‖ŵ − m‖²/γ) is taken. The stopping test uses the exact γ, so
-        the estimate only decides how many refits it takes. Steps are capped at a factor e² in s, the cap doubling
-        (in log s) while successive steps hit it in one direction.
+        differentiated) and dγ/dt, including the change of the curvature as the MAP moves, is a seeded Hutchinson
+        estimate (128 probes); where that slope is not negative the plain update t ← log(‖ŵ − m‖²/γ) is taken. Above
+        p (or n·c) = 1024, γ itself is estimated the same way until a step falls within ``tol``; the steps from then
+        on, and so the stopping test, use the exact γ: the estimates only decide how many refits it takes. Steps are
+        capped at a factor e² in s, the cap doubling (in log s) while successive steps hit it in one direction.
 
         Parameters
         ----------
