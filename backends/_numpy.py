@@ -30,11 +30,11 @@ class NumpyBackend(Backend):
         return MemoryInfo(host=host_free_bytes(), device=None)
 
     def cholesky(self, a: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
-        if a.flags.c_contiguous:
-            # LAPACK works in Fortran order, where a C-ordered symmetric matrix is its own transpose: factor aᵀ as
-            # Uᵀ U and return Uᵀ = L, so that ``overwrite`` really works in place (no Fortran copy of a)
-            return scipy.linalg.cholesky(a.T, lower=False, overwrite_a=overwrite, check_finite=False).T
-        return scipy.linalg.cholesky(a, lower=True, overwrite_a=overwrite, check_finite=False)
+        if overwrite and a.flags.c_contiguous and a.dtype in self.float_dtypes:
+            return _cholesky_in_place(a)
+        if a.flags.c_contiguous:  # see _cholesky_in_place: through the transpose LAPACK needs no Fortran copy
+            return scipy.linalg.cholesky(a.T, lower=False, check_finite=False).T
+        return scipy.linalg.cholesky(a, lower=True, check_finite=False)
 
     # LAPACK copies a C-ordered matrix into Fortran order on every call; its transpose is Fortran-ordered already, so
     # triangular work on a C-ordered factor goes through the transpose (the factors of ``cholesky`` are C-ordered)
@@ -59,3 +59,32 @@ class NumpyBackend(Backend):
             return scipy.linalg.svd(a, full_matrices=False, check_finite=False)
         except np.linalg.LinAlgError:  # gesdd can fail to converge where the slower gesvd does not
             return scipy.linalg.svd(a, full_matrices=False, check_finite=False, lapack_driver="gesvd")
+
+
+_ZERO_TILE = 1024  # rows per pass when clearing or restoring a triangle (no n × n index arrays or temporaries)
+
+
+def _cholesky_in_place(a: np.ndarray) -> np.ndarray:
+    """L with L Lᵀ = a, written over a's lower triangle (a C-ordered, symmetric); on failure a is restored from its
+    strict upper triangle and diagonal (bit for bit when a was exactly symmetric) and numpy.linalg.LinAlgError raised.
+
+    LAPACK works in Fortran order, where C-ordered a is aᵀ = a: potrf on the upper triangle of aᵀ overwrites exactly
+    a's lower triangle (and diagonal) and, without its clean-up pass, leaves a's strict upper triangle untouched, so a
+    failed attempt is undone by mirroring that triangle back and restoring the saved diagonal.
+    """
+    n = a.shape[0]
+    diagonal = np.diagonal(a).copy()
+    potrf = scipy.linalg.get_lapack_funcs("potrf", (a,))
+    _, info = potrf(a.T, lower=0, clean=0, overwrite_a=1)
+    if info != 0:
+        for i in range(0, n, _ZERO_TILE):
+            rows = slice(i, i + _ZERO_TILE)
+            a[rows, :i] = a[:i, rows].T
+            a[rows, rows] = np.triu(a[rows, rows]) + np.triu(a[rows, rows], 1).T
+        a[np.arange(n), np.arange(n)] = diagonal
+        raise np.linalg.LinAlgError(f"the matrix is not positive definite (LAPACK potrf info = {info})")
+    for i in range(0, n, _ZERO_TILE):  # the factor is lower triangular: clear the strict upper triangle
+        rows = slice(i, i + _ZERO_TILE)
+        a[rows, i + _ZERO_TILE:] = 0.0
+        a[rows, rows] = np.tril(a[rows, rows])
+    return a

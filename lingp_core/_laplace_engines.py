@@ -255,7 +255,8 @@ class WeightEngine:
         """Cholesky factor of H = F + I/s, adding the prior to F in place (F is not needed afterwards)."""
         idx = self.backend.xp.arange(F.shape[0])
         F[idx, idx] += 1.0 / s
-        return safe_cholesky(F).factor  # positive definite by construction (≥ I/s); jitter only for rounding
+        # positive definite by construction (≥ I/s): jitter only for rounding; F is factored in place
+        return safe_cholesky(F, overwrite_a=True).factor
 
     def _line_search(self, w: Any, g: Any, objective: float, grad: Any, step: Any, s: float) -> tuple | None:
         J = self.J

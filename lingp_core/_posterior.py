@@ -155,7 +155,7 @@ class FunctionCholesky(_GroupedCholesky):
             K = self.K0.astype(np.float64, copy=True)  # float64 whatever the kernel's accumulation dtype
             K *= s
             _add_to_diagonal(K, xp.asarray(np.broadcast_to(d, (self.m,))), xp)
-            chol = safe_cholesky(K)
+            chol = safe_cholesky(K, overwrite_a=True)  # K is this loop's own copy: factor it in place
             self.jitter = max(self.jitter, chol.jitter)
             alpha = be.cho_solve(chol.factor, R[:, cols])
             self.alpha[:, cols] = alpha

@@ -154,6 +154,30 @@ def test_cholesky_of_an_indefinite_matrix_raises(backend, rng):
         backend.cholesky(backend.asarray(a))
 
 
+def test_numpy_cholesky_in_place_writes_the_factor_or_restores_the_matrix(rng, monkeypatch):
+    """overwrite=True on NumPy: the factor (strict upper triangle cleared) in a's memory; a failed attempt restores a
+    from its untouched strict upper triangle and its saved diagonal (exactly a when a is exactly symmetric). Tiles of
+    7 rows make the clearing and restoring passes cross tile edges."""
+    import backends._numpy as numpy_backend
+
+    monkeypatch.setattr(numpy_backend, "_ZERO_TILE", 7)
+    be = backends.get_backend("numpy")
+    a = spd_matrix(rng, N, condition=1e4)
+    work = a.copy()
+    lower = be.cholesky(work, overwrite=True)
+    assert np.shares_memory(lower, work)
+    np.testing.assert_allclose(lower, scipy.linalg.cholesky(a, lower=True), rtol=0, atol=1e-12 * np.abs(a).max())
+    assert np.all(np.triu(lower, 1) == 0)
+    bad = a.copy()
+    bad[N // 2, N // 2] = -1.0
+    mirrored = np.triu(bad) + np.triu(bad, 1).T  # symmetric to the last bit (spd_matrix is only to rounding)
+    for matrix, restored in ((bad, mirrored), (mirrored, mirrored)):
+        work = matrix.copy()
+        with pytest.raises(np.linalg.LinAlgError):
+            be.cholesky(work, overwrite=True)
+        assert np.array_equal(work, restored)
+
+
 @pytest.mark.parametrize("lower", [True, False])
 @pytest.mark.parametrize("trans", [False, True])
 def test_solve_triangular_matches_scipy(backend, rng, lower, trans):

@@ -126,6 +126,22 @@ def test_safe_cholesky_of_a_singular_matrix_adds_reported_jitter(backend, rng):
     np.testing.assert_allclose(lower @ lower.T, a + result.jitter * np.eye(N), atol=1e-10 * np.abs(a).max())
 
 
+def test_safe_cholesky_overwrite_a_factors_in_place_and_still_retries_with_jitter(backend, rng):
+    """overwrite_a: the first attempt may use A's memory (NumPy); after a failed attempt the jittered retries start
+    from the unchanged A, so the factor is that of A + jitter·I."""
+    a = spd_matrix(rng, N, 1e3)
+    result = lg.safe_cholesky(backend.asarray(a.copy()), overwrite_a=True)
+    lower = backend.to_numpy(result.factor)
+    np.testing.assert_allclose(lower @ lower.T, a, atol=tolerance(np.float64) * np.abs(a).max())
+    j = rng.standard_normal((N, 10))
+    singular = j @ j.T
+    with pytest.warns(lg.NumericalWarning, match="added jitter"):
+        result = lg.safe_cholesky(backend.asarray(singular.copy()), overwrite_a=True)
+    lower = backend.to_numpy(result.factor)
+    np.testing.assert_allclose(lower @ lower.T, singular + result.jitter * np.eye(N),
+                               atol=1e-10 * np.abs(singular).max())
+
+
 def test_safe_cholesky_rejects_indefinite_and_asymmetric(backend, rng):
     a = spd_matrix(rng, 20)
     with pytest.raises(lg.NotPositiveDefiniteError, match="not positive definite even with jitter"):

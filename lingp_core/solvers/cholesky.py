@@ -36,7 +36,8 @@ def _scale_and_asymmetry(a: Any, xp: Any) -> tuple[float, float]:
     return scale, worst
 
 
-def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64, warn: bool = True) -> CholeskyResult:
+def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64, warn: bool = True,
+                  overwrite_a: bool = False) -> CholeskyResult:
     """Lower Cholesky factor of a symmetric positive (semi-)definite (n, n) array, with escalating jitter.
 
     The first attempt adds nothing. Each further attempt adds jitter = r·mean(diag A), r starting at
@@ -52,6 +53,11 @@ def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64
     compute_dtype : dtype
         Dtype of the factorization: float64 by default even for float32 input, since a float32 Cholesky of a kernel
         with condition number beyond ~1e4 loses every digit; pass float32 to trade that for speed and memory.
+
+    overwrite_a : bool
+        Let the first attempt factor A in place when it is already of ``compute_dtype`` (the factor then shares A's
+        memory; NumPy only): saves the n × n copy. A failed attempt restores A from its upper triangle and diagonal
+        (A itself when exactly symmetric), and the jittered retries start from that. Default False.
 
     Raises
     ------
@@ -78,7 +84,10 @@ def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64
     jitter = 0.0
     relative = 1e-3 * np.sqrt(eps(a.dtype))
     for attempt in range(max_tries + 1):
-        work = a.astype(compute_dtype, copy=True)  # one copy per attempt, factored in place
+        if attempt == 0 and overwrite_a and a.dtype == compute_dtype and backend.name == "numpy":
+            work = a  # factored in place; a failed attempt restores it (backends._numpy._cholesky_in_place)
+        else:
+            work = a.astype(compute_dtype, copy=True)  # one copy per attempt, factored in place
         if jitter:
             work[xp.arange(n), xp.arange(n)] += jitter
         try:
