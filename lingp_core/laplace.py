@@ -428,14 +428,16 @@ class LaplaceClassifier:
     def save(self, path: Any) -> str:
         """Write what prediction needs to an .npz archive (no pickle, no training labels); returns the path written.
 
-        Parameter space: ŵ (p,) and the Cholesky factor of H (p, p). Function space: the representer weights a (n·c,),
-        the curvature factors L (n, c, c), the Cholesky factor of B (n·c, n·c) and the training Jacobian blocks (the
-        kernel with test points needs them). Plus the hyperparameters and their hash, the parameter signature, a
-        fingerprint of the training labels and logits (:attr:`data_hash_`), the evidence and the format version.
+        Parameter space: ŵ (p,) and the inverse R⁻¹ of H's Cholesky factor (p, p). Function space: the representer
+        weights a (n·c,), the curvature factors L (n, c, c), the Cholesky factor of B (n·c, n·c), ŵ and the training
+        Jacobian blocks (the kernel with test points needs them). Plus the hyperparameters and their hash, the
+        parameter signature, a fingerprint of the training labels and logits (:attr:`data_hash_`), the evidence and
+        the format version.
         """
         self._check_fitted()
         arrays = {f"state_{k}": a for k, a in self._prediction_state().items()}
-        arrays["w_map"] = self.w_map_
+        if "state_w" not in arrays:  # weight space already stores ŵ as its state
+            arrays["w_map"] = self.w_map_
         hyper = {"prior_scale": self.prior_scale, "likelihood": self.likelihood}
         config = {**hyper, "settings": {"method": self.method, "rtol": self.rtol, "maxiter": self.maxiter,
                                         "cg_maxiter": self.cg_maxiter, "memory_budget": self.memory_budget},
@@ -465,7 +467,7 @@ class LaplaceClassifier:
             config["log_evidence"]
         model._fitted = True
         model._state = {k[len("state_"):]: be.asarray(a) for k, a in arrays.items() if k.startswith("state_")}
-        model.w_map_ = be.asarray(arrays["w_map"])
+        model.w_map_ = model._state["w"] if "w" in model._state else be.asarray(arrays["w_map"])
         if config["jacobian"] is not None:
             model._J_train = jacobian_from_arrays(arrays, config["jacobian"], be)
         return model

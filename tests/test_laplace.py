@@ -347,6 +347,9 @@ def test_save_load_predicts_identically(backend, tmp_path, method):
     loaded = LaplaceClassifier.load(path, backend=backend.name)
     assert loaded.plan_ == clf.plan_ and loaded.data_hash_ == clf.data_hash_
     assert loaded.prior_scale == clf.prior_scale and loaded.log_evidence() == clf.log_evidence()
+    np.testing.assert_array_equal(backend.to_numpy(loaded.w_map_), backend.to_numpy(clf.w_map_))
+    with np.load(path) as archive:  # ŵ is stored once (weight space keeps it as its state)
+        assert ("w_map" in archive.files) == (method == "function")
     for a, b in zip(clf.predict_logits(Js, return_var="full"), loaded.predict_logits(Js, return_var="full")):
         assert isinstance(b, backend.xp.ndarray)
         np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
