@@ -328,14 +328,15 @@ def ablr(model: Any, x: Any, y: Any, x_test: Any) -> tuple[np.ndarray, np.ndarra
 # ----- lingp ------------------------------------------------------------------------------------------------------
 
 def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "numpy",
-                  fixed: tuple[float, float] | None = None) -> dict:
+                  fixed: tuple[float, float] | None = None, jacobians: tuple | None = None) -> dict:
     """lingp's adaptation: the Jacobian-kernel GP of ``model`` with mean f(x; θ̂), fitted on (x, y).
 
     The Jacobians are exported on ``backend`` (the model must live on its device). The prior scale s and noise σ²
     maximize the marginal likelihood (``LinearizedGP.optimize_hyperparameters``, which picks its own start from a
     data-scaled guess and a log grid). With ``fixed=(signal_variance, noise)`` nothing is optimized:
     s = signal_variance / mean diag(JJᵀ), so the prior variance of f at the training inputs is signal_variance on
-    average, and σ² = noise.
+    average, and σ² = noise. ``jacobians=(J, J_test)`` reuses Jacobians already exported at x and x_test (several
+    fits of one network).
 
     Returns
     -------
@@ -347,8 +348,7 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
     import lingp_core as lg
 
     be = backends.get_backend(backend)
-    jac = lg.export_jacobian(model, x, backend=be.name)
-    jac_test = lg.export_jacobian(model, x_test, backend=be.name)
+    jac, jac_test = jacobians if jacobians is not None else export_pair(model, x, x_test, be.name)
     targets = be.asarray(y.detach())
     if fixed is None:
         gp = lg.LinearizedGP(mean="network").fit(jac, targets).optimize_hyperparameters()
@@ -359,6 +359,13 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
     return {"mean": be.to_numpy(mean).astype(np.float64), "var": be.to_numpy(var).astype(np.float64),
             "prior_scale": float(gp.prior_scale), "noise": float(gp.noise),
             "log_marginal_likelihood": gp.log_marginal_likelihood(), "plan": str(gp.plan_), "p": int(jac.p)}
+
+
+def export_pair(model: Any, x: Any, x_test: Any, backend: str) -> tuple:
+    """lingp's Jacobians of ``model`` at x and x_test on ``backend``."""
+    import lingp_core as lg
+
+    return lg.export_jacobian(model, x, backend=backend), lg.export_jacobian(model, x_test, backend=backend)
 
 
 # ----- every method on one adaptation set -------------------------------------------------------------------------

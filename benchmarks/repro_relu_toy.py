@@ -101,10 +101,11 @@ def run(args) -> dict:
         for state, model in (("untrained", untrained), ("trained", trained)):
             net = bl.to_numpy(bl.predict(model, column(inputs, device)))[:, 0]
             n_test = x_test.shape[0]
+            jacobians = bl.export_pair(model, column(x, device), column(inputs, device), args.backend)  # both settings
             for setting in SETTINGS:
                 fixed = (float(np.var(y)), NOISE_STD**2) if setting == "matched" else None
                 gp = bl.linearized_gp(model, column(x, device), column(y, device), column(inputs, device),
-                                      backend=args.backend, fixed=fixed)
+                                      backend=args.backend, fixed=fixed, jacobians=jacobians)
                 mean, var = gp["mean"][:, 0], gp["var"][:, 0]
                 predictive = var[:n_test] + gp["noise"]
                 nlpd = 0.5 * np.mean(np.log(2 * np.pi * predictive) + (y_test - mean[:n_test]) ** 2 / predictive)
