@@ -107,6 +107,19 @@ def save_results(out: Any, stem: str, result: dict, plot: Any) -> None:
         print(f"wrote {out / (stem + '.png')}")
 
 
+def run_repro(script: str, argv: list[str] | None, args: Any, run: Any, headline: Any, table: Any, plot: Any,
+              stem: str) -> int:
+    """The main of every reproduction script: record the command line, ``run(args)``, print ``headline(result)``
+    and ``table(result)``, and save ``stem`` (+ "_quick") .json/.png under ``args.out``."""
+    args.command = command_line(script, argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    print(headline(result))
+    print(table(result))
+    save_results(args.out, stem + ("_quick" if args.quick else ""), result, plot)
+    return 0
+
+
 def progress(items: Any, *, enabled: bool, desc: str, total: int | None = None) -> Any:
     """``items`` wrapped in a tqdm bar on stderr when ``enabled`` and tqdm is installed, else ``items`` itself."""
     if not enabled:

@@ -28,14 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
 from benchmarks._common import (  # noqa: E402
-    command_line,
     machine_info,
     markdown_table,
     progress,
     pyplot,
     repro_parser,
+    run_repro,
     save_figure,
-    save_results,
     set_torch_threads,
 )
 
@@ -160,14 +159,11 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.command = command_line(__file__, argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    stem = NAME + ("_quick" if args.quick else "")
-    print(f"ReLU toy: {args.n} points, widths {args.widths}, backend {args.backend}")
-    print(table(result))
-    save_results(args.out, stem, result, plot)
-    return 0
+
+    def headline(result: dict) -> str:
+        return f"ReLU toy: {args.n} points, widths {args.widths}, backend {args.backend}"
+
+    return run_repro(__file__, argv, args, run, headline, table, plot, NAME)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
 from benchmarks._common import (  # noqa: E402
-    command_line,
     machine_info,
     markdown_table,
     progress,
     pyplot,
     repro_parser,
+    run_repro,
     save_figure,
-    save_results,
     set_torch_threads,
 )
 
@@ -175,17 +174,15 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.command = command_line(__file__, argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    stem = NAME + ("_quick" if args.quick else "")
-    split = result["split"]
-    print(f"Diabetes split at BMI {split['median']:.1f}: {split['source_train']} source training patients (in-domain "
-          f"RMSE {result['source_validation_rmse']:.1f} on {split['source_validation']} held out), {split['target']} "
-          f"target patients, p = {result['p']}, {args.repeats} repeat(s), backend {args.backend}")
-    print(table(result))
-    save_results(args.out, stem, result, plot)
-    return 0
+
+    def headline(result: dict) -> str:
+        split = result["split"]
+        return (f"Diabetes split at BMI {split['median']:.1f}: {split['source_train']} source training patients "
+                f"(in-domain RMSE {result['source_validation_rmse']:.1f} on {split['source_validation']} held out), "
+                f"{split['target']} target patients, p = {result['p']}, {args.repeats} repeat(s), backend "
+                f"{args.backend}")
+
+    return run_repro(__file__, argv, args, run, headline, table, plot, NAME)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ class WeightEngine:
         self.factor: Any = None  # the lower Cholesky factor R of H at the last MAP
         self._inverse_factor: Any = None  # R⁻¹, computed when first needed
         self._probes: tuple | None = None  # solves with the Hutchinson probes, computed when first needed
+        self._direction: Any = None  # H⁻¹ (ŵ − m), computed when first needed
 
     def fit(self, s: float, w0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
         xp, J = self.backend.xp, self.J
@@ -244,7 +245,7 @@ class WeightEngine:
             w, g, objective = moved
         self.w, self.g = w, g
         F = dense_ggn(J, _square_factors(self.likelihood, g), self.budget)
-        self.factor, self._inverse_factor, self._probes = self._factorize(F, s), None, None
+        self.factor, self._inverse_factor, self._probes, self._direction = self._factorize(F, s), None, None, None
         del F
         self.s = s
         self.objective = objective
@@ -311,14 +312,20 @@ class WeightEngine:
 
     def sq_norm_w_slope(self) -> float:
         """d‖ŵ − m‖²/d log s = 2 (ŵ − m)ᵀ H⁻¹ (ŵ − m) / s (the MAP condition differentiated; exact)."""
-        return 2.0 * float((self.w - self.m) @ self._solve(self.w - self.m)) / self.s
+        return 2.0 * float((self.w - self.m) @ self._map_direction()) / self.s
+
+    def _map_direction(self) -> Any:
+        """H⁻¹ (ŵ − m) = s·dŵ/d log s, once per fit."""
+        if self._direction is None:
+            self._direction = self._solve(self.w - self.m)
+        return self._direction
 
     def effective_parameters_slope(self) -> float:
         """dγ/d log s, estimated (see :func:`_curvature_term`), with H⁻¹ z and J H⁻¹ z by the Cholesky factor."""
         probes = _rademacher(self.J.p, self.backend)
         inverse = self._probe_solves()[1]
         held = _hutchinson(probes - inverse / self.s, inverse / self.s)
-        moved = _J_times(self.J, self._solve(self.w - self.m) / self.s)  # J dŵ/dt
+        moved = _J_times(self.J, self._map_direction() / self.s)  # J dŵ/dt
         projected = _J_times(self.J, inverse)  # J H⁻¹ z: tr(H⁻¹ Jᵀ Λ' J H⁻¹) is Hutchinson's mean of its Λ' form
         return held + _curvature_term(self.likelihood, self.g, moved, projected, projected) / self.s
 

@@ -25,8 +25,7 @@ from lingp_core.operators import LinearOperator
 
 OUTPUT_MODES = ("full", "independent", "trace")
 # rows of K per tile: GEMMs of 1024 × 1024 × d still run near peak, and for a symmetric K the upper tiles are less of
-# the full product (55% at n = 10⁴, 68% with 4096-row tiles: the paper MLP's kernel at n = 10⁴ took 6.4–6.7 s
-# against 8.1–9.6 s on 2 cores); the work space stays one tile (8 MiB at float64)
+# the full product (55% at n = 10⁴, 68% with 4096-row tiles); the work space stays one tile (8 MiB at float64)
 _TILE_ROWS = 1024
 
 

@@ -294,10 +294,11 @@ class LaplaceClassifier:
         # Hutchinson's estimate until one is within tol, and every step from then on uses the exact γ
         exact = engine.dimension <= _EXACT_TRACE_MAX
         for _ in range(max_iter):
-            step = _newton_step(engine, t, exact, lo, hi)
+            slopes = (engine.sq_norm_w_slope(), engine.effective_parameters_slope())  # once per fit
+            step = _newton_step(engine, t, engine.effective_parameters(exact), slopes, lo, hi)
             if abs(step) <= tol and not exact:
                 exact = True
-                step = _newton_step(engine, t, exact, lo, hi)
+                step = _newton_step(engine, t, engine.effective_parameters(exact), slopes, lo, hi)
             direction = 1 if step > 0 else -1
             # a long way to go in one direction (e.g. towards a bound): double the cap while steps keep hitting it
             cap = 2 * cap if capped == direction else _LOG_STEP_CAP
@@ -473,15 +474,15 @@ class LaplaceClassifier:
         return model
 
 
-def _newton_step(engine: Any, t: float, exact: bool, lo: float, hi: float) -> float:
-    """The step in t = log s towards MacKay's fixed point φ(t) = log(‖ŵ − m‖²/γ) − t = 0: Newton's −φ/φ' where
-    φ' < 0 (a stable fixed point), else φ itself (the plain update s ← ‖ŵ − m‖²/γ); towards a bound when γ or
-    ‖ŵ − m‖² vanish."""
-    gamma, sq = engine.effective_parameters(exact), engine.sq_norm_w()
+def _newton_step(engine: Any, t: float, gamma: float, slopes: tuple[float, float], lo: float, hi: float) -> float:
+    """The step in t = log s towards MacKay's fixed point φ(t) = log(‖ŵ − m‖²/γ) − t = 0, given γ and
+    (d‖ŵ − m‖²/dt, dγ/dt): Newton's −φ/φ' where φ' < 0 (a stable fixed point), else φ itself (the plain update
+    s ← ‖ŵ − m‖²/γ); towards a bound when γ or ‖ŵ − m‖² vanish."""
+    sq = engine.sq_norm_w()
     if gamma <= 0 or sq <= 0:
         return (math.log(lo) if sq <= 0 else math.log(hi)) - t
     phi = math.log(sq / gamma) - t
-    slope = engine.sq_norm_w_slope() / sq - engine.effective_parameters_slope() / gamma - 1.0
+    slope = slopes[0] / sq - slopes[1] / gamma - 1.0
     return -phi / slope if slope < 0 else phi
 
 
