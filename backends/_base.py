@@ -113,6 +113,20 @@ class Backend:
         undefined, also on failure)."""
         raise NotImplementedError
 
+    def cholesky_lower_in_place(self, a: Any) -> None:
+        """Factor the SPD matrix held in the lower triangle (and diagonal) of the C-ordered (n, n) array ``a`` in
+        place: L (A = L Lᵀ) is written over that lower triangle, and a's strict upper triangle is neither read nor
+        changed, so it can keep another matrix. Raises numpy.linalg.LinAlgError if not PD (the lower triangle is
+        then undefined).
+
+        This generic form factors a symmetric copy and writes L back (n × n temporaries); a backend that can run
+        LAPACK in place overrides it."""
+        xp = self.xp
+        symmetric = xp.tril(a)
+        symmetric += xp.tril(a, -1).T
+        factor = self.cholesky(symmetric, overwrite=True)
+        xp.copyto(a, factor, where=xp.tri(a.shape[0], dtype=bool))
+
     def solve_triangular(self, a: Any, b: Any, *, lower: bool = True, trans: bool = False) -> Any:
         """Solve a x = b (or aᵀ x = b with ``trans=True``) for triangular (n, n) a and b of shape (n,) or (n, k)."""
         raise NotImplementedError

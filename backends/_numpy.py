@@ -36,6 +36,16 @@ class NumpyBackend(Backend):
             return scipy.linalg.cholesky(a.T, lower=False, check_finite=False).T
         return scipy.linalg.cholesky(a, lower=True, check_finite=False)
 
+    def cholesky_lower_in_place(self, a: np.ndarray) -> None:
+        if not (a.flags.c_contiguous and a.dtype in self.float_dtypes):
+            super().cholesky_lower_in_place(a)
+            return
+        # C-ordered a is Fortran-ordered aᵀ: potrf on aᵀ's upper triangle reads and writes exactly a's lower one
+        potrf = scipy.linalg.get_lapack_funcs("potrf", (a,))
+        _, info = potrf(a.T, lower=0, clean=0, overwrite_a=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"the matrix is not positive definite (LAPACK potrf info = {info})")
+
     # LAPACK copies a C-ordered matrix into Fortran order on every call; its transpose is Fortran-ordered already, so
     # triangular work on a C-ordered factor goes through the transpose (the factors of ``cholesky`` are C-ordered)
     def solve_triangular(self, a: np.ndarray, b: np.ndarray, *, lower: bool = True, trans: bool = False) -> np.ndarray:

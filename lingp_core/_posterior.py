@@ -27,6 +27,8 @@ from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
 from lingp_core.operators import AddedDiagonalOperator
 from lingp_core.solvers import cg, lanczos, logdet, pivoted_cholesky_preconditioner, safe_cholesky
+from lingp_core._symmetric import fill_lower
+from lingp_core.solvers.cholesky import cholesky_from_upper
 
 _LOG_2PI = float(np.log(2 * np.pi))
 _VARIANCE_WARN = 0.1  # relative error of Lanczos-cache variances above which predict warns
@@ -137,13 +139,30 @@ def _add_to_diagonal(A: Any, values: Any, xp: Any) -> None:
 
 
 class FunctionCholesky(_GroupedCholesky):
-    """Exact: L Lᵀ = s·K0 + D per noise group; α = (s·K0 + D)⁻¹ R."""
+    """Exact: L Lᵀ = s·K0 + D per noise group; α = (s·K0 + D)⁻¹ R.
+
+    K0 is never copied: the first group's factor is written over K0's lower triangle by cholesky_from_upper, which
+    reads and keeps K0's strict upper triangle, and K0's diagonal is kept aside; refits at other (s, D), the gradient
+    and a change of method rebuild from those. Further noise groups, and a float32 kernel (which cannot hold a
+    float64 factor), get arrays of their own.
+    """
 
     space, solver, weights = "function", "cholesky", "alpha"
 
     def __init__(self, K0: Any, backend: Backend):
-        self.K0, self.backend = K0, backend
-        self.m = int(K0.shape[0])
+        self.backend, self.m = backend, int(K0.shape[0])
+        self._kernel = K0  # strict upper triangle: K0; lower triangle: K0, then the first group's factor
+        self._kernel_diagonal = backend.xp.diagonal(K0).astype(np.float64)  # a copy
+        self._in_place = K0.dtype == np.float64 and K0.flags.c_contiguous
+
+    @property
+    def K0(self) -> Any:
+        """The kernel (m, m), rebuilt from its kept triangle and diagonal (a new array)."""
+        xp = self.backend.xp
+        K0 = self._kernel.copy()
+        fill_lower(K0, K0, 1.0, xp)
+        K0[xp.arange(self.m), xp.arange(self.m)] = self._kernel_diagonal.astype(K0.dtype)
+        return K0
 
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
         xp, be = self.backend.xp, self.backend
@@ -151,17 +170,20 @@ class FunctionCholesky(_GroupedCholesky):
         self.alpha = xp.zeros(R.shape, dtype=np.float64)
         self.groups, self.factors, self.jitter = noise_groups(noise, self.q), [], 0.0
         self._lml = 0.0
-        for cols, d in self.groups:
-            K = self.K0.astype(np.float64, copy=True)  # float64 whatever the kernel's accumulation dtype
-            K *= s
-            _add_to_diagonal(K, xp.asarray(np.broadcast_to(d, (self.m,))), xp)
-            chol = safe_cholesky(K, overwrite_a=True)  # K is this loop's own copy: factor it in place
+        for g, (cols, d) in enumerate(self.groups):
+            diagonal = s * self._kernel_diagonal + xp.asarray(np.broadcast_to(d, (self.m,)))
+            out = self._kernel if (g == 0 and self._in_place) else None
+            chol = cholesky_from_upper(self._kernel, diagonal, scale=s, out=out)
             self.jitter = max(self.jitter, chol.jitter)
             alpha = be.cho_solve(chol.factor, R[:, cols])
             self.alpha[:, cols] = alpha
             self.factors.append(chol.factor)
             half_logdet = float(xp.log(xp.diagonal(chol.factor)).sum())
             self._lml += -0.5 * float((R[:, cols] * alpha).sum()) - len(cols) * (half_logdet + 0.5 * self.m * _LOG_2PI)
+
+    def state(self) -> dict[str, Any]:
+        # the factors' strict upper triangles hold K0 or nothing: an archive gets the triangular factors alone
+        return {"alpha": self.alpha, **{f"factor{g}": self.backend.xp.tril(L) for g, L in enumerate(self.factors)}}
 
     def lml(self) -> float:
         return self._lml
@@ -179,11 +201,12 @@ class FunctionCholesky(_GroupedCholesky):
         """d lml / d(log s, log σ²_g) for the noise parameters g; ``noise_index`` (m, q) maps entries to g."""
         xp, be = self.backend.xp, self.backend
         grads = np.zeros(1 + int(noise_index.max()) + 1)
+        K0 = self.K0
         for (cols, d), L in zip(self.groups, self.factors):
             inv = be.cho_solve(L, xp.eye(self.m))
             for j in cols:
                 a = self.alpha[:, j]
-                grads[0] += 0.5 * self.s * float(a @ (self.K0 @ a) - (inv * self.K0).sum())
+                grads[0] += 0.5 * self.s * float(a @ (K0 @ a) - (inv * K0).sum())
                 per_row = be.to_numpy(0.5 * (a**2 - xp.diagonal(inv))) * np.broadcast_to(d, (self.m,))
                 np.add.at(grads, 1 + noise_index[:, j], per_row)
         return grads

@@ -236,7 +236,9 @@ class LinearizedGP:
         per_row_noise = self.output_mode == "full" and not isinstance(self.noise, float)
         method, why = self.method, "forced by method="
         parameter_ok = self.output_mode != "trace"
-        param_bytes, kernel_bytes = 8 * (2 * m * p + 2 * p * p), 8 * 3 * m * m
+        # function space: the kernel, whose lower triangle becomes the factor, and room for one more m × m (a float32
+        # kernel's float64 factor, a second noise group's factor, the exact gradient's inverse)
+        param_bytes, kernel_bytes = 8 * (2 * m * p + 2 * p * p), 8 * 2 * m * m
         if method in ("cholesky", "spectral"):
             space = "parameter" if (parameter_ok and p < m) else "function"
             method, why = f"{space}-{method}", f"the smaller space (rows per task {m}, p = {p})"

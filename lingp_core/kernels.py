@@ -10,8 +10,8 @@ Output modes (c = outputs per example; rows example-major, row i·c + k is examp
 
 Assembly streams over parameter blocks (factored Linear blocks through (A Aᵀ)∘(Δ Δᵀ), dense blocks through GEMMs) and,
 for a symmetric K(X, X), over example tiles of the upper triangle only, mirrored at the end. Each tile is computed in
-the accumulation dtype (float64 by default: a float32 Jacobian still gives a float64 kernel) and added into K, so the
-work space beyond K is one tile pair of blocks and one tile of K.
+the accumulation dtype (float64 by default: a float32 Jacobian still gives a float64 kernel) and accumulated straight
+into K, so the work space beyond K is J2's blocks in that dtype and one chunk of products.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import numpy as np
 from lingp_core import _validate as v
 from lingp_core.jacobian import _WORK_ELEMENTS, DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.operators import LinearOperator
+from lingp_core._symmetric import fill_lower
 
 OUTPUT_MODES = ("full", "independent", "trace")
 # rows of K per tile: GEMMs of 1024 × 1024 × d still run near peak, and for a symmetric K the upper tiles are less of
@@ -87,8 +88,8 @@ def _tiles(n: int, rows_per_example: int) -> list[slice]:
 
 
 def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: Any, dtype: np.dtype) -> None:
-    """Add J1 J2ᵀ (one output's rows, or all) into ``out`` tile by tile; for J2 is J1, upper tiles only, mirrored."""
-    xp = J1.xp
+    """Add J1 J2ᵀ (one output's rows, or all) into ``out`` tile by tile; for J2 is J1, upper tiles only, then the
+    strict lower triangle is overwritten by the upper one's transpose (out is exactly symmetric)."""
     rows = 1 if output is not None else J1.n_outputs
     symmetric = J2 is J1
     tiles1, tiles2 = _tiles(J1.n, rows), _tiles(J2.n, rows)
@@ -100,18 +101,12 @@ def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: A
         for b, tb in enumerate(tiles2):
             if symmetric and b < a:
                 continue
-            right = right_tiles[b]
-            if len(tiles1) == len(tiles2) == 1:  # one tile is all of out (C-contiguous): no separate tile needed
-                for lb, rb in zip(left, right):
-                    lb.add_gram(rb, out)
-                return
-            tile = xp.zeros(((ta.stop - ta.start) * rows, (tb.stop - tb.start) * rows), dtype=dtype)
-            for lb, rb in zip(left, right):
-                lb.add_gram(rb, tile)  # tile is C-contiguous: add_gram may reshape it in place
-            r0, c0 = ta.start * rows, tb.start * rows
-            out[r0: r0 + tile.shape[0], c0: c0 + tile.shape[1]] += tile
-            if symmetric and b > a:
-                out[c0: c0 + tile.shape[1], r0: r0 + tile.shape[0]] += tile.T
+            # add_gram accumulates straight into this (strided) view of out: no tile buffer, no copy-back pass
+            block = out[ta.start * rows: ta.stop * rows, tb.start * rows: tb.stop * rows]
+            for lb, rb in zip(left, right_tiles[b]):
+                lb.add_gram(rb, block)
+    if symmetric:
+        fill_lower(out, out, 1.0, J1.xp)
 
 
 def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale: float = 1.0,
@@ -148,7 +143,7 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     shape = {"full": (n1 * c, n2 * c), "independent": (c, n1, n2)}.get(mode, (n1, n2)) if isinstance(mode, str) \
         else (n1, n2)
     tile_rows = min(_TILE_ROWS, max(n1, n2) * c)
-    work = 2 * tile_rows * tile_rows + 2 * tile_rows * max(_stored_per_row(b) for b in J1.blocks) + 2 * _WORK_ELEMENTS
+    work = 2 * tile_rows * max(_stored_per_row(b) for b in J1.blocks) + 2 * _WORK_ELEMENTS
     if J1.dtype != dtype:  # J2's blocks held converted to dtype for the whole assembly
         work += n2 * c * sum(_stored_per_row(b) for b in J1.blocks)
     v.check_memory(v.nbytes_of(shape, dtype) + work * dtype.itemsize, v.resolve_memory_budget(memory_budget,
@@ -167,7 +162,8 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
         s /= c
     else:
         _assemble(J1, other, mode, result, dtype)
-    result *= dtype.type(s)
+    if s != 1.0:
+        result *= dtype.type(s)
     return result
 
 

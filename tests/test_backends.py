@@ -178,6 +178,27 @@ def test_numpy_cholesky_in_place_writes_the_factor_or_restores_the_matrix(rng, m
         assert np.array_equal(work, restored)
 
 
+@pytest.mark.parametrize("generic", [False, True])
+def test_cholesky_lower_in_place_factors_the_lower_triangle_and_keeps_the_upper(backend, rng, generic):
+    """L over a's lower triangle and diagonal from that triangle alone (the upper one holds something else); the
+    strict upper triangle is not changed. ``generic``: the Backend base form (a symmetric copy, L written back)."""
+    from backends._base import Backend
+
+    factor = (lambda x: Backend.cholesky_lower_in_place(backend, x)) if generic else backend.cholesky_lower_in_place
+    a = spd_matrix(rng, N, condition=1e4)
+    other = rng.standard_normal((N, N))
+    work = np.tril(a) + np.triu(other, 1)
+    arr = backend.asarray(work)
+    factor(arr)
+    got = backend.to_numpy(arr)
+    np.testing.assert_allclose(np.tril(got), scipy.linalg.cholesky(a, lower=True), rtol=0,
+                               atol=1e-12 * np.abs(a).max())
+    assert np.array_equal(np.triu(got, 1), np.triu(other, 1))
+    indefinite = np.tril(a) - 2 * np.abs(a).max() * np.eye(N)
+    with pytest.raises(np.linalg.LinAlgError):
+        factor(backend.asarray(indefinite))
+
+
 @pytest.mark.parametrize("lower", [True, False])
 @pytest.mark.parametrize("trans", [False, True])
 def test_solve_triangular_matches_scipy(backend, rng, lower, trans):

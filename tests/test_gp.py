@@ -14,7 +14,7 @@ nn = torch.nn
 
 import lingp_core as lg  # noqa: E402
 from lingp_core import _posterior as post  # noqa: E402
-from tests.helpers import assert_matches  # noqa: E402
+from tests.helpers import assert_matches, data_pointer  # noqa: E402
 from tests.test_export import mlp, on_backend, oracle  # noqa: E402
 
 EXACT = ("function-cholesky", "function-spectral", "parameter-cholesky", "parameter-spectral")
@@ -173,6 +173,33 @@ def test_spectral_lml_gradient_matches_finite_differences(rng):
         step[j] = h
         fd = (f(s, noise * np.exp(step)) - f(s, noise * np.exp(-step))) / (2 * h)
         np.testing.assert_allclose(g_n[j], fd, rtol=1e-6)
+
+
+def test_function_cholesky_keeps_the_kernel_through_refits(backend, rng):
+    """The first noise group's factor is written over the kernel's own lower triangle while its strict upper triangle
+    keeps K0: refits at other hyperparameters, the rebuilt K0 and the saved factors all match the dense formulas.
+    Noise columns with different values make two groups (the second factor gets an array of its own)."""
+    m = 12
+    B = rng.standard_normal((m, 5))
+    K0 = np.triu(B @ B.T) + np.triu(B @ B.T, 1).T  # rank 5: only the noise makes s·K0 + D definite
+    R = rng.standard_normal((m, 3))
+    K0_arr = backend.asarray(K0.copy())
+    engine = post.FunctionCholesky(K0_arr, backend)
+    for s, noise in ((0.7, np.array([[0.3, 0.3, 0.05]])), (2.0, np.array([[0.1, 0.2, 0.1]]))):
+        engine.fit(s, noise, backend.asarray(R))
+        lml = 0.0
+        for j in range(3):
+            C = s * K0 + noise[0, j] * np.eye(m)
+            np.testing.assert_allclose(backend.to_numpy(engine.alpha[:, j]), np.linalg.solve(C, R[:, j]), rtol=1e-10)
+            lml += scipy.stats.multivariate_normal(np.zeros(m), C).logpdf(R[:, j])
+        np.testing.assert_allclose(engine.lml(), lml, rtol=1e-12)
+        state = engine.state()
+        assert len(engine.groups) == 2
+        for g, (_, d) in enumerate(engine.groups):
+            expected = np.linalg.cholesky(s * K0 + np.diag(np.broadcast_to(d, (m,))))
+            np.testing.assert_allclose(backend.to_numpy(state[f"factor{g}"]), expected, rtol=0, atol=1e-12)
+        assert data_pointer(engine.factors[0]) == data_pointer(K0_arr)  # no copy of the kernel
+        assert np.array_equal(backend.to_numpy(engine.K0), K0)
 
 
 def dense_lml(o, s, noise, mode):

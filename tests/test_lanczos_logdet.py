@@ -154,6 +154,79 @@ def test_safe_cholesky_rejects_indefinite_and_asymmetric(backend, rng):
         lg.safe_cholesky(backend.asarray(a[:, :5]))
 
 
+def _upper_source(rng, n, dtype=np.float64):
+    """(S, source): a symmetric S and an array holding S's strict upper triangle above unrelated numbers."""
+    S = spd_matrix(rng, n, 1e3).astype(dtype)
+    S = np.triu(S) + np.triu(S, 1).T
+    return S, (np.triu(S, 1) + np.tril(rng.standard_normal((n, n)))).astype(dtype)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_cholesky_from_upper_factors_scale_times_s_plus_a_diagonal(backend, rng, monkeypatch, in_place):
+    """A = scale·S off the diagonal, ``diagonal`` on it, from S's strict upper triangle alone. In place the factor is
+    the source's lower triangle and S's strict upper triangle survives bit for bit. Tiles of 7 rows make the mirror
+    cross tile edges."""
+    from lingp_core import _symmetric
+
+    monkeypatch.setattr(_symmetric, "TILE", 7)
+    S, source = _upper_source(rng, N)
+    scale, diagonal = 0.37, 0.37 * np.diag(S) + rng.uniform(0.1, 1.0, N)
+    A = scale * S
+    A[np.diag_indices(N)] = diagonal
+    src = backend.asarray(source.copy())
+    result = lg.cholesky_from_upper(src, backend.asarray(diagonal), scale=scale, out=src if in_place else None)
+    assert result.jitter == 0.0 and result.tries == 1 and result.factor.dtype == np.float64
+    lower = np.tril(backend.to_numpy(result.factor))
+    np.testing.assert_allclose(lower, np.linalg.cholesky(A), rtol=0, atol=1e-12 * np.abs(A).max())
+    after = backend.to_numpy(src)
+    assert np.array_equal(np.triu(after, 1), np.triu(source, 1))
+    if not in_place:
+        assert np.array_equal(after, source)  # the source is only read
+
+
+def test_cholesky_from_upper_of_a_float32_source_multiplies_in_float64(backend, rng):
+    S, source = _upper_source(rng, N, np.float32)
+    scale = 1.0 / 3.0  # not a power of two: a float32 product would round differently
+    diagonal = np.diag(S).astype(np.float64) * scale + 0.5
+    A = S.astype(np.float64) * scale
+    A[np.diag_indices(N)] = diagonal
+    result = lg.cholesky_from_upper(backend.asarray(source), backend.asarray(diagonal), scale=scale)
+    lower = np.tril(backend.to_numpy(result.factor))
+    np.testing.assert_allclose(lower, np.linalg.cholesky(A), rtol=0, atol=1e-13 * np.abs(A).max())
+
+
+def test_cholesky_from_upper_retries_with_jitter_from_the_kept_triangle(backend, rng):
+    j = rng.standard_normal((N, 10))
+    S = j @ j.T  # rank 10
+    S = np.triu(S) + np.triu(S, 1).T
+    src = backend.asarray(S.copy())
+    with pytest.warns(lg.NumericalWarning, match="cholesky_from_upper: .*added jitter"):
+        result = lg.cholesky_from_upper(src, backend.asarray(np.diag(S).copy()), out=src)
+    assert result.jitter > 0 and result.tries > 1
+    lower = np.tril(backend.to_numpy(result.factor))
+    np.testing.assert_allclose(lower @ lower.T, S + result.jitter * np.eye(N), atol=1e-10 * np.abs(S).max())
+    assert np.array_equal(np.triu(backend.to_numpy(src), 1), np.triu(S, 1))
+
+
+def test_cholesky_from_upper_errors(backend, rng):
+    S, source = _upper_source(rng, 20)
+    d = np.diag(S).copy()
+    with pytest.raises(lg.NotPositiveDefiniteError, match="not positive definite even with jitter"):
+        lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d - 5.0))
+    bad = source.copy()
+    bad[3, 11] = np.nan
+    with pytest.raises(lg.NonFiniteError, match="NaN or Inf"):
+        lg.cholesky_from_upper(backend.asarray(bad), backend.asarray(d))
+    with pytest.raises(lg.ShapeError, match="diagonal"):
+        lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d[:5]))
+    with pytest.raises(lg.DTypeError, match="out"):
+        lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d), out=backend.asarray(source, np.float32))
+    with pytest.raises(lg.ValueRangeError, match="C-ordered"):
+        lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d), out=backend.asarray(np.asfortranarray(source)))
+    with pytest.raises(lg.ValueRangeError, match="scale"):
+        lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d), scale=0.0)
+
+
 @pytest.mark.parametrize("where", [(17, 2), (2, 17), (9, 15)])
 def test_safe_cholesky_symmetry_check_covers_every_tile(backend, rng, monkeypatch, where):
     from lingp_core.solvers import cholesky

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from lingp_core import _validate as v
 from lingp_core._precision import eps
+from lingp_core._symmetric import TILE as _TILE
+from lingp_core._symmetric import fill_lower
 
 JITTER_GROWTH = 10.0
 
@@ -79,30 +81,111 @@ def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64
         raise v.ValueRangeError(f"A ({n} × {n}, {a.dtype}) is not symmetric: max |A − Aᵀ| = {asymmetry:.3g} against "
                                 f"max |A| = {scale:.3g}")
     mean_diag = float(xp.diagonal(a).astype(np.float64).mean()) if n else 1.0
-    if not mean_diag > 0:
-        raise v.NotPositiveDefiniteError(f"A has mean diagonal {mean_diag:.3g} ≤ 0: it cannot be positive definite")
-    jitter = 0.0
-    relative = 1e-3 * np.sqrt(eps(a.dtype))
-    for attempt in range(max_tries + 1):
-        if attempt == 0 and overwrite_a and a.dtype == compute_dtype and backend.name == "numpy":
-            work = a  # factored in place; a failed attempt restores it (backends._numpy._cholesky_in_place)
-        else:
-            work = a.astype(compute_dtype, copy=True)  # one copy per attempt, factored in place
+    in_place = overwrite_a and a.dtype == compute_dtype and backend.name == "numpy"
+
+    def attempt(jitter: float, first: bool) -> Any:
+        # in place only at first: a failed attempt restores a (backends._numpy._cholesky_in_place), retries copy it
+        work = a if (first and in_place) else a.astype(compute_dtype, copy=True)
         if jitter:
             work[xp.arange(n), xp.arange(n)] += jitter
+        return backend.cholesky(work, overwrite=True)
+
+    return _with_jitter(attempt, "safe_cholesky", f"A ({n} × {n}, {a.dtype})", mean_diag, eps(a.dtype), max_tries, warn)
+
+
+def _with_jitter(attempt: Callable[[float, bool], Any], caller: str, what: str, mean_diag: float, dtype_eps: float,
+                 max_tries: int, warn: bool, finite_check: Callable[[], bool] | None = None) -> CholeskyResult:
+    """Run ``attempt(jitter, first)`` (a factorization of the matrix plus jitter·I that raises LinAlgError when it
+    fails) with jitter 0, then with escalating jitter relative to the mean diagonal; the retry policy of
+    :func:`safe_cholesky`. ``finite_check`` (optional) tells a non-finite matrix from an indefinite one at the end."""
+    if not mean_diag > 0:
+        raise v.NotPositiveDefiniteError(f"{what} has mean diagonal {mean_diag:.3g} ≤ 0: it cannot be positive "
+                                         "definite")
+    jitter = 0.0
+    relative = 1e-3 * np.sqrt(dtype_eps)
+    for tries in range(max_tries + 1):
         try:
-            factor = backend.cholesky(work, overwrite=True)
+            factor = attempt(jitter, tries == 0)
         except np.linalg.LinAlgError:
-            if attempt == max_tries:
+            if tries == max_tries:
                 break
-            jitter = relative * JITTER_GROWTH**attempt * mean_diag
+            jitter = relative * JITTER_GROWTH**tries * mean_diag
             continue
         if jitter and warn:
-            warnings.warn(f"safe_cholesky: A ({n} × {n}, {a.dtype}) was not numerically positive definite; added "
-                          f"jitter {jitter:.3g} to its diagonal ({jitter / mean_diag:.3g} of the mean diagonal "
-                          f"{mean_diag:.3g})", v.NumericalWarning, stacklevel=2)
-        return CholeskyResult(factor, float(jitter), attempt + 1)
+            warnings.warn(f"{caller}: {what} was not numerically positive definite; added jitter {jitter:.3g} "
+                          f"to its diagonal ({jitter / mean_diag:.3g} of the mean diagonal {mean_diag:.3g})",
+                          v.NumericalWarning, stacklevel=3)
+        return CholeskyResult(factor, float(jitter), tries + 1)
+    if finite_check is not None and not finite_check():
+        raise v.NonFiniteError(f"{what} holds NaN or Inf, so it has no Cholesky factor")
     raise v.NotPositiveDefiniteError(
-        f"A ({n} × {n}, {a.dtype}) is not positive definite even with jitter {jitter:.3g} "
-        f"({jitter / mean_diag:.3g} of the mean diagonal {mean_diag:.3g}) after {max_tries + 1} attempts; "
-        "add noise to the diagonal or raise max_tries")
+        f"{what} is not positive definite even with jitter {jitter:.3g} ({jitter / mean_diag:.3g} of the mean "
+        f"diagonal {mean_diag:.3g}) after {max_tries + 1} attempts; add noise to the diagonal or raise max_tries")
+
+
+def cholesky_from_upper(source: Any, diagonal: Any, *, scale: float = 1.0, out: Any = None, max_tries: int = 5,
+                        warn: bool = True) -> CholeskyResult:
+    """Lower Cholesky factor of A = scale·S with diagonal ``diagonal``, where S is the symmetric matrix whose strict
+    upper triangle ``source`` holds, written over ``out``'s lower triangle: the factorization of a kernel that keeps
+    the kernel.
+
+    With ``out=source`` no copy is made: source's strict upper triangle (S) is neither read by LAPACK nor changed, so
+    S stays available (for a refactorization at another scale or diagonal, say) while its lower triangle holds L.
+    Jitter escalates as in :func:`safe_cholesky`; each retry rewrites the lower triangle from S.
+
+    Parameters
+    ----------
+    source : array (n, n)
+        Holds S in its strict upper triangle (its lower triangle and diagonal are not read), float32 or float64.
+    diagonal : array (n,)
+        A's diagonal, float64, finite.
+    scale : float
+        The factor on S's off-diagonal entries.
+    out : array (n, n), optional
+        C-ordered float64 array on source's backend for the factor; may be ``source`` itself (then source must be a
+        C-ordered float64 array). Default: a new array.
+
+    Returns
+    -------
+    CholeskyResult whose factor is ``out``: only its lower triangle and diagonal are L (read it with triangular
+    solves, or take its lower triangle); the strict upper triangle is out's own (S when out is source).
+
+    Raises
+    ------
+    NonFiniteError
+        When S or the diagonal holds NaN or Inf.
+    NotPositiveDefiniteError
+        When A is not positive definite even with the largest jitter.
+    """
+    backend = v.backend_of(source)
+    s_arr = v.as_float_array(source, "source", backend, ndim=2, finite=False)  # finiteness checked only on failure
+    n = s_arr.shape[0]
+    if s_arr.shape != (n, n):
+        raise v.ShapeError(f"source must be square, got shape {tuple(s_arr.shape)}")
+    d = v.as_float_array(diagonal, "diagonal", backend, shape=(n,), dtypes=(np.float64,))
+    scale = v.check_positive(scale, "scale")
+    max_tries = v.check_int(max_tries, "max_tries", minimum=0)
+    xp = backend.xp
+    if out is None:
+        out = xp.empty((n, n), dtype=np.float64)
+    else:
+        out = v.as_float_array(out, "out", backend, shape=(n, n), dtypes=(np.float64,), finite=False)
+        if not out.flags.c_contiguous:
+            raise v.ValueRangeError("out must be C-ordered (it is factored in place)")
+    index = xp.arange(n)
+
+    def attempt(jitter: float, first: bool) -> Any:
+        fill_lower(out, s_arr, scale, xp)
+        out[index, index] = d + jitter if jitter else d
+        backend.cholesky_lower_in_place(out)
+        # a NaN or Inf anywhere in row i of A's lower triangle reaches L_ii, and not every LAPACK stops on it
+        if not bool(xp.isfinite(xp.diagonal(out)).all()):
+            raise v.NonFiniteError(f"A ({n} × {n}) holds NaN or Inf, so it has no Cholesky factor")
+        return out
+
+    def finite() -> bool:
+        return all(bool(xp.isfinite(xp.triu(s_arr[rows], rows.start + 1)).all())
+                   for rows in (slice(i, i + _TILE) for i in range(0, n, _TILE)))
+
+    mean_diag = float(d.mean()) if n else 1.0
+    return _with_jitter(attempt, "cholesky_from_upper", f"A ({n} × {n})", mean_diag, eps(np.float64), max_tries, warn, finite)
