@@ -23,11 +23,11 @@ import numpy as np
 
 from backends import Backend
 from lingp_core import _validate as v
+from lingp_core._symmetric import fill_lower
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
 from lingp_core.operators import AddedDiagonalOperator
 from lingp_core.solvers import cg, lanczos, logdet, pivoted_cholesky_preconditioner, safe_cholesky
-from lingp_core._symmetric import fill_lower
 from lingp_core.solvers.cholesky import cholesky_from_upper
 
 _LOG_2PI = float(np.log(2 * np.pi))

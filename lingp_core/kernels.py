@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from lingp_core import _validate as v
+from lingp_core._symmetric import fill_lower
 from lingp_core.jacobian import _WORK_ELEMENTS, DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.operators import LinearOperator
-from lingp_core._symmetric import fill_lower
 
 OUTPUT_MODES = ("full", "independent", "trace")
 # rows of K per tile: GEMMs of 1024 × 1024 × d still run near peak, and for a symmetric K the upper tiles are less of

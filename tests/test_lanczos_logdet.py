@@ -222,7 +222,8 @@ def test_cholesky_from_upper_errors(backend, rng):
     with pytest.raises(lg.DTypeError, match="out"):
         lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d), out=backend.asarray(source, np.float32))
     with pytest.raises(lg.ValueRangeError, match="C-ordered"):
-        lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d), out=backend.asarray(np.asfortranarray(source)))
+        fortran = backend.asarray(np.asfortranarray(source))
+        lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d), out=fortran)
     with pytest.raises(lg.ValueRangeError, match="scale"):
         lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d), scale=0.0)
 

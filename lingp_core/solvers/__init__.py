@@ -12,5 +12,5 @@ from lingp_core.solvers.preconditioners import (
 )
 
 __all__ = ["CGResult", "CholeskyResult", "EigenResult", "LanczosResult", "LogdetResult", "PivotedCholesky", "cg",
-           "cholesky_from_upper", "jacobi_preconditioner", "lanczos", "lanczos_eigsh", "logdet", "nystrom_preconditioner", "pivoted_cholesky",
-           "pivoted_cholesky_preconditioner", "safe_cholesky"]
+           "cholesky_from_upper", "jacobi_preconditioner", "lanczos", "lanczos_eigsh", "logdet",
+           "nystrom_preconditioner", "pivoted_cholesky", "pivoted_cholesky_preconditioner", "safe_cholesky"]

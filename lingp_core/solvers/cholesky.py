@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -188,4 +189,5 @@ def cholesky_from_upper(source: Any, diagonal: Any, *, scale: float = 1.0, out: 
                    for rows in (slice(i, i + _TILE) for i in range(0, n, _TILE)))
 
     mean_diag = float(d.mean()) if n else 1.0
-    return _with_jitter(attempt, "cholesky_from_upper", f"A ({n} × {n})", mean_diag, eps(np.float64), max_tries, warn, finite)
+    return _with_jitter(attempt, "cholesky_from_upper", f"A ({n} × {n})", mean_diag, eps(np.float64), max_tries, warn,
+                        finite)
