@@ -16,7 +16,7 @@ The paper (a GPU) reports 33 s at n = 1e4 in function space with CG not converge
 on a 2-core CPU: exact mean and variances at n = 1e4 in ≤ 10 s. "max |Δmean|" compares autograd CG with lingp's exact
 answer where the baseline ran.
 
-Usage: python benchmarks/bench_posterior.py [--backend numpy|cupy] [--quick] [--sizes N ...] [--out DIR]
+Usage: python benchmarks/bench_posterior.py [--backend numpy|cupy] [--quick] [--sizes N ...] [--profile] [--out DIR]
 """
 from __future__ import annotations
 
@@ -67,6 +67,24 @@ def run_lingp(model, x, xs, y, backend, kernel_dtype: str = "float64", method: s
     return {"export_s": t1 - t0, "fit_s": t2 - t1, "predict_s": t3 - t2, "total_s": t3 - t0,
             "plan": gp.plan_.method, "reason": gp.plan_.reason, "mean": be.to_numpy(mean)[:, 0].tolist(),
             "var": be.to_numpy(var)[:, 0].tolist(), "diagnostics": gp.diagnostics_}
+
+
+def profile_lingp(model, x, xs, y, backend, top: int = 12) -> list[dict]:
+    """An extra, untimed lingp run (float64) under cProfile: the functions with the most own time, printed."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run_lingp(model, x, xs, y, backend)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, ...)}
+    rows = sorted(({"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "calls": v[1], "own_s": v[2], "cum_s": v[3]}
+                   for k, v in stats.items()), key=lambda r: -r["own_s"])[:top]
+    print(f"    cProfile of an extra lingp run at n = {x.shape[0]} (own seconds, calls, function):")
+    for r in rows:
+        print(f"    {r['own_s']:8.3f} {r['calls']:>6}  {r['function']}")
+    return rows
 
 
 class _AutogradKernel:
@@ -143,6 +161,8 @@ def run(args: argparse.Namespace) -> dict:
             row["autograd"] = base
         rows.append(row)
         print_row(row)
+        if args.profile:
+            row["profile"] = profile_lingp(model, x, xs, y, args.backend)
     exact = {r["n"]: r["lingp"] for r in rows}
     iterative_rows = []
     for n in args.iterative_sizes:
@@ -214,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time kernel_dtype='float32' (float64 factorization) against the exact run")
     parser.add_argument("--iterative-sizes", type=int, nargs="*", default=[],
                         help="sizes also run with method='iterative' (matrix-free CG, Lanczos variances)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each size's timed runs, profile one more lingp run and print where its time goes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_posterior")
     args = parser.parse_args(argv)
