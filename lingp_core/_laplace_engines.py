@@ -11,7 +11,7 @@ from backends import Backend
 from lingp_core import _validate as v
 from lingp_core._ggn import WORK_ELEMENTS, chunks, dense_ggn, example_grams
 from lingp_core._precision import eps
-from lingp_core.fisher import fisher
+from lingp_core.fisher import apply_factors, fisher
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import kernel
 from lingp_core.likelihoods import CategoricalLikelihood, Likelihood
@@ -100,13 +100,6 @@ def _curvature_term(likelihood: Likelihood, g: Any, moved: Any, left: Any, right
     change = _curvature_change(likelihood, g, moved.reshape(n, c))  # Λ' (n, c, c)
     product = change @ right.reshape(n, c, -1)
     return _hutchinson(left.reshape(n * c, -1), product.reshape(n * c, -1))
-
-
-def _apply_blocks(factors: Any, u: Any, transpose: bool) -> Any:
-    """Block-diagonal product: L_i u_i (or L_iᵀ u_i) per example for u of shape (n·c, k) → (n·c, k)."""
-    n, c, _ = factors.shape
-    f = factors.transpose(0, 2, 1) if transpose else factors
-    return (f @ u.reshape(n, c, -1)).reshape(n * c, -1)
 
 
 def _rademacher(dimension: int, backend: Backend) -> Any:
@@ -366,10 +359,10 @@ class FunctionEngine:
                 break
             factors = _square_factors(self.likelihood, f0 + h.reshape(f0.shape))
             chol = self._b_factor(K, factors)
-            b = _apply_blocks(factors, _apply_blocks(factors, h[:, None], True), False)[:, 0] - r
+            b = apply_factors(factors, apply_factors(factors, h[:, None], True), False)[:, 0] - r
             kb = K @ b
-            inner = self.backend.cho_solve(chol, _apply_blocks(factors, kb[:, None], True))
-            a_new = b - _apply_blocks(factors, inner, False)[:, 0]
+            inner = self.backend.cho_solve(chol, apply_factors(factors, kb[:, None], True))
+            a_new = b - apply_factors(factors, inner, False)[:, 0]
             moved = self._line_search(a, h, objective, a_new - a, K, f0, r)
             info.iterations += 1
             bar.update(1)
@@ -389,7 +382,7 @@ class FunctionEngine:
     def _b_factor(K: Any, factors: Any) -> Any:
         """Cholesky factor of B = I + Lᵀ K L (n·c × n·c)."""
         m = K.shape[0]
-        B = _apply_blocks(factors, _apply_blocks(factors, K, True).T, True).T  # Lᵀ K L, K symmetric
+        B = apply_factors(factors, apply_factors(factors, K, True).T, True).T  # Lᵀ K L, K symmetric
         B = 0.5 * (B + B.T)
         idx = v.backend_of(K).xp.arange(m)
         B[idx, idx] += 1.0
@@ -426,7 +419,7 @@ class FunctionEngine:
     def sq_norm_w_slope(self) -> float:
         """d‖ŵ − m‖²/d log s = 2 (ŵ − m)ᵀ H⁻¹ (ŵ − m) / s = 2s (aᵀ h − ‖chol(B)⁻¹ Lᵀ h‖²) with h = K a, by Woodbury:
         H⁻¹ = s I − s² Jᵀ L B⁻¹ Lᵀ J and ŵ − m = s Jᵀ a."""
-        projected = _apply_blocks(self.factors, self.h[:, None], True)
+        projected = apply_factors(self.factors, self.h[:, None], True)
         reduced = self.backend.solve_triangular(self.factor, projected, lower=True)
         return 2.0 * self.s * (float(self.a @ self.h) - _sq(reduced.reshape(-1)))
 
@@ -439,8 +432,8 @@ class FunctionEngine:
         held = _hutchinson(probes - inverse, inverse)
         moved = self._posterior_map(self.h[:, None])[:, 0]  # J dŵ/dt = J H⁻¹ Jᵀ a
         kernel_probes = self.s * (self.K0 @ probes)  # K u
-        transposed = probes - _apply_blocks(self.factors, self.backend.cho_solve(
-            self.factor, _apply_blocks(self.factors, kernel_probes, True)), False)  # Pᵀ u = u − L B⁻¹ Lᵀ K u
+        transposed = probes - apply_factors(self.factors, self.backend.cho_solve(
+            self.factor, apply_factors(self.factors, kernel_probes, True)), False)  # Pᵀ u = u − L B⁻¹ Lᵀ K u
         right = self._posterior_map(self.s * (self.K0 @ transposed))  # P K Pᵀ u
         g = self.offset + self.h.reshape(self.offset.shape)
         return held + _curvature_term(self.likelihood, g, moved, probes, right)
@@ -448,8 +441,8 @@ class FunctionEngine:
     def _posterior_map(self, x: Any) -> Any:
         """P x = (I − K L B⁻¹ Lᵀ) x for x (n·c, k): J H⁻¹ Jᵀ = K − K L B⁻¹ Lᵀ K (Woodbury), so J H⁻¹ Jᵀ a is P h
         with h = K a."""
-        inner = self.backend.cho_solve(self.factor, _apply_blocks(self.factors, x, True))
-        return x - self.s * (self.K0 @ _apply_blocks(self.factors, inner, False))
+        inner = self.backend.cho_solve(self.factor, apply_factors(self.factors, x, True))
+        return x - self.s * (self.K0 @ apply_factors(self.factors, inner, False))
 
     def state(self) -> dict:
         return {"a": self.a, "factors": self.factors, "factor": self.factor, "prior_mean": self.m}
@@ -490,7 +483,7 @@ def predict_function(state: dict, J_train: JacobianBlocks, J_star: JacobianBlock
                                                     K_cross @ state["a"]).reshape(-1, c)
         if cov is None:
             continue
-        y = _apply_blocks(state["factors"], K_cross.T, True)  # Lᵀ K*ᵀ (n·c, k·c)
+        y = apply_factors(state["factors"], K_cross.T, True)  # Lᵀ K*ᵀ (n·c, k·c)
         z = be.solve_triangular(state["factor"], y, lower=True).reshape(m, -1, c)
         prior = s * example_grams(J_star, rows)
         if cov == "full":

@@ -57,14 +57,6 @@ class FisherOperator(LinearOperator):
                 f"likelihood={self.likelihood!r}, damping={self.damping}, dtype={self.dtype}, "
                 f"backend={self.backend.name!r})")
 
-    def _apply_factors(self, u: Any, transpose: bool) -> Any:
-        """L_i u_i (or L_iᵀ u_i) per example for u (n·c, k), blockwise: never an n·c × n·c matrix."""
-        n, c = self.J.n, self.J.n_outputs
-        if self.factors.ndim == 2:
-            return u * self.factors.reshape(n * c, 1)
-        f = self.factors.transpose(0, 2, 1) if transpose else self.factors
-        return (f @ u.reshape(n, c, -1)).reshape(n * c, -1)
-
     def _matmat(self, x: Any) -> Any:
         if self.G is not None:
             # block by block, skipping the operand checks of the public products (x is the operator's own input)
@@ -76,8 +68,8 @@ class FisherOperator(LinearOperator):
             out = self.backend.xp.concatenate([block.rmatmat(gx) for block in self.G.blocks], axis=0)
         else:
             # Λ = L Lᵀ, so F x = Jᵀ L (Lᵀ (J x))
-            u = self._apply_factors(self.J.matmat(x), transpose=True)
-            out = self.J.rmatmat(self._apply_factors(u, transpose=False))
+            u = apply_factors(self.factors, self.J.matmat(x), transpose=True)
+            out = self.J.rmatmat(apply_factors(self.factors, u, transpose=False))
         return out + self.damping * x if self.damping else out
 
     def diagonal(self) -> Any:
@@ -102,6 +94,16 @@ class FisherOperator(LinearOperator):
         if self.damping:
             out[np.arange(self.shape[0]), np.arange(self.shape[0])] += self.damping
         return out
+
+
+def apply_factors(factors: Any, u: Any, transpose: bool) -> Any:
+    """L_i u_i (or L_iᵀ u_i) per example for u (n·c, k), with factors (n, c) (diagonal L_i) or (n, c, c), blockwise:
+    never an n·c × n·c matrix."""
+    n, c = factors.shape[:2]
+    if factors.ndim == 2:
+        return u * factors.reshape(n * c, 1)
+    f = factors.transpose(0, 2, 1) if transpose else factors
+    return (f @ u.reshape(n, c, -1)).reshape(n * c, -1)
 
 
 def fisher(J: JacobianShape, likelihood: Any, f: Any = None, *, damping: float = 0.0) -> FisherOperator:
