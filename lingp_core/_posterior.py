@@ -23,6 +23,7 @@ import numpy as np
 
 from backends import Backend
 from lingp_core import _validate as v
+from lingp_core._progress import iteration_callback, progress_bar
 from lingp_core._symmetric import fill_lower
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
@@ -388,8 +389,8 @@ class Iterative:
     space, solver = "function", "iterative"
 
     def __init__(self, J: JacobianBlocks, mode: Any, *, rtol: float | None, maxiter: int | None, precond_rank: int,
-                 variance_rank: int, variance_cg_max: int, num_probes: int, seed: int):
-        self.J, self.mode, self.backend = J, mode, J.backend
+                 variance_rank: int, variance_cg_max: int, num_probes: int, seed: int, progress: bool = False):
+        self.J, self.mode, self.backend, self.progress = J, mode, J.backend, progress
         self.dtype = J.dtype
         self.rtol, self.maxiter, self.precond_rank = rtol, maxiter, precond_rank
         self.variance_rank, self.variance_cg_max = variance_rank, variance_cg_max
@@ -411,7 +412,9 @@ class Iterative:
         self.info = {"cg_iterations": [], "cg_residuals": [], "preconditioner_rank": int(min(self.precond_rank,
                                                                                                self.m))}
         for (cols, _), op, M in zip(self.groups, self.ops, self.preconditioners):
-            result = cg(op, R[:, cols].astype(self.dtype), M=M, rtol=self.rtol, maxiter=self.maxiter)
+            with progress_bar(None, enabled=self.progress, desc="LinearizedGP CG", unit="it") as bar:
+                result = cg(op, R[:, cols].astype(self.dtype), M=M, rtol=self.rtol, maxiter=self.maxiter,
+                            callback=iteration_callback(bar) if self.progress else None)
             self.alpha[:, cols] = result.x.astype(np.float64)
             self.info["cg_iterations"].append(result.iterations.tolist())
             self.info["cg_residuals"].append((result.residual_norms / np.maximum(result.thresholds, 1e-300)).tolist())
@@ -518,7 +521,8 @@ def restore(method: str, J: JacobianBlocks | None, mode: Any, backend: Backend, 
     if cls is Iterative:
         engine = Iterative(J, mode, rtol=settings.rtol, maxiter=settings.maxiter,
                            precond_rank=settings.preconditioner_rank, variance_rank=settings.variance_rank,
-                           variance_cg_max=settings.variance_cg_max, num_probes=settings.num_probes, seed=settings.seed)
+                           variance_cg_max=settings.variance_cg_max, num_probes=settings.num_probes, seed=settings.seed,
+                           progress=settings.progress)
         engine.alpha, engine.R = state["alpha"], None
         engine._prepare(s, noise, int(state["alpha"].shape[1]))
         return engine

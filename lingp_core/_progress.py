@@ -20,8 +20,9 @@ class _NoBar:
         self.close()
 
 
-def progress_bar(total: int, *, enabled: bool, desc: str, unit: str = "it") -> Any:
-    """A tqdm bar over ``total`` units when ``enabled``, else a no-op with the same ``update``/``close`` methods.
+def progress_bar(total: int | None, *, enabled: bool, desc: str, unit: str = "it") -> Any:
+    """A tqdm bar over ``total`` units (None: a counter without an end) when ``enabled``, else a no-op with the same
+    ``update``/``close`` methods.
 
     Raises
     ------
@@ -35,3 +36,15 @@ def progress_bar(total: int, *, enabled: bool, desc: str, unit: str = "it") -> A
     except ImportError:
         raise ImportError("progress=True needs tqdm, which is not installed: pip install tqdm") from None
     return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
+def iteration_callback(bar: Any) -> Any:
+    """A ``cg`` callback that moves ``bar`` on to the iteration each call reports."""
+    done = 0
+
+    def callback(iteration: int, _residual_norms: Any) -> None:
+        nonlocal done
+        bar.update(iteration - done)
+        done = iteration
+
+    return callback

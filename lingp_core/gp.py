@@ -104,6 +104,9 @@ class LinearizedGP:
         Bytes allowed for kernels and factors (default: half the free memory where the arrays live).
     seed : int
         Seed of Lanczos start vectors and SLQ probes.
+    progress : bool
+        Show tqdm progress bars over the kernel's tiles (function-space methods) and the CG iterations of "iterative"
+        (needs tqdm). Not saved with the model.
 
     Attributes (after fit)
     ----------------------
@@ -117,7 +120,8 @@ class LinearizedGP:
                  output_mode: str = "full", method: str = "auto", rtol: float | None = None,
                  maxiter: int | None = None, preconditioner_rank: int = 100, variance_rank: int = 200,
                  variance_cg_max: int = 256, num_probes: int = 30, exact_max_rows: int = 20000,
-                 kernel_dtype: Any = "float64", memory_budget: float | None = None, seed: int = 0) -> None:
+                 kernel_dtype: Any = "float64", memory_budget: float | None = None, seed: int = 0,
+                 progress: bool = False) -> None:
         self.prior_scale = v.check_positive(prior_scale, "prior_scale")
         self.noise = check_noise(noise)
         self.mean = v.check_choice(mean, "mean", MEANS)
@@ -133,6 +137,7 @@ class LinearizedGP:
         self.kernel_dtype = str(np.dtype(v.check_choice(str(kernel_dtype), "kernel_dtype", ("float64", "float32"))))
         self.memory_budget = None if memory_budget is None else v.check_positive(memory_budget, "memory_budget")
         self.seed = v.check_int(seed, "seed", minimum=0)
+        self.progress = bool(progress)
         self._engines: list[Any] | None = None
 
     def __repr__(self) -> str:
@@ -275,11 +280,13 @@ class LinearizedGP:
         if method == "iterative":
             return post.Iterative(task.J, task.mode, rtol=self.rtol, maxiter=self.maxiter,
                                   precond_rank=self.preconditioner_rank, variance_rank=self.variance_rank,
-                                  variance_cg_max=self.variance_cg_max, num_probes=self.num_probes, seed=self.seed)
+                                  variance_cg_max=self.variance_cg_max, num_probes=self.num_probes, seed=self.seed,
+                                  progress=self.progress)
         if method.startswith("function"):
             from lingp_core.kernels import kernel
 
-            K0 = kernel(task.J, output_mode=task.mode, dtype=self.kernel_dtype, memory_budget=self.memory_budget)
+            K0 = kernel(task.J, output_mode=task.mode, dtype=self.kernel_dtype, memory_budget=self.memory_budget,
+                        progress=self.progress)
             return (post.FunctionCholesky if method.endswith("cholesky") else post.FunctionSpectral)(K0, be)
         Jd = task.J.to_dense(memory_budget=self.memory_budget).astype(np.float64)
         return (post.ParameterCholesky if method.endswith("cholesky") else post.ParameterSpectral)(Jd, be)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lingp_core import _validate as v
+from lingp_core._progress import progress_bar
 from lingp_core._symmetric import fill_lower
 from lingp_core.jacobian import _WORK_ELEMENTS, DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.operators import LinearOperator
@@ -87,7 +88,14 @@ def _tiles(n: int, rows_per_example: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: Any, dtype: np.dtype) -> None:
+def _tile_pairs(n1: int, n2: int, rows: int, symmetric: bool) -> int:
+    """How many tile pairs _assemble computes (a progress bar's total)."""
+    t1, t2 = len(_tiles(n1, rows)), len(_tiles(n2, rows))
+    return t1 * (t1 + 1) // 2 if symmetric else t1 * t2
+
+
+def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: Any, dtype: np.dtype,
+              bar: Any) -> None:
     """Add J1 J2ᵀ (one output's rows, or all) into ``out`` tile by tile; for J2 is J1, upper tiles only, then the
     strict lower triangle is overwritten by the upper one's transpose (out is exactly symmetric)."""
     rows = 1 if output is not None else J1.n_outputs
@@ -105,12 +113,14 @@ def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: A
             block = out[ta.start * rows: ta.stop * rows, tb.start * rows: tb.stop * rows]
             for lb, rb in zip(left, right_tiles[b]):
                 lb.add_gram(rb, block)
+            bar.update(1)
     if symmetric:
         fill_lower(out, out, 1.0, J1.xp)
 
 
 def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale: float = 1.0,
-           output_mode: str | int = "full", dtype: Any = np.float64, memory_budget: float | None = None) -> Any:
+           output_mode: str | int = "full", dtype: Any = np.float64, memory_budget: float | None = None,
+           progress: bool = False) -> Any:
     """The Jacobian kernel K(X1, X2) = s · J1 J2ᵀ, assembled from Jacobian blocks.
 
     Parameters
@@ -128,6 +138,8 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
         Accumulation and result dtype (default float64, whatever the blocks' dtype).
     memory_budget : float, optional
         Bytes allowed for K plus its work space (default: half the free memory where the backend allocates).
+    progress : bool
+        Show a tqdm progress bar over the tiles of K (1,024 rows a side).
 
     Returns
     -------
@@ -150,18 +162,22 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
                    J1.backend), what=f"the kernel of shape {shape} ({dtype})",
                    alternative="use KernelOperator for matrix-free products, or output_mode='trace' / a single output")
     xp = J1.backend.xp
-    result = xp.zeros(shape, dtype=dtype)
-    if mode == "full":
-        _assemble(J1, other, None, result, dtype)
-    elif mode == "independent":
-        for k in range(c):
-            _assemble(J1, other, k, result[k], dtype)
-    elif mode == "trace":
-        for k in range(c):
-            _assemble(J1, other, k, result, dtype)
-        s /= c
-    else:
-        _assemble(J1, other, mode, result, dtype)
+    rows = c if mode == "full" else 1
+    passes = c if mode in ("independent", "trace") else 1
+    total = passes * _tile_pairs(n1, n2, rows, other is J1)
+    with progress_bar(total, enabled=bool(progress), desc="kernel", unit="tile") as bar:
+        result = xp.zeros(shape, dtype=dtype)
+        if mode == "full":
+            _assemble(J1, other, None, result, dtype, bar)
+        elif mode == "independent":
+            for k in range(c):
+                _assemble(J1, other, k, result[k], dtype, bar)
+        elif mode == "trace":
+            for k in range(c):
+                _assemble(J1, other, k, result, dtype, bar)
+            s /= c
+        else:
+            _assemble(J1, other, mode, result, dtype, bar)
     if s != 1.0:
         result *= dtype.type(s)
     return result

@@ -175,6 +175,21 @@ def test_spectral_lml_gradient_matches_finite_differences(rng):
         np.testing.assert_allclose(g_n[j], fd, rtol=1e-6)
 
 
+@pytest.mark.parametrize("method,label", [("function-cholesky", "kernel"), ("iterative", "LinearizedGP CG")])
+def test_progress_bars_change_nothing_but_stderr(rng, capsys, tmp_path, method, label):
+    pytest.importorskip("tqdm")
+    be = lg.get_backend("numpy")
+    J, Js, y, _ = problem(be, rng)
+    quiet = lg.LinearizedGP(0.7, 0.05, method=method, rtol=1e-10).fit(J, y)
+    assert capsys.readouterr().err == ""
+    loud = lg.LinearizedGP(0.7, 0.05, method=method, rtol=1e-10, progress=True).fit(J, y)
+    assert label in capsys.readouterr().err
+    for a, b in zip(quiet.predict(Js, return_var=True), loud.predict(Js, return_var=True)):
+        assert np.array_equal(a, b)
+    loud.save(tmp_path / "gp.npz")  # the bar is a display setting, not part of the model
+    assert not lg.LinearizedGP.load(tmp_path / "gp.npz").progress
+
+
 def test_function_cholesky_keeps_the_kernel_through_refits(backend, rng):
     """The first noise group's factor is written over the kernel's own lower triangle while its strict upper triangle
     keeps K0: refits at other hyperparameters, the rebuilt K0 and the saved factors all match the dense formulas.

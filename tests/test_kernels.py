@@ -66,6 +66,34 @@ def test_many_tiles_give_the_same_symmetric_kernel(backend, monkeypatch):
         assert_matches(K, dense_kernel(J64, J64, 2, mode), backend, dtype=np.float64, rtol=1e-10)
 
 
+@pytest.mark.parametrize("mode,symmetric,total", [("full", True, 10), ("independent", True, 6), ("full", False, 8)])
+def test_kernel_progress_bar_counts_every_tile(monkeypatch, capsys, mode, symmetric, total):
+    """11 examples × 2 outputs in tiles of 7 rows: "full" has 4 row tiles (3 examples each) → 10 upper tile pairs,
+    each output of "independent" 2 → 3 pairs × 2 outputs; against 5 examples (2 tiles), 4 × 2 = 8 pairs. The kernel
+    is the same with and without the bar."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(kernels_module, "_TILE_ROWS", 7)
+    be = lg.get_backend("numpy")
+    model = mlp(nn.ELU, widths=(3, 8, 2))
+    J = exported(be, model, torch.randn(11, 3))[0]
+    other = None if symmetric else exported(be, model, torch.randn(5, 3))[0]
+    real_bar, updates = kernels_module.progress_bar, []
+
+    def recording_bar(*args, **kwargs):
+        bar = real_bar(*args, **kwargs)
+        update = bar.update
+        bar.update = lambda k=1: (updates.append(k), update(k))
+        return bar
+
+    monkeypatch.setattr(kernels_module, "progress_bar", recording_bar)
+    quiet = lg.kernel(J, other, prior_scale=S, output_mode=mode)
+    assert capsys.readouterr().err == ""  # no bar asked for: nothing shown
+    updates.clear()
+    loud = lg.kernel(J, other, prior_scale=S, output_mode=mode, progress=True)
+    assert f"kernel:   0%|          | 0/{total}" in capsys.readouterr().err and sum(updates) == total
+    assert np.array_equal(quiet, loud)
+
+
 def test_float32_blocks_accumulate_in_float64_by_default(backend):
     J, J64 = exported(backend, mlp(nn.Tanh, widths=(3, 8, 2)), torch.randn(6, 3), dtype=np.float32)
     K = lg.kernel(J, prior_scale=S)
