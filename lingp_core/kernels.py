@@ -101,17 +101,20 @@ def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: A
     rows = 1 if output is not None else J1.n_outputs
     symmetric = J2 is J1
     tiles1, tiles2 = _tiles(J1.n, rows), _tiles(J2.n, rows)
-    # J2's tiles in the accumulation dtype, converted once (not once per tile pair: a float32 → float64 copy of every
-    # right-hand tile per pair cost as much as a third of the GEMMs at n = 10⁴)
-    right_tiles = [_view(J2, tb, output, dtype) for tb in tiles2]
+    # J2's tiles in the accumulation dtype, converted once and kept when several left tiles use them (a float32 →
+    # float64 copy of every right-hand tile per pair cost as much as a third of the GEMMs at n = 10⁴); with one left
+    # tile (a cross-kernel with a few test rows) each is converted when used and then dropped
+    reused = symmetric or len(tiles1) > 1
+    right_tiles = [_view(J2, tb, output, dtype) for tb in tiles2] if reused else None
     for a, ta in enumerate(tiles1):
         left = right_tiles[a] if symmetric else _view(J1, ta, output, dtype)
         for b, tb in enumerate(tiles2):
             if symmetric and b < a:
                 continue
+            right = right_tiles[b] if reused else _view(J2, tb, output, dtype)
             # add_gram accumulates straight into this (strided) view of out: no tile buffer, no copy-back pass
             block = out[ta.start * rows: ta.stop * rows, tb.start * rows: tb.stop * rows]
-            for lb, rb in zip(left, right_tiles[b]):
+            for lb, rb in zip(left, right):
                 lb.add_gram(rb, block)
             bar.update(1)
     if symmetric:
@@ -156,7 +159,7 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
         else (n1, n2)
     tile_rows = min(_TILE_ROWS, max(n1, n2) * c)
     work = 2 * tile_rows * max(_stored_per_row(b) for b in J1.blocks) + 2 * _WORK_ELEMENTS
-    if J1.dtype != dtype:  # J2's blocks held converted to dtype for the whole assembly
+    if J1.dtype != dtype and (other is J1 or n1 * c > _TILE_ROWS):  # J2's blocks kept converted (_assemble)
         work += n2 * c * sum(_stored_per_row(b) for b in J1.blocks)
     v.check_memory(v.nbytes_of(shape, dtype) + work * dtype.itemsize, v.resolve_memory_budget(memory_budget,
                    J1.backend), what=f"the kernel of shape {shape} ({dtype})",

@@ -60,10 +60,20 @@ def test_cross_kernel_between_test_and_training_inputs(backend, mode):
 
 def test_many_tiles_give_the_same_symmetric_kernel(backend, monkeypatch):
     monkeypatch.setattr(kernels_module, "_TILE_ROWS", 7)  # several tiles per side, uneven last tile
-    J, J64 = exported(backend, mlp(nn.ELU, widths=(3, 8, 2)), torch.randn(11, 3))
+    model = mlp(nn.ELU, widths=(3, 8, 2))
+    J, J64 = exported(backend, model, torch.randn(11, 3))
+    Js, Js64 = exported(backend, model, torch.randn(2, 3), dtype=np.float32)  # one tile against J's four
+    J32, J32_64 = exported(backend, model, torch.randn(11, 3), dtype=np.float32)
     for mode in MODES[:3]:
         K = lg.kernel(J, prior_scale=S, output_mode=mode)
         assert_matches(K, dense_kernel(J64, J64, 2, mode), backend, dtype=np.float64, rtol=1e-10)
+        K = backend.to_numpy(K)
+        assert np.array_equal(K, np.swapaxes(K, -1, -2))  # mirrored, not recomputed: exactly symmetric
+        # float32 blocks converted to float64 tile by tile when used once (a single left tile), or kept when reused
+        for left, right, left64, right64 in ((Js, J32, Js64, J32_64), (J32, Js, J32_64, Js64)):
+            K = lg.kernel(left, right, prior_scale=S, output_mode=mode)
+            assert_matches(K, dense_kernel(left64, right64, 2, mode), backend, dtype=np.float64,
+                           rtol=tolerance(np.float32, 100))  # the blocks carry float32 rounding
 
 
 @pytest.mark.parametrize("mode,symmetric,total", [("full", True, 10), ("independent", True, 6), ("full", False, 8)])
