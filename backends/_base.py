@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from backends._triangles import fill_lower
+
 
 class MemoryInfo(NamedTuple):
     """Free memory in bytes. ``device`` is None for a host-only backend."""
@@ -119,12 +121,13 @@ class Backend:
         changed, so it can keep another matrix. Raises numpy.linalg.LinAlgError if not PD (the lower triangle is
         then undefined).
 
-        This generic form factors a symmetric copy and writes L back (n × n temporaries); a backend that can run
-        LAPACK in place overrides it."""
+        This generic form factors a symmetric copy and writes L back: with ``cholesky``'s own copy that is two n × n
+        temporaries; a backend that can run LAPACK in place overrides it."""
         xp = self.xp
-        symmetric = xp.tril(a)
-        symmetric += xp.tril(a, -1).T
+        symmetric = a.copy()
+        fill_lower(symmetric.T, symmetric.T, 1.0, xp)  # the transpose's lower triangle is the copy's upper one
         factor = self.cholesky(symmetric, overwrite=True)
+        del symmetric
         xp.copyto(a, factor, where=xp.tri(a.shape[0], dtype=bool))
 
     def solve_triangular(self, a: Any, b: Any, *, lower: bool = True, trans: bool = False) -> Any:

@@ -61,7 +61,7 @@ def _kronecker_pair(b1: FactoredLinearBlock, b2: FactoredLinearBlock, curvature:
         for col0, js2 in _segments(b2):
             w2 = js2.stop - js2.start
             target = out[row0: row0 + o1 * w1, col0: col0 + o2 * w2].reshape(o1, w1, o2, w2)
-            if target.base is None:  # splitting axes of a view is always a view; never write into a copy
+            if not xp.may_share_memory(target, out):  # splitting axes of a view is a view; never write into a copy
                 raise RuntimeError("internal: the Hessian block view could not be reshaped in place")
             target[...] = layer[:, :, js1, js2].transpose(0, 2, 1, 3)
 

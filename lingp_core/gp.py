@@ -241,9 +241,11 @@ class LinearizedGP:
         per_row_noise = self.output_mode == "full" and not isinstance(self.noise, float)
         method, why = self.method, "forced by method="
         parameter_ok = self.output_mode != "trace"
-        # function space: the kernel, whose lower triangle becomes the factor, and room for one more m × m (a float32
-        # kernel's float64 factor, a second noise group's factor, the exact gradient's inverse)
-        param_bytes, kernel_bytes = 8 * (2 * m * p + 2 * p * p), 8 * 2 * m * m
+        # per task (every task's engine is kept): parameter space J and Jᵀ J-sized arrays; function space the kernel,
+        # whose lower triangle becomes the factor, room for one more m × m (a float32 kernel's float64 factor, a second
+        # noise group's factor) and, off NumPy, the two copies a Cholesky that is not in place makes
+        factored = 2 if J.backend.name == "numpy" else 4
+        param_bytes, kernel_bytes = tasks * 8 * (2 * m * p + 2 * p * p), tasks * 8 * factored * m * m
         if method in ("cholesky", "spectral"):
             space = "parameter" if (parameter_ok and p < m) else "function"
             method, why = f"{space}-{method}", f"the smaller space (rows per task {m}, p = {p})"

@@ -279,7 +279,7 @@ class FactoredLinearBlock(_Block):
         a2 = other.A.reshape(n2 * T2, m)
         d2 = other.delta.reshape(n2 * c2 * T2, n_out)
         out4 = out.reshape(n, c, n2, c2)  # a view, also of a strided tile of K: it only splits axes
-        if out4.base is None:  # never accumulate into a copy
+        if not xp.may_share_memory(out4, out):  # never accumulate into a copy
             raise RuntimeError("internal: the kernel tile could not be reshaped in place")
         for rows in _chunks(n, _WORK_ELEMENTS // max(1, c * T * n2 * c2 * T2)):
             s = rows.stop - rows.start

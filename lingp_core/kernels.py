@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from backends._triangles import fill_lower
 from lingp_core import _validate as v
 from lingp_core._progress import progress_bar
-from lingp_core._symmetric import fill_lower
 from lingp_core.jacobian import _WORK_ELEMENTS, DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.operators import LinearOperator
 
@@ -96,8 +96,8 @@ def _tile_pairs(n1: int, n2: int, rows: int, symmetric: bool) -> int:
 
 def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: Any, dtype: np.dtype,
               bar: Any) -> None:
-    """Add J1 J2ᵀ (one output's rows, or all) into ``out`` tile by tile; for J2 is J1, upper tiles only, then the
-    strict lower triangle is overwritten by the upper one's transpose (out is exactly symmetric)."""
+    """Add J1 J2ᵀ (one output's rows, or all) into ``out`` tile by tile; for J2 is J1, the upper tiles only (the
+    caller mirrors them once all outputs are in)."""
     rows = 1 if output is not None else J1.n_outputs
     symmetric = J2 is J1
     tiles1, tiles2 = _tiles(J1.n, rows), _tiles(J2.n, rows)
@@ -117,8 +117,6 @@ def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: A
             for lb, rb in zip(left, right):
                 lb.add_gram(rb, block)
             bar.update(1)
-    if symmetric:
-        fill_lower(out, out, 1.0, J1.xp)
 
 
 def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale: float = 1.0,
@@ -181,6 +179,9 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
             s /= c
         else:
             _assemble(J1, other, mode, result, dtype, bar)
+    if other is J1:  # the strict lower triangle ← the upper one's transpose: K exactly symmetric
+        for square in (result if mode == "independent" else [result]):
+            fill_lower(square, square, 1.0, xp)
     if s != 1.0:
         result *= dtype.type(s)
     return result

@@ -179,10 +179,14 @@ def test_numpy_cholesky_in_place_writes_the_factor_or_restores_the_matrix(rng, m
 
 
 @pytest.mark.parametrize("generic", [False, True])
-def test_cholesky_lower_in_place_factors_the_lower_triangle_and_keeps_the_upper(backend, rng, generic):
+def test_cholesky_lower_in_place_factors_the_lower_triangle_and_keeps_the_upper(backend, rng, monkeypatch, generic):
     """L over a's lower triangle and diagonal from that triangle alone (the upper one holds something else); the
-    strict upper triangle is not changed. ``generic``: the Backend base form (a symmetric copy, L written back)."""
+    strict upper triangle is not changed. ``generic``: the Backend base form (a symmetric copy mirrored in tiles of
+    7 rows, L written back)."""
+    from backends import _triangles
     from backends._base import Backend
+
+    monkeypatch.setattr(_triangles, "TILE", 7)
 
     factor = (lambda x: Backend.cholesky_lower_in_place(backend, x)) if generic else backend.cholesky_lower_in_place
     a = spd_matrix(rng, N, condition=1e4)

@@ -166,9 +166,9 @@ def test_cholesky_from_upper_factors_scale_times_s_plus_a_diagonal(backend, rng,
     """A = scale·S off the diagonal, ``diagonal`` on it, from S's strict upper triangle alone. In place the factor is
     the source's lower triangle and S's strict upper triangle survives bit for bit. Tiles of 7 rows make the mirror
     cross tile edges."""
-    from lingp_core import _symmetric
+    from backends import _triangles
 
-    monkeypatch.setattr(_symmetric, "TILE", 7)
+    monkeypatch.setattr(_triangles, "TILE", 7)
     S, source = _upper_source(rng, N)
     scale, diagonal = 0.37, 0.37 * np.diag(S) + rng.uniform(0.1, 1.0, N)
     A = scale * S
@@ -226,6 +226,31 @@ def test_cholesky_from_upper_errors(backend, rng):
         lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d), out=fortran)
     with pytest.raises(lg.ValueRangeError, match="scale"):
         lg.cholesky_from_upper(backend.asarray(source), backend.asarray(d), scale=0.0)
+
+
+def test_cholesky_from_upper_names_a_nan_after_one_failed_attempt(rng, monkeypatch):
+    """Where LAPACK stops on a NaN (reference potrf does), the first failure checks the matrix, in tiles of 7 rows,
+    and names the NaN instead of retrying with jitter."""
+    from backends import _triangles
+
+    monkeypatch.setattr(_triangles, "TILE", 7)
+    be = lg.get_backend("numpy")
+    attempts = []
+
+    def failing(a):
+        attempts.append(1)
+        raise np.linalg.LinAlgError("potrf info = 3")
+
+    monkeypatch.setattr(be, "cholesky_lower_in_place", failing)
+    S, source = _upper_source(rng, 20)
+    source[11, 17] = np.nan  # in the third tile of rows
+    with pytest.raises(lg.NonFiniteError, match="NaN or Inf"):
+        lg.cholesky_from_upper(source, np.diag(S).copy())
+    assert len(attempts) == 1
+    source[11, 17] = S[11, 17]
+    with pytest.raises(lg.NotPositiveDefiniteError):  # finite: the jitter retries run, then it gives up
+        lg.cholesky_from_upper(source, np.diag(S).copy(), max_tries=2)
+    assert len(attempts) == 1 + 3
 
 
 @pytest.mark.parametrize("where", [(17, 2), (2, 17), (9, 15)])

@@ -7,10 +7,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from backends import _triangles
+from backends._triangles import fill_lower
 from lingp_core import _validate as v
 from lingp_core._precision import eps
-from lingp_core._symmetric import TILE as _TILE
-from lingp_core._symmetric import fill_lower
 
 JITTER_GROWTH = 10.0
 
@@ -108,6 +108,8 @@ def _with_jitter(attempt: Callable[[float, bool], Any], caller: str, what: str, 
         try:
             factor = attempt(jitter, tries == 0)
         except np.linalg.LinAlgError:
+            if tries == 0 and finite_check is not None and not finite_check():  # no jitter helps a NaN
+                raise v.NonFiniteError(f"{what} holds NaN or Inf, so it has no Cholesky factor") from None
             if tries == max_tries:
                 break
             jitter = relative * JITTER_GROWTH**tries * mean_diag
@@ -117,8 +119,6 @@ def _with_jitter(attempt: Callable[[float, bool], Any], caller: str, what: str, 
                           f"to its diagonal ({jitter / mean_diag:.3g} of the mean diagonal {mean_diag:.3g})",
                           v.NumericalWarning, stacklevel=3)
         return CholeskyResult(factor, float(jitter), tries + 1)
-    if finite_check is not None and not finite_check():
-        raise v.NonFiniteError(f"{what} holds NaN or Inf, so it has no Cholesky factor")
     raise v.NotPositiveDefiniteError(
         f"{what} is not positive definite even with jitter {jitter:.3g} ({jitter / mean_diag:.3g} of the mean "
         f"diagonal {mean_diag:.3g}) after {max_tries + 1} attempts; add noise to the diagonal or raise max_tries")
@@ -186,7 +186,7 @@ def cholesky_from_upper(source: Any, diagonal: Any, *, scale: float = 1.0, out: 
 
     def finite() -> bool:
         return all(bool(xp.isfinite(xp.triu(s_arr[rows], rows.start + 1)).all())
-                   for rows in (slice(i, i + _TILE) for i in range(0, n, _TILE)))
+                   for rows in (slice(i, i + _triangles.TILE) for i in range(0, n, _triangles.TILE)))
 
     mean_diag = float(d.mean()) if n else 1.0
     return _with_jitter(attempt, "cholesky_from_upper", f"A ({n} × {n})", mean_diag, eps(np.float64), max_tries, warn,

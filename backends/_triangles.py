@@ -1,4 +1,5 @@
-"""Triangle copies of square matrices, a tile of rows at a time (no n × n temporaries or index arrays)."""
+"""Triangle copies of square matrices (NumPy or CuPy), a tile of rows at a time: no n × n temporaries or index
+arrays."""
 from __future__ import annotations
 
 from typing import Any
