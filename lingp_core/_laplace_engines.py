@@ -344,9 +344,8 @@ class FunctionEngine:
     def fit(self, s: float, a0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
         xp, J = self.backend.xp, self.J
         m = self.K0.shape[0]
-        K = s * self.K0
         a = xp.zeros(m, dtype=np.float64) if a0 is None else a0.copy()
-        h = K @ a
+        h = s * (self.K0 @ a)  # K = s·K0 enters through products only: no scaled copy of K0
         f0 = self.offset
         objective = self.targets.nll(f0 + h.reshape(f0.shape)) + 0.5 * float(a @ h)
         info = _Newton()
@@ -358,12 +357,12 @@ class FunctionEngine:
                 info.converged = True
                 break
             factors = _square_factors(self.likelihood, f0 + h.reshape(f0.shape))
-            chol = self._b_factor(K, factors)
+            chol = self._b_factor(s, factors)
             b = apply_factors(factors, apply_factors(factors, h[:, None], True), False)[:, 0] - r
-            kb = K @ b
+            kb = s * (self.K0 @ b)
             inner = self.backend.cho_solve(chol, apply_factors(factors, kb[:, None], True))
             a_new = b - apply_factors(factors, inner, False)[:, 0]
-            moved = self._line_search(a, h, objective, a_new - a, K, f0, r)
+            moved = self._line_search(a, h, objective, a_new - a, s, f0, r)
             info.iterations += 1
             bar.update(1)
             if moved is None:
@@ -372,24 +371,28 @@ class FunctionEngine:
         self.a, self.h, self.s = a, h, s
         g = f0 + h.reshape(f0.shape)
         self.factors = _square_factors(self.likelihood, g)
-        self.factor = self._b_factor(K, self.factors)
+        self.factor = self._b_factor(s, self.factors)
         self.w = self.m + s * _Jt_times(J, a)
         self.objective = objective
         return {"newton_iterations": info.iterations, "cg_iterations": 0, "converged": info.converged,
                 "gradient_ratio": info.gradient_ratio}
 
-    @staticmethod
-    def _b_factor(K: Any, factors: Any) -> Any:
-        """Cholesky factor of B = I + Lᵀ K L (n·c × n·c)."""
-        m = K.shape[0]
-        B = apply_factors(factors, apply_factors(factors, K, True).T, True).T  # Lᵀ K L, K symmetric
-        B = 0.5 * (B + B.T)
-        idx = v.backend_of(K).xp.arange(m)
+    def _b_factor(self, s: float, factors: Any) -> Any:
+        """Cholesky factor of B = I + s·Lᵀ K0 L (n·c × n·c), in one m × m array: Lᵀ K0 row-blockwise, then · L on
+        chunks of its rows, scaled, and factored in place."""
+        xp, m = self.backend.xp, self.dimension
+        n, c = factors.shape[:2]
+        B = apply_factors(factors, self.K0, True)  # rows i·c..: L_iᵀ K0[i, :]
+        for rows in chunks(m, max(1, WORK_ELEMENTS // m)):
+            k = rows.stop - rows.start
+            B[rows] = (B[rows].reshape(k, n, 1, c) @ factors).reshape(k, m)  # columns j·c..: · L_j
+        B *= s
+        idx = xp.arange(m)
         B[idx, idx] += 1.0
-        return safe_cholesky(B).factor  # ≥ I by construction; jitter only for rounding
+        return safe_cholesky(B, overwrite_a=True).factor  # ≥ I by construction; jitter only for rounding
 
-    def _line_search(self, a: Any, h: Any, objective: float, step: Any, K: Any, f0: Any, r: Any) -> tuple | None:
-        dh = K @ step
+    def _line_search(self, a: Any, h: Any, objective: float, step: Any, s: float, f0: Any, r: Any) -> tuple | None:
+        dh = s * (self.K0 @ step)
         slope = float((r + a) @ dh)  # directional derivative of Ψ(a) = NLL(f0 + K a) + ½ aᵀ K a
         alpha = 1.0
         for _ in range(_MAX_HALVINGS):
