@@ -7,6 +7,7 @@ import numpy as np
 import scipy.linalg
 
 from backends._base import Backend, MemoryInfo, host_free_bytes, is_cupy_array, is_torch_tensor, torch_to_dlpack_ready
+from backends._triangles import clear_upper, fill_lower
 
 
 class NumpyBackend(Backend):
@@ -31,8 +32,8 @@ class NumpyBackend(Backend):
 
     def cholesky(self, a: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
         if overwrite and a.flags.c_contiguous and a.dtype in self.float_dtypes:
-            return _cholesky_in_place(a)
-        if a.flags.c_contiguous:  # see _cholesky_in_place: through the transpose LAPACK needs no Fortran copy
+            return _cholesky_in_place(a, self)
+        if a.flags.c_contiguous:  # see cholesky_lower_in_place: through the transpose LAPACK needs no Fortran copy
             return scipy.linalg.cholesky(a.T, lower=False, check_finite=False).T
         return scipy.linalg.cholesky(a, lower=True, check_finite=False)
 
@@ -71,30 +72,16 @@ class NumpyBackend(Backend):
             return scipy.linalg.svd(a, full_matrices=False, check_finite=False, lapack_driver="gesvd")
 
 
-_ZERO_TILE = 1024  # rows per pass when clearing or restoring a triangle (no n × n index arrays or temporaries)
-
-
-def _cholesky_in_place(a: np.ndarray) -> np.ndarray:
-    """L with L Lᵀ = a, written over a's lower triangle (a C-ordered, symmetric); on failure a is restored from its
-    strict upper triangle and diagonal (bit for bit when a was exactly symmetric) and numpy.linalg.LinAlgError raised.
-
-    LAPACK works in Fortran order, where C-ordered a is aᵀ = a: potrf on the upper triangle of aᵀ overwrites exactly
-    a's lower triangle (and diagonal) and, without its clean-up pass, leaves a's strict upper triangle untouched, so a
-    failed attempt is undone by mirroring that triangle back and restoring the saved diagonal.
-    """
-    n = a.shape[0]
+def _cholesky_in_place(a: np.ndarray, backend: NumpyBackend) -> np.ndarray:
+    """L with L Lᵀ = a, written over a (C-ordered, symmetric), its strict upper triangle cleared; on failure a is
+    restored from its strict upper triangle, which LAPACK leaves untouched, and its saved diagonal (bit for bit when a
+    was exactly symmetric) and numpy.linalg.LinAlgError raised."""
     diagonal = np.diagonal(a).copy()
-    potrf = scipy.linalg.get_lapack_funcs("potrf", (a,))
-    _, info = potrf(a.T, lower=0, clean=0, overwrite_a=1)
-    if info != 0:
-        for i in range(0, n, _ZERO_TILE):
-            rows = slice(i, i + _ZERO_TILE)
-            a[rows, :i] = a[:i, rows].T
-            a[rows, rows] = np.triu(a[rows, rows]) + np.triu(a[rows, rows], 1).T
-        a[np.arange(n), np.arange(n)] = diagonal
-        raise np.linalg.LinAlgError(f"the matrix is not positive definite (LAPACK potrf info = {info})")
-    for i in range(0, n, _ZERO_TILE):  # the factor is lower triangular: clear the strict upper triangle
-        rows = slice(i, i + _ZERO_TILE)
-        a[rows, i + _ZERO_TILE:] = 0.0
-        a[rows, rows] = np.tril(a[rows, rows])
+    try:
+        backend.cholesky_lower_in_place(a)
+    except np.linalg.LinAlgError:
+        fill_lower(a, a, 1.0, np)
+        a[np.arange(a.shape[0]), np.arange(a.shape[0])] = diagonal
+        raise
+    clear_upper(a, np)
     return a

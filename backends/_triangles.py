@@ -19,3 +19,12 @@ def fill_lower(out: Any, source: Any, scale: float, xp: Any) -> None:
         block = out[rows, rows]
         lower = xp.tril(xp.ones(block.shape, dtype=bool), -1)
         xp.copyto(block, xp.multiply(upper.T, scale, dtype=out.dtype), where=lower)
+
+
+def clear_upper(a: Any, xp: Any) -> None:
+    """a's strict upper triangle ← 0, a tile of rows at a time."""
+    n = a.shape[0]
+    for i in range(0, n, TILE):
+        rows = slice(i, min(i + TILE, n))
+        a[rows, i + TILE:] = 0.0
+        a[rows, rows] = xp.tril(a[rows, rows])

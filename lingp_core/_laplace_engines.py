@@ -188,7 +188,25 @@ class _Newton:
         self.iterations, self.cg_iterations, self.converged, self.gradient_ratio = 0, 0, False, float("nan")
 
 
-class WeightEngine:
+class _ProbeSolves:
+    """The Hutchinson probes z of both engines' estimates and their solves with the engine's Cholesky factor R
+    (``self.factor``, of H or of B), drawn and solved once per fit (``fit`` resets ``self._probes``)."""
+
+    factor: Any
+    backend: Backend
+    _probes: tuple | None = None
+
+    def _probe_solves(self) -> tuple:
+        """(z, R⁻¹ z, (R Rᵀ)⁻¹ z)."""
+        if self._probes is None:
+            probes = _rademacher(self.factor.shape[0], self.backend)
+            reduced = self.backend.solve_triangular(self.factor, probes, lower=True)
+            self._probes = (probes, reduced, self.backend.solve_triangular(self.factor, reduced, lower=True,
+                                                                           trans=True))
+        return self._probes
+
+
+class WeightEngine(_ProbeSolves):
     """Parameter space: Newton–CG for ŵ; the dense H(ŵ) = F + I/s, its Cholesky factor R and R⁻¹ for the posterior."""
 
     method = "parameter"
@@ -201,7 +219,6 @@ class WeightEngine:
         self.dimension = J.p  # of the posterior's matrices
         self.factor: Any = None  # the lower Cholesky factor R of H at the last MAP
         self._inverse_factor: Any = None  # R⁻¹, computed when first needed
-        self._probes: tuple | None = None  # solves with the Hutchinson probes, computed when first needed
         self._direction: Any = None  # H⁻¹ (ŵ − m), computed when first needed
 
     def fit(self, s: float, w0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
@@ -293,15 +310,8 @@ class WeightEngine:
         """γ = p − tr(H⁻¹)/s: tr(H⁻¹) = ‖R⁻¹‖²_F, or (``exact=False``) Hutchinson's mean of ‖R⁻¹ z‖²."""
         if exact:
             return self.J.p - _sq(self.inverse_factor.reshape(-1)) / self.s
-        reduced, _ = self._probe_solves()
+        _, reduced, _ = self._probe_solves()
         return self.J.p - _hutchinson(reduced, reduced) / self.s
-
-    def _probe_solves(self) -> tuple:
-        """R⁻¹ z and H⁻¹ z = R⁻ᵀ R⁻¹ z for the Hutchinson probes z, once per fit."""
-        if self._probes is None:
-            reduced = self.backend.solve_triangular(self.factor, _rademacher(self.J.p, self.backend), lower=True)
-            self._probes = (reduced, self.backend.solve_triangular(self.factor, reduced, lower=True, trans=True))
-        return self._probes
 
     def sq_norm_w_slope(self) -> float:
         """d‖ŵ − m‖²/d log s = 2 (ŵ − m)ᵀ H⁻¹ (ŵ − m) / s (the MAP condition differentiated; exact)."""
@@ -315,8 +325,7 @@ class WeightEngine:
 
     def effective_parameters_slope(self) -> float:
         """dγ/d log s, estimated (see :func:`_curvature_term`), with H⁻¹ z and J H⁻¹ z by the Cholesky factor."""
-        probes = _rademacher(self.J.p, self.backend)
-        inverse = self._probe_solves()[1]
+        probes, _, inverse = self._probe_solves()  # z and H⁻¹ z
         held = _hutchinson(probes - inverse / self.s, inverse / self.s)
         moved = _J_times(self.J, self._map_direction() / self.s)  # J dŵ/dt
         projected = _J_times(self.J, inverse)  # J H⁻¹ z: tr(H⁻¹ Jᵀ Λ' J H⁻¹) is Hutchinson's mean of its Λ' form
@@ -326,7 +335,7 @@ class WeightEngine:
         return {"w": self.w, "inverse_factor": self.inverse_factor}
 
 
-class FunctionEngine:
+class FunctionEngine(_ProbeSolves):
     """Function space: Newton on h = J w with prior N(0, K), K = s·J Jᵀ (n·c × n·c); w = s Jᵀ a."""
 
     method = "function"
@@ -371,7 +380,7 @@ class FunctionEngine:
         self.a, self.h, self.s = a, h, s
         g = f0 + h.reshape(f0.shape)
         self.factors = _square_factors(self.likelihood, g)
-        self.factor = self._b_factor(s, self.factors)
+        self.factor, self._probes = self._b_factor(s, self.factors), None
         self.w = self.m + s * _Jt_times(J, a)
         self.objective = objective
         return {"newton_iterations": info.iterations, "cg_iterations": 0, "converged": info.converged,
@@ -416,7 +425,7 @@ class FunctionEngine:
         rows = self.factor.shape[0]
         if exact:
             return rows - _sq(_triangular_inverse(self.factor, self.backend).reshape(-1))
-        reduced = self.backend.solve_triangular(self.factor, _rademacher(rows, self.backend), lower=True)
+        _, reduced, _ = self._probe_solves()
         return rows - _hutchinson(reduced, reduced)
 
     def sq_norm_w_slope(self) -> float:
@@ -430,8 +439,7 @@ class FunctionEngine:
         """dγ/d log s, estimated over probes u of length n·c (see :func:`_curvature_term`): tr(M (I − M)) =
         tr(B⁻¹ − B⁻²) (B has eigenvalues 1 + sλ), and tr(H⁻¹ Jᵀ Λ' J H⁻¹)/s = tr(Λ' P K Pᵀ) by Woodbury, with
         J H⁻¹ = s P J and P = I − K L B⁻¹ Lᵀ."""
-        probes = _rademacher(self.dimension, self.backend)
-        inverse = self.backend.cho_solve(self.factor, probes)  # B⁻¹ u
+        probes, _, inverse = self._probe_solves()  # u and B⁻¹ u
         held = _hutchinson(probes - inverse, inverse)
         moved = self._posterior_map(self.h[:, None])[:, 0]  # J dŵ/dt = J H⁻¹ Jᵀ a
         kernel_probes = self.s * (self.K0 @ probes)  # K u

@@ -133,12 +133,6 @@ class _GroupedCholesky:
         return out
 
 
-def _add_to_diagonal(A: Any, values: Any, xp: Any) -> None:
-    """A[i, i] += values[i] (or a scalar) in place."""
-    idx = xp.arange(A.shape[0])
-    A[idx, idx] += values
-
-
 class FunctionCholesky(_GroupedCholesky):
     """Exact: L Lᵀ = s·K0 + D per noise group; α = (s·K0 + D)⁻¹ R.
 
@@ -318,7 +312,7 @@ class ParameterCholesky(_GroupedCholesky):
         for cols, d in self.groups:
             dinv = xp.asarray(1.0 / np.broadcast_to(d, (self.m,)))
             A = self.Jd.T @ (self.Jd * dinv[:, None])
-            _add_to_diagonal(A, 1.0 / s, xp)
+            A[xp.arange(self.p), xp.arange(self.p)] += 1.0 / s
             chol = safe_cholesky(A)
             self.jitter = max(self.jitter, chol.jitter)
             r = R[:, cols]

@@ -158,9 +158,9 @@ def test_numpy_cholesky_in_place_writes_the_factor_or_restores_the_matrix(rng, m
     """overwrite=True on NumPy: the factor (strict upper triangle cleared) in a's memory; a failed attempt restores a
     from its untouched strict upper triangle and its saved diagonal (exactly a when a is exactly symmetric). Tiles of
     7 rows make the clearing and restoring passes cross tile edges."""
-    import backends._numpy as numpy_backend
+    from backends import _triangles
 
-    monkeypatch.setattr(numpy_backend, "_ZERO_TILE", 7)
+    monkeypatch.setattr(_triangles, "TILE", 7)
     be = backends.get_backend("numpy")
     a = spd_matrix(rng, N, condition=1e4)
     work = a.copy()

@@ -255,9 +255,9 @@ def test_cholesky_from_upper_names_a_nan_after_one_failed_attempt(rng, monkeypat
 
 @pytest.mark.parametrize("where", [(17, 2), (2, 17), (9, 15)])
 def test_safe_cholesky_symmetry_check_covers_every_tile(backend, rng, monkeypatch, where):
-    from lingp_core.solvers import cholesky
+    from backends import _triangles
 
-    monkeypatch.setattr(cholesky, "_SYMMETRY_TILE", 4)  # 20 × 20: a 5 × 5 grid of tiles
+    monkeypatch.setattr(_triangles, "TILE", 4)  # 20 × 20: a 5 × 5 grid of tiles
     a = spd_matrix(rng, 20, 10.0)
     a[where] += 1e-3
     with pytest.raises(lg.ValueRangeError, match=r"not symmetric: max \|A − Aᵀ\| = 0.001"):
