@@ -4,10 +4,13 @@ Importing lingp_core imports neither torch nor cupy; they load when a function n
 """
 from backends import available_backends, get_backend, infer
 from lingp_core._validate import (
+    ArgumentTypeError,
     BackendMismatchError,
     ConvergenceError,
     ConvergenceWarning,
     DTypeError,
+    ExportError,
+    InvalidOptionError,
     LingpError,
     MemoryBudgetError,
     NonFiniteError,
@@ -15,6 +18,7 @@ from lingp_core._validate import (
     NotPositiveDefiniteError,
     NumericalWarning,
     ShapeError,
+    SignatureError,
     ValueRangeError,
 )
 from lingp_core.autograd_operator import AutogradJacobian
@@ -66,6 +70,7 @@ __all__ = [
     "MEANS",
     "AddedDiagonalOperator",
     "ArchiveError",
+    "ArgumentTypeError",
     "AutogradJacobian",
     "BackendMismatchError",
     "BernoulliLikelihood",
@@ -93,6 +98,8 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "DTypeError",
+    "ExportError",
+    "InvalidOptionError",
     "LingpError",
     "MemoryBudgetError",
     "NonFiniteError",
@@ -100,6 +107,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "NumericalWarning",
     "ShapeError",
+    "SignatureError",
     "ValueRangeError",
     "as_likelihood",
     "as_operator",

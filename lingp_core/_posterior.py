@@ -17,10 +17,11 @@ determinant). Their ``state()`` holds what prediction needs, so a fitted model c
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+import backends
 from backends import Backend
 from backends._triangles import TILE, fill_lower
 from lingp_core import _validate as v
@@ -47,6 +48,22 @@ def noise_groups(noise: np.ndarray, q: int) -> list[tuple[list[int], np.ndarray]
         else:
             groups.append(([j], cols[:, j].copy()))
     return groups
+
+
+def largest_eigenvalue(K: Any, steps: int = 20) -> float:
+    """λmax of a symmetric PSD K (m × m, any float dtype) by power iteration in float64 from a ones vector (close
+    after a few steps for kernels, whose top eigenvector is rarely orthogonal to it); 0 for an empty K."""
+    xp = backends.infer(K).xp
+    x = xp.ones(K.shape[0], dtype=np.float64)
+    lam = 0.0
+    for _ in range(steps):
+        y = K @ x.astype(K.dtype)
+        norm = float(xp.linalg.norm(y.astype(np.float64)))
+        if norm == 0.0 or not np.isfinite(norm):
+            return norm
+        lam = norm / float(xp.linalg.norm(x))
+        x = y.astype(np.float64) / norm
+    return lam
 
 
 def clamp_variances(var: Any, scale: Any, xp: Any) -> tuple[Any, int, int]:
@@ -144,6 +161,10 @@ class FunctionCholesky(_GroupedCholesky):
 
     space, solver, weights = "function", "cholesky", "alpha"
 
+    @staticmethod
+    def state_shapes(m: int, p: int, q: int, groups: int) -> dict[str, tuple]:
+        return {"alpha": (m, q), **{f"factor{g}": (m, m) for g in range(groups)}}
+
     def __init__(self, K0: Any, backend: Backend):
         self.backend, self.m = backend, int(K0.shape[0])
         self._kernel = K0  # strict upper triangle: K0; lower triangle: K0, then the first group's factor
@@ -230,6 +251,10 @@ class FunctionSpectral:
 
     space, solver = "function", "spectral"
 
+    @staticmethod
+    def state_shapes(m: int, p: int, q: int, groups: int) -> dict[str, tuple]:
+        return {"alpha": (m, q), "U": (m, m), "lam": (m,), "Z": (m, q)}
+
     def __init__(self, K0: Any, backend: Backend):
         self.K0, self.backend = K0, backend
         self.m = int(K0.shape[0])
@@ -239,7 +264,7 @@ class FunctionSpectral:
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
         xp = self.backend.xp
         if noise.shape[0] != 1:
-            raise ValueError("the spectral method needs one noise variance per output column")
+            raise v.InvalidOptionError("the spectral method needs one noise variance per output column")
         self.s, self.q = s, int(R.shape[1])
         self.noise = np.broadcast_to(noise[0], (self.q,)).astype(np.float64)
         self.Z = self.U.T @ R
@@ -300,6 +325,10 @@ class ParameterCholesky(_GroupedCholesky):
 
     space, solver, weights = "parameter", "cholesky", "mu"
 
+    @staticmethod
+    def state_shapes(m: int, p: int, q: int, groups: int) -> dict[str, tuple]:
+        return {"mu": (p, q), **{f"factor{g}": (p, p) for g in range(groups)}}
+
     def __init__(self, Jd: Any, backend: Backend):
         self.Jd, self.backend = Jd, backend
         self.m, self.p = (int(x) for x in Jd.shape)
@@ -344,6 +373,10 @@ class ParameterSpectral:
 
     space, solver = "parameter", "spectral"
 
+    @staticmethod
+    def state_shapes(m: int, p: int, q: int, groups: int) -> dict[str, tuple]:
+        return {"mu": (p, q), "V": (p, p), "lam": (p,), "shrink": (p, q)}
+
     def __init__(self, Jd: Any, backend: Backend):
         self.Jd, self.backend = Jd, backend
         self.m, self.p = (int(x) for x in Jd.shape)
@@ -353,7 +386,7 @@ class ParameterSpectral:
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
         xp = self.backend.xp
         if noise.shape[0] != 1:
-            raise ValueError("the spectral method needs one noise variance per output column")
+            raise v.InvalidOptionError("the spectral method needs one noise variance per output column")
         self.s, self.q = s, int(R.shape[1])
         self.noise = np.broadcast_to(noise[0], (self.q,)).astype(np.float64)
         self.Qc = self.V.T @ (self.Jd.T @ R)  # (p, q)
@@ -399,6 +432,10 @@ class Iterative:
     """
 
     space, solver = "function", "iterative"
+
+    @staticmethod
+    def state_shapes(m: int, p: int, q: int, groups: int) -> dict[str, tuple]:
+        return {"alpha": (m, q)}
 
     def __init__(self, J: JacobianBlocks, mode: Any, *, rtol: float | None, maxiter: int | None, precond_rank: int,
                  variance_rank: int, variance_cg_max: int, num_probes: int, seed: int, progress: bool = False):
@@ -524,17 +561,70 @@ class Iterative:
         return {"alpha": self.alpha}
 
 
+# ----- the registry ----------------------------------------------------------------------------------------------
+
+class Engine(Protocol):
+    """What every engine provides (one GP problem; module docstring)."""
+
+    space: str   # "function" or "parameter"
+    solver: str  # "cholesky", "spectral" or "iterative"
+
+    def fit(self, s: float, noise: np.ndarray, R: Any) -> None: ...
+    def lml(self) -> Any: ...
+    def mean(self, star: StarRows) -> Any: ...
+    def var(self, star: StarRows) -> Any: ...
+    def cov(self, star: StarRows) -> Any: ...
+    def state(self) -> dict[str, Any]: ...
+
+
+#: Method name → engine class: the one place a new engine is registered.
+ENGINES: dict[str, Any] = {"function-cholesky": FunctionCholesky, "function-spectral": FunctionSpectral,
+                           "parameter-cholesky": ParameterCholesky, "parameter-spectral": ParameterSpectral,
+                           "iterative": Iterative}
+
+
+def engine_class(method: str) -> Any:
+    if method not in ENGINES:
+        raise v.InvalidOptionError(f"unknown method {method!r}; one of {', '.join(map(repr, ENGINES))}")
+    return ENGINES[method]
+
+
+def _iterative(J: JacobianBlocks | None, mode: Any, settings: Any) -> Iterative:
+    return Iterative(J, mode, rtol=settings.rtol, maxiter=settings.maxiter, precond_rank=settings.preconditioner_rank,
+                     variance_rank=settings.variance_rank, variance_cg_max=settings.variance_cg_max,
+                     num_probes=settings.num_probes, seed=settings.seed, progress=settings.progress)
+
+
+def source_of(engine: Any) -> Any:
+    """What another exact engine of the same space can be built from without recomputing: a fresh copy of the
+    kernel K0 (function space) or the dense Jacobian (parameter space, shared: engines only read it); None if the
+    engine holds neither (iterative, or a loaded model)."""
+    if getattr(engine, "space", None) == "function" and hasattr(engine, "_kernel"):
+        return engine.K0  # FunctionCholesky: rebuilt into a new array (its own buffer holds its factor)
+    if isinstance(engine, FunctionSpectral):
+        return engine.K0.copy()
+    return getattr(engine, "Jd", None)
+
+
+def build(method: str, J: JacobianBlocks, mode: Any, settings: Any, source: Any = None) -> Any:
+    """A new, unfitted engine for ``method`` on the task's Jacobian J, or on ``source`` (from :func:`source_of`)."""
+    cls = engine_class(method)
+    if cls is Iterative:
+        return _iterative(J, mode, settings)
+    if source is None and cls.space == "function":
+        source = kernel(J, output_mode=mode, dtype=settings.kernel_dtype, memory_budget=settings.memory_budget,
+                        progress=settings.progress)
+    elif source is None:
+        source = J.to_dense(memory_budget=settings.memory_budget).astype(np.float64)
+    return cls(source, J.backend if J is not None else settings._backend)
+
+
 def restore(method: str, J: JacobianBlocks | None, mode: Any, backend: Backend, state: dict[str, Any], s: float,
             noise: np.ndarray, settings: Any) -> Any:
     """Rebuild a fitted engine from its :meth:`state` (arrays on ``backend``) and hyperparameters, without data."""
-    cls = {"function-cholesky": FunctionCholesky, "function-spectral": FunctionSpectral,
-           "parameter-cholesky": ParameterCholesky, "parameter-spectral": ParameterSpectral,
-           "iterative": Iterative}[method]
+    cls = engine_class(method)
     if cls is Iterative:
-        engine = Iterative(J, mode, rtol=settings.rtol, maxiter=settings.maxiter,
-                           precond_rank=settings.preconditioner_rank, variance_rank=settings.variance_rank,
-                           variance_cg_max=settings.variance_cg_max, num_probes=settings.num_probes, seed=settings.seed,
-                           progress=settings.progress)
+        engine = _iterative(J, mode, settings)
         engine.alpha, engine.R = state["alpha"], None
         engine._prepare(s, noise, int(state["alpha"].shape[1]))
         return engine

@@ -56,6 +56,23 @@ class NotFittedError(LingpError, RuntimeError):
     """A model was used for prediction (or evidence) before ``fit`` or ``load``."""
 
 
+class ArgumentTypeError(LingpError, TypeError):
+    """An argument is of the wrong Python type (e.g. an array where a JacobianBlocks is expected)."""
+
+
+class InvalidOptionError(LingpError, ValueError):
+    """An option is not one of its allowed values, or options that cannot be combined were combined."""
+
+
+class SignatureError(LingpError, ValueError):
+    """A Jacobian does not belong with the model or kernel it is used with: other parameters, outputs, dtype or
+    weights (a fingerprint of the parameter values at export) than the training Jacobian's."""
+
+
+class ExportError(LingpError, RuntimeError):
+    """The network could not be differentiated as asked; the message says why and what to use instead."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative method stopped before meeting its tolerance; its result says by how much."""
 
@@ -120,7 +137,7 @@ def as_float_array(x: Any, name: str, backend: Backend, *, ndim: int | Sequence[
         Whether NaN/Inf raise NonFiniteError (default True).
     """
     if x is None:
-        raise TypeError(f"{name} is required, got None")
+        raise ArgumentTypeError(f"{name} is required, got None")
     if backends.backend_name_of(x) not in (None, backend.name):
         raise BackendMismatchError(f"{name} is a {describe(x)} but the computation runs on backend {backend.name!r}; "
                                    f"move it with get_backend({backend.name!r}).asarray({name}) first")
@@ -177,7 +194,7 @@ def check_same_dtype(**arrays: Any) -> np.dtype:
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
     """A finite real scalar > 0 (or >= 0 with ``allow_zero``) as float; ValueRangeError or TypeError otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
     ok = np.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if not ok:
@@ -188,7 +205,7 @@ def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
 def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """An integer within [minimum, maximum]; TypeError for non-integers, ValueRangeError outside the range."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     v = int(value)
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
         lo = "-inf" if minimum is None else minimum
@@ -198,10 +215,17 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
-    """One of ``choices``; ValueError listing them otherwise."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    """One of ``choices``; InvalidOptionError listing them otherwise."""
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidOptionError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A real bool (numpy.bool_ too): "no", 0 or None are not read as truth values."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 # ----- memory -----------------------------------------------------------------------------------------------------

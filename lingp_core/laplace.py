@@ -44,16 +44,15 @@ blocks (the kernel with test points needs them), plus the prior mean.
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import math
 import warnings
 from typing import Any
 
 import numpy as np
 
-import backends
-from backends import Backend
 from lingp_core import _validate as v
+from lingp_core._estimator import Estimator, jacobian_from_archive
 from lingp_core._ggn import WORK_ELEMENTS, chunks
 from lingp_core._laplace_engines import (
     FunctionEngine,
@@ -63,18 +62,11 @@ from lingp_core._laplace_engines import (
     predict_function,
     predict_weight,
 )
+from lingp_core._plan import Plan
 from lingp_core._precision import eps
 from lingp_core._progress import progress_bar
 from lingp_core._validate import NotFittedError
-from lingp_core.gp import Plan
-from lingp_core.io import (
-    fingerprint,
-    fingerprint_json,
-    jacobian_from_arrays,
-    jacobian_to_arrays,
-    load_archive,
-    save_archive,
-)
+from lingp_core.io import ArchiveError, fingerprint, fingerprint_json, jacobian_to_arrays
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.likelihoods import BernoulliLikelihood, Likelihood, as_likelihood
 
@@ -91,7 +83,7 @@ _EXACT_TRACE_MAX = 1024  # above this p (or n·c), prior-scale steps estimate γ
 
 # ----- the estimator ------------------------------------------------------------------------------------------------
 
-class LaplaceClassifier:
+class LaplaceClassifier(Estimator):
     """Laplace approximation of the linearized network for classification (categorical or Bernoulli).
 
     Parameters
@@ -146,18 +138,16 @@ class LaplaceClassifier:
         self.maxiter = v.check_int(maxiter, "maxiter", minimum=1)
         self.cg_maxiter = None if cg_maxiter is None else v.check_int(cg_maxiter, "cg_maxiter", minimum=1)
         self.memory_budget = None if memory_budget is None else v.check_positive(memory_budget, "memory_budget")
-        self.progress = bool(progress)
+        self.progress = v.check_bool(progress, "progress")
         self._engine: Any = None
-        self._fitted = False
         self._state: dict | None = None  # what prediction needs: built from the engine when first asked, or loaded
-        self._signature: dict | None = None
+        self._signature: dict | None = None  # set by a complete fit or load: the model is fitted
         self._J_train: JacobianBlocks | None = None
         self._evidence: float | None = None
-        self._moved: dict[str, dict] = {}  # the prediction state copied to other backends, by name
         self.prior_scale_history_: list[tuple[float, float]] = []
 
     def __repr__(self) -> str:
-        fitted = f", fitted: {self.plan_.method}" if self._fitted else ""
+        fitted = f", fitted: {self.plan_.method}" if self.is_fitted else ""
         return (f"LaplaceClassifier(prior_scale={self.prior_scale:.6g}, likelihood={self.likelihood!r}, "
                 f"method={self.method!r}{fitted})")
 
@@ -186,36 +176,54 @@ class LaplaceClassifier:
         -------
         self
         """
-        if not isinstance(J, JacobianBlocks):
-            raise TypeError(f"J must be a JacobianBlocks from export_jacobian, got {type(J).__name__}")
+        J = self._check_jacobian(J)
         lik = self._lik()
         y = lik.check_labels(y, J.f0)
         n, c, p = J.n, J.n_outputs, J.p
-        method, reason = self._choose(n * c, p)
-        targets = Targets(lik, y, n, c, J.backend)
         if prior_mean is None:
             m = J.xp.zeros(p, dtype=np.float64)
         else:
             m = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(p,)).astype(np.float64)
-        engine_type = WeightEngine if method == "parameter" else FunctionEngine
-        self._engine = engine_type(J, targets, lik, m, self.memory_budget)
+        method, reason = self._choose(n * c, p, J.backend)
+        draft = self._draft()
+        for stale in ("fit_info_", "w_map_"):
+            draft.__dict__.pop(stale, None)
+        draft._state, draft._evidence = None, None
+        draft._backend = J.backend
+        draft._engine = _ENGINES[method](J, Targets(lik, y, n, c, J.backend), lik, m, self.memory_budget)
         solver = "newton-cg, cholesky of H" if method == "parameter" else "newton, cholesky of B"
-        self.plan_ = Plan(method, method, solver, 1, n * c, p, reason)
-        self._signature = J.signature()
-        self.data_hash_ = fingerprint(y, J.f0, m)
-        self._J_train = J
-        self.prior_scale_history_ = []
-        self._fit_at(self.prior_scale, warm=False)
+        draft.plan_ = Plan(method, method, solver, 1, n * c, p, reason)
+        draft.data_hash_ = fingerprint(y, J.f0, m)
+        draft._J_train = J
+        draft.prior_scale_history_ = []
+        draft._fit_at(self.prior_scale, warm=False)
+        draft._signature = J.signature()  # last: the draft is fitted
+        self._commit(draft)
         return self
 
-    def _choose(self, nc: int, p: int) -> tuple[str, str]:
-        if self.method == "parameter":
-            return "parameter", "forced by method='parameter'"
-        if self.method == "function":
-            return "function", "forced by method='function'"
-        if nc <= p:
-            return "function", f"n·c = {nc} ≤ p = {p}: the n·c × n·c function-space system is the smaller one"
-        return "parameter", f"p = {p} < n·c = {nc}: the p × p weight-space system is the smaller one"
+    def _draft(self) -> LaplaceClassifier:
+        """A shallow copy with a copy of the engine: refits rebind the engine's attributes, never the committed's."""
+        draft = copy.copy(self)
+        draft._engine = copy.copy(self._engine)
+        draft.prior_scale_history_ = list(self.prior_scale_history_)
+        return draft
+
+    def _choose(self, nc: int, p: int, backend: Any) -> tuple[str, str]:
+        """The space to work in and why; MemoryBudgetError when its dense matrices do not fit the budget."""
+        if self.method in ("parameter", "function"):
+            method, reason = self.method, f"forced by method={self.method!r}"
+        elif nc <= p:
+            method, reason = "function", f"n·c = {nc} ≤ p = {p}: the n·c × n·c function-space system is the smaller one"
+        else:
+            method, reason = "parameter", f"p = {p} < n·c = {nc}: the p × p weight-space system is the smaller one"
+        # weight space: the GGN (factored in place) and R⁻¹, p × p each; function space: K and B, n·c × n·c each
+        size = p if method == "parameter" else nc
+        other = "function" if method == "parameter" else "parameter"
+        v.check_memory(2 * v.nbytes_of((size, size), np.float64), v.resolve_memory_budget(self.memory_budget, backend),
+                       what=f"the {method}-space Laplace posterior (two {size} × {size} float64 matrices)",
+                       alternative=f"use method={other!r} ({nc if other == 'function' else p} rows), or fewer "
+                                   "parameters (export_jacobian's params=, e.g. the last layer)")
+        return method, reason
 
     def _fit_at(self, s: float, warm: bool) -> None:
         engine = self._engine
@@ -229,26 +237,27 @@ class LaplaceClassifier:
             warnings.warn(f"LaplaceClassifier: Newton stopped after {info['newton_iterations']} iterations with "
                           f"relative gradient {info['gradient_ratio']:.3g} > rtol {rtol:.3g}; raise maxiter or rtol",
                           v.ConvergenceWarning, stacklevel=3)
+        evidence = -engine.objective - engine.half_logdet()
+        if not (np.isfinite(evidence) and bool(engine.backend.xp.isfinite(engine.w).all())):
+            raise v.NonFiniteError(f"the Laplace fit at prior_scale = {s:.3g} overflowed float64 (evidence "
+                                   f"{evidence}): the training Jacobian or the network's logits are far too large "
+                                   "for the prior scale; rescale the network's inputs or use a smaller prior_scale")
         self.prior_scale = s
-        self._moved = {}  # copies of the state on other backends belong to the previous fit
         self.fit_info_ = info
         self.w_map_ = engine.w
-        self._state, self._fitted = None, True
-        self._evidence = -engine.objective - engine.half_logdet()
+        self._state = None
+        self._evidence = evidence
 
     # ----- evidence ----------------------------------------------------------------------------------------------
-    def _check_fitted(self) -> None:
-        if not self._fitted:
-            raise NotFittedError("this LaplaceClassifier is not fitted yet: call fit(J, y) (or LaplaceClassifier.load)"
-                                 " first")
-
-    def log_evidence(self) -> float:
+    def log_marginal_likelihood(self) -> float:
         """The Laplace approximation of log p(y | s) at the fitted prior scale (see the module docstring).
 
-        A loaded model returns the value stored when it was saved.
+        A loaded model returns the value stored when it was saved. Also available as :meth:`log_evidence`.
         """
         self._check_fitted()
         return float(self._evidence)
+
+    log_evidence = log_marginal_likelihood
 
     def optimize_prior_scale(self, *, max_iter: int = 50, tol: float = 1e-4, bounds: tuple[float, float] = (1e-8, 1e8)
                              ) -> LaplaceClassifier:
@@ -283,9 +292,18 @@ class LaplaceClassifier:
                                  "keep: call fit(J, y) first")
         max_iter = v.check_int(max_iter, "max_iter", minimum=1)
         tol = v.check_positive(tol, "tol")
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise v.ArgumentTypeError(f"bounds must be a pair (lower, upper), got {bounds!r}")
         lo, hi = (v.check_positive(b, "bounds") for b in bounds)
         if not lo < hi:
             raise v.ValueRangeError(f"bounds must satisfy lower < upper, got {bounds}")
+        draft = self._draft()
+        draft._search_prior_scale(max_iter, tol, lo, hi)
+        self._commit(draft)
+        return self
+
+    def _search_prior_scale(self, max_iter: int, tol: float, lo: float, hi: float) -> None:
+        """optimize_prior_scale's steps, on a draft."""
         engine = self._engine
         t = math.log(self.prior_scale)
         self.prior_scale_history_ = [(self.prior_scale, self.log_evidence())]
@@ -312,41 +330,17 @@ class LaplaceClassifier:
             self.prior_scale_history_.append((self.prior_scale, self.log_evidence()))
         else:
             warnings.warn(f"optimize_prior_scale: no fixed point within {max_iter} steps (last s = "
-                          f"{self.prior_scale:.6g}); raise max_iter", v.ConvergenceWarning, stacklevel=2)
+                          f"{self.prior_scale:.6g}); raise max_iter", v.ConvergenceWarning, stacklevel=3)
         if t <= math.log(lo) + 1e-12 or t >= math.log(hi) - 1e-12:
             warnings.warn(f"optimize_prior_scale: s reached the bound {math.exp(t):.3g}; the evidence keeps rising "
-                          "beyond it", v.NumericalWarning, stacklevel=2)
-        return self
+                          "beyond it", v.NumericalWarning, stacklevel=3)
 
     # ----- prediction --------------------------------------------------------------------------------------------
-    def _check_star(self, J_star: Any) -> JacobianBlocks:
-        self._check_fitted()
-        if not isinstance(J_star, JacobianBlocks):
-            raise TypeError(f"J_star must be a JacobianBlocks from export_jacobian, got {type(J_star).__name__}")
-        J_star.check_signature(self._signature)
-        return J_star
-
     def _prediction_state(self) -> dict:
         """The fitted state's arrays (parameter space: ŵ and R⁻¹, computed on first use)."""
         if self._state is None:
             self._state = self._engine.state()
         return self._state
-
-    def _state_on(self, backend: Backend) -> dict:
-        """The prediction state on ``backend`` (moved once and cached when it lives elsewhere)."""
-        state = self._prediction_state()
-        if backends.infer(*state.values()) == backend:
-            return state
-        if backend.name not in self._moved:
-            self._moved[backend.name] = {k: backend.asarray(backends.infer(a).to_numpy(a)) for k, a in state.items()}
-        return self._moved[backend.name]
-
-    def _train_jacobian_on(self, backend: Backend) -> JacobianBlocks:
-        J = self._J_train
-        if J.backend == backend:
-            return J
-        arrays, config = jacobian_to_arrays(J)
-        return jacobian_from_arrays({k: J.backend.to_numpy(a) for k, a in arrays.items()}, config, backend)
 
     def predict_logits(self, J_star: JacobianBlocks, *, return_var: bool | str = False) -> Any:
         """Posterior predictive mean of the logits and, optionally, their covariance per example.
@@ -364,16 +358,21 @@ class LaplaceClassifier:
         mean : array of shape (n*, c), float64, on J_star's backend
         var : array of shape (n*, c) or (n*, c, c), float64 (with ``return_var``)
         """
+        if not any(return_var is option or (isinstance(return_var, str) and return_var == option)
+                   for option in (False, True, "diag", "full")):
+            raise v.InvalidOptionError(f"return_var must be False, True, 'diag' or 'full'; got {return_var!r}")
         J_star = self._check_star(J_star)
-        if return_var not in (False, True, "diag", "full"):
-            raise ValueError(f"return_var must be False, True, 'diag' or 'full'; got {return_var!r}")
         cov = None if return_var is False else ("full" if return_var == "full" else "diag")
-        state = self._state_on(J_star.backend)
+        state = self._prediction_state()
         if self.plan_.space == "parameter":
             mean, var = predict_weight(state, J_star, cov)
         else:
-            J_train = self._train_jacobian_on(J_star.backend)
-            mean, var = predict_function(state, J_train, J_star, self.prior_scale, cov, self.memory_budget)
+            mean, var = predict_function(state, self._J_train, J_star, self.prior_scale, cov, self.memory_budget)
+        xp = J_star.xp
+        if not (bool(xp.isfinite(mean).all()) and (var is None or bool(xp.isfinite(var).all()))):
+            raise v.NonFiniteError("the predicted logits at J_star overflow float64 (NaN/Inf) although J_star is "
+                                   "finite: the test inputs are far outside the training range or the exported "
+                                   "Jacobian is far too large; rescale the inputs")
         if var is not None:
             var = self._clamp(var, cov)
         return mean if cov is None else (mean, var)
@@ -426,52 +425,53 @@ class LaplaceClassifier:
         return proba
 
     # ----- persistence -------------------------------------------------------------------------------------------
-    def save(self, path: Any) -> str:
-        """Write what prediction needs to an .npz archive (no pickle, no training labels); returns the path written.
-
-        Parameter space: ŵ (p,) and the inverse R⁻¹ of H's Cholesky factor (p, p). Function space: the representer
-        weights a (n·c,), the curvature factors L (n, c, c), the Cholesky factor of B (n·c, n·c), ŵ and the training
-        Jacobian blocks (the kernel with test points needs them). Plus the hyperparameters and their hash, the
-        parameter signature, a fingerprint of the training labels and logits (:attr:`data_hash_`), the evidence and
-        the format version.
-        """
-        self._check_fitted()
+    def _archive(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Parameter space: ŵ (p,) and the inverse R⁻¹ of H's Cholesky factor (p, p). Function space: the
+        representer weights a (n·c,), the curvature factors L (n, c, c), the Cholesky factor of B (n·c, n·c), the
+        prior mean, ŵ and the training Jacobian blocks (the kernel with test points needs them). Plus the
+        hyperparameters and their hash, the parameter signature, a fingerprint of the training labels and logits
+        (:attr:`data_hash_`), the evidence and the format version; no training labels."""
         arrays = {f"state_{k}": a for k, a in self._prediction_state().items()}
         if "state_w" not in arrays:  # weight space already stores ŵ as its state
             arrays["w_map"] = self.w_map_
         hyper = {"prior_scale": self.prior_scale, "likelihood": self.likelihood}
         config = {**hyper, "settings": {"method": self.method, "rtol": self.rtol, "maxiter": self.maxiter,
                                         "cg_maxiter": self.cg_maxiter, "memory_budget": self.memory_budget},
-                  "plan": dataclasses.asdict(self.plan_), "signature": self._signature, "data_hash": self.data_hash_,
+                  "plan": {**self.plan_.__dict__}, "signature": self._signature, "data_hash": self.data_hash_,
                   "hyper_hash": fingerprint_json(hyper), "log_evidence": self._evidence, "fit_info": self.fit_info_,
                   "jacobian": None}
         if self.plan_.space == "function":
             J_arrays, config["jacobian"] = jacobian_to_arrays(self._J_train)
             arrays.update(J_arrays)
-        return save_archive(path, self._KIND, arrays, config)
+        return arrays, config
 
     @classmethod
-    def load(cls, path: Any, *, backend: Any = "numpy") -> LaplaceClassifier:
-        """A fitted model from :meth:`save`, its arrays on ``backend`` ("numpy", "cupy" or a Backend); predictions
-        equal those of the saved model. It predicts and reports its saved evidence; refitting needs :meth:`fit`.
+    def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
+        nc, p = int(config["plan"]["rows"]), int(config["plan"]["p"])
+        if config["plan"]["space"] == "parameter":
+            return {"state_w": (p,), "state_inverse_factor": (p, p)}
+        c = 1 if config["likelihood"] == "bernoulli" else None
+        return {"state_a": (nc,), "state_factors": (None, c, c), "state_factor": (nc, nc), "state_prior_mean": (p,),
+                "w_map": (p,), "J_f0": (None, c)}
 
-        Raises
-        ------
-        ArchiveError
-            Another format version or model kind, a truncated or modified file.
-        """
-        arrays, config = load_archive(path, cls._KIND)
-        be = backends.get_backend(backend)
+    @classmethod
+    def _from_archive(cls, arrays: dict[str, np.ndarray], config: dict[str, Any], be: Any) -> LaplaceClassifier:
         model = cls(config["prior_scale"], config["likelihood"], **config["settings"])
-        model.plan_, model._signature = Plan(**config["plan"]), config["signature"]
+        model.plan_, model._backend = Plan(**config["plan"]), be
         model.data_hash_, model.fit_info_, model._evidence = config["data_hash"], config["fit_info"], \
             config["log_evidence"]
-        model._fitted = True
         model._state = {k[len("state_"):]: be.asarray(a) for k, a in arrays.items() if k.startswith("state_")}
         model.w_map_ = model._state["w"] if "w" in model._state else be.asarray(arrays["w_map"])
         if config["jacobian"] is not None:
-            model._J_train = jacobian_from_arrays(arrays, config["jacobian"], be)
+            model._J_train = jacobian_from_archive(arrays, config["jacobian"], be)
+            if model._J_train.n * model._J_train.n_outputs != model.plan_.rows:
+                raise ArchiveError(f"the saved training Jacobian has {model._J_train.n} × {model._J_train.n_outputs} "
+                                   f"rows, the saved plan {model.plan_.rows}; the file was modified")
+        model._signature = config["signature"]
         return model
+
+
+_ENGINES = {"parameter": WeightEngine, "function": FunctionEngine}
 
 
 def _newton_step(engine: Any, t: float, gamma: float, slopes: tuple[float, float], lo: float, hi: float) -> float:

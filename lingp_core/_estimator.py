@@ -1,0 +1,134 @@
+"""What LinearizedGP and LaplaceClassifier share: the estimator contract.
+
+- Inputs are validated once, at the public method.
+- ``fit`` (and every method that refits) builds the new state on a *draft* — a shallow copy of the model whose
+  engines are new or copied objects — and swaps it in with one ``__dict__`` update only when it is complete. A fit
+  that fails or is interrupted (KeyboardInterrupt included) leaves the model exactly as it was: nothing it computed
+  reached the model.
+- ``predict``-type methods check the test Jacobian: a JacobianBlocks, on the model's backend (one policy: never moved
+  silently), with the training Jacobian's signature (parameter names and shapes, outputs, dtype, weight fingerprint).
+- ``save``/``load`` go through one archive skeleton: the model writes its arrays and JSON config, :mod:`lingp_core.io`
+  checksums them, and ``load`` rebuilds the model from them after checking every array's shape against the config.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+import backends
+from lingp_core import _validate as v
+from lingp_core import io
+from lingp_core.jacobian import JacobianBlocks
+
+
+class Estimator:
+    """Base of the fitted models; subclasses set ``_KIND`` and implement ``_archive`` and ``_from_archive``."""
+
+    _KIND = ""
+    _backend: Any = None
+    _signature: dict[str, Any] | None = None
+
+    # ----- the transaction ------------------------------------------------------------------------------------------
+    def _draft(self) -> Any:
+        """A shallow copy to build a new fit on; subclasses replace its mutable parts (engines) by copies."""
+        return copy.copy(self)
+
+    def _commit(self, draft: Any) -> None:
+        """Swap a complete draft's state in (one dict update: no interrupt can land half-way)."""
+        self.__dict__.update(draft.__dict__)
+
+    # ----- checks -------------------------------------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        """Whether the model holds a fitted (or loaded) posterior."""
+        return self._signature is not None
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise v.NotFittedError(f"this {type(self).__name__} is not fitted: call fit(J, y) (or "
+                                   f"{type(self).__name__}.load) first")
+
+    @staticmethod
+    def _check_jacobian(J: Any, name: str = "J") -> JacobianBlocks:
+        if not isinstance(J, JacobianBlocks):
+            raise v.ArgumentTypeError(f"{name} must be a JacobianBlocks from lingp_core.export_jacobian, got "
+                                      f"{v.describe(J)}")
+        return J
+
+    def _check_star(self, J_star: Any) -> JacobianBlocks:
+        """A test Jacobian that belongs with this model (fitted check, type, backend, signature)."""
+        self._check_fitted()
+        J_star = self._check_jacobian(J_star, "J_star")
+        if J_star.backend != self._backend:
+            raise v.BackendMismatchError(f"J_star lives on backend {J_star.backend.name!r} but the model on "
+                                         f"{self._backend.name!r}; export the test inputs onto the same backend, or "
+                                         f"load the model with backend={J_star.backend.name!r}")
+        J_star.check_signature(self._signature)
+        return J_star
+
+    # ----- persistence --------------------------------------------------------------------------------------------
+    def _archive(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(arrays, config, expected shapes of the arrays) for :meth:`save`."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_archive(cls, arrays: dict[str, np.ndarray], config: dict[str, Any], backend: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Shapes (None: any size) the arrays of an archive with this config must have."""
+        raise NotImplementedError
+
+    def save(self, path: Any) -> str:
+        """Write what prediction needs to an .npz archive (no pickle, no training targets); returns the path
+        written. Read it back with ``load``."""
+        self._check_fitted()
+        arrays, config = self._archive()
+        return io.save_archive(path, self._KIND, arrays, config)
+
+    @classmethod
+    def load(cls, path: Any, *, backend: Any = "numpy") -> Any:
+        """A fitted model from ``save``, its arrays on ``backend`` ("numpy", "cupy" or a Backend); predictions equal
+        those of the saved model. Raises :class:`lingp_core.ArchiveError` for a wrong, truncated or modified file,
+        or arrays whose shapes do not fit the saved configuration."""
+        be = backends.get_backend(backend)
+        arrays, config = io.load_archive(path, cls._KIND)
+        try:
+            expected = cls._expected_arrays(config)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise io.ArchiveError(f"{path!r}: the saved configuration lacks or mistypes an entry ({exc!r})") from None
+        check_archive_arrays(path, arrays, expected)
+        return cls._from_archive(arrays, config, be)
+
+
+#: Archive arrays of the training Jacobian start with this; JacobianBlocks checks their shapes when it rebuilds them.
+JACOBIAN_PREFIX = "J_"
+
+
+def jacobian_from_archive(arrays: dict[str, np.ndarray], config: dict[str, Any], backend: Any) -> JacobianBlocks:
+    """The training Jacobian saved in an archive; ArchiveError when its arrays do not make a valid one."""
+    try:
+        return io.jacobian_from_arrays(arrays, config, backend)
+    except (v.LingpError, KeyError, TypeError, IndexError) as exc:
+        raise io.ArchiveError(f"the saved training Jacobian is not valid ({type(exc).__name__}: {exc}); the file was "
+                              "modified") from None
+
+
+def check_archive_arrays(path: Any, arrays: dict[str, np.ndarray], expected: dict[str, Any]) -> None:
+    """Raise ArchiveError unless ``arrays`` holds exactly the ``expected`` names, each with the expected shape
+    (tuple, None entries free) and a float or integer dtype as the model wrote it."""
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(name for name in set(arrays) - set(expected) if not name.startswith(JACOBIAN_PREFIX))
+    if missing or extra:
+        raise io.ArchiveError(f"{path!r}: arrays missing {missing} or unexpected {extra} for this model's "
+                              "configuration; the file was modified")
+    for name, shape in expected.items():
+        got = tuple(arrays[name].shape)
+        if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+            raise io.ArchiveError(f"{path!r}: array {name!r} has shape {got} but the saved configuration needs "
+                                  f"{tuple(shape)}; the file was modified")
+        if arrays[name].dtype.kind not in "fiu":
+            raise io.ArchiveError(f"{path!r}: array {name!r} has dtype {arrays[name].dtype}; the file was modified")

@@ -1,0 +1,155 @@
+"""LinearizedGP's planner: which engine solves the problem, why, and whether it fits in memory.
+
+Every method, whether chosen here or forced by the user, is checked against the memory budget with what it really
+allocates (per task: every task's engine is kept), so a forced method fails with the numbers before allocating.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lingp_core import _validate as v
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What :class:`~lingp_core.LinearizedGP` chose and why.
+
+    Attributes
+    ----------
+    method : str
+        One of the concrete methods ("function-cholesky", ..., "iterative").
+    space, solver : str
+        "function" or "parameter"; "cholesky", "spectral" or "iterative".
+    tasks, rows, p : int
+        Independent GP problems solved, rows per problem (n·c or n), parameters.
+    reason : str
+        Why, in words.
+    """
+
+    method: str
+    space: str
+    solver: str
+    tasks: int
+    rows: int
+    p: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.method} ({self.tasks} task(s) of {self.rows} rows, p = {self.p}): {self.reason}"
+
+    def with_method(self, method: str, reason: str | None = None) -> Plan:
+        space, solver = split_method(method)
+        return dataclasses.replace(self, method=method, space=space, solver=solver,
+                                   reason=self.reason if reason is None else reason)
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """("function" | "parameter", "cholesky" | "spectral" | "iterative") of a concrete method."""
+    if method == "iterative":
+        return "function", "iterative"
+    space, solver = method.split("-")
+    return space, solver
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Sizes of a LinearizedGP problem: tasks of m rows and q target columns, p parameters, and the settings that
+    change what the engines allocate."""
+
+    tasks: int
+    m: int
+    q: int
+    p: int
+    backend: str
+    kernel_itemsize: int  # 8 (float64 kernel) or 4 (float32)
+    jacobian_itemsize: int
+    noise_groups: int  # factors per task (one per distinct noise column)
+    preconditioner_rank: int
+    variance_rank: int
+
+
+def engine_bytes(method: str, pb: Problem) -> int:
+    """Bytes the engines of ``method`` hold or need at their peak, all tasks together (8-byte float64 factors)."""
+    m, p, q = pb.m, pb.p, pb.q
+    if method == "function-cholesky":
+        # the kernel, whose lower triangle becomes the first factor in place (float64 on NumPy); a float32 kernel
+        # or a further noise group needs a float64 factor of its own; off NumPy the generic in-place Cholesky
+        # factors a mirrored copy (two more m × m)
+        in_place = pb.kernel_itemsize == 8
+        factors = (pb.noise_groups - (1 if in_place else 0)) * 8 * m * m
+        extra = 0 if pb.backend == "numpy" else 2 * 8 * m * m
+        per_task = pb.kernel_itemsize * m * m + factors + extra + 8 * m * q
+    elif method == "function-spectral":
+        per_task = pb.kernel_itemsize * m * m + 8 * m * m * 3 + 8 * m * q  # K0, its float64 copy, U, eigh's work
+    elif method == "parameter-cholesky":
+        # dense J (float64) and its noise-weighted copy, Jᵀ D⁻¹ J and its factor per noise group
+        per_task = 2 * 8 * m * p + 2 * 8 * p * p * pb.noise_groups + 8 * p * q
+    elif method == "parameter-spectral":
+        per_task = 2 * 8 * m * p + 3 * 8 * p * p + 8 * p * q  # dense J, Jᵀ J, V, eigh's work
+    elif method == "iterative":
+        # preconditioner and Lanczos bases (m × rank), CG's vectors (a few m × q) in the Jacobian's dtype
+        ranks = min(pb.preconditioner_rank, m) + min(pb.variance_rank, m)
+        per_task = pb.noise_groups * (8 * m * ranks + 8 * pb.jacobian_itemsize * m * q)
+    else:
+        raise v.InvalidOptionError(f"unknown method {method!r}")
+    return pb.tasks * per_task
+
+
+def choose(method: str, pb: Problem, budget: int, *, parameter_ok: bool, per_row_noise: bool,
+           exact_max_rows: int) -> Plan:
+    """The plan for ``method`` ("auto", "cholesky", "spectral" or a concrete method); MemoryBudgetError when it does
+    not fit ``budget``, InvalidOptionError when it cannot serve the output mode or noise."""
+    m, p = pb.m, pb.p
+    why = "forced by method="
+    if method in ("cholesky", "spectral"):
+        space = "parameter" if (parameter_ok and p < m) else "function"
+        method, why = f"{space}-{method}", f"the smaller space (rows per task {m}, p = {p})"
+    elif method == "auto":
+        param_bytes = engine_bytes("parameter-cholesky", pb)
+        kernel_bytes = engine_bytes("function-cholesky", pb)
+        if parameter_ok and p < m and param_bytes <= budget:
+            method, why = "parameter-cholesky", (f"p = {p} < {m} rows per task: the p × p precision is the smaller "
+                                                 f"exact system ({v.format_bytes(param_bytes)})")
+        elif m <= exact_max_rows and kernel_bytes <= budget:
+            method, why = "function-cholesky", (f"{m} rows per task ≤ p = {p} and ≤ exact_max_rows = "
+                                                f"{exact_max_rows}: the exact kernel factorization fits "
+                                                f"({v.format_bytes(kernel_bytes)})")
+        else:
+            method, why = "iterative", (f"{m} rows per task: an exact factorization needs "
+                                        f"{v.format_bytes(min(kernel_bytes, param_bytes))} (budget "
+                                        f"{v.format_bytes(budget)}) or more rows than exact_max_rows = "
+                                        f"{exact_max_rows}; CG on matrix-free kernel products")
+    if method.startswith("parameter") and not parameter_ok:
+        raise v.InvalidOptionError("output_mode='trace' has no parameter-space form (its kernel averages the "
+                                   "outputs' Jacobians); use a function-space method or output_mode='independent'")
+    if method.endswith("spectral") and per_row_noise:
+        raise v.InvalidOptionError("spectral methods need one noise variance per GP; with per-output noise in "
+                                   "output_mode='full' the noise differs along the rows: use "
+                                   "method='function-cholesky' or 'parameter-cholesky', or "
+                                   "output_mode='independent'")
+    check_fits(method, pb, budget)
+    space, solver = split_method(method)
+    return Plan(method, space, solver, pb.tasks, m, p, why)
+
+
+def check_fits(method: str, pb: Problem, budget: int, *, extra: int = 0, what: str = "") -> None:
+    """MemoryBudgetError, with the numbers and the alternatives, when ``method``'s engines (plus ``extra`` bytes)
+    exceed ``budget``."""
+    alternative = {"parameter": "use a function-space method (n·c rows) or method='iterative'",
+                   "function": "use method='iterative' (matrix-free), a parameter-space method when p < n·c, or "
+                               "output_mode='independent'"}[split_method(method)[0]]
+    v.check_memory(engine_bytes(method, pb) + extra, budget,
+                   what=what or f"method={method!r} ({pb.tasks} task(s) of {pb.m} rows, p = {pb.p})",
+                   alternative=alternative)
+
+
+def problem_of(J: Any, layout: Any, noise: Any, settings: Any) -> Problem:
+    """The Problem of fitting training Jacobian J with this output layout, noise and settings."""
+    n, c = J.n, J.n_outputs
+    m, q = layout.rows(n, c), layout.columns(c)
+    groups = 1 if isinstance(noise, float) or layout.mode == "full" else len({float(x) for x in noise}) \
+        if layout.mode == "trace" else 1
+    tasks = c if layout.mode == "independent" else 1
+    return Problem(tasks, m, q, J.p, J.backend.name, 4 if settings.kernel_dtype == "float32" else 8,
+                   J.dtype.itemsize, groups, settings.preconditioner_rank, settings.variance_rank)
