@@ -23,6 +23,12 @@ from lingp_core import io
 from lingp_core.jacobian import JacobianBlocks
 
 
+def float_errors_checked() -> Any:
+    """NumPy's floating-point warnings silenced where lingp checks the results itself and raises NonFiniteError
+    naming the input at fault."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 class Estimator:
     """Base of the fitted models; subclasses set ``_KIND`` and implement ``_archive`` and ``_from_archive``."""
 
@@ -36,8 +42,8 @@ class Estimator:
         return copy.copy(self)
 
     def _commit(self, draft: Any) -> None:
-        """Swap a complete draft's state in (one dict update: no interrupt can land half-way)."""
-        self.__dict__.update(draft.__dict__)
+        """Swap a complete draft's state in: one attribute store, so no interrupt can land half-way."""
+        self.__dict__ = draft.__dict__
 
     # ----- checks -------------------------------------------------------------------------------------------------
     @property

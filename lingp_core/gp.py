@@ -28,7 +28,7 @@ from lingp_core import _hyperparameters as hyper
 from lingp_core import _plan, io
 from lingp_core import _posterior as post
 from lingp_core import _validate as v
-from lingp_core._estimator import Estimator, jacobian_from_archive
+from lingp_core._estimator import Estimator, float_errors_checked, jacobian_from_archive
 from lingp_core._layout import OUTPUT_MODES, OutputLayout, Task
 from lingp_core._plan import Plan
 from lingp_core.jacobian import JacobianBlocks
@@ -151,7 +151,8 @@ class LinearizedGP(Estimator):
         if not isinstance(self.noise, float) and self.noise.size != c:
             raise v.ShapeError(f"noise has {self.noise.size} per-output variances but J has c = {c} outputs")
         draft = self._draft()
-        draft._condition(J, y.astype(np.float64))
+        with float_errors_checked():
+            draft._condition(J, y.astype(np.float64))
         self._commit(draft)
         return self
 
@@ -193,7 +194,7 @@ class LinearizedGP(Estimator):
         bounded by it (Cauchy–Schwarz), so this one O(n·p) check stands for them all."""
         diag = kernel_diag(J)
         largest = float(J.backend.xp.max(diag)) if diag.size else 0.0
-        if not np.isfinite(self.prior_scale * largest * max(1, diag.size)):
+        if not np.isfinite(self.prior_scale * largest * max(1, diag.size)) or bool(J.backend.xp.isnan(diag).any()):
             raise v.NonFiniteError(f"the kernel s·J Jᵀ overflows float64: the training Jacobian's squared row norms "
                                    f"reach {largest:.3g} (prior_scale = {self.prior_scale:.3g}, {diag.size} rows); "
                                    "the exported Jacobian is far too large — rescale the network's inputs or outputs")
@@ -269,6 +270,10 @@ class LinearizedGP(Estimator):
         return_var = v.check_bool(return_var, "return_var")
         return_cov = v.check_bool(return_cov, "return_cov")
         J_star = self._check_star(J_star)
+        with float_errors_checked():
+            return self._predict(J_star, return_var, return_cov)
+
+    def _predict(self, J_star: JacobianBlocks, return_var: bool, return_cov: bool) -> Any:
         xp = self._backend.xp
         n_star, c = J_star.n, J_star.n_outputs
         stars = self._stars(J_star)
@@ -299,7 +304,7 @@ class LinearizedGP(Estimator):
         if bool(xp.isfinite(values).all()):
             return
         diag = kernel_diag(J_star)
-        largest = float(xp.max(diag)) if diag.size else 0.0
+        largest = float(xp.nanmax(xp.where(xp.isnan(diag), xp.inf, diag))) if diag.size else 0.0
         raise v.NonFiniteError(f"the {what} at J_star overflow float64 (NaN/Inf): the test Jacobian's squared row "
                                f"norms reach {largest:.3g} (prior_scale = {self.prior_scale:.3g}), beyond what float64 "
                                "holds once multiplied out; the test inputs are far outside the training range or the "
@@ -366,11 +371,12 @@ class LinearizedGP(Estimator):
         if not hasattr(self, "_R"):
             return float(self._saved_lml)  # a loaded model: the value computed when it was saved
         if self._lml_cache is None:  # once per fit: SLQ runs num_probes Lanczos passes
-            if self.plan_.method == "iterative":
-                parts = [engine.lml() for engine in self._engines]
-                cache = (float(sum(value for value, _ in parts)), float(np.sqrt(sum(se**2 for _, se in parts))))
-            else:
-                cache = (float(sum(engine.lml() for engine in self._engines)), 0.0)
+            with float_errors_checked():
+                if self.plan_.method == "iterative":
+                    parts = [engine.lml() for engine in self._engines]
+                    cache = (float(sum(value for value, _ in parts)), float(np.sqrt(sum(se**2 for _, se in parts))))
+                else:
+                    cache = (float(sum(engine.lml() for engine in self._engines)), 0.0)
             if not np.isfinite(cache[0]):
                 largest = max(float(self._backend.xp.abs(R).max()) for R in self._R)
                 raise v.NonFiniteError(f"the log marginal likelihood is {cache[0]} in float64: the targets differ from "

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from lingp_core import _validate as v
-from lingp_core._estimator import Estimator, jacobian_from_archive
+from lingp_core._estimator import Estimator, float_errors_checked, jacobian_from_archive
 from lingp_core._ggn import WORK_ELEMENTS, chunks
 from lingp_core._laplace_engines import (
     FunctionEngine,
@@ -196,7 +196,8 @@ class LaplaceClassifier(Estimator):
         draft.data_hash_ = fingerprint(y, J.f0, m)
         draft._J_train = J
         draft.prior_scale_history_ = []
-        draft._fit_at(self.prior_scale, warm=False)
+        with float_errors_checked():
+            draft._fit_at(self.prior_scale, warm=False)
         draft._signature = J.signature()  # last: the draft is fitted
         self._commit(draft)
         return self
@@ -364,10 +365,11 @@ class LaplaceClassifier(Estimator):
         J_star = self._check_star(J_star)
         cov = None if return_var is False else ("full" if return_var == "full" else "diag")
         state = self._prediction_state()
-        if self.plan_.space == "parameter":
-            mean, var = predict_weight(state, J_star, cov)
-        else:
-            mean, var = predict_function(state, self._J_train, J_star, self.prior_scale, cov, self.memory_budget)
+        with float_errors_checked():
+            if self.plan_.space == "parameter":
+                mean, var = predict_weight(state, J_star, cov)
+            else:
+                mean, var = predict_function(state, self._J_train, J_star, self.prior_scale, cov, self.memory_budget)
         xp = J_star.xp
         if not (bool(xp.isfinite(mean).all()) and (var is None or bool(xp.isfinite(var).all()))):
             raise v.NonFiniteError("the predicted logits at J_star overflow float64 (NaN/Inf) although J_star is "
