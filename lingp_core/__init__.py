@@ -25,7 +25,7 @@ from lingp_core.autograd_operator import AutogradJacobian
 from lingp_core.export import LAST_LAYER, STRUCTURES, export_jacobian
 from lingp_core.fisher import LOWRANK_METHODS, FisherOperator, LowRankResult, fisher, fisher_lowrank, kernel_lowrank
 from lingp_core.gp import GP_METHODS, MEANS, LinearizedGP, Plan
-from lingp_core.io import ArchiveError
+from lingp_core.io import ArchiveError, ArchiveNotFoundError, ArchivePathError
 from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
 from lingp_core.laplace import LAPLACE_METHODS, PREDICTIVE_METHODS, LaplaceClassifier
@@ -70,6 +70,8 @@ __all__ = [
     "MEANS",
     "AddedDiagonalOperator",
     "ArchiveError",
+    "ArchiveNotFoundError",
+    "ArchivePathError",
     "ArgumentTypeError",
     "AutogradJacobian",
     "BackendMismatchError",

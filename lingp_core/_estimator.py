@@ -88,6 +88,16 @@ class Estimator:
         """Shapes (None: any size) the arrays of an archive with this config must have."""
         raise NotImplementedError
 
+    @classmethod
+    def _archive_spec(cls, path: Any, config: dict[str, Any]) -> dict[str, Any]:
+        """:func:`io.load_archive`'s ``expected``: every state array with its shape, float or integer."""
+        try:
+            shapes = cls._expected_arrays(config)
+        except (KeyError, TypeError, ValueError, AttributeError, v.LingpError) as exc:
+            raise io.ArchiveError(f"{path!r}: the saved configuration lacks or mistypes an entry ({exc!r}); the file "
+                                  "was modified") from None
+        return {name: (shape, "fiu") for name, shape in shapes.items()}
+
     def save(self, path: Any) -> str:
         """Write what prediction needs to an .npz archive (no pickle, no training targets); returns the path
         written. Read it back with ``load``."""
@@ -101,17 +111,8 @@ class Estimator:
         those of the saved model. Raises :class:`lingp_core.ArchiveError` for a wrong, truncated or modified file,
         or arrays whose shapes do not fit the saved configuration."""
         be = backends.get_backend(backend)
-        arrays, config = io.load_archive(path, cls._KIND)
-        try:
-            expected = cls._expected_arrays(config)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise io.ArchiveError(f"{path!r}: the saved configuration lacks or mistypes an entry ({exc!r})") from None
-        check_archive_arrays(path, arrays, expected)
+        arrays, config = io.load_archive(path, cls._KIND, expected=lambda config: cls._archive_spec(path, config))
         return cls._from_archive(arrays, config, be)
-
-
-#: Archive arrays of the training Jacobian start with this; JacobianBlocks checks their shapes when it rebuilds them.
-JACOBIAN_PREFIX = "J_"
 
 
 def jacobian_from_archive(arrays: dict[str, np.ndarray], config: dict[str, Any], backend: Any) -> JacobianBlocks:
@@ -121,20 +122,3 @@ def jacobian_from_archive(arrays: dict[str, np.ndarray], config: dict[str, Any],
     except (v.LingpError, KeyError, TypeError, IndexError) as exc:
         raise io.ArchiveError(f"the saved training Jacobian is not valid ({type(exc).__name__}: {exc}); the file was "
                               "modified") from None
-
-
-def check_archive_arrays(path: Any, arrays: dict[str, np.ndarray], expected: dict[str, Any]) -> None:
-    """Raise ArchiveError unless ``arrays`` holds exactly the ``expected`` names, each with the expected shape
-    (tuple, None entries free) and a float or integer dtype as the model wrote it."""
-    missing = sorted(set(expected) - set(arrays))
-    extra = sorted(name for name in set(arrays) - set(expected) if not name.startswith(JACOBIAN_PREFIX))
-    if missing or extra:
-        raise io.ArchiveError(f"{path!r}: arrays missing {missing} or unexpected {extra} for this model's "
-                              "configuration; the file was modified")
-    for name, shape in expected.items():
-        got = tuple(arrays[name].shape)
-        if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
-            raise io.ArchiveError(f"{path!r}: array {name!r} has shape {got} but the saved configuration needs "
-                                  f"{tuple(shape)}; the file was modified")
-        if arrays[name].dtype.kind not in "fiu":
-            raise io.ArchiveError(f"{path!r}: array {name!r} has dtype {arrays[name].dtype}; the file was modified")
