@@ -14,7 +14,7 @@ from lingp_core._precision import eps
 from lingp_core.fisher import apply_factors, fisher
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import kernel
-from lingp_core.likelihoods import CategoricalLikelihood, Likelihood
+from lingp_core.likelihoods import Likelihood
 from lingp_core.operators import LinearOperator
 from lingp_core.solvers import cg, safe_cholesky
 from lingp_core.solvers.preconditioners import _DiagonalInverse
@@ -29,40 +29,18 @@ _SLOPE_PROBES = 128
 # ----- likelihood pieces in float64 ---------------------------------------------------------------------------------
 
 class Targets:
-    """Labels as a float64 (n, c) target matrix T (one-hot for categorical, y itself for Bernoulli) and the NLL pieces.
-
-    NLL(g) = Σ_i lse(g_i) − T_i·g_i (categorical) or Σ_i softplus(g_i) − y_i g_i (Bernoulli); ∇_g NLL = p(g) − T.
-    """
+    """Labels as the likelihood's float64 (n, c) target matrix T and the NLL pieces (∇_g NLL = mean(g) − T)."""
 
     def __init__(self, likelihood: Likelihood, y: Any, n: int, c: int, backend: Backend) -> None:
-        xp = backend.xp
         self.likelihood, self.backend = likelihood, backend
-        if isinstance(likelihood, CategoricalLikelihood):
-            self.T = xp.zeros((n, c), dtype=np.float64)
-            self.T[xp.arange(n), y] = 1.0
-        else:
-            self.T = y.astype(np.float64).reshape(n, 1)
+        self.T = likelihood.targets(y, n, c)
 
     def nll(self, g: Any) -> float:
-        xp = self.backend.xp
-        if isinstance(self.likelihood, CategoricalLikelihood):
-            top = g.max(axis=1, keepdims=True)
-            lse = top[:, 0] + xp.log(xp.exp(g - top).sum(axis=1))
-            return float((lse - (self.T * g).sum(axis=1)).sum())
-        softplus = xp.maximum(g, 0.0) + xp.log1p(xp.exp(-xp.abs(g)))
-        return float((softplus - self.T * g).sum())
+        return self.likelihood.nll(g, self.T)
 
     def residual(self, g: Any) -> Any:
         """∇_g NLL: (n, c)."""
-        return mean_probabilities(g, self.likelihood) - self.T
-
-
-def mean_probabilities(g: Any, likelihood: Likelihood) -> Any:
-    """softmax(g) (categorical) or sigmoid(g) (Bernoulli), (n, c), without overflow."""
-    xp = v.backend_of(g).xp
-    if isinstance(likelihood, CategoricalLikelihood):
-        return CategoricalLikelihood.probabilities(g)
-    return 0.5 * (1.0 + xp.tanh(0.5 * g))
+        return self.likelihood.mean(g) - self.T
 
 
 def _square_factors(likelihood: Likelihood, g: Any) -> Any:
@@ -76,28 +54,15 @@ def _square_factors(likelihood: Likelihood, g: Any) -> Any:
     return out
 
 
-def _curvature_change(likelihood: Likelihood, g: Any, dg: Any) -> Any:
-    """Λ'_i (n, c, c): the derivative of the curvature Λ_i(g_i) in the direction dg_i. With π the mean probabilities
-    and π' = Λ dg: diag(π') − π' πᵀ − π π'ᵀ (softmax), (1 − 2π) π' (sigmoid)."""
-    pi = mean_probabilities(g, likelihood)
-    if isinstance(likelihood, CategoricalLikelihood):
-        dpi = pi * dg - pi * (pi * dg).sum(axis=1, keepdims=True)
-        n, c = g.shape
-        out = -dpi[:, :, None] * pi[:, None, :] - pi[:, :, None] * dpi[:, None, :]
-        out[:, np.arange(c), np.arange(c)] += dpi
-        return out
-    return ((1.0 - 2.0 * pi) * pi * (1.0 - pi) * dg)[:, :, None]
-
-
 def _curvature_term(likelihood: Likelihood, g: Any, moved: Any, left: Any, right: Any) -> float:
-    """Hutchinson's mean of leftᵀ Λ' right over probe columns (n·c, k), Λ' = :func:`_curvature_change` in the direction
-    ``moved`` = J dŵ/dt (n·c,): the part of dγ/d log s that the moving curvature adds.
+    """Hutchinson's mean of leftᵀ Λ' right over probe columns (n·c, k), Λ' = the likelihood's ``curvature_change``
+    in the direction ``moved`` = J dŵ/dt (n·c,): the part of dγ/d log s that the moving curvature adds.
 
     γ = p − tr(H⁻¹)/s and dH/dt = Jᵀ Λ' J − I/s give dγ/dt = tr(M (I − M)) + tr(H⁻¹ Jᵀ Λ' J H⁻¹)/s with
     M = I − H⁻¹/s (eigenvalues sλ/(1 + sλ)); each engine writes the second trace as a trace in n·c space.
     """
     n, c = g.shape
-    change = _curvature_change(likelihood, g, moved.reshape(n, c))  # Λ' (n, c, c)
+    change = likelihood.curvature_change(g, moved.reshape(n, c))  # Λ' (n, c, c)
     product = change @ right.reshape(n, c, -1)
     return _hutchinson(left.reshape(n * c, -1), product.reshape(n * c, -1))
 

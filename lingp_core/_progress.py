@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lingp_core._validate import MissingDependencyError
+
 
 class _NoBar:
     """Stands in for a tqdm bar when progress is off."""
@@ -26,15 +28,15 @@ def progress_bar(total: int | None, *, enabled: bool, desc: str, unit: str = "it
 
     Raises
     ------
-    ImportError
-        When ``enabled`` and tqdm is not installed (the message says ``pip install tqdm``).
+    MissingDependencyError
+        (an ImportError) When ``enabled`` and tqdm is not installed (the message says ``pip install tqdm``).
     """
     if not enabled:
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
-        raise ImportError("progress=True needs tqdm, which is not installed: pip install tqdm") from None
+        raise MissingDependencyError("progress=True needs tqdm, which is not installed: pip install tqdm") from None
     return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 

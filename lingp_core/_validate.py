@@ -73,6 +73,10 @@ class ExportError(LingpError, RuntimeError):
     """The network could not be differentiated as asked; the message says why and what to use instead."""
 
 
+class MissingDependencyError(LingpError, ImportError):
+    """An optional package a requested feature needs is not installed; the message says what to install."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative method stopped before meeting its tolerance; its result says by how much."""
 

@@ -132,7 +132,7 @@ def fisher(J: JacobianShape, likelihood: Any, f: Any = None, *, damping: float =
 
 def _check_common(J: Any, likelihood: Any, f: Any) -> tuple[JacobianShape, Likelihood, Any]:
     if not isinstance(J, JacobianShape):
-        raise TypeError(f"J must be a JacobianBlocks (export_jacobian) or an AutogradJacobian, got "
+        raise v.ArgumentTypeError(f"J must be a JacobianBlocks (export_jacobian) or an AutogradJacobian, got "
                         f"{type(J).__name__}")
     lik = as_likelihood(likelihood)
     if f is None:
@@ -238,7 +238,7 @@ def fisher_lowrank(J: JacobianBlocks, likelihood: Any, k: int, *, method: str = 
     """
     op = fisher(J, likelihood, f)  # F without damping: the eigenpairs are F's, the damping is the diagonal
     if op.G is None:
-        raise TypeError(f"fisher_lowrank needs exported blocks (JacobianBlocks), got {type(J).__name__}")
+        raise v.ArgumentTypeError(f"fisher_lowrank needs exported blocks (JacobianBlocks), got {type(J).__name__}")
     damping = v.check_positive(damping, "damping", allow_zero=True)
     k, method, oversample, power_iters = _check_lowrank_args(k, method, oversample, power_iters, min(op.G.shape))
     trace = float(op.diagonal().astype(np.float64).sum())
@@ -274,7 +274,7 @@ def kernel_lowrank(J: JacobianBlocks, k: int, *, prior_scale: float = 1.0, shift
         ``.operator`` = U diag(λ) Uᵀ + shift·I; ``.truncated_trace`` = s·Σ diag(J Jᵀ) − Σλ.
     """
     if not isinstance(J, JacobianBlocks):
-        raise TypeError(f"kernel_lowrank needs exported blocks (JacobianBlocks), got {type(J).__name__}")
+        raise v.ArgumentTypeError(f"kernel_lowrank needs exported blocks (JacobianBlocks), got {type(J).__name__}")
     s = v.check_positive(prior_scale, "prior_scale")
     shift = v.check_positive(shift, "shift", allow_zero=True)
     k, method, oversample, power_iters = _check_lowrank_args(k, method, oversample, power_iters, min(J.shape))

@@ -58,7 +58,6 @@ from lingp_core._laplace_engines import (
     FunctionEngine,
     Targets,
     WeightEngine,
-    mean_probabilities,
     predict_function,
     predict_weight,
 )
@@ -68,7 +67,7 @@ from lingp_core._progress import progress_bar
 from lingp_core._validate import NotFittedError
 from lingp_core.io import ArchiveError, fingerprint, fingerprint_json, jacobian_to_arrays
 from lingp_core.jacobian import JacobianBlocks
-from lingp_core.likelihoods import BernoulliLikelihood, Likelihood, as_likelihood
+from lingp_core.likelihoods import Likelihood, as_likelihood
 
 __all__ = ["LAPLACE_METHODS", "PREDICTIVE_METHODS", "LaplaceClassifier", "NotFittedError"]
 
@@ -417,14 +416,11 @@ class LaplaceClassifier(Estimator):
         if method == "probit":
             mean, var = self.predict_logits(J_star, return_var="diag")
             xp = v.backend_of(mean).xp
-            proba = mean_probabilities(mean / xp.sqrt(1.0 + (math.pi / 8.0) * var), lik)
+            proba = lik.mean(mean / xp.sqrt(1.0 + (math.pi / 8.0) * var))
         else:
             mean, cov = self.predict_logits(J_star, return_var="full")
             proba = _monte_carlo(mean, cov, lik, n_samples, seed)
-        if isinstance(lik, BernoulliLikelihood):
-            xp = v.backend_of(proba).xp
-            proba = xp.concatenate([1.0 - proba, proba], axis=1)
-        return proba
+        return lik.class_probabilities(proba)
 
     # ----- persistence -------------------------------------------------------------------------------------------
     def _archive(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -501,5 +497,5 @@ def _monte_carlo(mean: Any, cov: Any, likelihood: Likelihood, n_samples: int, se
         # drawn chunk by chunk from one generator: the same stream as one big draw, in bounded memory
         z = be.asarray(rng.standard_normal((rows.stop - rows.start, n, c)))
         logits = mean[None] + xp.einsum("ikl,sil->sik", root, z)
-        total += mean_probabilities(logits.reshape(-1, c), likelihood).reshape(-1, n, c).sum(axis=0)
+        total += likelihood.mean(logits.reshape(-1, c)).reshape(-1, n, c).sum(axis=0)
     return total / n_samples

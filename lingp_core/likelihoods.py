@@ -80,10 +80,31 @@ class Likelihood:
         f = self.check_outputs(f)
         backend = v.backend_of(f)
         if y is None:
-            raise TypeError("y is required, got None")
+            raise v.ArgumentTypeError("y is required, got None")
         if backends.backend_name_of(y) not in (None, backend.name):
             raise v.BackendMismatchError(f"y is a {v.describe(y)} but f lives on backend {backend.name!r}")
         return self._check_labels(backend.asarray(y), f, backend)
+
+    # ----- classification (Bernoulli, categorical): the pieces LaplaceClassifier uses ------------------------------
+    def targets(self, y: Any, n: int, c: int) -> Any:
+        """Checked labels y as the float64 target matrix T (n, c) with ∇_f NLL = mean(f) − T."""
+        raise NotImplementedError(f"{type(self).__name__} is not a classification likelihood")
+
+    def nll(self, f: Any, T: Any) -> float:
+        """The negative log-likelihood Σ_i −log p(y_i | f_i) of targets T at outputs f (n, c), float64."""
+        raise NotImplementedError(f"{type(self).__name__} is not a classification likelihood")
+
+    def mean(self, f: Any) -> Any:
+        """The mean of y given f: (n, c) probabilities."""
+        raise NotImplementedError(f"{type(self).__name__} is not a classification likelihood")
+
+    def curvature_change(self, f: Any, df: Any) -> Any:
+        """The derivative of Λ_i(f_i) in the direction df_i: (n, c, c)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a classification likelihood")
+
+    def class_probabilities(self, mean: Any) -> Any:
+        """Class probabilities (rows summing to 1) from :meth:`mean`."""
+        raise NotImplementedError(f"{type(self).__name__} is not a classification likelihood")
 
     # ----- for subclasses --------------------------------------------------------------------------------------
     def _check_outputs(self, f: Any) -> None:
@@ -171,6 +192,28 @@ class BernoulliLikelihood(Likelihood):
         e = xp.exp(-xp.abs(f))
         return xp.exp(-0.5 * xp.abs(f)) / (1 + e)
 
+    def targets(self, y: Any, n: int, c: int) -> Any:
+        """Checked labels as the float64 target matrix T (n, 1): ∇_f NLL = mean(f) − T."""
+        return y.astype(np.float64).reshape(n, 1)
+
+    def nll(self, f: Any, T: Any) -> float:
+        """Σ_i softplus(f_i) − T_i f_i, without overflow."""
+        xp = v.backend_of(f).xp
+        return float((xp.maximum(f, 0.0) + xp.log1p(xp.exp(-xp.abs(f))) - T * f).sum())
+
+    def mean(self, f: Any) -> Any:
+        """sigmoid(f) (n, 1), without overflow."""
+        return 0.5 * (1.0 + v.backend_of(f).xp.tanh(0.5 * f))
+
+    def curvature_change(self, f: Any, df: Any) -> Any:
+        """dΛ_i in the direction df_i: (1 − 2π) π (1 − π) df, as (n, 1, 1)."""
+        pi = self.mean(f)
+        return ((1.0 - 2.0 * pi) * pi * (1.0 - pi) * df)[:, :, None]
+
+    def class_probabilities(self, mean: Any) -> Any:
+        """[P(y = 0), P(y = 1)] (n, 2) from P(y = 1) (n, 1), as scikit-learn's predict_proba."""
+        return v.backend_of(mean).xp.concatenate([1.0 - mean, mean], axis=1)
+
     def _check_labels(self, y: Any, f: Any, backend: Any) -> Any:
         xp = backend.xp
         if y.ndim == 2 and y.shape[1] == 1:
@@ -209,6 +252,36 @@ class CategoricalLikelihood(Likelihood):
         e = xp.exp(shifted)
         return e / e.sum(axis=1, keepdims=True)
 
+    def targets(self, y: Any, n: int, c: int) -> Any:
+        """Checked labels as the float64 one-hot target matrix T (n, c): ∇_f NLL = mean(f) − T."""
+        T = v.backend_of(y).xp.zeros((n, c), dtype=np.float64)
+        T[v.backend_of(y).xp.arange(n), y] = 1.0
+        return T
+
+    def nll(self, f: Any, T: Any) -> float:
+        """Σ_i lse(f_i) − T_i·f_i, without overflow."""
+        xp = v.backend_of(f).xp
+        top = f.max(axis=1, keepdims=True)
+        lse = top[:, 0] + xp.log(xp.exp(f - top).sum(axis=1))
+        return float((lse - (T * f).sum(axis=1)).sum())
+
+    def mean(self, f: Any) -> Any:
+        """softmax(f) (n, c)."""
+        return self.probabilities(f)
+
+    def curvature_change(self, f: Any, df: Any) -> Any:
+        """dΛ_i in the direction df_i (n, c, c): with π' = Λ df, diag(π') − π' πᵀ − π π'ᵀ."""
+        pi = self.probabilities(f)
+        dpi = pi * df - pi * (pi * df).sum(axis=1, keepdims=True)
+        c = f.shape[1]
+        out = -dpi[:, :, None] * pi[:, None, :] - pi[:, :, None] * dpi[:, None, :]
+        out[:, np.arange(c), np.arange(c)] += dpi
+        return out
+
+    def class_probabilities(self, mean: Any) -> Any:
+        """The class probabilities (n, c): the mean itself."""
+        return mean
+
     def _sqrt_curvature(self, f: Any) -> Any:
         xp = v.backend_of(f).xp
         p = self.probabilities(f)
@@ -243,5 +316,5 @@ def as_likelihood(likelihood: Any) -> Likelihood:
     if isinstance(likelihood, str):
         v.check_choice(likelihood, "likelihood", tuple(LIKELIHOODS))
         return LIKELIHOODS[likelihood]()
-    raise TypeError(f"likelihood must be a Likelihood or one of {', '.join(map(repr, LIKELIHOODS))}, got "
-                    f"{type(likelihood).__name__}")
+    raise v.ArgumentTypeError(f"likelihood must be a Likelihood or one of {', '.join(map(repr, LIKELIHOODS))}, "
+                              f"got {type(likelihood).__name__}")
