@@ -8,24 +8,14 @@ import numpy as np
 
 from lingp_core import _validate as v
 from lingp_core.jacobian import _WORK_ELEMENTS as WORK_ELEMENTS
-from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
+from lingp_core.jacobian import JacobianBlocks
 from lingp_core.jacobian import _chunks as chunks
 
 # ----- dense GGN and per-example Gram blocks ------------------------------------------------------------------------
 
-def _segments(block: FactoredLinearBlock) -> list[tuple[int, slice]]:
-    """The block's weight and bias parts as (first parameter column, input columns j of A): parameter column
-    first + o·width + (j − j₀) holds output o and input j of the layer (weights row-major, then the bias column)."""
-    n_in = block.in_features
-    parts = [(0, slice(0, n_in))] if block.has_weight else []
-    if block.has_bias:
-        parts.append((block.out_features * n_in, slice(n_in, n_in + 1)))
-    return parts
-
-
-def _kronecker_pair(b1: FactoredLinearBlock, b2: FactoredLinearBlock, curvature: Any, out: Any) -> None:
-    """Write F_{12} = Σ_i (Δ_i1ᵀ Λ_i Δ_i2) ⊗ (a_i1 a_i2ᵀ) for two factored blocks with T = 1 into ``out``
-    (p1, p2), a view of F, in parameter order.
+def _kronecker_pair(b1: Any, b2: Any, curvature: Any, out: Any) -> None:
+    """Write F_{12} = Σ_i (Δ_i1ᵀ Λ_i Δ_i2) ⊗ (a_i1 a_i2ᵀ) for two blocks with ``kronecker_ready`` (A (n, 1, m),
+    Δ (n, c, 1, out)) into ``out`` (p1, p2), a view of F, in parameter order.
 
     One GEMM over examples of the flattened (out1·out2) and (m1·m2) outer products: n·p1·p2 flops instead of the
     n·c·p1·p2 of Gᵀ G. For a block with itself both outer products are symmetric, so only their upper triangles
@@ -56,13 +46,14 @@ def _kronecker_pair(b1: FactoredLinearBlock, b2: FactoredLinearBlock, curvature:
     if same:  # the packed index of (k, l) and (l, k) is the same entry of the upper triangle
         acc = acc[xp.asarray(_packed_index(o1).ravel())][:, xp.asarray(_packed_index(m1).ravel())]
     layer = acc.reshape(o1, o2, m1, m2)  # [o1, o2, j1, j2]
-    for row0, js1 in _segments(b1):
+    for row0, js1 in b1.parameter_segments():
         w1 = js1.stop - js1.start
-        for col0, js2 in _segments(b2):
+        for col0, js2 in b2.parameter_segments():
             w2 = js2.stop - js2.start
             target = out[row0: row0 + o1 * w1, col0: col0 + o2 * w2].reshape(o1, w1, o2, w2)
             if not xp.may_share_memory(target, out):  # splitting axes of a view is a view; never write into a copy
-                raise RuntimeError("internal: the Hessian block view could not be reshaped in place")
+                raise v.ShapeError(f"the Hessian block of shape {tuple(out.shape)} (strides {out.strides}) cannot be "
+                                   f"viewed as {(o1, w1, o2, w2)} without a copy; pass a view of a C-contiguous F")
             target[...] = layer[:, :, js1, js2].transpose(0, 2, 1, 3)
 
 
@@ -73,15 +64,6 @@ def _packed_index(k: int) -> np.ndarray:
     index[rows, cols] = np.arange(rows.size)
     index[cols, rows] = np.arange(rows.size)
     return index
-
-
-def _transformed_dense(block: Any, factors: Any) -> Any:
-    """Rows L_iᵀ J_b,i of a block as a dense float64 (n·c, p_b) array."""
-    xp = block.xp
-    if isinstance(block, DenseBlock):
-        values = xp.asarray(block.values).astype(np.float64).reshape(block.n, block.c, -1)
-        return (factors.transpose(0, 2, 1) @ values).reshape(block.n * block.c, -1)
-    return block.transform_rows(factors).to_dense().astype(np.float64, copy=False)
 
 
 def dense_ggn(J: JacobianBlocks, factors: Any, memory_budget: Any) -> Any:
@@ -100,12 +82,12 @@ def dense_ggn(J: JacobianBlocks, factors: Any, memory_budget: Any) -> Any:
     curvature = factors @ factors.transpose(0, 2, 1)
     F = xp.empty((p, p), dtype=np.float64)
     starts = np.cumsum([0] + [b.p for b in J.blocks])
-    kron = [isinstance(b, FactoredLinearBlock) and b.T == 1 and c > 1 for b in J.blocks]
+    kron = [b.kronecker_ready and c > 1 for b in J.blocks]
     dense_cache: dict[int, Any] = {}
 
     def transformed(k: int) -> Any:
         if k not in dense_cache:
-            dense_cache[k] = _transformed_dense(J.blocks[k], factors)
+            dense_cache[k] = J.blocks[k].transformed_dense(factors)
         return dense_cache[k]
 
     for a, ba in enumerate(J.blocks):
@@ -126,14 +108,5 @@ def example_grams(J: JacobianBlocks, rows: slice) -> Any:
     s = rows.stop - rows.start
     out = xp.zeros((s, c, c), dtype=np.float64)
     for b in J.blocks:
-        if isinstance(b, DenseBlock):
-            vals = xp.asarray(b.values[rows.start * c: rows.stop * c]).astype(np.float64).reshape(s, c, -1)
-            out += vals @ vals.transpose(0, 2, 1)
-            continue
-        A = b.A[rows].astype(np.float64)  # (s, T, m)
-        D = b.delta[rows].astype(np.float64)  # (s, c, T, out)
-        if b.T == 1:
-            out += (A[:, 0, :] ** 2).sum(axis=1)[:, None, None] * (D[:, :, 0, :] @ D[:, :, 0, :].transpose(0, 2, 1))
-        else:
-            out += xp.einsum("itu,ikto,iluo->ikl", A @ A.transpose(0, 2, 1), D, D)
+        b.add_example_grams(rows, out)
     return out

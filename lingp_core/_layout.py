@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from lingp_core.jacobian import JacobianBlocks
-from lingp_core.kernels import _view
 
 OUTPUT_MODES = ("full", "independent", "trace")
 
@@ -81,5 +80,4 @@ class OutputLayout:
 
 def output_view(J: JacobianBlocks, k: int) -> JacobianBlocks:
     """The rows of output k of J as a one-output JacobianBlocks (views of J's arrays where possible)."""
-    return JacobianBlocks(J.f0[:, k: k + 1], _view(J, slice(0, J.n), k, J.dtype), backend=J.backend,
-                          outputs=(J.outputs[k],))
+    return J.select(output=k)

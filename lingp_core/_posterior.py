@@ -438,12 +438,13 @@ class Iterative:
         return {"alpha": (m, q)}
 
     def __init__(self, J: JacobianBlocks, mode: Any, *, rtol: float | None, maxiter: int | None, precond_rank: int,
-                 variance_rank: int, variance_cg_max: int, num_probes: int, seed: int, progress: bool = False):
+                 variance_rank: int, variance_cg_max: int, num_probes: int, seed: int, progress: bool = False,
+                 memory_budget: float | None = None):
         self.J, self.mode, self.backend, self.progress = J, mode, J.backend, progress
         self.dtype = J.dtype
         self.rtol, self.maxiter, self.precond_rank = rtol, maxiter, precond_rank
         self.variance_rank, self.variance_cg_max = variance_rank, variance_cg_max
-        self.num_probes, self.seed = num_probes, seed
+        self.num_probes, self.seed, self.memory_budget = num_probes, seed, memory_budget
         self.m = J.n * J.n_outputs if mode == "full" else J.n
         self.info: dict[str, Any] = {}
 
@@ -473,7 +474,8 @@ class Iterative:
         self.s, self.q = s, q
         self.groups = noise_groups(noise, q)
         self.ops = [self._operator(s, d) for _, d in self.groups]
-        self.preconditioners = [pivoted_cholesky_preconditioner(op, rank=min(self.precond_rank, self.m))
+        self.preconditioners = [pivoted_cholesky_preconditioner(op, rank=min(self.precond_rank, self.m),
+                                                                 memory_budget=self.memory_budget)
                                 for op in self.ops]
         self._love: dict[int, Any] = {}
 
@@ -481,7 +483,7 @@ class Iterative:
         """(estimate, standard error): the data term from the CG solution, log det by SLQ."""
         total, variance = 0.0, 0.0
         for (cols, _), op in zip(self.groups, self.ops):
-            ld = logdet(op, method="slq", num_probes=self.num_probes, seed=self.seed)
+            ld = logdet(op, method="slq", num_probes=self.num_probes, seed=self.seed, memory_budget=self.memory_budget)
             data = float((self.R[:, cols] * self.alpha[:, cols]).sum())
             total += -0.5 * data - len(cols) * 0.5 * (ld.logdet + self.m * _LOG_2PI)
             variance += (len(cols) * 0.5 * ld.std_error) ** 2
@@ -499,7 +501,8 @@ class Iterative:
         """C (m, k) with C Cᵀ ≈ (s·K0 + D)⁻¹ from k Lanczos steps (seeded start vector: the same cache after load)."""
         if g not in self._love:
             be, xp = self.backend, self.backend.xp
-            run = lanczos(self.ops[g], min(self.variance_rank, self.m), seed=self.seed)
+            run = lanczos(self.ops[g], min(self.variance_rank, self.m), seed=self.seed,
+                          memory_budget=self.memory_budget)
             k = run.alpha.shape[0]
             T = xp.diag(run.alpha) + xp.diag(run.beta, 1) + xp.diag(run.beta, -1)
             L = be.cholesky(T)
@@ -592,7 +595,8 @@ def engine_class(method: str) -> Any:
 def _iterative(J: JacobianBlocks | None, mode: Any, settings: Any) -> Iterative:
     return Iterative(J, mode, rtol=settings.rtol, maxiter=settings.maxiter, precond_rank=settings.preconditioner_rank,
                      variance_rank=settings.variance_rank, variance_cg_max=settings.variance_cg_max,
-                     num_probes=settings.num_probes, seed=settings.seed, progress=settings.progress)
+                     num_probes=settings.num_probes, seed=settings.seed, progress=settings.progress,
+                     memory_budget=settings.memory_budget)
 
 
 def source_of(engine: Any) -> Any:

@@ -60,6 +60,10 @@ class ArgumentTypeError(LingpError, TypeError):
     """An argument is of the wrong Python type (e.g. an array where a JacobianBlocks is expected)."""
 
 
+class MissingCapabilityError(ArgumentTypeError, NotImplementedError):
+    """An object lacks a capability (an operator's product or cheap diagonal) that the call needs."""
+
+
 class InvalidOptionError(LingpError, ValueError):
     """An option is not one of its allowed values, or options that cannot be combined were combined."""
 
@@ -67,6 +71,14 @@ class InvalidOptionError(LingpError, ValueError):
 class SignatureError(LingpError, ValueError):
     """A Jacobian does not belong with the model or kernel it is used with: other parameters, outputs, dtype or
     weights (a fingerprint of the parameter values at export) than the training Jacobian's."""
+
+
+class SignatureShapeError(SignatureError, ShapeError):
+    """Two Jacobians that must belong together hold other parameters (names, shapes) or other model outputs."""
+
+
+class SignatureDTypeError(SignatureError, DTypeError):
+    """Two Jacobians that must belong together have different dtypes."""
 
 
 class ExportError(LingpError, RuntimeError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -35,10 +36,14 @@ from backends import Backend
 from backends._base import is_cupy_array
 from lingp_core._progress import progress_bar
 from lingp_core._validate import (
+    ArgumentTypeError,
     BackendMismatchError,
     DTypeError,
+    ExportError,
+    InvalidOptionError,
     LingpError,
     MemoryBudgetError,
+    MissingDependencyError,
     NonFiniteError,
     ShapeError,
     ValueRangeError,
@@ -68,7 +73,7 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError:
-        raise ImportError("exporting a Jacobian needs torch: pip install 'lingp[torch]'") from None
+        raise MissingDependencyError("exporting a Jacobian needs torch: pip install 'lingp[torch]'") from None
     return torch
 
 
@@ -88,7 +93,8 @@ def _check_model(model: Any) -> tuple[Any, Any]:
     """The device and floating dtype shared by all of ``model``'s parameters; clear errors otherwise."""
     torch = _torch()
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}")
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got "
+                                f"{type(model).__module__}.{type(model).__qualname__}")
     parameters = list(model.parameters())
     if not parameters:
         raise ValueRangeError(f"no parameters selected: the model ({type(model).__name__}) has no parameters")
@@ -144,8 +150,8 @@ def _as_input_tensor(inputs: Any, device: Any, model_dtype: Any) -> Any:
     elif is_cupy_array(inputs):
         x = torch.from_dlpack(inputs)
     else:
-        raise TypeError(f"inputs must be a torch.Tensor (or a NumPy/CuPy array), got "
-                        f"{type(inputs).__module__}.{type(inputs).__qualname__}")
+        raise ArgumentTypeError(f"inputs must be a torch.Tensor (or a NumPy/CuPy array), got "
+                                f"{type(inputs).__module__}.{type(inputs).__qualname__}")
     if x.ndim < 1 or x.shape[0] < 1:
         raise ShapeError(f"inputs must have a leading example dimension holding at least one example, got shape "
                          f"{tuple(x.shape)}")
@@ -289,7 +295,7 @@ def _probe_model(model: Any, x1: Any) -> _Probe:
         for h in handles:
             h.remove()
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model must return one tensor of outputs, got {type(out).__name__}")
+        raise ArgumentTypeError(f"the model must return one tensor of outputs, got {type(out).__name__}")
     if out.ndim < 1 or out.shape[0] != 1:
         raise ShapeError(f"the model's output has shape {tuple(out.shape)} for one example of shape "
                          f"{tuple(x1.shape)}; expected a leading example dimension of size 1")
@@ -330,8 +336,8 @@ def _match(spec: Any, named: list[tuple[str, Any]], model: Any) -> set[str]:
         return found
     if callable(spec):
         return {n for n, p in named if p.requires_grad and spec(n, p)}
-    raise TypeError(f"params entries must be names, modules, parameters or a predicate (name, param) -> bool; got "
-                    f"{type(spec).__name__} {spec!r}")
+    raise ArgumentTypeError(f"params entries must be names, modules, parameters or a predicate (name, param) -> bool; "
+                            f"got {type(spec).__name__} {spec!r}")
 
 
 def _select_parameters(model: Any, params: Any, probe: _Probe) -> list[tuple[str, Any]]:
@@ -507,10 +513,11 @@ def _plan_memory(plans: list[_Plan], n: int, c: int, probe: _Probe, *, out_items
 def _disk_directory(storage_dir: Any, disk_bytes: int, backend: Backend) -> str:
     """A fresh directory under ``storage_dir`` for this export's dense blocks, after checking the free disk space."""
     if backend.name != "numpy":
-        raise ValueError("storage_dir keeps dense blocks in np.memmap files on the host; it needs backend='numpy'")
+        raise InvalidOptionError("storage_dir keeps dense blocks in np.memmap files on the host; it needs "
+                                 "backend='numpy'")
     root = os.fspath(storage_dir)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"storage_dir {root!r} is not a directory")
+        raise InvalidOptionError(f"storage_dir {root!r} is not a directory; create it first or choose another")
     free = shutil.disk_usage(root).free
     if disk_bytes > free:
         raise MemoryBudgetError(f"dense blocks on disk need {format_bytes(disk_bytes)} but {root!r} has only "
@@ -542,8 +549,8 @@ class _Capture:
             self.count[owner] += 1
             slot = self.slots.get((owner, call))
             if slot is None:
-                raise RuntimeError(f"layer {owner!r} ran more often than in the first pass (data-dependent control "
-                                   "flow); export it densely with structure='dense'")
+                raise ExportError(f"layer {owner!r} ran more often than in the first pass (data-dependent control "
+                                  "flow); export it densely with structure='dense'")
             x = _first_input(args, kwargs)
             self.inputs[slot] = x.reshape(-1, x.shape[-1])
             return output + self.eps[slot]
@@ -569,8 +576,8 @@ def _make_batch_fn(model: Any, plans: list[_Plan], index: tuple[int, ...] | None
         if select is not None:
             out = out[select]
         if any(a is None for a in capture.inputs):
-            raise RuntimeError("a factored Linear layer ran less often than in the first pass (data-dependent "
-                               "control flow); export it densely with structure='dense'")
+            raise ExportError("a factored Linear layer ran less often than in the first pass (data-dependent "
+                              "control flow); export it densely with structure='dense'")
         return out, (out, tuple(capture.inputs))
 
     argnums = tuple(i for i, args in ((0, dense), (1, eps)) if args)
@@ -595,6 +602,45 @@ def _check_batch(arr: Any, what: str, start: int, n: int, xp: Any) -> None:
     bad = int(xp.flatnonzero(~finite)[0])
     raise NonFiniteError(f"{what} holds NaN or Inf, the first at example {start + bad} (of {n}); lingp never "
                          "replaces them: check the model at that input (e.g. a log or sqrt at 0)")
+
+
+# ----- weights fingerprint -------------------------------------------------------------------------------------------
+
+_SAMPLE = 1024  # entries sampled from each parameter or buffer outside the selection
+
+
+def _words(t: Any) -> Any:
+    """A contiguous 1-D tensor's bytes as integers of its item size (int8/16/32/64): exact, order-free to sum."""
+    torch = _torch()
+    word = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size())
+    return t.view(torch.uint8) if word is None else t.view(word)
+
+
+def _weights_fingerprint(model: Any, selected: list[tuple[str, Any]]) -> str:
+    """SHA-256 of the weights the Jacobian was computed at, for :meth:`JacobianBlocks.check_signature`.
+
+    The selected parameters (J's columns) enter with all their bytes: 2 ms for the p = 803,601 network of the paper,
+    far below the export of its n·c·p derivatives. Every other parameter and buffer shapes J too (a last-layer
+    Jacobian depends on the body, an eval-mode batch norm on its running statistics) and may be far larger than the
+    selection, so each enters with its name, dtype, shape, 1,024 strided entries and the integer sum of its bit
+    patterns (modulo 2⁶⁴: exact, so the same on every device and thread count, and changed by any changed entry short
+    of an exact cancellation).
+    """
+    torch = _torch()
+    h = hashlib.sha256()
+    chosen = {id(p) for _, p in selected}
+    for name, p in selected:
+        flat = p.detach().reshape(-1).contiguous().cpu()
+        h.update(f"{name}:{flat.dtype}:{tuple(p.shape)};".encode())
+        h.update(_words(flat).numpy())
+    others = [(n, t) for n, t in model.named_parameters() if id(t) not in chosen] + list(model.named_buffers())
+    for name, t in others:
+        flat = t.detach().reshape(-1).contiguous()
+        stride = max(1, -(-flat.numel() // _SAMPLE))
+        total = int(torch.sum(_words(flat), dtype=torch.int64)) if flat.numel() else 0
+        h.update(f"{name}:{flat.dtype}:{tuple(t.shape)}:{total};".encode())
+        h.update(_words(flat[::stride].contiguous().cpu()).numpy())
+    return h.hexdigest()
 
 
 # ----- the public entry point ---------------------------------------------------------------------------------------
@@ -679,7 +725,8 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
     if batch_size is not None:
         batch_size = check_int(batch_size, "batch_size", minimum=1)
     if storage_dir is not None and be.name != "numpy":
-        raise ValueError("storage_dir keeps dense blocks in np.memmap files on the host; it needs backend='numpy'")
+        raise InvalidOptionError("storage_dir keeps dense blocks in np.memmap files on the host; it needs "
+                                 "backend='numpy'")
     budget = resolve_memory_budget(memory_budget, be)
     n = int(x.shape[0])
     bar = progress_bar(n, enabled=bool(progress), desc="export_jacobian", unit="example")  # tqdm missing: fail early
@@ -715,7 +762,8 @@ def _export(model: Any, x: Any, params: Any, outputs: Any, structure: str, out_d
     _fill(model, x, plans, stores, f0, None if all_outputs else index, memory.batch_size, be, device,
           model_dtype, bar)
     blocks = [_make_block(pl, store, c, be) for pl, store in zip(plans, stores)]
-    return JacobianBlocks(f0, blocks, backend=be, outputs=index, storage_path=storage_path)
+    return JacobianBlocks(f0, blocks, backend=be, outputs=index, storage_path=storage_path,
+                          weights_fingerprint=_weights_fingerprint(model, selected))
 
 
 def _allocate(plans: list[_Plan], n: int, c: int, dtype: np.dtype, be: Backend,
@@ -751,7 +799,7 @@ def _fill(model: Any, x: Any, plans: list[_Plan], stores: list[tuple], f0: Any, 
     try:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            f, dense, deltas, inputs = batch_fn(x[start:stop])
+            f, dense, deltas, inputs = _run_batch(batch_fn, x[start:stop])
             f = be.asarray(f)
             _check_batch(f, "the network outputs f0", start, n, be.xp)
             slot = 0
@@ -768,6 +816,31 @@ def _fill(model: Any, x: Any, plans: list[_Plan], stores: list[tuple], f0: Any, 
     for store in stores:
         if isinstance(store[0], np.memmap):
             store[0].flush()
+
+
+def _run_batch(batch_fn: Callable, xb: Any) -> tuple:
+    """One vmapped batch; a failure of torch.func (the model ran fine on one example in the probe) → ExportError."""
+    try:
+        return batch_fn(xb)
+    except (LingpError, MemoryError):
+        raise
+    except Exception as exc:
+        if "out of memory" in str(exc).lower():  # torch's CUDA OOM is a RuntimeError: not a vmap problem
+            raise
+        raise _vmap_failure(exc) from exc
+
+
+def _vmap_failure(exc: Exception) -> ExportError:
+    """The error for a model torch.func.vmap cannot run per example, quoting torch briefly."""
+    said = " ".join(str(exc).split())
+    said = said if len(said) <= 240 else said[:240] + "…"
+    return ExportError("exporting failed inside torch.func.vmap (the per-example Jacobians) although the model ran on "
+                       "one example: the network most likely has data-dependent Python control flow (e.g. `if "
+                       "x.sum() > 0:` in forward), calls .item() or .tolist() on a tensor, or uses another operation "
+                       f"vmap does not support. torch said: {type(exc).__name__}: {said}. Use "
+                       "lingp_core.AutogradJacobian(model, inputs, batch_size=1) instead: a matrix-free Jacobian "
+                       "(J V, Jᵀ U by torch.func jvp/vjp on whole batches, no vmap over examples; batch_size=1 runs "
+                       "each example as its own batch, as export does), usable with fisher() and matrix-free solvers")
 
 
 def _block_label(pl: _Plan) -> str:
@@ -803,8 +876,9 @@ def _write_factored(pl: _Plan, store: tuple, deltas: tuple, inputs: tuple, slot:
 
 
 def _make_block(pl: _Plan, store: tuple, c: int, be: Backend) -> Any:
+    """The block of a filled store; its values were checked for NaN/Inf batch by batch (_check_batch)."""
     if pl.kind == "dense":
-        return DenseBlock(pl.names, pl.shapes, store[0], c, be.xp)
-    return FactoredLinearBlock(pl.names, pl.shapes, store[0], store[1], has_weight=pl.has_weight,
-                               has_bias=pl.has_bias, xp=be.xp)
+        return DenseBlock._trusted(pl.names, pl.shapes, store[0], c, be.xp)
+    return FactoredLinearBlock._trusted(pl.names, pl.shapes, store[0], store[1], has_weight=pl.has_weight,
+                                        has_bias=pl.has_bias, xp=be.xp)
 

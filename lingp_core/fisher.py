@@ -75,8 +75,8 @@ class FisherOperator(LinearOperator):
     def diagonal(self) -> Any:
         """diag(F) + damping: (p,), the column sums of squares of G (computed once, then cached)."""
         if self.G is None:
-            raise NotImplementedError(f"{type(self.J).__name__} has no cheap column norms: the diagonal of F needs "
-                                      "exported blocks (export_jacobian)")
+            raise v.MissingCapabilityError(f"{type(self.J).__name__} has no cheap column norms: the diagonal of F "
+                                           "needs exported blocks (export_jacobian)")
         if self._diag is None:
             self._diag = self.G.column_sq_norms()
         return self._diag + self.damping

@@ -507,7 +507,7 @@ def jacobian_to_arrays(J: Any, prefix: str = "J") -> tuple[dict[str, Any], dict[
         block_arrays, entry = b.to_arrays()
         arrays.update({f"{prefix}_{i}_{name}": a for name, a in block_arrays.items()})
         blocks.append(entry)
-    return arrays, {"blocks": blocks, "outputs": list(J.outputs)}  # PLANTED
+    return arrays, {"blocks": blocks, "outputs": list(J.outputs), "weights_fingerprint": J.weights_fingerprint}
 
 
 def jacobian_from_arrays(arrays: dict[str, np.ndarray], config: dict[str, Any], backend: Any,

@@ -3,7 +3,7 @@
 Rows are example-major: row ``i*c + k`` is example i, output k. Columns follow the object's parameter order (the
 model's ``named_parameters`` order), each parameter flattened row-major as torch does (weight index ``o*in + j``).
 
-Two kinds of block:
+Two kinds of block, each owning its storage, row selection, archive arrays and products (a new kind is one class):
 
 - :class:`DenseBlock` holds its columns of J as an (n·c, p_b) array (on the backend, or an ``np.memmap`` on disk).
 - :class:`FactoredLinearBlock` holds a torch ``nn.Linear`` layer's weight and/or bias without forming its columns:
@@ -11,22 +11,36 @@ Two kinds of block:
   applied to per example (1 for a plain MLP; sequence length × number of calls for sequences or weight sharing).
   The weight columns of example i, output k are Σ_t δ_ikt ⊗ a_it, so every product is a GEMM on A and Δ.
 
+Blocks and :class:`JacobianBlocks` built by hand are validated at construction (shapes, dtypes, backends, NaN/Inf);
+blocks derived from validated ones (row views, casts, transformed rows) and those written by the export, which checks
+every batch as it arrives, skip the rescan of their values.
+
 This module is backend-agnostic (it works through ``backend.xp``) and never imports torch.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+import backends
 from backends import Backend
 from lingp_core._validate import (
+    ArgumentTypeError,
     BackendMismatchError,
     DTypeError,
+    InvalidOptionError,
+    NonFiniteError,
     ShapeError,
+    SignatureDTypeError,
+    SignatureError,
+    SignatureShapeError,
+    ValueRangeError,
     as_float_array,
     check_memory,
+    describe,
     nbytes_of,
     resolve_memory_budget,
 )
@@ -35,6 +49,14 @@ __all__ = ["DenseBlock", "FactoredLinearBlock", "JacobianBlocks", "JacobianShape
 
 # Largest intermediate (in elements) a product builds at once; bigger problems run in chunks of examples/columns.
 _WORK_ELEMENTS = 1 << 24
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def product_work(rows: int, cols: int, blocks: Sequence[Any]) -> int:
+    """Elements of one chunk of the intermediates of a (rows × cols) block of J J'ᵀ: the products are chunked to
+    at most _WORK_ELEMENTS, and never exceed the block times T² (weight-sharing positions) when it is smaller."""
+    positions = max((getattr(b, "T", 1) for b in blocks), default=1)
+    return min(_WORK_ELEMENTS, rows * cols * positions * positions)
 
 
 def _chunks(total: int, size: int) -> Iterator[slice]:
@@ -48,26 +70,234 @@ def _numel(shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
+# ----- validation of hand-built blocks ------------------------------------------------------------------------------
+
+def _xp_name(xp: Any) -> str:
+    return str(getattr(xp, "__name__", type(xp).__name__)).split(".")[0]
+
+
+def _check_xp(xp: Any) -> None:
+    if not isinstance(getattr(xp, "ndarray", None), type):
+        raise ArgumentTypeError(f"xp must be an array module (numpy or cupy), got {describe(xp)}")
+
+
+def _check_array(x: Any, what: str, xp: Any, ndim: int) -> None:
+    """``x`` must be an ``ndim``-dimensional float32/float64 array of ``xp`` (an ``np.memmap`` is a NumPy array)."""
+    if not isinstance(x, xp.ndarray):
+        try:
+            found = backends.backend_name_of(x)
+        except TypeError:  # a torch tensor on a device without a backend
+            found = None
+        if found is not None and found != _xp_name(xp):
+            raise BackendMismatchError(f"{what} is a {describe(x)} (backend {found!r}) but the block's array module "
+                                       f"is {_xp_name(xp)}; every array of a Jacobian lives on one backend: move it "
+                                       f"with get_backend({_xp_name(xp)!r}).asarray(...)")
+        raise ArgumentTypeError(f"{what} must be a {_xp_name(xp)} array, got {describe(x)}")
+    if x.ndim != ndim:
+        raise ShapeError(f"{what} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if np.dtype(x.dtype) not in _FLOAT_DTYPES:
+        raise DTypeError(f"{what} has dtype {x.dtype} (shape {tuple(x.shape)}); Jacobian blocks are float32 or "
+                         "float64 and lingp does not cast silently: convert explicitly, e.g. .astype('float64')")
+
+
+def _check_finite(x: Any, what: str, xp: Any, locate: Callable[[tuple[int, ...]], str]) -> None:
+    """NonFiniteError naming ``what`` and the first bad entry (described by ``locate``) unless ``x`` is all finite.
+
+    One sum decides (NaN and Inf propagate into it) at the cost of one read of ``x``; only a non-finite sum (NaN/Inf,
+    or finite entries overflowing it) takes an elementwise pass, to tell the two apart and find the first bad entry.
+    """
+    if x.size == 0:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow or Inf − Inf in the sum is decided below
+        total = x.sum()
+    if bool(xp.isfinite(total)):
+        return
+    finite = xp.isfinite(x)
+    if bool(finite.all()):
+        return
+    n_bad = int(finite.size - int(finite.sum()))
+    n_nan = int(xp.isnan(x).sum())
+    first = tuple(int(i) for i in np.unravel_index(int(xp.argmin(finite.ravel())), x.shape))
+    raise NonFiniteError(f"{what} (shape {tuple(x.shape)}, dtype {x.dtype}) holds {n_nan} NaN and {n_bad - n_nan} Inf "
+                         f"entries, the first at {locate(first)}; lingp never replaces them: fix the Jacobian (or the "
+                         "network at that input) first")
+
+
+def _count(value: Any, what: str, minimum: int) -> int:
+    """An integer ≥ ``minimum``: ArgumentTypeError for other types, ValueRangeError below the minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
+    if int(value) < minimum:
+        raise ValueRangeError(f"{what} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _shape_list(shapes: Sequence[tuple[int, ...]]) -> str:
+    return ", ".join(str(s) for s in shapes)
+
+
 class _Block:
-    """What both block kinds share: parameter names and shapes, row count, products interface."""
+    """What every block kind shares: parameter names and shapes, rows (n examples × c outputs), the products'
+    interface, row selection and the archive round trip. Subclasses set :attr:`kind` (the archive's name of the kind)
+    and :attr:`array_names` (the arrays an archive stores), and implement the abstract methods."""
 
     kind = ""
+    array_names: tuple[str, ...] = ()
+    stores_dense = False  # to_dense() returns stored values (free) rather than building them
+    _kinds: dict[str, type[_Block]] = {}
 
-    def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], n: int, c: int, xp: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _Block._kinds[cls.kind] = cls
+
+    @staticmethod
+    def kind_class(kind: Any) -> type[_Block]:
+        """The block class whose :attr:`kind` is ``kind`` (for archives)."""
+        cls = _Block._kinds.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            raise InvalidOptionError(f"unknown Jacobian block kind {kind!r}; known kinds: "
+                                     f"{', '.join(map(repr, sorted(_Block._kinds)))}")
+        return cls
+
+    @classmethod
+    def _trusted(cls, *args: Any, **kwargs: Any) -> Any:
+        """A block of arrays already checked for NaN/Inf (views, casts and transforms of a checked block, or the
+        export's arrays, checked batch by batch): the structure is validated, the values are not read again."""
+        block = cls.__new__(cls)
+        block._setup(*args, **kwargs)
+        return block
+
+    def _setup(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def _set_params(self, names: Sequence[str], shapes: Sequence[Sequence[int]]) -> None:
+        """Check and set the parameter names and shapes (one shape per name, at least one parameter)."""
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise ArgumentTypeError(f"names must be a sequence of parameter names, got {describe(names)}")
+        if isinstance(shapes, str) or not isinstance(shapes, Sequence):
+            raise ArgumentTypeError(f"shapes must be a sequence of parameter shapes, got {describe(shapes)}")
+        for name, shape in zip(names, shapes):
+            if not isinstance(name, str):
+                raise ArgumentTypeError(f"parameter names must be strings, got {describe(name)} in {list(names)!r}")
+            if isinstance(shape, str) or not isinstance(shape, Sequence):
+                raise ArgumentTypeError(f"the shape of parameter {name!r} must be a sequence of ints, got "
+                                        f"{describe(shape)}")
+        if len(names) != len(shapes) or not names:
+            raise ShapeError(f"a block needs one shape per parameter name and at least one parameter; got names "
+                             f"{list(names)} and {len(shapes)} shapes")
         self.names = tuple(names)
-        self.shapes = tuple(tuple(int(s) for s in shape) for shape in shapes)
-        self.n = int(n)
-        self.c = int(c)
-        self.xp = xp
+        self.shapes = tuple(tuple(_count(s, f"a dimension of the shape of {name}", 0) for s in shape)
+                            for name, shape in zip(names, shapes))
+
+    def _set_rows(self, n: int, c: int, xp: Any) -> None:
+        """Set n examples × c outputs (c ≥ 1) and the array module."""
+        if c < 1:
+            raise ShapeError(f"{self._label()} has c = {c} outputs per example; a block needs at least one")
+        self.n, self.c, self.xp = int(n), int(c), xp
 
     @property
     def p(self) -> int:
         """Number of parameters (columns of J) in this block."""
         return sum(_numel(s) for s in self.shapes)
 
-    def add_gram(self, other: _Block, out: Any) -> None:
-        """Add J_b J'_bᵀ to ``out`` of shape (n·c, n'·c') in place."""
+    def _label(self) -> str:
+        return f"the {self.kind} block of {', '.join(self.names)}"
+
+    def _column_owner(self, column: int) -> str:
+        """The parameter name of one column of the block."""
+        start = 0
+        for name, shape in zip(self.names, self.shapes):
+            start += _numel(shape)
+            if column < start:
+                return name
+        return self.names[-1]
+
+    # ----- behaviour every kind defines ------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the block's arrays."""
         raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory."""
+        raise NotImplementedError
+
+    @property
+    def stored_per_row(self) -> int:
+        """Elements the block stores per row of J (what a copy of a tile of rows costs)."""
+        raise NotImplementedError
+
+    def select(self, examples: slice, output: int | None = None, dtype: Any = None) -> _Block:
+        """The block's rows of the examples in ``examples`` (a slice with explicit bounds, step 1), of one output if
+        given (then c = 1), in ``dtype`` if given; views of this block's arrays where possible."""
+        raise NotImplementedError
+
+    def to_arrays(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The block's arrays (named by :attr:`array_names`) and its JSON-ready description, for an archive."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_arrays(cls, entry: dict[str, Any], arrays: dict[str, Any], xp: Any) -> _Block:
+        """The block described by ``entry`` with ``arrays`` from :meth:`to_arrays` (validated as if built by hand)."""
+        raise NotImplementedError
+
+    def matmat(self, v: Any) -> Any:
+        """J_b V for V (p_b, k): (n·c, k)."""
+        raise NotImplementedError
+
+    def rmatmat(self, u: Any) -> Any:
+        """J_bᵀ U for U (n·c, k): (p_b, k)."""
+        raise NotImplementedError
+
+    def to_dense(self) -> Any:
+        """The block as an (n·c, p_b) array."""
+        raise NotImplementedError
+
+    def gram_diagonal(self) -> Any:
+        """diag(J_b J_bᵀ): (n·c,)."""
+        raise NotImplementedError
+
+    def column_sq_norms(self) -> Any:
+        """diag(J_bᵀ J_b): (p_b,)."""
+        raise NotImplementedError
+
+    def transform_rows(self, factors: Any) -> _Block:
+        """The block with rows of example i replaced by L_iᵀ J_b,i; ``factors`` (n, c) (diagonal L_i) or (n, c, c)."""
+        raise NotImplementedError
+
+    def transformed_dense(self, factors: Any) -> Any:
+        """Rows L_iᵀ J_b,i as a dense float64 (n·c, p_b) array, ``factors`` (n, c, c) (the dense GGN's operands)."""
+        raise NotImplementedError
+
+    def add_example_grams(self, rows: slice, out: Any) -> None:
+        """Add the per-example blocks J_b,i J_b,iᵀ of the examples in ``rows`` to ``out`` (s, c, c), in float64."""
+        raise NotImplementedError
+
+    @property
+    def kronecker_ready(self) -> bool:
+        """Whether the dense GGN may take the Kronecker route for this block (see ``lingp_core._ggn``): the block
+        then has A (n, 1, m), Δ (n, c, 1, out) and :meth:`parameter_segments`."""
+        return False
+
+    def _add_gram_same_kind(self, other: Any, out: Any) -> None:
+        """Add J_b J'_bᵀ to ``out`` for ``other`` of this block's kind."""
+        raise NotImplementedError
+
+    # ----- shared -------------------------------------------------------------------------------------------------
+    def add_gram(self, other: _Block, out: Any) -> None:
+        """Add J_b J'_bᵀ to ``out`` of shape (n·c, n'·c') in place.
+
+        Two blocks of one kind use their kind's own product; across kinds the block whose dense form is stored is
+        multiplied through the other's (structured) ``matmat``.
+        """
+        if type(other) is type(self):
+            self._add_gram_same_kind(other, out)
+        elif self.stores_dense:
+            out += other.matmat(self.to_dense().T).T
+        else:
+            out += self.matmat(other.to_dense().T)
 
     def gram(self, other: _Block) -> Any:
         """J_b J'_bᵀ: (n·c, n'·c')."""
@@ -75,10 +305,8 @@ class _Block:
         self.add_gram(other, out)
         return out
 
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype of the block's arrays."""
-        raise NotImplementedError
+    def _entry(self) -> dict[str, Any]:
+        return {"kind": self.kind, "names": list(self.names), "shapes": [list(s) for s in self.shapes], "c": self.c}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(self.names)}; p={self.p})"
@@ -92,23 +320,81 @@ class DenseBlock(_Block):
     names, shapes : sequence
         Parameter names and shapes, in column order.
     values : array of shape (n·c, p_b)
-        The block, rows example-major. A NumPy/CuPy array or an ``np.memmap`` (disk-backed, CPU only).
+        The block, rows example-major. A NumPy/CuPy array or an ``np.memmap`` (disk-backed, CPU only); float32 or
+        float64, finite (checked by one sum over the values: a disk-backed block is read once).
     c : int
         Number of outputs per example.
     xp : module
         The array module of ``values``.
+
+    Raises
+    ------
+    ShapeError, DTypeError, BackendMismatchError, NonFiniteError
+        Rows not a multiple of c, columns other than the parameters' sizes; not a float array; an array of
+        another backend; NaN/Inf (naming the row, example, output and parameter).
     """
 
     kind = "dense"
+    array_names = ("values",)
+    stores_dense = True
 
     def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], values: Any, c: int, xp: Any) -> None:
-        super().__init__(names, shapes, values.shape[0] // c, c, xp)
+        self._setup(names, shapes, values, c, xp)
+        _check_finite(values, f"values of {self._label()}", xp, self._locate)
+
+    def _setup(self, names: Sequence[str], shapes: Sequence[Sequence[int]], values: Any, c: int, xp: Any) -> None:
+        self._set_params(names, shapes)
+        _check_xp(xp)
+        _check_array(values, f"values of {self._label()}", xp, 2)
+        c = _count(c, "c (outputs per example)", 1)
+        rows, cols = values.shape
+        if rows % c:
+            raise ShapeError(f"values of {self._label()} has {rows} rows, not a multiple of c = {c} outputs (rows are "
+                             "n·c, example-major)")
+        if cols != self.p:
+            raise ShapeError(f"values of {self._label()} has shape {tuple(values.shape)} but its parameters' shapes "
+                             f"{_shape_list(self.shapes)} make {self.p} columns")
+        self._set_rows(rows // c, c, xp)
         self.values = values
+
+    def _locate(self, index: tuple[int, ...]) -> str:
+        row, col = index
+        return (f"row {row} (example {row // self.c}, output {row % self.c}), column {col} (parameter "
+                f"{self._column_owner(col)})")
 
     @property
     def nbytes(self) -> int:
         """Bytes held in memory (0 for a disk-backed block)."""
         return 0 if isinstance(self.values, np.memmap) else int(self.values.nbytes)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the block's arrays."""
+        return np.dtype(self.values.dtype)
+
+    @property
+    def stored_per_row(self) -> int:
+        """Elements stored per row of J: p_b."""
+        return self.p
+
+    def select(self, examples: slice, output: int | None = None, dtype: Any = None) -> DenseBlock:
+        """Rows of some examples (and one output) as a block of views; a ``dtype`` converts (a copy if it differs)."""
+        c = self.c
+        values = self.values[examples.start * c: examples.stop * c]
+        if output is not None:
+            values = values.reshape(-1, c, self.p)[:, output, :]
+        if dtype is not None:
+            values = self.xp.asarray(values, dtype=dtype)
+        return DenseBlock._trusted(self.names, self.shapes, values, 1 if output is not None else c, self.xp)
+
+    def to_arrays(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``{"values": values}`` and the block's description."""
+        return {"values": self.values}, self._entry()
+
+    @classmethod
+    def from_arrays(cls, entry: dict[str, Any], arrays: dict[str, Any], xp: Any) -> DenseBlock:
+        """The block from :meth:`to_arrays`' description and arrays."""
+        return cls(entry["names"], entry["shapes"], arrays["values"], entry["c"], xp)
 
     def matmat(self, v: Any) -> Any:
         """J_b V for V (p_b, k): (n·c, k)."""
@@ -118,16 +404,8 @@ class DenseBlock(_Block):
         """J_bᵀ U for U (n·c, k): (p_b, k)."""
         return self.values.T @ u
 
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype of the block's arrays."""
-        return np.dtype(self.values.dtype)
-
-    def add_gram(self, other: _Block, out: Any) -> None:
+    def _add_gram_same_kind(self, other: Any, out: Any) -> None:
         """Add J_b J'_bᵀ to ``out`` (n·c, n'·c') in place, in chunks of rows."""
-        if not isinstance(other, DenseBlock):
-            out += other.matmat(self.values.T).T
-            return
         rows_total, cols = out.shape
         for rows in _chunks(rows_total, _WORK_ELEMENTS // max(1, cols)):
             out[rows] += self.values[rows] @ other.values.T
@@ -161,7 +439,18 @@ class DenseBlock(_Block):
             new = values * factors[:, :, None]
         else:
             new = factors.transpose(0, 2, 1) @ values  # (n, c, c) @ (n, c, p_b): L_iᵀ J_i per example
-        return DenseBlock(self.names, self.shapes, new.reshape(n * c, -1), c, xp)
+        return DenseBlock._trusted(self.names, self.shapes, new.reshape(n * c, -1), c, xp)
+
+    def transformed_dense(self, factors: Any) -> Any:
+        """Rows L_iᵀ J_b,i as a dense float64 (n·c, p_b) array (the values cast first: float64 products)."""
+        values = self.xp.asarray(self.values).astype(np.float64).reshape(self.n, self.c, -1)
+        return (factors.transpose(0, 2, 1) @ values).reshape(self.n * self.c, -1)
+
+    def add_example_grams(self, rows: slice, out: Any) -> None:
+        """Add J_b,i J_b,iᵀ (float64) of the examples in ``rows`` to ``out`` (s, c, c)."""
+        c, s = self.c, rows.stop - rows.start
+        vals = self.xp.asarray(self.values[rows.start * c: rows.stop * c]).astype(np.float64).reshape(s, c, -1)
+        out += vals @ vals.transpose(0, 2, 1)
 
 
 class FactoredLinearBlock(_Block):
@@ -181,6 +470,12 @@ class FactoredLinearBlock(_Block):
     xp : module
         The array module.
 
+    Raises
+    ------
+    ShapeError, DTypeError, BackendMismatchError, NonFiniteError, ValueRangeError
+        A and Δ disagreeing on n or T, parameter shapes that do not match (out, m − has_bias); different dtypes of A
+        and Δ; arrays of another backend; NaN/Inf (naming the example); a bias "input" column that is not ones.
+
     Notes
     -----
     Row (i, k) of the block is [vec(Σ_t δ_ikt a_itᵀ), Σ_t δ_ikt], so with A holding a ones column
@@ -189,17 +484,48 @@ class FactoredLinearBlock(_Block):
     """
 
     kind = "factored"
+    array_names = ("A", "delta")
 
     def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], A: Any, delta: Any, *,
                  has_weight: bool, has_bias: bool, xp: Any) -> None:
-        super().__init__(names, shapes, A.shape[0], delta.shape[1], xp)
+        self._setup(names, shapes, A, delta, has_weight=has_weight, has_bias=has_bias, xp=xp)
+        _check_finite(A, f"layer inputs A of {self._label()}", xp,
+                      lambda i: f"example {i[0]}, position {i[1]}, input column {i[2]}")
+        _check_finite(delta, f"output sensitivities Δ of {self._label()}", xp,
+                      lambda i: f"example {i[0]}, output {i[1]}, position {i[2]}, layer output {i[3]}")
+        if self.has_bias:
+            ones = A[:, :, A.shape[2] - 1]
+            if not bool((ones == 1).all()):
+                raise ValueRangeError(f"layer inputs A of {self._label()} (shape {tuple(A.shape)}): the last column "
+                                      "must be ones (the bias's input), but it is not")
+
+    def _setup(self, names: Sequence[str], shapes: Sequence[Sequence[int]], A: Any, delta: Any, *,
+               has_weight: bool, has_bias: bool, xp: Any) -> None:
+        self._set_params(names, shapes)
+        self.has_weight, self.has_bias = bool(has_weight), bool(has_bias)
+        _check_xp(xp)
+        _check_array(A, f"layer inputs A of {self._label()}", xp, 3)
+        _check_array(delta, f"output sensitivities Δ of {self._label()}", xp, 4)
+        if A.dtype != delta.dtype:
+            raise DTypeError(f"{self._label()}: layer inputs A have dtype {A.dtype} but output sensitivities Δ "
+                             f"{delta.dtype}; convert explicitly to one dtype")
+        n, T, m = A.shape
+        if delta.shape[0] != n or delta.shape[2] != T:
+            raise ShapeError(f"{self._label()}: A has shape {tuple(A.shape)} = (n, T, m) but Δ {tuple(delta.shape)}; "
+                             "Δ must be (n, c, T, out) with A's n examples and T positions")
+        out = int(delta.shape[3])
+        expected = ([(out, m - int(self.has_bias))] if self.has_weight else []) + ([(out,)] if self.has_bias else [])
+        if not expected or (not self.has_weight and m != 1) or list(self.shapes) != expected:
+            raise ShapeError(f"{self._label()} with has_weight={self.has_weight}, has_bias={self.has_bias}, A of shape "
+                             f"{tuple(A.shape)} and Δ of shape {tuple(delta.shape)} needs parameter shapes "
+                             f"{_shape_list(expected) or '(a weight or a bias)'}"
+                             f"{'' if self.has_weight else ' and m = 1'}; got {_shape_list(self.shapes)}")
+        self._set_rows(n, delta.shape[1], xp)
         self.A = A
         self.delta = delta
-        self.has_weight = bool(has_weight)
-        self.has_bias = bool(has_bias)
-        self.T = int(A.shape[1])
-        self.out_features = int(delta.shape[3])
-        self.in_features = int(A.shape[2]) - int(has_bias) if has_weight else 0
+        self.T = int(T)
+        self.out_features = out
+        self.in_features = int(m) - int(self.has_bias) if self.has_weight else 0
 
     @property
     def inputs(self) -> Any:
@@ -210,6 +536,54 @@ class FactoredLinearBlock(_Block):
     def nbytes(self) -> int:
         """Bytes held in memory by A and Δ."""
         return int(self.A.nbytes + self.delta.nbytes)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the block's arrays."""
+        return np.dtype(self.delta.dtype)
+
+    @property
+    def stored_per_row(self) -> int:
+        """Elements stored per row of J: T·(m + c·out) per example, shared by its c rows (rounded up)."""
+        return -(-self.T * (self.A.shape[2] + self.c * self.out_features) // self.c)
+
+    @property
+    def kronecker_ready(self) -> bool:
+        """One position per example: the GGN block is Σ_i (Δ_iᵀ Λ_i Δ_i) ⊗ (a_i a_iᵀ)."""
+        return self.T == 1
+
+    def parameter_segments(self) -> list[tuple[int, slice]]:
+        """The weight and bias parts as (first parameter column, input columns j of A): parameter column
+        first + o·width + (j − j₀) holds output o and input j of the layer (weights row-major, then the bias)."""
+        n_in = self.in_features
+        parts = [(0, slice(0, n_in))] if self.has_weight else []
+        if self.has_bias:
+            parts.append((self.out_features * n_in, slice(n_in, n_in + 1)))
+        return parts
+
+    def _like(self, A: Any, delta: Any) -> FactoredLinearBlock:
+        return FactoredLinearBlock._trusted(self.names, self.shapes, A, delta, has_weight=self.has_weight,
+                                            has_bias=self.has_bias, xp=self.xp)
+
+    def select(self, examples: slice, output: int | None = None, dtype: Any = None) -> FactoredLinearBlock:
+        """Rows of some examples (and one output) as a block of views of A and Δ; a ``dtype`` converts both."""
+        A, delta = self.A[examples], self.delta[examples]
+        if output is not None:
+            delta = delta[:, output: output + 1]
+        if dtype is not None:
+            A, delta = A.astype(dtype, copy=False), delta.astype(dtype, copy=False)
+        return self._like(A, delta)
+
+    def to_arrays(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``{"A": A, "delta": Δ}`` and the block's description (with has_weight and has_bias)."""
+        return {"A": self.A, "delta": self.delta}, {**self._entry(), "has_weight": self.has_weight,
+                                                    "has_bias": self.has_bias}
+
+    @classmethod
+    def from_arrays(cls, entry: dict[str, Any], arrays: dict[str, Any], xp: Any) -> FactoredLinearBlock:
+        """The block from :meth:`to_arrays`' description and arrays."""
+        return cls(entry["names"], entry["shapes"], arrays["A"], arrays["delta"], has_weight=entry["has_weight"],
+                   has_bias=entry["has_bias"], xp=xp)
 
     # ----- products ----------------------------------------------------------------------------------------------
     def _as_layer_matrix(self, v: Any) -> Any:
@@ -262,16 +636,8 @@ class FactoredLinearBlock(_Block):
             g += du.reshape(s * T, out * k).T @ self.A[rows].reshape(s * T, m)
         return self._from_layer_matrix(g.reshape(out, k, m).transpose(0, 2, 1))
 
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype of the block's arrays."""
-        return np.dtype(self.delta.dtype)
-
-    def add_gram(self, other: _Block, out: Any) -> None:
+    def _add_gram_same_kind(self, other: Any, out: Any) -> None:
         """Add J_b J'_bᵀ to ``out`` (n·c, n'·c') in place, as Σ_{t,t'} (A A'ᵀ) ∘ (Δ Δ'ᵀ) in chunks of examples."""
-        if not isinstance(other, FactoredLinearBlock):
-            out += self.matmat(other.to_dense().T)
-            return
         xp = self.xp
         n, c, T, n_out = self.n, self.c, self.T, self.out_features
         n2, c2, T2 = other.n, other.c, other.T
@@ -280,7 +646,9 @@ class FactoredLinearBlock(_Block):
         d2 = other.delta.reshape(n2 * c2 * T2, n_out)
         out4 = out.reshape(n, c, n2, c2)  # a view, also of a strided tile of K: it only splits axes
         if not xp.may_share_memory(out4, out):  # never accumulate into a copy
-            raise RuntimeError("internal: the kernel tile could not be reshaped in place")
+            raise ShapeError(f"out (shape {tuple(out.shape)}, strides {out.strides}) cannot be viewed as "
+                             f"(n, c, n', c') = {(n, c, n2, c2)} without a copy; pass a C-contiguous array or a "
+                             "row/column slice of one")
         for rows in _chunks(n, _WORK_ELEMENTS // max(1, c * T * n2 * c2 * T2)):
             s = rows.stop - rows.start
             aa = self.A[rows].reshape(s * T, m) @ a2.T
@@ -344,8 +712,21 @@ class FactoredLinearBlock(_Block):
             delta = self.delta * factors[:, :, None, None]
         else:
             delta = self.xp.einsum("ijk,ijto->ikto", factors, self.delta)
-        return FactoredLinearBlock(self.names, self.shapes, self.A, delta, has_weight=self.has_weight,
-                                   has_bias=self.has_bias, xp=self.xp)
+        return self._like(self.A, delta)
+
+    def transformed_dense(self, factors: Any) -> Any:
+        """Rows L_iᵀ J_b,i as a dense float64 (n·c, p_b) array: Δ transformed, then the block formed."""
+        return self.transform_rows(factors).to_dense().astype(np.float64, copy=False)
+
+    def add_example_grams(self, rows: slice, out: Any) -> None:
+        """Add J_b,i J_b,iᵀ = Σ_{t,t'} (a_it·a_it') Δ_it Δ_it'ᵀ (float64) of the examples in ``rows`` to ``out``
+        (s, c, c)."""
+        A = self.A[rows].astype(np.float64)  # (s, T, m)
+        D = self.delta[rows].astype(np.float64)  # (s, c, T, out)
+        if self.T == 1:
+            out += (A[:, 0, :] ** 2).sum(axis=1)[:, None, None] * (D[:, :, 0, :] @ D[:, :, 0, :].transpose(0, 2, 1))
+        else:
+            out += self.xp.einsum("itu,ikto,iluo->ikl", A @ A.transpose(0, 2, 1), D, D)
 
     def to_dense(self) -> Any:
         """The block's columns of J as an (n·c, p_b) array (built on demand; meant for small problems and tests)."""
@@ -406,30 +787,84 @@ class JacobianShape:
 class JacobianBlocks(JacobianShape):
     """The Jacobian J (n·c × p) of a network at n inputs, held in parameter blocks, with f₀ = the network outputs.
 
-    Made by :func:`lingp_core.export_jacobian`. Rows are example-major (row ``i*c + k`` is example i, output k);
-    columns follow :attr:`param_names`, each parameter flattened row-major as in torch.
+    Made by :func:`lingp_core.export_jacobian`, or by hand from blocks (then validated here). Rows are example-major
+    (row ``i*c + k`` is example i, output k); columns follow :attr:`param_names`, each parameter flattened row-major as
+    in torch.
+
+    Parameters
+    ----------
+    f0 : array of shape (n, c)
+        The network outputs at the inputs (the selected outputs only); float32 or float64, finite.
+    blocks : sequence of DenseBlock and FactoredLinearBlock
+        The blocks, in parameter order; each with n examples × c outputs, f0's dtype and backend.
+    backend : Backend
+        Where every array lives.
+    outputs : sequence of int
+        The indices of the c selected outputs in the model's (flattened) output.
+    storage_path : str, optional
+        The directory holding disk-backed dense blocks, if any.
+    weights_fingerprint : str, optional
+        A fingerprint of the network's weights at export (:func:`lingp_core.export_jacobian` sets it); models refuse
+        a test Jacobian whose fingerprint differs from the training Jacobian's. None: unknown (never refused).
+
+    Raises
+    ------
+    ShapeError, DTypeError, BackendMismatchError, NonFiniteError, ArgumentTypeError
+        Blocks whose rows do not match f0's (n, c), outputs not of length c; dtypes that differ between f0 and the
+        blocks; arrays or blocks of another backend; NaN/Inf in f0; arguments of the wrong type.
 
     Attributes
     ----------
-    f0 : array of shape (n, c)
-        The network outputs at the inputs (the selected outputs only).
-    blocks : tuple of DenseBlock and FactoredLinearBlock
-        The blocks, in parameter order.
-    backend : Backend
-        Where every array lives.
-    outputs : tuple of int
-        The indices of the selected outputs in the model's (flattened) output.
-    storage_path : str or None
-        The directory holding disk-backed dense blocks, if any.
+    f0, blocks, backend, outputs, storage_path, weights_fingerprint
+        As given (``blocks`` and ``outputs`` as tuples).
     """
 
     def __init__(self, f0: Any, blocks: Sequence[_Block], *, backend: Backend, outputs: Sequence[int],
-                 storage_path: str | None = None) -> None:
+                 storage_path: str | None = None, weights_fingerprint: str | None = None) -> None:
+        if not isinstance(backend, Backend):
+            raise ArgumentTypeError(f"backend must be a Backend (lingp_core.get_backend(name)), got "
+                                    f"{describe(backend)}")
+        _check_array(f0, "f0", backend.xp, 2)
+        if isinstance(blocks, _Block) or not isinstance(blocks, Sequence):
+            raise ArgumentTypeError(f"blocks must be a sequence of Jacobian blocks, got {describe(blocks)}")
+        if not blocks:
+            raise ShapeError("blocks is empty: a Jacobian needs at least one parameter block (p ≥ 1 columns)")
+        if isinstance(outputs, str) or not isinstance(outputs, Sequence):
+            raise ArgumentTypeError(f"outputs must be a sequence of output indices, got {describe(outputs)}")
+        if weights_fingerprint is not None and not isinstance(weights_fingerprint, str):
+            raise ArgumentTypeError(f"weights_fingerprint must be a str or None, got {describe(weights_fingerprint)}")
         self.f0 = f0
         self.blocks = tuple(blocks)
         self.backend = backend
-        self.outputs = tuple(int(o) for o in outputs)
+        self.outputs = tuple(_count(o, "an entry of outputs", 0) for o in outputs)
         self.storage_path = storage_path
+        self.weights_fingerprint = weights_fingerprint
+        self._check_blocks()
+        _check_finite(f0, "f0 (the network outputs)", backend.xp, lambda i: f"example {i[0]}, output {i[1]}")
+
+    def _check_blocks(self) -> None:
+        n, c = self.f0.shape
+        if len(self.outputs) != c:
+            raise ShapeError(f"outputs {self.outputs} names {len(self.outputs)} model outputs but f0 has shape "
+                             f"{tuple(self.f0.shape)} (c = {c})")
+        for b in self.blocks:
+            if not isinstance(b, _Block):
+                raise ArgumentTypeError(f"blocks must hold DenseBlock or FactoredLinearBlock objects, got "
+                                        f"{describe(b)}")
+            if b.xp is not self.backend.xp:
+                raise BackendMismatchError(f"{b._label()} holds {_xp_name(b.xp)} arrays but the Jacobian lives on "
+                                           f"backend {self.backend.name!r}; build every block on one backend")
+            if (b.n, b.c) != (n, c):
+                raise ShapeError(f"{b._label()} has n = {b.n} examples × c = {b.c} outputs ({b.n * b.c} rows) but f0 "
+                                 f"has shape {tuple(self.f0.shape)} ({n * c} rows)")
+            if b.dtype != self.dtype:
+                raise DTypeError(f"{b._label()} has dtype {b.dtype} but f0 {self.dtype}; f0 and every block share one "
+                                 "dtype: convert explicitly")
+
+    def _derived(self, f0: Any, blocks: Sequence[_Block], outputs: Sequence[int] | None = None) -> JacobianBlocks:
+        """A JacobianBlocks made from this one's (already checked) arrays: same backend and weights fingerprint."""
+        return JacobianBlocks(f0, blocks, backend=self.backend, outputs=self.outputs if outputs is None else outputs,
+                              weights_fingerprint=self.weights_fingerprint)
 
     # ----- description -------------------------------------------------------------------------------------------
     @property
@@ -520,50 +955,110 @@ class JacobianBlocks(JacobianShape):
         return result[:, 0] if vector else result
 
     def check_compatible(self, other: JacobianBlocks) -> None:
-        """Raise unless ``other`` has this object's backend, dtype and parameter blocks (names and shapes)."""
+        """Raise unless ``other`` has this object's backend, dtype and parameter blocks (names and shapes).
+
+        The weights they were exported from may differ (a kernel between two networks is legitimate); models check
+        those too, through :meth:`check_signature`.
+        """
         if not isinstance(other, JacobianBlocks):
-            raise TypeError(f"other must be a JacobianBlocks, got {type(other).__name__}")
+            raise ArgumentTypeError(f"other must be a JacobianBlocks, got {type(other).__name__}")
         if other.backend != self.backend:
             raise BackendMismatchError(f"other lives on backend {other.backend.name!r} but this object on "
                                        f"{self.backend.name!r}; export both onto one backend")
         if other.dtype != self.dtype:
-            raise DTypeError(f"other has dtype {other.dtype} but this object {self.dtype}; export both in one dtype")
+            raise SignatureDTypeError(f"other has dtype {other.dtype} but this object {self.dtype}; export both in one "
+                                      "dtype")
         mine = [(b.names, b.shapes) for b in self.blocks]
         theirs = [(b.names, b.shapes) for b in other.blocks]
         if mine != theirs:
-            raise ShapeError(f"other's parameter blocks {[b.names for b in other.blocks]} (p={other.p}) differ from "
-                             f"this object's {[b.names for b in self.blocks]} (p={self.p}); export both with the "
-                             "same params")
+            raise SignatureShapeError(f"other's parameter blocks {[b.names for b in other.blocks]} (p={other.p}) "
+                                      f"differ from this object's {[b.names for b in self.blocks]} (p={self.p}); "
+                                      "export both with the same params")
+
+    def _example_range(self, examples: Any) -> slice:
+        """``examples`` (a slice of step 1, or None for all) with explicit bounds within [0, n]."""
+        if examples is None:
+            return slice(0, self.n)
+        if not isinstance(examples, slice):
+            raise ArgumentTypeError(f"examples must be a slice, got {describe(examples)}")
+        start, stop, step = examples.indices(self.n)
+        if step != 1:
+            raise InvalidOptionError(f"examples must be a slice of consecutive examples (step 1), got {examples}")
+        return slice(start, max(start, stop))
+
+    def select(self, examples: slice | None = None, output: int | None = None) -> JacobianBlocks:
+        """The Jacobian of some examples and/or of one output, sharing J's arrays where possible (views).
+
+        Parameters
+        ----------
+        examples : slice, optional
+            Consecutive examples (step 1); default all.
+        output : int, optional
+            Position k in [0, c) of one output in this object's outputs; the result then has c = 1.
+
+        Returns
+        -------
+        JacobianBlocks
+            (n_sel·c_sel, p), with f0, outputs and the weights fingerprint carried over.
+        """
+        rows = self._example_range(examples)
+        f0 = self.f0[rows]
+        outputs = self.outputs
+        if output is not None:
+            output = _count(output, "output", 0)
+            if output >= self.n_outputs:
+                raise ValueRangeError(f"output must lie in [0, {self.n_outputs - 1}] (the position of an output of "
+                                      f"this Jacobian's {self.outputs}), got {output}")
+            f0, outputs = f0[:, output: output + 1], (self.outputs[output],)
+        return self._derived(f0, [b.select(rows, output) for b in self.blocks], outputs)
 
     def examples(self, rows: slice) -> JacobianBlocks:
         """The Jacobian of the examples in ``rows`` (a slice), sharing J's arrays (views, no copies)."""
-        c = self.n_outputs
-        blocks: list[_Block] = []
-        for b in self.blocks:
-            if isinstance(b, DenseBlock):
-                blocks.append(DenseBlock(b.names, b.shapes, b.values[rows.start * c: rows.stop * c], c, b.xp))
-            else:
-                blocks.append(FactoredLinearBlock(b.names, b.shapes, b.A[rows], b.delta[rows],
-                                                  has_weight=b.has_weight, has_bias=b.has_bias, xp=b.xp))
-        return JacobianBlocks(self.f0[rows], blocks, backend=self.backend, outputs=self.outputs)
+        return self.select(rows)
 
     def signature(self) -> dict[str, Any]:
-        """What a second export must share with this one for kernels and predictions between them, JSON-ready:
-        parameter blocks (names and shapes, in column order), the selected outputs and the dtype."""
+        """What a second export must share with this one for predictions between them, JSON-ready: parameter blocks
+        (names and shapes, in column order), the selected outputs, the dtype and the weights fingerprint (None when
+        unknown)."""
         return {"blocks": [[list(b.names), [list(s) for s in b.shapes]] for b in self.blocks],
-                "outputs": list(self.outputs), "dtype": str(self.dtype)}
+                "outputs": list(self.outputs), "dtype": str(self.dtype), "weights": self.weights_fingerprint}
 
     def check_signature(self, signature: dict[str, Any], *, what: str = "the training Jacobian") -> None:
-        """Raise unless this export matches a :meth:`signature` recorded from ``what`` (e.g. at fit time)."""
+        """Raise unless this export matches a :meth:`signature` recorded from ``what`` (e.g. at fit time).
+
+        A fingerprint missing on either side (a hand-built Jacobian, or a signature saved before fingerprints
+        existed) is unknown and accepted.
+
+        Raises
+        ------
+        SignatureShapeError
+            Other parameters or outputs (a SignatureError and a ShapeError).
+        SignatureDTypeError
+            Another dtype (a SignatureError and a DTypeError).
+        SignatureError
+            Exported from other weights than ``what``.
+        """
+        if not isinstance(signature, dict) or not {"blocks", "outputs", "dtype"} <= set(signature):
+            raise ArgumentTypeError(f"signature must be a dict from JacobianBlocks.signature(), got "
+                                    f"{describe(signature)}")
         mine = self.signature()
         if mine["blocks"] != signature["blocks"] or mine["outputs"] != signature["outputs"]:
             names = [n for names, _ in signature["blocks"] for n in names]
-            raise ShapeError(f"J_star was exported with parameters {list(self.param_names)} and outputs "
-                             f"{list(self.outputs)}: other parameters or outputs than {what}'s {names} and outputs "
-                             f"{signature['outputs']}; export both with the same params= and outputs=")
+            raise SignatureShapeError(f"J_star was exported with parameters {list(self.param_names)} and outputs "
+                                      f"{list(self.outputs)}: other parameters or outputs than {what}'s {names} and "
+                                      f"outputs {signature['outputs']}; export both with the same params= and "
+                                      "outputs=")
         if mine["dtype"] != signature["dtype"]:
-            raise DTypeError(f"J_star has dtype {mine['dtype']} but {what} {signature['dtype']}; export both in one "
-                             "dtype")
+            raise SignatureDTypeError(f"J_star has dtype {mine['dtype']} but {what} {signature['dtype']}; export both "
+                                      "in one dtype")
+        theirs = signature.get("weights")
+        if mine["weights"] is not None and theirs is not None and mine["weights"] != theirs:
+            raise SignatureError(f"J_star was exported from other weights than {what} (weight fingerprints "
+                                 f"{mine['weights'][:12]}… and {str(theirs)[:12]}…): the network was changed after fit "
+                                 "(e.g. trained further) or is another network of the same architecture, and the "
+                                 "posterior belongs to the weights it was fitted at. Export the test Jacobian from the "
+                                 "weights of the fit (keep a copy of the network, e.g. copy.deepcopy(model), before "
+                                 "training on), or refit on a Jacobian exported from the current weights")
 
     def gram(self, other: JacobianBlocks | None = None, *, memory_budget: float | None = None) -> Any:
         """J J'ᵀ summed over blocks (J Jᵀ when ``other`` is None): the unscaled kernel matrix.
@@ -589,7 +1084,7 @@ class JacobianBlocks(JacobianShape):
         other = self if other is None else other
         self.check_compatible(other)
         shape = (self.shape[0], other.shape[0])
-        needed = nbytes_of(shape, self.dtype) + 3 * _WORK_ELEMENTS * self.dtype.itemsize
+        needed = nbytes_of(shape, self.dtype) + 3 * product_work(shape[0], shape[1], self.blocks) * self.dtype.itemsize
         check_memory(needed, resolve_memory_budget(memory_budget, self.backend),
                      what=f"the kernel matrix J J'ᵀ of shape {shape} (with work space)",
                      alternative="use matrix-free products (gram_matmat) or fewer examples per gram call")
@@ -632,8 +1127,7 @@ class JacobianBlocks(JacobianShape):
         if tuple(arr.shape) != wanted:
             raise ShapeError(f"factors has shape {tuple(arr.shape)}; expected (n, c) = {(n, c)} or (n, c, c) = "
                              f"{(n, c, c)} for a Jacobian with n = {n} examples and c = {c} outputs")
-        return JacobianBlocks(self.f0, [block.transform_rows(arr) for block in self.blocks], backend=self.backend,
-                              outputs=self.outputs)
+        return self._derived(self.f0, [block.transform_rows(arr) for block in self.blocks])
 
     def to_dense(self, *, memory_budget: float | None = None) -> Any:
         """The full Jacobian J as an (n·c, p) array (for small problems, tests and debugging).

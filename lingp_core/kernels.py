@@ -22,7 +22,8 @@ import numpy as np
 from backends._triangles import fill_lower
 from lingp_core import _validate as v
 from lingp_core._progress import progress_bar
-from lingp_core.jacobian import _WORK_ELEMENTS, DenseBlock, FactoredLinearBlock, JacobianBlocks
+from lingp_core._validate import SignatureShapeError
+from lingp_core.jacobian import JacobianBlocks, product_work
 from lingp_core.operators import LinearOperator
 
 OUTPUT_MODES = ("full", "independent", "trace")
@@ -40,46 +41,21 @@ def _check_mode(output_mode: Any, c: int) -> Any:
 
 def _check_jacobians(J1: Any, J2: Any) -> JacobianBlocks:
     if not isinstance(J1, JacobianBlocks):
-        raise TypeError(f"J1 must be a JacobianBlocks from export_jacobian, got {type(J1).__name__}")
+        raise v.ArgumentTypeError(f"J1 must be a JacobianBlocks from export_jacobian, got {type(J1).__name__}")
     if J2 is None:
         return J1
     if not isinstance(J2, JacobianBlocks):
-        raise TypeError(f"J2 must be a JacobianBlocks from export_jacobian, got {type(J2).__name__}")
+        raise v.ArgumentTypeError(f"J2 must be a JacobianBlocks from export_jacobian, got {type(J2).__name__}")
     J1.check_compatible(J2)
     if J1.outputs != J2.outputs:
-        raise v.ShapeError(f"J1 holds model outputs {J1.outputs} but J2 holds {J2.outputs}; export both with the same "
-                           "outputs=...")
+        raise SignatureShapeError(f"J1 holds model outputs {J1.outputs} but J2 holds {J2.outputs}; export both with "
+                                  "the same outputs=...")
     return J2
 
 
 def _view(J: JacobianBlocks, examples: slice, output: int | None, dtype: np.dtype) -> list:
     """The blocks of J restricted to some examples (and to one output), as arrays of ``dtype`` (views if possible)."""
-    blocks = []
-    c = J.n_outputs
-    for b in J.blocks:
-        if isinstance(b, DenseBlock):
-            values = b.values[examples.start * c: examples.stop * c]
-            if output is not None:
-                values = values.reshape(-1, c, b.p)[:, output, :]
-            blocks.append(DenseBlock(b.names, b.shapes, J.xp.asarray(values, dtype=dtype),
-                                     1 if output is not None else c, J.xp))
-        elif isinstance(b, FactoredLinearBlock):
-            delta = b.delta[examples]
-            if output is not None:
-                delta = delta[:, output: output + 1]
-            blocks.append(FactoredLinearBlock(b.names, b.shapes, b.A[examples].astype(dtype, copy=False),
-                                              delta.astype(dtype, copy=False), has_weight=b.has_weight,
-                                              has_bias=b.has_bias, xp=J.xp))
-        else:
-            raise TypeError(f"unknown block type {type(b).__name__}")
-    return blocks
-
-
-def _stored_per_row(block: Any) -> int:
-    """Elements a block stores per kernel row: what a tile's copy of it costs (a factored block holds A and Δ)."""
-    if isinstance(block, FactoredLinearBlock):
-        return -(-block.T * (block.A.shape[2] + block.c * block.out_features) // block.c)
-    return block.p
+    return [b.select(examples, output, dtype) for b in J.blocks]
 
 
 def _tiles(n: int, rows_per_example: int) -> list[slice]:
@@ -105,7 +81,7 @@ def _assemble(J1: JacobianBlocks, J2: JacobianBlocks, output: int | None, out: A
     # float64 copy of every right-hand tile per pair cost as much as a third of the GEMMs at n = 10⁴); with one left
     # tile (a cross-kernel with a few test rows) each is converted when used and then dropped
     reused = symmetric or len(tiles1) > 1
-    right_tiles = [_view(J2, tb, output, dtype) for tb in tiles2] if reused else None
+    right_tiles = [_view(J2, tb, output, dtype) for tb in tiles2] if reused else []
     for a, ta in enumerate(tiles1):
         left = right_tiles[a] if symmetric else _view(J1, ta, output, dtype)
         for b, tb in enumerate(tiles2):
@@ -156,9 +132,10 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     shape = {"full": (n1 * c, n2 * c), "independent": (c, n1, n2)}.get(mode, (n1, n2)) if isinstance(mode, str) \
         else (n1, n2)
     tile_rows = min(_TILE_ROWS, max(n1, n2) * c)
-    work = 2 * tile_rows * max(_stored_per_row(b) for b in J1.blocks) + 2 * _WORK_ELEMENTS
+    chunk = product_work(min(_TILE_ROWS, n1 * c), min(_TILE_ROWS, n2 * c), J1.blocks)
+    work = 2 * tile_rows * max(b.stored_per_row for b in J1.blocks) + 2 * chunk
     if J1.dtype != dtype and (other is J1 or n1 * c > _TILE_ROWS):  # J2's blocks kept converted (_assemble)
-        work += n2 * c * sum(_stored_per_row(b) for b in J1.blocks)
+        work += n2 * c * sum(b.stored_per_row for b in J1.blocks)
     v.check_memory(v.nbytes_of(shape, dtype) + work * dtype.itemsize, v.resolve_memory_budget(memory_budget,
                    J1.backend), what=f"the kernel of shape {shape} ({dtype})",
                    alternative="use KernelOperator for matrix-free products, or output_mode='trace' / a single output")
@@ -234,14 +211,14 @@ class KernelOperator(LinearOperator):
         self.prior_scale = v.check_positive(prior_scale, "prior_scale")
         self.noise = v.check_positive(noise, "noise", allow_zero=True)
         if output_mode == "independent":
-            raise ValueError("KernelOperator has no 'independent' mode: make one operator per output "
+            raise v.InvalidOptionError("KernelOperator has no 'independent' mode: make one operator per output "
                              "(output_mode=k for k in range(c))")
         self.output_mode = _check_mode(output_mode, J.n_outputs)
         rows = J.n * J.n_outputs if self.output_mode == "full" else J.n
         self.shape, self.dtype, self.backend = (rows, rows), J.dtype, J.backend
         c = J.n_outputs
         if self.output_mode == "full":
-            self._views, self._weight = [J.blocks], 1.0
+            self._views, self._weight = [list(J.blocks)], 1.0
         else:
             outputs = range(c) if self.output_mode == "trace" else [self.output_mode]
             self._views = [_view(J, slice(0, J.n), k, J.dtype) for k in outputs]

@@ -44,11 +44,15 @@ class LinearOperator:
         return self.matmat(x)
 
     def _matmat(self, x: Any) -> Any:
-        raise NotImplementedError
+        raise v.MissingCapabilityError(f"{type(self).__name__} does not implement _matmat: a LinearOperator "
+                                       "subclass must define its product")
 
     def diagonal(self) -> Any:
-        """The diagonal (min(m, n),); operators that cannot give it cheaply raise NotImplementedError."""
-        raise NotImplementedError(f"{type(self).__name__} has no cheap diagonal")
+        """The diagonal (min(m, n),); operators that cannot give it cheaply raise ArgumentTypeError (which is also a
+        NotImplementedError)."""
+        raise v.MissingCapabilityError(f"{type(self).__name__} {self.shape} has no cheap diagonal, which this use "
+                                       "needs (e.g. a Jacobi or pivoted-Cholesky preconditioner): pass a dense array "
+                                       "or an operator that implements diagonal()")
 
     def columns(self, indices: Any) -> Any:
         """Columns A[:, indices] as an (m, len(indices)) array; by default one product with unit vectors."""

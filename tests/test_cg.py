@@ -208,3 +208,53 @@ def test_mixed_backends_raise(cupy_backend, rng):
     a = spd_matrix(rng, 10)
     with pytest.raises(lg.BackendMismatchError):
         lg.cg(a, cupy_backend.asarray(rng.standard_normal(10)))
+
+
+def _bad_warm_start(rng, dtype):
+    """A well-conditioned SPD system started from x0 ~1e6–1e8 times too large (a warm start from a wrongly scaled
+    problem): the recursive residual then drifts from b − A x by ~eps·‖A‖·‖x0‖, far above the tolerance asked."""
+    n = 60
+    a = spd_matrix(rng, n, 10.0)
+    b = rng.standard_normal((n, 3))
+    x0 = (1e8 if dtype == np.float64 else 1e6) * rng.standard_normal((n, 3))
+    rtol = 1e-10 if dtype == np.float64 else default_rtol(np.float32)
+    # the system CG really sees, in float64: the inputs rounded to dtype
+    a_exact, b_exact = a.astype(dtype).astype(np.float64), b.astype(dtype).astype(np.float64)
+    return a_exact, b_exact, x0.astype(dtype), rtol
+
+
+def _residual_allowance(a, x, b, dtype):
+    """How far CG's own evaluation of b − A x in ``dtype`` can be off (rounding of a GEMV, √n·eps·(‖A‖‖x‖ + ‖b‖))."""
+    return np.sqrt(a.shape[0]) * np.finfo(dtype).eps * (np.linalg.norm(a, 2) * np.linalg.norm(x, axis=0)
+                                                         + np.linalg.norm(b, axis=0))
+
+
+def test_cg_accepts_a_column_only_once_its_true_residual_passes(backend, rng, dtype):
+    """Started far from the answer, the recursive residual meets the tolerance long before b − A x does; a CG that
+    trusted it would return an x whose true residual is ~10³ times the tolerance."""
+    a, b, x0, rtol = _bad_warm_start(rng, dtype)
+    result = lg.cg(backend.asarray(a.astype(dtype)), backend.asarray(b.astype(dtype)), x0=backend.asarray(x0),
+                   rtol=rtol)
+    assert result.converged.all() and result.status == ("converged",) * 3, result.status
+    assert np.all(result.restarts >= 1)  # the true-residual check caught the drift in every column
+    x = backend.to_numpy(result.x).astype(np.float64)
+    true = np.linalg.norm(b - a @ x, axis=0)  # float64, independent of the solver
+    assert np.all(true <= rtol * np.linalg.norm(b, axis=0) + _residual_allowance(a, x, b, dtype))
+
+
+def test_cg_restart_from_the_true_residual_reaches_the_dense_solution(backend, rng, dtype):
+    """The restart path: a column whose recursive residual lied continues from the true residual, and converges."""
+    a, b, x0, rtol = _bad_warm_start(rng, dtype)
+    result = lg.cg(backend.asarray(a.astype(dtype)), backend.asarray(b.astype(dtype)), x0=backend.asarray(x0),
+                   rtol=rtol, return_history=True)
+    assert np.all(result.restarts >= 1) and np.all(result.restarts <= 3), result.restarts  # reached, not stagnated
+    assert result.converged.all(), result.status
+    expected = np.linalg.solve(a, b)
+    x = backend.to_numpy(result.x).astype(np.float64)
+    # what the certified residual says about the error: ‖x − x*‖/‖x*‖ ≤ cond(A)·‖r‖/‖b‖
+    bound = np.linalg.cond(a) * (rtol * np.linalg.norm(b, axis=0) + _residual_allowance(a, x, b, dtype)) \
+        / np.linalg.norm(b, axis=0)
+    assert np.all(np.linalg.norm(x - expected, axis=0) / np.linalg.norm(expected, axis=0) <= bound)
+    # after a restart the history shows the true residual, far above the recursive one it replaced
+    norms = np.array([h for _, h in result.history])
+    assert np.any(norms[1:] > 10 * norms[:-1])

@@ -299,3 +299,15 @@ def test_archives_with_recomputed_checksums_but_wrong_shapes_are_refused(tmp_pat
         io.save_archive(tmp_path / "edited.npz", name, edited, config)
         with pytest.raises(lg.ArchiveError, match=key):
             cls.load(tmp_path / "edited.npz")
+
+
+def test_the_work_space_charge_scales_with_the_problem():
+    """A 20 × 20 kernel under a 100 MB budget: the work space charged is the problem's, not a fixed 256 MiB."""
+    _, _, J, _, y = gp_problem(0, n=10)
+    K = lg.kernel(J, memory_budget=100e6)
+    assert K.shape == (20, 20)
+    assert np.allclose(K, J.to_dense() @ J.to_dense().T, rtol=1e-12, atol=0)
+    assert J.gram(memory_budget=100e6).shape == (20, 20)
+    lg.LinearizedGP(1.0, 0.1, memory_budget=100e6).fit(J, y)
+    with pytest.raises(lg.MemoryBudgetError, match=r"\(20, 20\)"):
+        lg.kernel(J, memory_budget=8 * 20 * 20)  # the kernel alone: no room for its work space

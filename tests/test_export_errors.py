@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from lingp_core._validate import (  # noqa: E402
     BackendMismatchError,
     DTypeError,
+    ExportError,
+    InvalidOptionError,
     MemoryBudgetError,
     NonFiniteError,
     ShapeError,
@@ -22,7 +24,7 @@ from lingp_core._validate import (  # noqa: E402
 )
 from lingp_core.autograd_operator import AutogradJacobian  # noqa: E402
 from lingp_core.export import export_jacobian  # noqa: E402
-from tests.test_export import MeanVarNet, SmallCNN, mlp, on_backend  # noqa: E402
+from tests.test_export import MeanVarNet, SmallCNN, mlp, on_backend, oracle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +110,33 @@ def test_bad_output_selection(backend):
         export_jacobian(model, x, outputs=[], backend=backend.name)
 
 
+class Branchy(nn.Module):
+    """Data-dependent Python control flow in forward: fine on one example, impossible inside torch.func.vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if h.sum() > 0:
+            h = 2 * h
+        return self.b(h)
+
+
+def test_data_dependent_control_flow_points_to_autograd_jacobian(backend):
+    model, x = on_backend(Branchy(), torch.randn(5, 3), backend)
+    with pytest.raises(ExportError, match=r"data-dependent Python control flow.*torch said: RuntimeError: vmap: .*"
+                                          r"Use lingp_core.AutogradJacobian\(model, inputs, batch_size=1\)"):
+        export_jacobian(model, x, backend=backend.name)
+    # the way out works: each example its own batch, as export would do, against per-example jacrev
+    op = AutogradJacobian(model, x, backend=backend.name, batch_size=1)
+    expected = np.concatenate([oracle(model, x[i: i + 1])[0] for i in range(5)])
+    dense = backend.to_numpy(op.matmat(backend.xp.eye(op.p)))
+    np.testing.assert_allclose(dense, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+
+
 # ----- NaN / Inf ----------------------------------------------------------------------------------------------------
 
 def test_nan_in_outputs_names_f0_and_the_example(backend):
@@ -180,6 +209,11 @@ def test_auto_batch_size_fits_the_budget():
     small = export_jacobian(model, x, structure="dense", memory_budget=2_000_000)  # 1.4 MiB stored, ~7 per batch
     full = export_jacobian(model, x, structure="dense")
     np.testing.assert_allclose(small.gram(), full.gram(), rtol=1e-5, atol=1e-5)  # batch shapes change float32 sums
+
+
+def test_storage_dir_must_be_a_directory(tmp_path):
+    with pytest.raises(InvalidOptionError, match="storage_dir .*missing.* is not a directory"):
+        export_jacobian(MeanVarNet(), torch.randn(3, 3), structure="dense", storage_dir=tmp_path / "missing")
 
 
 def test_storage_dir_needs_numpy(cupy_backend, tmp_path):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
 nn = torch.nn
 
 import lingp_core as lg  # noqa: E402
@@ -81,7 +81,6 @@ def test_kernel_progress_bar_counts_every_tile(monkeypatch, capsys, mode, symmet
     """11 examples × 2 outputs in tiles of 7 rows: "full" has 4 row tiles (3 examples each) → 10 upper tile pairs,
     each output of "independent" 2 → 3 pairs × 2 outputs; against 5 examples (2 tiles), 4 × 2 = 8 pairs. The kernel
     is the same with and without the bar."""
-    pytest.importorskip("tqdm")
     monkeypatch.setattr(kernels_module, "_TILE_ROWS", 7)
     be = lg.get_backend("numpy")
     model = mlp(nn.ELU, widths=(3, 8, 2))
@@ -104,14 +103,56 @@ def test_kernel_progress_bar_counts_every_tile(monkeypatch, capsys, mode, symmet
     assert np.array_equal(quiet, loud)
 
 
-def test_float32_blocks_accumulate_in_float64_by_default(backend):
-    J, J64 = exported(backend, mlp(nn.Tanh, widths=(3, 8, 2)), torch.randn(6, 3), dtype=np.float32)
-    K = lg.kernel(J, prior_scale=S)
-    assert K.dtype == np.float64
-    # the blocks carry float32 rounding; the products of those rounded numbers are exact to float64
-    assert_matches(K, dense_kernel(J64, J64, 2, "full"), backend, dtype=np.float64, rtol=tolerance(np.float32, 100))
-    K32 = lg.kernel(J, prior_scale=S, dtype=np.float32)
-    assert_matches(K32, dense_kernel(J64, J64, 2, "full"), backend, dtype=np.float32, rtol=tolerance(np.float32, 100))
+def stored_jacobian64(J) -> np.ndarray:
+    """The Jacobian that J's stored (float32) numbers represent, formed in float64 by the test itself: dense blocks
+    cast, factored ones as Σ_t δ_ikt a_itᵀ (and Σ_t δ_ikt for the bias) from A and Δ cast to float64."""
+    parts = []
+    for b in J.blocks:
+        if b.kind == "dense":
+            parts.append(np.asarray(J.backend.to_numpy(b.values), dtype=np.float64))
+            continue
+        A = J.backend.to_numpy(b.A).astype(np.float64)
+        D = J.backend.to_numpy(b.delta).astype(np.float64)
+        n, c, _, out = D.shape
+        if b.has_weight:
+            parts.append(np.einsum("icto,itj->icoj", D, A[:, :, :b.in_features]).reshape(n * c, -1))
+        if b.has_bias:
+            parts.append(D.sum(axis=2).reshape(n * c, out))
+    return np.concatenate(parts, axis=1)
+
+
+@pytest.mark.parametrize("structure", ["auto", "dense"])
+def test_float32_blocks_accumulate_in_float64_by_default(backend, monkeypatch, structure):
+    """float32 blocks, float64 kernel: the products of the stored float32 numbers must be exact to float64, in every
+    output mode, symmetric and cross, with one tile and with several (a float32 accumulation is off by ~1e-7)."""
+    model = mlp(nn.Tanh, widths=(3, 8, 2))
+    J, J64 = exported(backend, model, torch.randn(9, 3), dtype=np.float32, structure=structure)
+    Js, _ = exported(backend, model, torch.randn(2, 3), dtype=np.float32, structure=structure)
+    assert ("factored" in [b.kind for b in J.blocks]) == (structure == "auto")
+    G, Gs = stored_jacobian64(J), stored_jacobian64(Js)
+    np.testing.assert_allclose(G, J64, rtol=tolerance(np.float32), atol=tolerance(np.float32) * np.abs(J64).max())
+    f64 = tolerance(np.float64)
+    for tile_rows in (1024, 4):  # one tile; several (J2's tiles converted once and reused, or one left tile)
+        monkeypatch.setattr(kernels_module, "_TILE_ROWS", tile_rows)
+        for mode in MODES:
+            for left, right, left64, right64 in ((J, None, G, G), (Js, J, Gs, G), (J, Js, G, Gs)):
+                K = lg.kernel(left, right, prior_scale=S, output_mode=mode)
+                assert_matches(K, dense_kernel(left64, right64, 2, mode), backend, dtype=np.float64, rtol=f64)
+        assert_matches(lg.kernel_diag(J, prior_scale=S), S * np.einsum("ij,ij->i", G, G), backend, dtype=np.float64,
+                       rtol=f64)
+
+
+def test_float32_kernel_accumulates_in_float32(backend):
+    """dtype=float32 is the documented float32 accumulation (half the work space): float32 accuracy, and not merely
+    the float64 kernel rounded at the end."""
+    J, _ = exported(backend, mlp(nn.Tanh, widths=(3, 32, 32, 2)), torch.randn(12, 3), dtype=np.float32)
+    G = stored_jacobian64(J)
+    scale = 0.5  # exact in both dtypes: the float64 kernel rounded once is exactly what a float64 accumulation gives
+    K32 = lg.kernel(J, prior_scale=scale, dtype=np.float32)
+    assert_matches(K32, scale / S * dense_kernel(G, G, 2, "full"), backend, dtype=np.float32,
+                   rtol=tolerance(np.float32, 100))
+    K64 = lg.kernel(J, prior_scale=scale)
+    assert not np.array_equal(backend.to_numpy(K32), backend.to_numpy(K64).astype(np.float32))
 
 
 def test_kernel_of_a_sequence_model(backend):

@@ -60,6 +60,59 @@ def test_lanczos_eigsh_matches_eigh(backend, rng):
     assert np.all(backend.to_numpy(result.residual_norms) <= 1e-8 * expected[0])
 
 
+def _repeated_spectrum_matrix(kind, rng):
+    """(A, k): float64 symmetric matrices whose top k eigenvalues repeat, for lanczos_eigsh."""
+    if kind in ("diagonal", "rotated"):
+        a = np.diag([5.0, 5.0, 5.0, 1.0, 1.0, 0.5])
+        if kind == "rotated":
+            q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+            a = q @ a @ q.T
+        return (a + a.T) / 2, 3
+    n = 80  # a cluster: a double eigenvalue and two neighbours 1e-9 away, among a random spectrum
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    values = np.concatenate([[10.0, 7.0, 7.0, 7.0 + 1e-9, 7.0 - 1e-9, 3.0], rng.random(n - 6)])
+    a = (q * values) @ q.T
+    return (a + a.T) / 2, 6
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "rotated", "cluster"])
+def test_lanczos_eigsh_counts_repeated_eigenvalues(backend, rng, dtype, kind):
+    """One Krylov space holds one direction per eigenspace: diag(5, 5, 5, 1, 1, 0.5) once gave [5, 1, 0.5] with zero
+    residuals. Values must match eigh with multiplicity, vectors be orthonormal, residuals be the true ones."""
+    a, k = _repeated_spectrum_matrix(kind, rng)
+    a_dtype = a.astype(dtype)
+    a = a_dtype.astype(np.float64)  # the matrix the solver sees
+    result = lg.lanczos_eigsh(backend.asarray(a_dtype), k)
+    expected = np.linalg.eigvalsh(a)[::-1][:k]
+    scale = np.abs(expected).max()
+    tol = np.sqrt(np.finfo(dtype).eps)  # lanczos_eigsh's default convergence tolerance, relative to max |λ|
+    assert result.values.dtype == np.float64 and result.vectors.dtype == dtype and result.vectors.shape == (len(a), k)
+    assert result.converged.all() and result.runs >= 1
+    values = backend.to_numpy(result.values)
+    # a converged pair's value lies within its residual of an eigenvalue; rounding of A in dtype adds eps·‖A‖
+    np.testing.assert_allclose(values, expected, rtol=0, atol=(tol + tolerance(dtype, 10)) * scale)
+    vectors = backend.to_numpy(result.vectors).astype(np.float64)
+    assert np.abs(vectors.T @ vectors - np.eye(k)).max() <= tolerance(dtype, 100 * k)
+    true = np.linalg.norm(a @ vectors - vectors * values, axis=0)
+    assert np.all(true <= tol * scale + tolerance(dtype, 10) * scale)
+    rounding = np.sqrt(len(a)) * np.finfo(dtype).eps * scale  # of A v − λ v evaluated in dtype
+    np.testing.assert_allclose(backend.to_numpy(result.residual_norms), true, rtol=0, atol=10 * rounding)
+
+
+def test_lanczos_eigsh_flags_pairs_that_did_not_converge(backend, rng):
+    """Too few steps for a flat spectrum: the pairs come back with their true residuals and converged False."""
+    n = 200
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = (q * np.linspace(1.0, 2.0, n)) @ q.T
+    result = lg.lanczos_eigsh(backend.asarray(a), 3, steps=6)
+    vectors = backend.to_numpy(result.vectors)
+    values = backend.to_numpy(result.values)
+    true = np.linalg.norm(a @ vectors - vectors * values, axis=0)
+    np.testing.assert_allclose(backend.to_numpy(result.residual_norms), true, rtol=1e-6, atol=1e-14)
+    assert np.array_equal(result.converged, true <= np.sqrt(np.finfo(np.float64).eps) * np.abs(values).max())
+    assert not result.converged.all()
+
+
 def test_lanczos_bad_inputs(backend, rng):
     a = backend.asarray(spd_matrix(rng, 10))
     with pytest.raises(lg.ValueRangeError, match=r"k must lie in \[1, 10\], got 11"):
@@ -86,6 +139,40 @@ def test_slq_logdet_is_within_three_standard_errors(backend, rng, seed):
     assert result.method == "slq" and result.probe_estimates.shape == (40,)
     assert result.std_error > 0
     assert abs(result.logdet - expected) <= 3 * result.std_error
+
+
+def _narrow_spectrum_matrix(rng, n=50):
+    """SPD with eigenvalues log-spaced in [100, 200]: log det ≈ 5·n, but the probes vary little (log A is close to a
+    multiple of I), so SLQ's standard error (~0.4 with 30 probes) is small against a bias of log det / n."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (q * np.logspace(2.0, np.log10(200.0), n)) @ q.T
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_slq_logdet_matches_slogdet_within_its_standard_error(backend, rng, seed):
+    a = _narrow_spectrum_matrix(rng)
+    sign, expected = np.linalg.slogdet(a)
+    result = lg.logdet(backend.asarray(a), method="slq", num_probes=30, lanczos_steps=20, seed=seed)
+    assert sign == 1 and result.method == "slq" and result.std_error > 0
+    # a Rademacher probe's variance is 2·Σ_{i≠j} (log A)_ij²: the error bar must be of that size, not just positive
+    w, u = np.linalg.eigh(a)
+    log_a = (u * np.log(w)) @ u.T
+    probe_std = np.sqrt(2 * (np.sum(log_a**2) - np.sum(np.diag(log_a) ** 2)))
+    assert 0.5 * probe_std / np.sqrt(30) <= result.std_error <= 2 * probe_std / np.sqrt(30)
+    assert abs(result.logdet - expected) <= 4 * result.std_error
+
+
+def test_slq_standard_error_matches_the_spread_over_seeds(backend, rng):
+    """The reported standard error against the estimates' own spread over 20 seeds, and their mean against
+    slogdet: a standard error not divided by sqrt(num_probes) is ~5× too large, a bias of log det / n shows."""
+    a = _narrow_spectrum_matrix(rng)
+    _, expected = np.linalg.slogdet(a)
+    runs = [lg.logdet(backend.asarray(a), method="slq", num_probes=30, lanczos_steps=20, seed=s) for s in range(20)]
+    estimates = np.array([r.logdet for r in runs])
+    std_errors = np.array([r.std_error for r in runs])
+    spread = estimates.std(ddof=1)
+    assert 0.5 <= spread / std_errors.mean() <= 2.0, (spread, std_errors.mean())
+    assert abs(estimates.mean() - expected) <= 4 * std_errors.mean() / np.sqrt(len(runs))
 
 
 def test_slq_is_reproducible_and_runs_on_operators(backend, rng):

@@ -93,3 +93,70 @@ def test_preconditioner_inputs_are_checked(backend, rng):
         lg.jacobi_preconditioner(backend.asarray(a))
     with pytest.raises(lg.ValueRangeError, match=r"rank must lie in \[1, 10\], got 0"):
         lg.nystrom_preconditioner(backend.asarray(spd_matrix(rng, 10)), rank=0)
+
+
+class _Counting(lg.LinearOperator):
+    """A dense matrix behind the operator protocol that counts its products (to see that a guard fired first)."""
+
+    def __init__(self, a, backend, *, with_diagonal=True):
+        self.a, self.products, self.with_diagonal = backend.asarray(a), 0, with_diagonal
+        self.shape, self.dtype, self.backend = a.shape, np.dtype(a.dtype), backend
+
+    def _matmat(self, x):
+        self.products += 1
+        return self.a @ x
+
+    def diagonal(self):
+        if not self.with_diagonal:
+            return super().diagonal()
+        return self.backend.xp.diagonal(self.a).copy()
+
+
+N_GUARD = 60
+# method -> (call with a memory budget, bytes of the one array the method cannot do without, the advice it gives)
+GUARDED = {
+    "lanczos": (lambda op, b: lg.lanczos(op, 40, memory_budget=b), 40 * N_GUARD * 8, "fewer steps"),
+    "lanczos_eigsh": (lambda op, b: lg.lanczos_eigsh(op, 5, steps=40, memory_budget=b), 40 * N_GUARD * 8,
+                      "fewer pairs"),
+    "logdet_slq": (lambda op, b: lg.logdet(op, method="slq", num_probes=10, lanczos_steps=20, memory_budget=b),
+                   20 * N_GUARD * 10 * 8, "fewer num_probes"),
+    "logdet_cholesky": (lambda op, b: lg.logdet(op, method="cholesky", memory_budget=b), N_GUARD**2 * 8,
+                        "method='slq'"),
+    "pivoted_cholesky": (lambda op, b: lg.pivoted_cholesky(op, 30, memory_budget=b), 30 * N_GUARD * 8, "lower rank"),
+    "pivoted_cholesky_preconditioner": (lambda op, b: lg.pivoted_cholesky_preconditioner(op, 30, memory_budget=b),
+                                        30 * N_GUARD * 8, "lower rank"),
+    "nystrom_preconditioner": (lambda op, b: lg.nystrom_preconditioner(op, 30, memory_budget=b), 30 * N_GUARD * 8,
+                               "lower rank"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(GUARDED))
+def test_bases_and_factors_go_through_the_memory_guard(backend, rng, method):
+    """A budget one byte short of the basis (k·n) or factor (n·r, n²) the method must hold raises before any product,
+    with the numbers and the way out; ten times that is enough for everything the method needs besides."""
+    call, basis_bytes, advice = GUARDED[method]
+    op = _Counting(spd_matrix(rng, N_GUARD, 10.0), backend)
+    with pytest.raises(lg.MemoryBudgetError, match=rf"needs .* but the memory budget is .*{advice}"):
+        call(op, basis_bytes - 1)
+    assert op.products == 0
+    call(op, 10 * basis_bytes)
+    assert op.products > 0
+
+
+def test_missing_capabilities_and_zero_start_vectors_raise_lingp_errors(backend, rng):
+    a = spd_matrix(rng, 20)
+    no_diagonal = _Counting(a, backend, with_diagonal=False)
+    with pytest.raises(lg.ArgumentTypeError, match=r"_Counting \(20, 20\) has no cheap diagonal") as info:
+        lg.jacobi_preconditioner(no_diagonal)
+    assert isinstance(info.value, NotImplementedError)  # what code catching the old error still sees
+
+    class NoProduct(lg.LinearOperator):
+        shape, dtype = (20, 20), np.dtype(np.float64)
+
+    no_product = NoProduct()
+    no_product.backend = backend
+    with pytest.raises(lg.ArgumentTypeError, match="NoProduct does not implement _matmat"):
+        lg.cg(no_product, backend.asarray(rng.standard_normal(20)))
+    for solver in (lg.lanczos, lg.lanczos_eigsh):
+        with pytest.raises(lg.ValueRangeError, match=r"v0 \(shape \(20,\)\) is zero"):
+            solver(backend.asarray(a), 3, v0=backend.asarray(np.zeros(20)))

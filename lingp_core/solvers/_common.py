@@ -1,6 +1,7 @@
 """Input checking shared by the solvers: one place that turns (A, B, M, x0) into checked operators and arrays."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,8 +42,9 @@ def column_norms(x: Any, backend: Backend) -> Any:
     return backend.xp.sqrt((x64 * x64).sum(axis=0))
 
 
-def seeded_normal(shape: tuple[int, ...], seed: int, dtype: Any, backend: Backend) -> Any:
-    """Standard normal draws made on the host from ``seed``: the same numbers on every backend."""
+def seeded_normal(shape: tuple[int, ...], seed: int | Sequence[int], dtype: Any, backend: Backend) -> Any:
+    """Standard normal draws made on the host from ``seed`` (an int, or ints for a family of streams): the same
+    numbers on every backend."""
     return backend.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
 
 

@@ -163,8 +163,8 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
                 restarts[act[drifted]] += 1
                 norms[drifted] = true_norms[~accepted]
         stalled = ~finished & (restarts[act] > MAX_RESTARTS)
-        for pos in np.flatnonzero(stalled):
-            status[act[pos]], finished[pos] = "stagnated", True
+        for stuck in np.flatnonzero(stalled):
+            status[act[stuck]], finished[stuck] = "stagnated", True
         if return_history or callback is not None:
             full = np.zeros(k)
             full[act] = norms

@@ -31,7 +31,7 @@ class LogdetResult(NamedTuple):
 
 
 def logdet(A: Any, *, method: str = "auto", num_probes: int = 30, lanczos_steps: int | None = None,
-           seed: int = 0) -> LogdetResult:
+           seed: int = 0, memory_budget: Any = None) -> LogdetResult:
     """log det A of a symmetric positive-definite (n, n) matrix or operator.
 
     Parameters
@@ -48,18 +48,29 @@ def logdet(A: Any, *, method: str = "auto", num_probes: int = 30, lanczos_steps:
         SLQ quadrature nodes per probe (default min(n, 50)).
     seed : int
         Seed of the probes: the same estimate on every run and backend (to rounding).
+    memory_budget : float, optional
+        Bytes allowed (default: half the free memory where the backend allocates): for Cholesky the n × n float64
+        factor (plus the dense matrix of an operator), for SLQ the Lanczos bases, (lanczos_steps + 6)·n·num_probes
+        values of A's dtype. More raises MemoryBudgetError before anything is allocated.
     """
     v.check_choice(method, "method", METHODS)
     op = as_operator(A, "A")
     n = op.shape[0]
     if method == "auto":
         method = "cholesky" if isinstance(op, DenseOperator) and n <= AUTO_CHOLESKY_MAX_N else "slq"
+    budget = v.resolve_memory_budget(memory_budget, op.backend)
     if method == "cholesky":
-        chol = safe_cholesky(op.to_dense())
+        dense = 0 if isinstance(op, DenseOperator) else v.nbytes_of(op.shape, op.dtype)
+        v.check_memory(v.nbytes_of(op.shape, np.float64) + dense, budget,
+                       what=f"logdet by Cholesky of an n × n operator, n = {n}", alternative="use method='slq'")
+        chol = safe_cholesky(op.to_dense(memory_budget=budget))
         value = 2.0 * float(op.backend.xp.log(op.backend.xp.diagonal(chol.factor)).sum())
         return LogdetResult(value, 0.0, "cholesky", 0, 0, chol.jitter, np.zeros(0))
     num_probes = v.check_int(num_probes, "num_probes", minimum=2)
     steps = min(n, 50) if lanczos_steps is None else v.check_int(lanczos_steps, "lanczos_steps", minimum=1, maximum=n)
+    v.check_memory(v.nbytes_of((steps + 6, n, num_probes), op.dtype), budget,
+                   what=f"logdet by SLQ with {num_probes} probes of {steps} Lanczos steps, n = {n} ({op.dtype})",
+                   alternative="use fewer num_probes or lanczos_steps")
     probes = seeded_rademacher((n, num_probes), seed, op.dtype, op.backend)
     _, alpha, beta, valid = lanczos_columns(op, probes, steps, reorthogonalize="full")
     estimates = np.empty(num_probes)

@@ -42,17 +42,19 @@ class PivotedCholesky(NamedTuple):
     residual_trace: float
 
 
-def pivoted_cholesky(A: Any, rank: int, *, rtol: float = 0.0) -> PivotedCholesky:
+def pivoted_cholesky(A: Any, rank: int, *, rtol: float = 0.0, memory_budget: Any = None) -> PivotedCholesky:
     """Rank-r partial Cholesky with greedy diagonal pivoting (Harbrecht, Peters and Schneider 2012).
 
     Needs A's diagonal and r of its columns: O(n r²) flops plus r column fetches. Stops early once the residual
-    trace falls below rtol·trace(A). Computed in float64.
+    trace falls below rtol·trace(A). Computed in float64; the factor, (n, r) float64, is checked against
+    ``memory_budget`` (bytes; default half the free memory where the backend allocates) before it is allocated.
     """
     op = as_operator(A, "A")
     xp = op.backend.xp
     n = op.shape[0]
     rank = v.check_int(rank, "rank", minimum=1, maximum=n)
     rtol = v.check_positive(rtol, "rtol", allow_zero=True)
+    _check_factor_memory(n, rank + 4, memory_budget, op, "pivoted_cholesky")
     d = op.diagonal().astype(np.float64)
     trace0 = float(d.sum())
     factor = xp.zeros((n, rank), dtype=np.float64)
@@ -90,32 +92,40 @@ class _SpectralInverse(LinearOperator):
         return out if self.tail is None else out + x / self.dtype.type(self.tail)
 
 
-def pivoted_cholesky_preconditioner(A: Any, rank: int = 100) -> LinearOperator:
+def pivoted_cholesky_preconditioner(A: Any, rank: int = 100, *, memory_budget: Any = None) -> LinearOperator:
     """(L Lᵀ + μ I)⁻¹ from a rank-r pivoted Cholesky L of A, μ the mean of the residual diagonal of A − L Lᵀ
     (floored at eps·mean diag A): for A = K + σ²I, μ ≈ σ² plus what the rank-r factor missed of K.
 
     Applied through the thin SVD of L in O(n r) per column. Best on kernels with decaying spectra plus noise.
+    The factor, its SVD and the preconditioner's basis, about 3·n·r float64, are checked against
+    ``memory_budget`` (bytes; default half the free memory where the backend allocates) before they are allocated.
     """
     op = as_operator(A, "A")
     backend = op.backend
-    pc = pivoted_cholesky(op, min(rank, op.shape[0]))
+    rank = min(v.check_int(rank, "rank", minimum=1), op.shape[0])
+    _check_factor_memory(op.shape[0], 3 * rank + 4, memory_budget, op, "pivoted_cholesky_preconditioner")
+    pc = pivoted_cholesky(op, rank, memory_budget=memory_budget)
     mean_diag = float(op.diagonal().astype(np.float64).mean())
     mu = max(pc.residual_trace / op.shape[0], eps(op.dtype) * mean_diag)
     u, sigma, _ = backend.svd(pc.factor)
     return _SpectralInverse(u, sigma**2 + mu, mu, op)
 
 
-def nystrom_preconditioner(A: Any, rank: int = 100, *, shift: float = 0.0, seed: int = 0) -> LinearOperator:
+def nystrom_preconditioner(A: Any, rank: int = 100, *, shift: float = 0.0, seed: int = 0,
+                           memory_budget: Any = None) -> LinearOperator:
     """Randomized Nyström preconditioner (Frangella, Tropp and Udell 2023) for A + shift·I, from r products with A.
 
     A ≈ U Λ Uᵀ from a seeded Gaussian sketch (the same on every backend), computed in float64; eigenvalues that
     the sketch cannot resolve (≤ its stabilizing shift) are dropped. P = U (Λ + shift) Uᵀ + (λ_r + shift)(I − UUᵀ).
+    The sketch and its factors, about 8·n·r float64, are checked against ``memory_budget`` (bytes; default half the
+    free memory where the backend allocates) before they are allocated.
     """
     op = as_operator(A, "A")
     backend, xp = op.backend, op.backend.xp
     n = op.shape[0]
     rank = v.check_int(rank, "rank", minimum=1, maximum=n)
     shift = v.check_positive(shift, "shift", allow_zero=True)
+    _check_factor_memory(n, 8 * rank, memory_budget, op, "nystrom_preconditioner")
     omega, _ = backend.qr(seeded_normal((n, rank), seed, np.float64, backend))
     y = op.matmat(omega.astype(op.dtype)).astype(np.float64)
     nu = np.sqrt(n) * eps(op.dtype) * float(xp.sqrt((y**2).sum()))  # stabilizing shift of the sketch
@@ -131,3 +141,10 @@ def nystrom_preconditioner(A: Any, rank: int = 100, *, shift: float = 0.0, seed:
     idx = xp.asarray(np.flatnonzero(keep))
     lam = lam[idx]
     return _SpectralInverse(u[:, idx], lam + shift, float(lam.min()) + shift, op)
+
+
+def _check_factor_memory(n: int, columns: int, memory_budget: Any, op: LinearOperator, caller: str) -> None:
+    """MemoryBudgetError before a preconditioner allocates ``columns`` float64 n-vectors (its factors)."""
+    v.check_memory(v.nbytes_of((n, columns), np.float64), v.resolve_memory_budget(memory_budget, op.backend),
+                   what=f"{caller} on an operator of size n = {n} ({columns} float64 n-vectors)",
+                   alternative="use a lower rank, or jacobi_preconditioner (n values)")
