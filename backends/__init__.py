@@ -82,10 +82,10 @@ def get_backend(spec: Any = "auto") -> Backend:
 
     Raises
     ------
-    ValueError
-        For an unknown name (the message lists the valid ones).
-    RuntimeError
-        When the named backend cannot be used here (the message says why).
+    lingp_core.InvalidOptionError
+        For an unknown name (the message lists the valid ones); a ValueError.
+    lingp_core.MissingDependencyError
+        When the named backend cannot be used here (the message says why); an ImportError.
     """
     if isinstance(spec, Backend):
         return spec
@@ -97,12 +97,17 @@ def get_backend(spec: Any = "auto") -> Backend:
     if name == "cupy":
         backend, reason = _cupy_status()
         if backend is None:
-            raise RuntimeError(f"backend 'cupy' is not usable: {reason}")
+            from lingp_core._validate import MissingDependencyError  # here: lingp_core imports backends
+
+            raise MissingDependencyError(f"backend 'cupy' is not usable: {reason}")
         return backend
     if name == "auto":
         backend, _reason = _cupy_status()
         return backend if backend is not None else _numpy_backend()
-    raise ValueError(f"unknown backend {spec!r}; valid names are {', '.join(map(repr, BACKEND_NAMES + ('auto',)))}")
+    from lingp_core._validate import InvalidOptionError
+
+    raise InvalidOptionError(f"unknown backend {spec!r}; valid names are "
+                             f"{', '.join(map(repr, BACKEND_NAMES + ('auto',)))}")
 
 
 def backend_name_of(x: Any) -> str | None:
@@ -115,7 +120,10 @@ def backend_name_of(x: Any) -> str | None:
             return "numpy"
         if device == "cuda":
             return "cupy"
-        raise TypeError(f"torch tensor on device {x.device} has no lingp backend; move it to 'cpu' or 'cuda'")
+        from lingp_core._validate import BackendMismatchError
+
+        raise BackendMismatchError(f"torch tensor on device {x.device} has no lingp backend; move it to 'cpu' or "
+                                   "'cuda'")
     module = type(x).__module__
     if module == "numpy" or module.startswith("numpy."):
         return "numpy"
@@ -130,14 +138,17 @@ def infer(*arrays: Any) -> Backend:
 
     Raises
     ------
-    TypeError
-        When host and device arrays are mixed; the message names the type of each argument.
+    lingp_core.BackendMismatchError
+        When host and device arrays are mixed (a TypeError); the message names the type of each argument.
     """
     names = [backend_name_of(a) for a in arrays]
     found = {n for n in names if n is not None}
     if len(found) > 1:
         described = ", ".join(f"argument {i}: {type(a).__module__}.{type(a).__qualname__} ({n})"
                               for i, (a, n) in enumerate(zip(arrays, names)) if n is not None)
-        raise TypeError(f"arrays from different backends cannot be mixed ({described}); move them to one backend, "
-                        "e.g. with get_backend('numpy').asarray(x) or get_backend('cupy').asarray(x)")
+        from lingp_core._validate import BackendMismatchError
+
+        raise BackendMismatchError(f"arrays from different backends cannot be mixed ({described}); move them to one "
+                                   "backend, e.g. with get_backend('numpy').asarray(x) or "
+                                   "get_backend('cupy').asarray(x)")
     return get_backend(found.pop()) if found else _numpy_backend()

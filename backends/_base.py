@@ -57,7 +57,9 @@ def torch_to_dlpack_ready(t: Any) -> Any:
         t = t.resolve_conj().resolve_neg()
     name = str(t.dtype).removeprefix("torch.")
     if name in ("bfloat16",) or name.startswith("float8") or name.startswith("complex32"):
-        raise TypeError(f"torch tensor of dtype {t.dtype} (shape {tuple(t.shape)}) has no NumPy/CuPy equivalent; "
+        from lingp_core._validate import DTypeError  # here: lingp_core imports backends
+
+        raise DTypeError(f"torch tensor of dtype {t.dtype} (shape {tuple(t.shape)}) has no NumPy/CuPy equivalent; "
                          "convert it explicitly, e.g. tensor.to(torch.float32)")
     return t
 

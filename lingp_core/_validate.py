@@ -256,11 +256,13 @@ def nbytes_of(shape: Sequence[int], dtype: Any) -> int:
 
 def format_bytes(n: float) -> str:
     """'1.5 GiB' style sizes for messages."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
 def resolve_memory_budget(budget: Any, backend: Backend) -> int:

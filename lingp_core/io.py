@@ -279,7 +279,7 @@ def _read_member(target: str, data: Any, name: str) -> np.ndarray:
 
 def _no_constant(token: str) -> Any:
     """json.loads hook: NaN and Infinity are not JSON, and save_archive never writes them."""
-    raise ValueError(f"{token} is not valid in a lingp header")
+    raise ArchiveError(f"{token} is not valid in a lingp header")
 
 
 def _read_header(target: str, contents: dict[str, np.ndarray], kind: str) -> dict[str, Any]:

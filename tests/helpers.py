@@ -1,6 +1,8 @@
 """Assertion and tolerance helpers shared by the tests: every result is checked against a float64 NumPy oracle."""
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,3 +53,43 @@ def spd_with_outliers(rng: np.random.Generator, n: int, condition: float, outlie
     eigenvalues = 1.0 + 0.1 * rng.random(n)
     eigenvalues[:outliers] = np.logspace(np.log10(condition), 1.0, outliers)
     return (q * eigenvalues) @ q.T
+
+
+def torch_jacobian(model: Any, x: Any, names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Jacobian (n·c, p) and outputs (n, c) of a float64 CPU copy of ``model`` at inputs ``x`` (n, ...), by
+    torch.func (jacrev per example under vmap): the oracle for benchmark runs, independent of lingp's export.
+
+    ``names`` selects parameters (default: all that require gradients), columns in the model's parameter order.
+    """
+    import copy
+
+    import torch
+
+    m64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    x64 = torch.as_tensor(x).detach().cpu().double()
+    wanted = [k for k, prm in m64.named_parameters() if prm.requires_grad] if names is None else list(names)
+    params = {k: prm.detach() for k, prm in m64.named_parameters() if k in wanted}
+
+    def f(p: dict, xi: Any) -> Any:
+        return torch.func.functional_call(m64, p, (xi.unsqueeze(0),)).reshape(-1)
+
+    with torch.no_grad():
+        jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))(params, x64)  # {name: (n, c, *shape)}
+        J = torch.cat([jac[k].reshape(jac[k].shape[0] * jac[k].shape[1], -1) for k in params], dim=1)
+        out = torch.func.functional_call(m64, params, (x64,)).reshape(x64.shape[0], -1)
+    return J.numpy(), out.numpy()
+
+
+def run_alongside(command: Sequence[str], work: Callable[[], Any], *, timeout: float = 300,
+                  **popen_kwargs: Any) -> tuple[subprocess.CompletedProcess, Any]:
+    """Run ``command`` (text output captured) while ``work()`` computes an oracle in this process, so that the oracle
+    adds no wall time on a machine with two cores; the process is killed if ``work`` fails."""
+    proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+    try:
+        value = work()
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(list(command), proc.returncode, stdout, stderr), value

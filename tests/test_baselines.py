@@ -139,7 +139,7 @@ def test_bayesian_regression_rejects_bad_inputs(rng):
 
 # ----- training loops ---------------------------------------------------------------------------------------------
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import numpy as np
+import torch  # noqa: F401  (the exported network)
 
-pytest.importorskip("torch")
+from tests.helpers import tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,12 @@ def test_bench_export_quick(tmp_path):
         assert row["status"] == "ok", row
         assert row["time_s"] > 0 and row["peak_rss_bytes"] >= row["peak_above_baseline_bytes"] >= 0
     ratio = report["ratios"][0]
-    assert ratio["n"] == 100 and ratio["speedup_factored_vs_torchfunc"] > 0
-    assert 0 < ratio["memory_ratio_factored_over_torchfunc"]
-    assert report["kernel_agreement"]["max_abs_diff_over_max_abs"] < 1e-5  # float32 kernels of (a) and (b) agree
+    assert ratio["n"] == 100
+    factored, full = rows[("factored", 100)], rows[("torchfunc", 100)]
+    assert ratio["speedup_factored_vs_torchfunc"] == full["time_s"] / factored["time_s"]
+    assert ratio["memory_ratio_factored_over_torchfunc"] == (factored["peak_above_baseline_bytes"]
+                                                             / max(1, full["peak_above_baseline_bytes"]))
+    # the float32 kernels of lingp's factored blocks and of torch.func's full Jacobian agree to float32 rounding
+    assert report["kernel_agreement"]["n"] == 100
+    assert report["kernel_agreement"]["max_abs_diff_over_max_abs"] <= tolerance(np.float32, 100)
     assert not list(tmp_path.glob(".kernel_*"))  # scratch kernels are removed

@@ -1,13 +1,12 @@
 """Hypothesis property tests of CG: any small SPD system, any number of right-hand sides, either float dtype."""
 from __future__ import annotations
 
+import hypothesis
 import numpy as np
-import pytest
 
 import lingp_core as lg
 from tests.helpers import spd_matrix
 
-hypothesis = pytest.importorskip("hypothesis")
 given, settings, st = hypothesis.given, hypothesis.settings, hypothesis.strategies
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from lingp_core._validate import (  # noqa: E402

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 
-torch = pytest.importorskip("torch")
 nn = torch.nn
 
 import lingp_core as lg  # noqa: E402
@@ -177,7 +177,6 @@ def test_spectral_lml_gradient_matches_finite_differences(rng):
 
 @pytest.mark.parametrize("method,label", [("function-cholesky", "kernel"), ("iterative", "LinearizedGP CG")])
 def test_progress_bars_change_nothing_but_stderr(rng, capsys, tmp_path, method, label):
-    pytest.importorskip("tqdm")
     be = lg.get_backend("numpy")
     J, Js, y, _ = problem(be, rng)
     quiet = lg.LinearizedGP(0.7, 0.05, method=method, rtol=1e-10).fit(J, y)

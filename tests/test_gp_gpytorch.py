@@ -5,11 +5,9 @@ training and test inputs; its noise is fixed to ours and it runs its Cholesky pa
 """
 from __future__ import annotations
 
+import gpytorch
 import numpy as np
-import pytest
-
-torch = pytest.importorskip("torch")
-gpytorch = pytest.importorskip("gpytorch")
+import torch
 
 import lingp_core as lg  # noqa: E402
 from tests.test_export import mlp  # noqa: E402

@@ -6,8 +6,8 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
 nn = torch.nn
 
 import lingp_core as lg  # noqa: E402

@@ -1,6 +1,7 @@
 """LaplaceClassifier against a dense float64 NumPy Laplace approximation (Newton on w with J as a dense matrix).
 
-The oracle forms J (n·c × p) densely, runs damped Newton on Ψ(w) = NLL(f₀ + J w) + ‖w‖²/(2s) with the exact Hessian
+The oracle takes J (n·c × p) and f₀ from torch.func.jacrev of a float64 copy of the same torch model on the same
+inputs (never from lingp's export), runs damped Newton on Ψ(w) = NLL(f₀ + J w) + ‖w‖²/(2s) with the exact Hessian
 Jᵀ Λ J + I/s, and computes the evidence −Ψ(ŵ) − ½ log det(s·H) and the predictive covariances J*_i H⁻¹ J*_iᵀ
 directly. Both of lingp's methods (parameter and function space) must reproduce it on every backend.
 """
@@ -8,14 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import lingp_core as lg  # noqa: E402
-from lingp_core.io import ArchiveError  # noqa: E402
-from lingp_core.laplace import LaplaceClassifier, NotFittedError  # noqa: E402
-from tests.helpers import assert_matches, tolerance  # noqa: E402
-from tests.test_export import SharedLinear, mlp, on_backend  # noqa: E402
+import lingp_core as lg
+from lingp_core.io import ArchiveError
+from lingp_core.laplace import LaplaceClassifier, NotFittedError
+from tests.helpers import assert_matches, tolerance
+from tests.test_export import SharedLinear, mlp, on_backend, oracle
 
 METHODS = ("parameter", "function")
 F64 = 1e-9  # relative agreement in float64: Newton to rtol 1e-12 and Cholesky solves of well-conditioned systems
@@ -24,7 +24,7 @@ F64 = 1e-9  # relative agreement in float64: Newton to rtol 1e-12 and Cholesky s
 # ----- problems and the dense oracle --------------------------------------------------------------------------------
 
 def problem(backend, likelihood="categorical", n=14, n_star=6, widths=(3, 6, 3), dtype=np.float64, seed=0):
-    """A tiny random tanh MLP, training/test Jacobians on the backend, labels, and float64 NumPy copies."""
+    """A tiny random tanh MLP, its training/test Jacobians on the backend, labels, and the jacrev oracle (float64)."""
     torch.manual_seed(seed)
     c = widths[-1] if likelihood == "categorical" else 1
     model = mlp(torch.nn.Tanh, widths[:-1] + (c,))
@@ -37,10 +37,18 @@ def problem(backend, likelihood="categorical", n=14, n_star=6, widths=(3, 6, 3),
     J_star = lg.export_jacobian(model, x[n:], backend=backend)
     rng = np.random.default_rng(seed + 2)
     y = rng.integers(0, max(c, 2), size=n)
-    dense = {"J": backend.to_numpy(J.to_dense()).astype(np.float64), "f0": backend.to_numpy(J.f0).astype(np.float64),
-             "Js": backend.to_numpy(J_star.to_dense()).astype(np.float64),
-             "f0s": backend.to_numpy(J_star.f0).astype(np.float64)}
-    return J, J_star, backend.asarray(y), y, dense
+    return J, J_star, backend.asarray(y), y, dense_arrays(model, x[:n], x[n:], J)
+
+
+def dense_arrays(model, x, x_star, J, names=None):
+    """The oracle's float64 J, f₀ (training) and J*, f₀* (test) by torch.func.jacrev, independent of lingp's export.
+
+    ``names`` lists the exported parameters in the model's order (default: all); J's columns must follow it.
+    """
+    names = [k for k, prm in model.named_parameters() if prm.requires_grad] if names is None else list(names)
+    assert J.param_names == tuple(names), f"exported columns {J.param_names}, oracle columns {names}"
+    (J64, f64), (Js64, fs64) = oracle(model, x, names), oracle(model, x_star, names)
+    return {"J": J64, "f0": f64, "Js": Js64, "f0s": fs64}
 
 
 def _probs(g, likelihood):
@@ -57,18 +65,30 @@ def _nll(g, y, likelihood):
     return float(np.sum(np.logaddexp(0.0, g[:, 0]) - y * g[:, 0]))
 
 
+def _curvature_blocks(g, likelihood):
+    """The per-example blocks Λ_i (n, c, c) of the NLL's Hessian in the logits."""
+    pr = _probs(g, likelihood)
+    if likelihood == "categorical":
+        return pr[:, :, None] * np.eye(pr.shape[1]) - pr[:, :, None] * pr[:, None, :]
+    return (pr * (1 - pr))[:, :, None]
+
+
 def _curvature(g, likelihood):
     """Block-diagonal Λ (n·c, n·c) of the NLL in the logits."""
-    pr = _probs(g, likelihood)
-    n, c = pr.shape
-    if likelihood == "categorical":
-        blocks = [np.diag(q) - np.outer(q, q) for q in pr]
-    else:
-        blocks = [np.array([[q[0] * (1 - q[0])]]) for q in pr]
+    blocks = _curvature_blocks(g, likelihood)
+    n, c, _ = blocks.shape
     lam = np.zeros((n * c, n * c))
     for i, b in enumerate(blocks):
         lam[i * c:(i + 1) * c, i * c:(i + 1) * c] = b
     return lam
+
+
+def _hessian(J, g, s, likelihood):
+    """Jᵀ Λ J + I/s (p, p), summed example by example (Λ is block diagonal)."""
+    n, c = g.shape
+    Jb = J.reshape(n, c, -1)
+    ggn = np.einsum("ikp,ikl,ilq->pq", Jb, _curvature_blocks(g, likelihood), Jb, optimize=True)
+    return ggn + np.eye(J.shape[1]) / s
 
 
 def dense_laplace(d, y, s, likelihood, m=None):
@@ -86,7 +106,7 @@ def dense_laplace(d, y, s, likelihood, m=None):
     for _ in range(100):
         g = f0 + (J @ w).reshape(n, c)
         grad = J.T @ (_probs(g, likelihood) - target).ravel() + (w - m) / s
-        H = J.T @ _curvature(g, likelihood) @ J + np.eye(p) / s
+        H = _hessian(J, g, s, likelihood)
         step = np.linalg.solve(H, grad)
         alpha = 1.0
         while psi(w - alpha * step) > psi(w) and alpha > 1e-10:
@@ -95,12 +115,12 @@ def dense_laplace(d, y, s, likelihood, m=None):
         if np.linalg.norm(alpha * step) <= 1e-15 * (1 + np.linalg.norm(w)):
             break
     g = f0 + (J @ w).reshape(n, c)
-    H = J.T @ _curvature(g, likelihood) @ J + np.eye(p) / s
+    H = _hessian(J, g, s, likelihood)
     evidence = -psi(w) - 0.5 * np.linalg.slogdet(s * H)[1]
     Js = d["Js"]
-    cov_all = Js @ np.linalg.solve(H, Js.T)
     n_star = d["f0s"].shape[0]
-    cov = np.stack([cov_all[i * c:(i + 1) * c, i * c:(i + 1) * c] for i in range(n_star)])
+    blocks = Js.reshape(n_star, c, p)
+    cov = np.einsum("ikp,ilp->ikl", blocks, np.linalg.solve(H, Js.T).T.reshape(n_star, c, p))  # J*_i H⁻¹ J*_iᵀ
     mean = d["f0s"] + (Js @ w).reshape(n_star, c)
     gamma = p - np.trace(np.linalg.inv(H)) / s
     return {"w": w, "H": H, "evidence": evidence, "mean": mean, "cov": cov, "gamma": gamma, "m": m}
@@ -156,9 +176,7 @@ def test_dense_ggn_paths_on_shared_weights_and_dense_blocks(backend, structure):
     kinds = {(b.kind, getattr(b, "T", 1)) for b in J.blocks}
     assert kinds == ({("factored", 1), ("factored", 2)} if structure == "factored" else {("dense", 1)})
     y_np = np.random.default_rng(5).integers(0, 2, size=24)
-    d = {"J": backend.to_numpy(J.to_dense()), "f0": backend.to_numpy(J.f0), "Js": backend.to_numpy(Js.to_dense()),
-         "f0s": backend.to_numpy(Js.f0)}
-    ref = dense_laplace(d, y_np, 0.6, "categorical")
+    ref = dense_laplace(dense_arrays(model, x[:24], x[24:], J), y_np, 0.6, "categorical")
     clf = LaplaceClassifier(0.6, method="parameter", rtol=1e-12).fit(J, backend.asarray(y_np))
     mean, cov = clf.predict_logits(Js, return_var="full")
     assert_matches(mean, ref["mean"], backend, dtype=np.float64, rtol=F64)
@@ -180,9 +198,8 @@ def test_dense_ggn_on_weight_only_and_bias_only_blocks(backend, params):
     model, x = on_backend(model, x, backend, np.float64)
     J = lg.export_jacobian(model, x[:30], params=params, backend=backend)
     Js = lg.export_jacobian(model, x[30:], params=params, backend=backend)
-    d = {"J": backend.to_numpy(J.to_dense()), "f0": backend.to_numpy(J.f0), "Js": backend.to_numpy(Js.to_dense()),
-         "f0s": backend.to_numpy(Js.f0)}
-    ref = dense_laplace(d, y_np, 0.7, "categorical")
+    in_model_order = [k for k, _ in model.named_parameters() if k in params]
+    ref = dense_laplace(dense_arrays(model, x[:30], x[30:], J, in_model_order), y_np, 0.7, "categorical")
     clf = LaplaceClassifier(0.7, method="parameter", rtol=1e-12).fit(J, y)
     mean, cov = clf.predict_logits(Js, return_var="full")
     assert_matches(mean, ref["mean"], backend, dtype=np.float64, rtol=F64)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from lingp_core._validate import DTypeError, NonFiniteError, ShapeError, ValueRangeError  # noqa: E402

@@ -1,6 +1,7 @@
 """The paper reproductions (benchmarks/repro_*.py) keep working: each --quick run prints its table, writes a JSON
 report whose numbers are finite and consistent, and a PNG; --help documents the shared options; benchmarks/run_all
-runs a named script and fails when a script does."""
+runs a named script and fails when a script does. The ReLU toy's GP posteriors, marginal likelihoods and test scores
+equal a float64 dense GP written out here from torch.func Jacobians of the same seeded networks."""
 from __future__ import annotations
 
 import json
@@ -10,21 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib  # noqa: F401  (every script writes its plot)
+import numpy as np
 import pytest
+import sklearn  # noqa: F401  (the digits and diabetes data)
+import torch
 
-pytest.importorskip("torch")
-pytest.importorskip("sklearn")
-
-import backends  # noqa: E402
+import backends
+from tests.helpers import run_alongside, torch_jacobian
 
 ROOT = Path(__file__).resolve().parents[1]
+# run_all calls `python3` from PATH: the interpreter running these tests comes first, as in an activated venv
+RUN_ALL_ENV = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
 SCRIPTS = ["repro_relu_toy", "repro_sinusoid", "repro_rotated_digits", "repro_tabular_shift"]
-try:
-    import matplotlib  # noqa: F401
-
-    HAS_PLOTS = True
-except ImportError:
-    HAS_PLOTS = False
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -39,8 +38,7 @@ def check_report(name: str, out: Path, stdout: str) -> dict:
     assert report["quick"] is True and report["backend"] == "numpy" and report["name"] == name
     assert report["command"].startswith(f"python benchmarks/{name}.py --quick")
     assert report["machine"]["backend"] == "numpy"
-    if HAS_PLOTS:
-        assert (out / f"{name}_quick.png").stat().st_size > 0
+    assert (out / f"{name}_quick.png").stat().st_size > 0
     assert "|---|" in stdout  # the markdown table
     return report
 
@@ -55,6 +53,24 @@ def finite(*values: float) -> bool:
     return all(isinstance(v, float) and math.isfinite(v) for v in values)
 
 
+def check_mean_and_stderr(mean: float, stderr: float, values: list[float]) -> None:
+    """A reported mean ± standard error against the per-run values it summarizes, recomputed here."""
+    v = np.asarray(values, dtype=np.float64)
+    assert mean == pytest.approx(v.mean(), rel=1e-12)
+    assert stderr == pytest.approx(v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0, rel=1e-12, abs=1e-300)
+
+
+def check_size_summaries(report: dict, key: str, methods: set[str]) -> None:
+    """Each adaptation size's mean ± s.e. (and lingp's win counts where reported) against the runs of that size."""
+    for row in report["summary"]:
+        at = [r for r in report["runs"] if r["size"] == row["size"]]
+        assert at and all(set(r[key]) == methods for r in at)
+        for m in methods:
+            check_mean_and_stderr(row[m]["mean"], row[m]["stderr"], [r[key][m] for r in at])
+        for m, wins in row.get("lingp_better_than", {}).items():
+            assert wins == sum(r[key]["lingp"] < r[key][m] for r in at)
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_documents_the_shared_options(name):
     result = run_script(name, "--help")
@@ -63,10 +79,71 @@ def test_help_documents_the_shared_options(name):
         assert option in result.stdout
 
 
+def relu_toy_networks() -> tuple[dict, np.ndarray, np.ndarray]:
+    """The toy's quick networks (untrained and trained by the script's own seeded loop, per width), and its data."""
+    import copy
+
+    from benchmarks import _baselines as bl
+    from benchmarks import repro_relu_toy as toy
+
+    args = toy.parse_args(["--quick"])  # also sets torch's threads: restored below
+    rng = np.random.default_rng(args.seed)
+    (x, y), (x_test, y_test) = toy.toy_data(rng, args.n), toy.toy_data(rng, args.n)
+    networks = {}
+    for width in args.widths:
+        untrained = toy.relu_net(width, args.seed, "cpu")
+        trained = copy.deepcopy(untrained)
+        bl.train_mse(trained, toy.column(x, "cpu"), toy.column(y, "cpu"), steps=args.steps, lr=1e-2, seed=args.seed)
+        networks[(width, "untrained")], networks[(width, "trained")] = untrained, trained
+    return networks, np.stack([x, y]), np.stack([x_test, y_test])
+
+
+def dense_gp(model, x, y, x_star, s, noise):
+    """Mean f(x*) + s J* Jᵀ C⁻¹ (y − f(x)), latent variance and log N(y | f(x), C), C = s J Jᵀ + σ²I, in float64."""
+    J, f = torch_jacobian(model, x[:, None])
+    Js, fs = torch_jacobian(model, x_star[:, None])
+    C = s * J @ J.T + noise * np.eye(len(y))
+    L = np.linalg.cholesky(C)
+    alpha = np.linalg.solve(L.T, np.linalg.solve(L, y - f[:, 0]))
+    V = np.linalg.solve(L, s * J @ Js.T)
+    lml = -0.5 * (y - f[:, 0]) @ alpha - np.log(np.diag(L)).sum() - 0.5 * len(y) * np.log(2 * np.pi)
+    return fs[:, 0] + s * Js @ (J.T @ alpha), s * np.einsum("ij,ij->i", Js, Js) - np.einsum("ij,ij->j", V, V), lml, J
+
+
+def check_relu_toy_against_dense(report: dict, networks: dict, train: np.ndarray, test: np.ndarray) -> None:
+    """Every row and curve of the toy's report against :func:`dense_gp` at the row's (s, σ²); the matched rows' s
+    from its definition var(y) / mean diag(J Jᵀ)."""
+    x, y = train
+    np.testing.assert_array_equal(np.array(report["data"]["x"]), x)  # the same seeded data
+    grid = np.array(report["data"]["grid"])
+    rtol = 1e-9  # float64 throughout; Cholesky of C with condition ≲ 1e4
+    for row, curve in zip(report["rows"], report["curves"]):
+        model = networks[(row["width"], row["state"])]
+        mean, var, lml, J = dense_gp(model, x, y, np.concatenate([test[0], grid]), row["prior_scale"], row["noise"])
+        if row["setting"] == "matched":
+            assert row["prior_scale"] == pytest.approx(np.var(y) / np.mean(np.sum(J**2, axis=1)), rel=rtol)
+        scale = np.abs(mean).max()
+        n_test = test.shape[1]
+        np.testing.assert_allclose(curve["gp_mean"], mean[n_test:], rtol=rtol, atol=rtol * scale)
+        np.testing.assert_allclose(np.square(curve["gp_std"]), var[n_test:], rtol=1e-6, atol=rtol * var.max())
+        assert row["log_marginal_likelihood"] == pytest.approx(lml, rel=rtol)
+        assert row["gp_test_rmse"] == pytest.approx(np.sqrt(np.mean((mean[:n_test] - test[1]) ** 2)), rel=rtol)
+        predictive = var[:n_test] + row["noise"]
+        nlpd = 0.5 * np.mean(np.log(2 * np.pi * predictive) + (test[1] - mean[:n_test]) ** 2 / predictive)
+        assert row["gp_test_nlpd"] == pytest.approx(nlpd, rel=1e-6)
+        with torch.no_grad():
+            net = model(torch.as_tensor(grid[:, None])).numpy()[:, 0]
+        np.testing.assert_allclose(curve["network"], net, rtol=1e-12, atol=1e-12 * np.abs(net).max())
+
+
 def test_relu_toy_quick_through_run_all(tmp_path):
     # run_all's success path and the script's report in one run: a quick run costs seconds
-    ran = subprocess.run([str(ROOT / "benchmarks" / "run_all"), "--out", str(tmp_path), "repro_relu_toy"],
-                         capture_output=True, text=True, timeout=300, check=False)
+    threads = torch.get_num_threads()
+    try:  # the oracle's networks while the script runs (no wall time on two cores)
+        command = [str(ROOT / "benchmarks" / "run_all"), "--out", str(tmp_path), "repro_relu_toy"]
+        ran, (networks, train, test) = run_alongside(command, relu_toy_networks, env=RUN_ALL_ENV)
+    finally:
+        torch.set_num_threads(threads)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "ok    repro_relu_toy" in ran.stdout
     stdout = (tmp_path / "repro_relu_toy.log").read_text()
@@ -91,6 +168,7 @@ def test_relu_toy_quick_through_run_all(tmp_path):
     assert all(t["net_test_rmse"] < u["net_test_rmse"] for t, u in zip(trained, untrained))  # training trained
     assert len(report["curves"]) == 8 and len(report["curves"][0]["gp_mean"]) == len(report["data"]["grid"])
     assert stdout.count("\n| 5 |") == 4 and stdout.count("\n| 50 |") == 4
+    check_relu_toy_against_dense(report, networks, train, test)
 
 
 def test_sinusoid_quick(tmp_path):
@@ -103,8 +181,14 @@ def test_sinusoid_quick(tmp_path):
         assert set(task["coverage_2sd"]) == {"lingp", "ablr"}
         assert all(0.0 <= c <= 1.0 for c in task["coverage_2sd"].values())
         assert task["lingp"]["noise"] > 0 and task["ablr"]["alpha"] > 0 and task["ablr"]["beta"] > 0
-    mses = [t["mse"]["lingp"] for t in report["tasks"]]
-    assert report["summary"]["lingp"]["mse_mean"] == pytest.approx(sum(mses) / len(mses))
+    for m, summary in report["summary"].items():
+        mses = [t["mse"][m] for t in report["tasks"]]
+        check_mean_and_stderr(summary["mse_mean"], summary["mse_stderr"], mses)
+        assert summary["mse_median"] == pytest.approx(np.median(mses), rel=1e-12)
+        if m in ("lingp", "ablr"):
+            assert summary["coverage_2sd"] == pytest.approx(np.mean([t["coverage_2sd"][m] for t in report["tasks"]]))
+        if m != "lingp":
+            assert report["lingp_better_than"][m] == sum(t["mse"]["lingp"] < t["mse"][m] for t in report["tasks"])
     ex = report["example"]
     assert len(ex["x_context"]) == 10 and len(ex["lingp_std"]) == len(ex["x_test"])
     assert "| lingp |" in stdout and "| ABLR |" in stdout
@@ -138,14 +222,24 @@ def test_rotated_digits_quick(tmp_path):
     # the unadapted network does not see the adaptation set: the same error at every size
     source = {run["rmse_degrees"]["source"] for run in report["runs"]}
     assert len(source) == 1
+    check_size_summaries(report, "rmse_degrees", {"source", "lingp", "last_layer", "fine_tune", "ablr"})
     assert "| 10 |" in stdout and "| 20 |" in stdout
 
 
 def test_tabular_shift_quick(tmp_path):
     report, stdout = quick_report("repro_tabular_shift", tmp_path)
     split = report["split"]
-    assert split["source_train"] + split["source_validation"] + split["target"] == 442
-    assert split["target_mean_shift_in_source_sds"] > 0  # higher BMI, more progression: a real shift
+    # the split recomputed from scikit-learn's raw diabetes data: BMI (column 2) at most its median is the source
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True, scaled=False)
+    source = x[:, 2] <= np.median(x[:, 2])
+    assert split["median"] == np.median(x[:, 2]) and split["target"] == int((~source).sum())
+    n_train = round(0.8 * source.sum())
+    assert split["source_train"] == n_train and split["source_validation"] == source.sum() - n_train
+    shift = (y[~source].mean() - y[source].mean()) / y[source].std()
+    assert split["target_mean_shift_in_source_sds"] == pytest.approx(shift, rel=1e-12) and shift > 0
+    check_size_summaries(report, "rmse", {"source", "lingp", "last_layer", "fine_tune", "ablr", "target_linear"})
     assert len(report["runs"]) == 2 * 2
     for run in report["runs"]:
         assert set(run["rmse"]) == {"source", "lingp", "last_layer", "fine_tune", "ablr", "target_linear"}
@@ -156,10 +250,11 @@ def test_tabular_shift_quick(tmp_path):
 
 def test_run_all_rejects_missing_scripts_and_bad_options(tmp_path):
     run_all = ROOT / "benchmarks" / "run_all"
-    missing = subprocess.run([str(run_all), "--out", str(tmp_path), "no_such_benchmark"], capture_output=True,
-                             text=True, timeout=60, check=False)
+    missing = subprocess.run([str(run_all), "--out", str(tmp_path), "no_such_benchmark"], env=RUN_ALL_ENV,
+                             capture_output=True, text=True, timeout=60, check=False)
     assert missing.returncode != 0 and "FAIL  no_such_benchmark" in missing.stdout
-    bad = subprocess.run([str(run_all), "--backend", "tpu"], capture_output=True, text=True, timeout=60, check=False)
+    bad = subprocess.run([str(run_all), "--backend", "tpu"], env=RUN_ALL_ENV, capture_output=True, text=True,
+                         timeout=60, check=False)
     assert bad.returncode == 2 and "numpy or cupy" in bad.stderr
 
 
@@ -167,6 +262,7 @@ def test_run_all_rejects_missing_scripts_and_bad_options(tmp_path):
                     reason="CuPy works here, so --backend cupy succeeds")
 def test_run_all_fails_when_a_script_fails(tmp_path):
     result = subprocess.run([str(ROOT / "benchmarks" / "run_all"), "--backend", "cupy", "--out", str(tmp_path),
-                             "repro_tabular_shift"], capture_output=True, text=True, timeout=120, check=False)
+                             "repro_tabular_shift"], env=RUN_ALL_ENV, capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode == 1
     assert "FAIL  repro_tabular_shift" in result.stdout and "not usable here" in result.stdout

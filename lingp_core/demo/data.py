@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from lingp_core._validate import ValueRangeError
+
 __all__ = ["Domains", "few_shot_indices", "load_domains", "shift_images"]
 
 N_CLASSES = 10
@@ -99,14 +101,14 @@ def few_shot_indices(labels: np.ndarray, per_class: int, rng: np.random.Generato
 
     Raises
     ------
-    ValueError
-        When some class has fewer than ``per_class`` examples.
+    lingp_core.ValueRangeError
+        When some class has fewer than ``per_class`` examples (a ValueError).
     """
     chosen = []
     for k in range(N_CLASSES):
         members = np.flatnonzero(labels == k)
         if members.shape[0] < per_class:
-            raise ValueError(f"class {k} has {members.shape[0]} pool examples, fewer than the {per_class} labels per "
-                             "class asked for; raise pool_per_class or lower --labels-per-class")
+            raise ValueRangeError(f"class {k} has {members.shape[0]} pool examples, fewer than the {per_class} labels "
+                                  "per class asked for; raise pool_per_class or lower --labels-per-class")
         chosen.append(rng.choice(members, size=per_class, replace=False))
     return np.concatenate(chosen)

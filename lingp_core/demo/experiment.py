@@ -58,7 +58,7 @@ class Settings:
     progress: bool = True
 
 
-class SetupError(RuntimeError):
+class SetupError(lg.LingpError, RuntimeError):
     """The requested run cannot start on this machine (e.g. --backend cupy without a CUDA device)."""
 
 

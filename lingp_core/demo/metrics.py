@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lingp_core._validate import DTypeError, NonFiniteError, ShapeError, ValueRangeError
+from lingp_core._validate import ArgumentTypeError, DTypeError, NonFiniteError, ShapeError, ValueRangeError
 
 __all__ = ["ReliabilityBins", "accuracy", "expected_calibration_error", "negative_log_likelihood",
            "reliability_bins"]
@@ -20,8 +20,8 @@ _SIMPLEX_TOLERANCE = 1e-6  # rows may miss a sum of 1 by float rounding, not by 
 def _check(probs: np.ndarray, labels: np.ndarray) -> None:
     """Shapes, dtypes and ranges of a (probs, labels) pair, with the offending values in the message."""
     if not isinstance(probs, np.ndarray) or not isinstance(labels, np.ndarray):
-        raise TypeError(f"probs and labels must be NumPy arrays, got {type(probs).__name__} and "
-                        f"{type(labels).__name__}")
+        raise ArgumentTypeError(f"probs and labels must be NumPy arrays, got {type(probs).__name__} and "
+                                f"{type(labels).__name__}")
     if probs.ndim != 2 or probs.shape[0] < 1 or probs.shape[1] < 2:
         raise ShapeError(f"probs must have shape (n, c) with n ≥ 1 and c ≥ 2, got {probs.shape}")
     if labels.shape != (probs.shape[0],):
