@@ -104,7 +104,7 @@ class LinearizedGP(Estimator):
         self.variance_cg_max = v.check_int(variance_cg_max, "variance_cg_max", minimum=0)
         self.num_probes = v.check_int(num_probes, "num_probes", minimum=2)
         self.exact_max_rows = v.check_int(exact_max_rows, "exact_max_rows", minimum=1)
-        self.kernel_dtype = str(np.dtype(v.check_choice(str(kernel_dtype), "kernel_dtype", ("float64", "float32"))))
+        self.kernel_dtype = _kernel_dtype_name(kernel_dtype)
         self.memory_budget = None if memory_budget is None else v.check_positive(memory_budget, "memory_budget")
         self.seed = v.check_int(seed, "seed", minimum=0)
         self.progress = v.check_bool(progress, "progress")
@@ -509,6 +509,16 @@ class LinearizedGP(Estimator):
 
 _SETTINGS = ("mean", "output_mode", "method", "rtol", "maxiter", "preconditioner_rank", "variance_rank",
              "variance_cg_max", "num_probes", "exact_max_rows", "kernel_dtype", "memory_budget", "seed")
+
+
+def _kernel_dtype_name(kernel_dtype: Any) -> str:
+    """"float64" or "float32" from a name or a dtype-like (np.float32, np.dtype("float32")); InvalidOptionError
+    otherwise."""
+    try:
+        name = np.dtype(kernel_dtype).name if not isinstance(kernel_dtype, str) else kernel_dtype
+    except TypeError:
+        name = repr(kernel_dtype)
+    return v.check_choice(name, "kernel_dtype", ("float64", "float32"))
 
 
 def _check_finite_result(values: Any, what: str, hint: str) -> None:

@@ -313,3 +313,15 @@ def test_the_work_space_charge_scales_with_the_problem():
     lg.LinearizedGP(1.0, 0.1, memory_budget=100e6).fit(J, y)
     with pytest.raises(lg.MemoryBudgetError, match=r"\(20, 20\)"):
         lg.kernel(J, memory_budget=8 * 20 * 20)  # the kernel alone: no room for its work space
+
+
+def test_both_models_refuse_a_test_jacobian_on_another_backend(cupy_backend):
+    """One backend policy: a test Jacobian on another backend is an error for both models, never moved silently."""
+    net, x, J, J_star, y = gp_problem(0)
+    J_star_gpu = lg.export_jacobian(net.cuda(), x[14:].cuda(), backend="cupy")
+    gp = lg.LinearizedGP(1.0, 0.1).fit(J, y)
+    clf = lg.LaplaceClassifier(1.0).fit(J, np.argmax(J.f0, axis=1))
+    with pytest.raises(lg.BackendMismatchError, match="backend='cupy'"):
+        gp.predict(J_star_gpu)
+    with pytest.raises(lg.BackendMismatchError, match="backend='cupy'"):
+        clf.predict_proba(J_star_gpu)
