@@ -213,14 +213,17 @@ class LinearizedGP(Estimator):
         self._lml_cache: tuple[float, float] | None = None
         for task, engine, R in zip(self._tasks, self._engines, self._R):
             engine.fit(self.prior_scale, self._layout.task_noise(self.noise, task, self.n_), R)
-            weights = engine.state()["alpha" if engine.space == "function" else "mu"]
+            weights = engine.alpha if engine.space == "function" else engine.mu  # (state() would copy factors)
             _check_finite_result(weights, "the posterior weights", "the targets are too large for the noise: "
                                  f"rescale them (noise σ² = {self._hyperparameters()['noise']})")
 
     def _float32_kernel_error(self, engine: Any) -> float:
         """Estimated relative error of the posterior from a float32 kernel: its rounding ≈ 2·u₃₂·s·λmax(K0), amplified
         by ‖(s·K0 + σ²I)⁻¹‖ ≤ 1/σ²_min; warns above FLOAT32_KERNEL_WARN. 0 for float64 kernels."""
-        K0 = getattr(engine, "_kernel", getattr(engine, "K0", None)) if engine.space == "function" else None
+        if self.kernel_dtype != "float32" or engine.space != "function":
+            return 0.0
+        # FunctionCholesky keeps a float32 kernel whole in _kernel (its factor lives elsewhere); K0 would be a copy
+        K0 = engine._kernel if hasattr(engine, "_kernel") else getattr(engine, "K0", None)
         if K0 is None or K0.dtype != np.float32:
             return 0.0
         lam_max = post.largest_eigenvalue(K0)
