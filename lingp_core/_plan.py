@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 from lingp_core import _validate as v
+from lingp_core.kernels import work_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Problem:
     noise_groups: int  # factors per task (one per distinct noise column)
     preconditioner_rank: int
     variance_rank: int
+    kernel_work: int = 0  # bytes kernel assembly needs beside the kernel (function space)
 
 
 def engine_bytes(method: str, pb: Problem) -> int:
@@ -80,8 +82,10 @@ def engine_bytes(method: str, pb: Problem) -> int:
         factors = (pb.noise_groups - (1 if in_place else 0)) * 8 * m * m
         extra = 0 if pb.backend == "numpy" else 2 * 8 * m * m
         per_task = pb.kernel_itemsize * m * m + factors + extra + 8 * m * q
+        return pb.tasks * per_task + pb.kernel_work  # the tasks' kernels are assembled one after another
     elif method == "function-spectral":
         per_task = pb.kernel_itemsize * m * m + 8 * m * m * 3 + 8 * m * q  # K0, its float64 copy, U, eigh's work
+        return pb.tasks * per_task + pb.kernel_work
     elif method == "parameter-cholesky":
         # dense J (float64) and its noise-weighted copy, Jᵀ D⁻¹ J and its factor per noise group
         per_task = 2 * 8 * m * p + 2 * 8 * p * p * pb.noise_groups + 8 * p * q
@@ -136,9 +140,13 @@ def choose(method: str, pb: Problem, budget: int, *, parameter_ok: bool, per_row
 def check_fits(method: str, pb: Problem, budget: int, *, extra: int = 0, what: str = "") -> None:
     """MemoryBudgetError, with the numbers and the alternatives, when ``method``'s engines (plus ``extra`` bytes)
     exceed ``budget``."""
-    alternative = {"parameter": "use a function-space method (n·c rows) or method='iterative'",
-                   "function": "use method='iterative' (matrix-free), a parameter-space method when p < n·c, or "
-                               "output_mode='independent'"}[split_method(method)[0]]
+    if method == "iterative":
+        alternative = ("lower preconditioner_rank / variance_rank, or use output_mode='independent' (n rows per "
+                       "task instead of n·c)")
+    else:
+        alternative = {"parameter": "use a function-space method (n·c rows) or method='iterative'",
+                       "function": "use method='iterative' (matrix-free), a parameter-space method when p < n·c, or "
+                                   "output_mode='independent'"}[split_method(method)[0]]
     v.check_memory(engine_bytes(method, pb) + extra, budget,
                    what=what or f"method={method!r} ({pb.tasks} task(s) of {pb.m} rows, p = {pb.p})",
                    alternative=alternative)
@@ -151,5 +159,7 @@ def problem_of(J: Any, layout: Any, noise: Any, settings: Any) -> Problem:
     groups = 1 if isinstance(noise, float) or layout.mode == "full" else len({float(x) for x in noise}) \
         if layout.mode == "trace" else 1
     tasks = c if layout.mode == "independent" else 1
+    rows_J = J.select(output=0) if layout.mode != "full" else J  # a task's kernel assembles one output's rows
     return Problem(tasks, m, q, J.p, J.backend.name, 4 if settings.kernel_dtype == "float32" else 8,
-                   J.dtype.itemsize, groups, settings.preconditioner_rank, settings.variance_rank)
+                   J.dtype.itemsize, groups, settings.preconditioner_rank, settings.variance_rank,
+                   work_bytes(rows_J, rows_J.n, settings.kernel_dtype, symmetric=True))

@@ -115,14 +115,17 @@ class StarRows:
 
 class _GroupedCholesky:
     """What both Cholesky engines share: one factor L per noise group and test rows B (K0(X*, X) in function space,
-    J* in parameter space) whitened as W = L⁻¹ Bᵀ; var = prior + scale·Σ W², cov = prior + scale·Wᵀ W."""
+    J* in parameter space) whitened as W = L⁻¹ Bᵀ; var = outer·(prior + inner·Σ W²), cov = outer·(prior +
+    inner·Wᵀ W) — in function space outer = s, inner = −s, so no s² is formed (it overflows long before the
+    variance does)."""
 
     weights = ""  # name of the fitted weights (alpha or mu) in state()
 
     def _test_rows(self, star: StarRows) -> Any:
         raise NotImplementedError
 
-    def _prior_and_scale(self, star: StarRows, full: bool) -> tuple[Any, float]:
+    def _prior_and_scale(self, star: StarRows, full: bool) -> tuple[Any, float, float]:
+        """(prior, inner, outer) of the class docstring."""
         raise NotImplementedError
 
     def _whitened(self, star: StarRows) -> list[Any]:
@@ -130,18 +133,18 @@ class _GroupedCholesky:
         return [self.backend.solve_triangular(L, rows, lower=True) for L in self.factors]
 
     def var(self, star: StarRows) -> Any:
-        prior, scale = self._prior_and_scale(star, full=False)
+        prior, inner, outer = self._prior_and_scale(star, full=False)
         out = self.backend.xp.empty((self._test_rows(star).shape[0], self.q))
         for (cols, _), w in zip(self.groups, self._whitened(star)):
-            out[:, cols] = (prior + scale * (w**2).sum(axis=0))[:, None]
+            out[:, cols] = (outer * (prior + inner * (w**2).sum(axis=0)))[:, None]
         return out
 
     def cov(self, star: StarRows) -> Any:
-        prior, scale = self._prior_and_scale(star, full=True)
+        prior, inner, outer = self._prior_and_scale(star, full=True)
         m_star = self._test_rows(star).shape[0]
         out = self.backend.xp.empty((self.q, m_star, m_star))
         for (cols, _), w in zip(self.groups, self._whitened(star)):
-            out[cols] = prior + scale * (w.T @ w)
+            out[cols] = outer * (prior + inner * (w.T @ w))
         return out
 
     def state(self) -> dict[str, Any]:
@@ -212,8 +215,8 @@ class FunctionCholesky(_GroupedCholesky):
     def _test_rows(self, star: StarRows) -> Any:
         return star.cross
 
-    def _prior_and_scale(self, star: StarRows, full: bool) -> tuple[Any, float]:
-        return self.s * (star.prior_full() if full else star.prior_diag()), -self.s**2
+    def _prior_and_scale(self, star: StarRows, full: bool) -> tuple[Any, float, float]:
+        return star.prior_full() if full else star.prior_diag(), -self.s, self.s
 
     def gradient(self, noise_index: np.ndarray) -> np.ndarray:
         """d lml / d(log s, log σ²_g) for the noise parameters g; ``noise_index`` (m, q) maps entries to g.
@@ -284,12 +287,12 @@ class FunctionSpectral:
 
     def var(self, star: StarRows) -> Any:
         w = star.cross @ self.U
-        return self.s * star.prior_diag()[:, None] - self.s**2 * ((w**2) @ (1.0 / self.d))
+        return self.s * (star.prior_diag()[:, None] - self.s * ((w**2) @ (1.0 / self.d)))
 
     def cov(self, star: StarRows) -> Any:
         w = star.cross @ self.U
         prior = self.s * star.prior_full()
-        return self.backend.xp.stack([prior - self.s**2 * ((w / self.d[:, j]) @ w.T) for j in range(self.q)])
+        return self.backend.xp.stack([prior - self.s * (self.s * ((w / self.d[:, j]) @ w.T)) for j in range(self.q)])
 
     def state(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "U": self.U, "lam": self.lam, "Z": self.Z}
@@ -364,8 +367,8 @@ class ParameterCholesky(_GroupedCholesky):
     def _test_rows(self, star: StarRows) -> Any:
         return star.dense
 
-    def _prior_and_scale(self, star: StarRows, full: bool) -> tuple[Any, float]:
-        return 0.0, 1.0  # J* A⁻¹ J*ᵀ is the posterior covariance itself
+    def _prior_and_scale(self, star: StarRows, full: bool) -> tuple[Any, float, float]:
+        return 0.0, 1.0, 1.0  # J* A⁻¹ J*ᵀ is the posterior covariance itself
 
 
 class ParameterSpectral:
@@ -522,7 +525,7 @@ class Iterative:
                 self.info["variance_method"] = "cg"
             else:
                 cache = self._love_cache(g)
-                reduction = self.s**2 * ((star.cross @ cache) ** 2).sum(axis=1)
+                reduction = self.s * (self.s * ((star.cross @ cache) ** 2).sum(axis=1))
                 self.info["variance_method"] = "lanczos"
                 self.info["variance_error"] = self._love_error(g, star, reduction)
             out[:, cols] = (prior - reduction)[:, None]

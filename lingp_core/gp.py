@@ -350,6 +350,11 @@ class LinearizedGP(Estimator):
         """
         n_samples = v.check_int(n_samples, "n_samples", minimum=1)
         seed = v.check_int(seed, "seed", minimum=0)
+        J_star = self._check_star(J_star)
+        v.check_memory(3 * v.nbytes_of((n_samples, J_star.n, J_star.n_outputs), np.float64),
+                       v.resolve_memory_budget(self.memory_budget, self._backend),
+                       what=f"{n_samples} joint samples at {J_star.n} test inputs (draws, product and result)",
+                       alternative="draw fewer samples per call (calls with other seeds are independent)")
         mean, cov = self.predict(J_star, return_cov=True)
         be, xp = self._backend, self._backend.xp
         rng = np.random.default_rng(seed)
@@ -413,6 +418,8 @@ class LinearizedGP(Estimator):
                 "optimize_hyperparameters needs an exact method: the iterative marginal likelihood is a stochastic "
                 "estimate. Optimize on a subset with an exact method and refit with those values, or force "
                 "method='function-spectral' / 'parameter-spectral' if it fits")
+        if maxiter is not None and max_iter != 200 and maxiter != max_iter:
+            raise v.InvalidOptionError(f"max_iter={max_iter} and its older name maxiter={maxiter} disagree; pass one")
         max_iter = v.check_int(max_iter if maxiter is None else maxiter, "max_iter", minimum=1)
         if per_output_noise is None:
             per_output_noise = not isinstance(self.noise, float)

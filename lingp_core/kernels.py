@@ -131,19 +131,17 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     c, n1, n2 = J1.n_outputs, J1.n, other.n
     shape = {"full": (n1 * c, n2 * c), "independent": (c, n1, n2)}.get(mode, (n1, n2)) if isinstance(mode, str) \
         else (n1, n2)
-    tile_rows = min(_TILE_ROWS, max(n1, n2) * c)
-    chunk = product_work(min(_TILE_ROWS, n1 * c), min(_TILE_ROWS, n2 * c), J1.blocks)
-    work = 2 * tile_rows * max(b.stored_per_row for b in J1.blocks) + 2 * chunk
-    if J1.dtype != dtype and (other is J1 or n1 * c > _TILE_ROWS):  # J2's blocks kept converted (_assemble)
-        work += n2 * c * sum(b.stored_per_row for b in J1.blocks)
-    v.check_memory(v.nbytes_of(shape, dtype) + work * dtype.itemsize, v.resolve_memory_budget(memory_budget,
-                   J1.backend), what=f"the kernel of shape {shape} ({dtype})",
+    work = work_bytes(J1, n2, dtype, symmetric=other is J1)
+    v.check_memory(v.nbytes_of(shape, dtype) + work, v.resolve_memory_budget(memory_budget, J1.backend),
+                   what=f"the kernel of shape {shape} ({dtype})",
                    alternative="use KernelOperator for matrix-free products, or output_mode='trace' / a single output")
     xp = J1.backend.xp
     rows = c if mode == "full" else 1
     passes = c if mode in ("independent", "trace") else 1
     total = passes * _tile_pairs(n1, n2, rows, other is J1)
-    with progress_bar(total, enabled=bool(progress), desc="kernel", unit="tile") as bar:
+    # overflow is checked once on the result (_check_finite_kernel), with a message in the user's terms
+    with progress_bar(total, enabled=bool(progress), desc="kernel", unit="tile") as bar, \
+            np.errstate(over="ignore", invalid="ignore"):
         result = xp.zeros(shape, dtype=dtype)
         if mode == "full":
             _assemble(J1, other, None, result, dtype, bar)
@@ -160,8 +158,38 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
         for square in (result if mode == "independent" else [result]):
             fill_lower(square, square, 1.0, xp)
     if s != 1.0:
-        result *= dtype.type(s)
+        with np.errstate(over="ignore", invalid="ignore"):
+            result *= dtype.type(s)
+    _check_finite_kernel(result, J1, other, s)
     return result
+
+
+def work_bytes(J1: JacobianBlocks, n2: int, dtype: Any, *, symmetric: bool) -> int:
+    """Bytes :func:`kernel` needs beside K (n1·c × n2·c, any mode): a tile of J's blocks in the accumulation dtype
+    (two when converted), one chunk of tile products, and, when J's dtype differs and right tiles are reused, J2's
+    blocks converted once."""
+    dtype = np.dtype(dtype)
+    c, n1 = J1.n_outputs, J1.n
+    tile_rows = min(_TILE_ROWS, max(n1, n2) * c)
+    chunk = product_work(min(_TILE_ROWS, n1 * c), min(_TILE_ROWS, n2 * c), J1.blocks)
+    work = 2 * tile_rows * max(b.stored_per_row for b in J1.blocks) + 2 * chunk
+    if J1.dtype != dtype and (symmetric or n1 * c > _TILE_ROWS):  # J2's blocks kept converted (_assemble)
+        work += n2 * c * sum(b.stored_per_row for b in J1.blocks)
+    return work * dtype.itemsize
+
+
+def _check_finite_kernel(values: Any, J1: JacobianBlocks, J2: JacobianBlocks, s: float) -> None:
+    """NonFiniteError in the user's terms when a kernel from finite Jacobians overflowed its dtype."""
+    xp = J1.backend.xp
+    with np.errstate(over="ignore", invalid="ignore"):
+        if bool(xp.isfinite(values).all()):
+            return
+    largest = max(float(xp.max(xp.abs(a))) for J in (J1, J2) for b in J.blocks for a in b.to_arrays()[0].values()
+                  if a.size)
+    raise v.NonFiniteError(f"the kernel s·J J'ᵀ overflows {values.dtype} (NaN/Inf) although the Jacobians are "
+                           f"finite: their stored entries reach {largest:.3g} (prior_scale = {s:.3g}), whose "
+                           "products do not fit; the exported Jacobian is far too large — rescale the network's "
+                           "inputs or outputs" + (", or use dtype=float64" if values.dtype == np.float32 else ""))
 
 
 def kernel_diag(J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str | int = "full",
@@ -178,9 +206,11 @@ def kernel_diag(J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str
     if dtype not in J.backend.float_dtypes:
         raise v.DTypeError(f"dtype must be float32 or float64, got {dtype}")
     diag = J.xp.zeros(J.n * J.n_outputs, dtype=dtype)
-    for b in _view(J, slice(0, J.n), None, dtype):
-        diag += b.gram_diagonal()
-    per_output = diag.reshape(J.n, J.n_outputs) * dtype.type(s)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for b in _view(J, slice(0, J.n), None, dtype):
+            diag += b.gram_diagonal()
+        per_output = diag.reshape(J.n, J.n_outputs) * dtype.type(s)
+    _check_finite_kernel(per_output, J, J, s)
     if mode == "full":
         return per_output.reshape(-1)
     if mode == "independent":

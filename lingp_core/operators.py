@@ -145,6 +145,10 @@ class LowRankPlusDiagonal(LinearOperator):
 
     def solve(self, x: Any) -> Any:
         """(U S Uᵀ + D)⁻¹ X for X of shape (n, k) or (n,), computed in float64, returned in X's dtype."""
+        x = v.as_float_array(x, "x", self.backend, ndim=(1, 2))
+        if x.shape[0] != self.shape[0]:
+            raise v.ShapeError(f"x has shape {tuple(x.shape)} but the operator is {self.shape}: x needs "
+                               f"{self.shape[0]} rows")
         column = x.ndim == 1
         x64 = (x[:, None] if column else x).astype(np.float64)
         dx = x64 / self._d64[:, None]

@@ -258,3 +258,17 @@ def test_cg_restart_from_the_true_residual_reaches_the_dense_solution(backend, r
     # after a restart the history shows the true residual, far above the recursive one it replaced
     norms = np.array([h for _, h in result.history])
     assert np.any(norms[1:] > 10 * norms[:-1])
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-170])
+def test_cg_refuses_right_hand_sides_whose_inner_products_overflow_or_underflow(scale):
+    """At these scales ‖b‖² is not a float64: CG used to return x = 0 as "converged". It must refuse, saying how to
+    rescale — and at a scale where the squares fit, reach the unscaled answer."""
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((30, 30))
+    A, b = M @ M.T + 30 * np.eye(30), rng.standard_normal((30, 1))
+    with pytest.raises(lg.ValueRangeError, match="rescale A and B"):
+        lg.cg(A * scale, b * scale)
+    result = lg.cg(A * 1e100, b * 1e100)
+    assert result.converged.all()
+    np.testing.assert_allclose(result.x, np.linalg.solve(A, b), rtol=1e-6)

@@ -219,3 +219,13 @@ def test_bad_inputs(backend):
         lg.kernel(J, memory_budget=100)
     with pytest.raises(ValueError, match="one operator per output"):
         lg.KernelOperator(J, output_mode="independent")
+
+
+def test_a_kernel_that_overflows_raises_naming_the_jacobians():
+    """Finite Jacobians whose products overflow float64: an error naming their size, not arrays of inf and NaN."""
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 2)).double()
+    J = lg.export_jacobian(linear, torch.randn(6, 3, dtype=torch.float64) * 1e200)
+    for call in (lambda: lg.kernel(J), lambda: lg.kernel_diag(J), lambda: lg.kernel(J, prior_scale=1e308)):
+        with pytest.raises(lg.NonFiniteError, match=r"stored entries reach \d"):
+            call()

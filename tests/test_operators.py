@@ -160,3 +160,17 @@ def test_missing_capabilities_and_zero_start_vectors_raise_lingp_errors(backend,
     for solver in (lg.lanczos, lg.lanczos_eigsh):
         with pytest.raises(lg.ValueRangeError, match=r"v0 \(shape \(20,\)\) is zero"):
             solver(backend.asarray(a), 3, v0=backend.asarray(np.zeros(20)))
+
+
+def test_pivoted_cholesky_refuses_an_indefinite_diagonal_and_woodbury_solves_check_shapes():
+    indefinite = np.diag(np.r_[np.ones(15), -np.ones(15)])
+    with pytest.raises(lg.NotPositiveDefiniteError, match="15 entries ≤ 0"):
+        lg.pivoted_cholesky_preconditioner(indefinite, 20)
+    rng = np.random.default_rng(0)
+    u = np.linalg.qr(rng.standard_normal((12, 3)))[0]
+    op = lg.LowRankPlusDiagonal(u, np.array([3.0, 2.0, 1.0]), np.full(12, 0.5), lg.get_backend("numpy"))
+    with pytest.raises(lg.ShapeError, match="needs 12 rows"):
+        op.solve(np.ones((13, 1)))
+    x = rng.standard_normal((12, 2))
+    dense = u @ np.diag([3.0, 2.0, 1.0]) @ u.T + 0.5 * np.eye(12)
+    np.testing.assert_allclose(op.solve(x), np.linalg.solve(dense, x), rtol=1e-12)

@@ -116,6 +116,7 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
         x = v.as_float_array(x0, "x0", backend, shape=tuple(rhs.shape) if not system.single else (n,), dtypes=[dtype])
         x = (x[:, None] if system.single else x).copy()
         residual = rhs - op.matmat(x)
+    _check_scale(rhs, dtype, backend)
     b_norms = backend.to_numpy(column_norms(rhs, backend))
     thresholds = np.maximum(rtol * b_norms, atol)
 
@@ -177,12 +178,30 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
 
     x = state.solution()
     final_norms = backend.to_numpy(column_norms(rhs - op.matmat(x), backend))
+    for j in np.flatnonzero(~np.isfinite(final_norms)):  # overflow in A's products: never "converged"
+        status[j] = "diverged"
     converged = np.array([s == "converged" for s in status])
     if warn and not converged.all():
         _warn_not_converged(status, converged, final_norms, b_norms, rtol, atol, maxiter, dtype)
     tridiagonal = _assemble_tridiagonal(tridiag_log, k, backend) if return_tridiagonal else None
     return CGResult(x[:, 0] if system.single else x, converged, iterations, final_norms, thresholds, tuple(status),
                     restarts, history if return_history else None, tridiagonal)
+
+
+def _check_scale(rhs: Any, dtype: np.dtype, backend: Any) -> None:
+    """ValueRangeError when a column of B is so large or so small that CG's inner products (squares of its entries
+    summed over n rows) overflow or underflow: CG would then report nonsense as converged. Rescaling is exact for
+    the user: A X = B is the same system as (A/α) X = B/α, and X scales with B."""
+    scale = backend.to_numpy(backend.xp.max(backend.xp.abs(rhs), axis=0)).astype(np.float64)
+    info = np.finfo(dtype)
+    low, high = float(np.sqrt(info.tiny)), float(np.sqrt(info.max / rhs.shape[0]))
+    bad = (scale > high) | ((scale > 0) & (scale < low))
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise v.ValueRangeError(f"B's column {j} has entries up to {scale[j]:.3g}, outside [{low:.3g}, {high:.3g}] "
+                                f"where CG's inner products stay finite and normal in {dtype} (n = {rhs.shape[0]}); "
+                                "rescale A and B by a common factor (the solution X is unchanged) or B alone (X "
+                                "scales with it)")
 
 
 class _CGState:

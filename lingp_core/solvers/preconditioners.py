@@ -56,6 +56,11 @@ def pivoted_cholesky(A: Any, rank: int, *, rtol: float = 0.0, memory_budget: Any
     rtol = v.check_positive(rtol, "rtol", allow_zero=True)
     _check_factor_memory(n, rank + 4, memory_budget, op, "pivoted_cholesky")
     d = op.diagonal().astype(np.float64)
+    if not bool((d > 0).all()):
+        bad = op.backend.to_numpy(d <= 0)
+        raise v.NotPositiveDefiniteError(f"A ({op.shape}) must be symmetric positive definite, but its diagonal holds "
+                                         f"{int(bad.sum())} entries ≤ 0 (the smallest {float(d.min()):.3g}); a "
+                                         "pivoted Cholesky needs positive pivots")
     trace0 = float(d.sum())
     factor = xp.zeros((n, rank), dtype=np.float64)
     pivots: list[int] = []
