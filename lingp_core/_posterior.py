@@ -602,6 +602,19 @@ def _iterative(J: JacobianBlocks | None, mode: Any, settings: Any) -> Iterative:
                      memory_budget=settings.memory_budget)
 
 
+def check_kernel_scale(diag: Any, s: float) -> None:
+    """The kernel's diagonal s·‖J(x)‖² (m,) must be finite in float64: every kernel entry, factor and product is
+    bounded by it (Cauchy–Schwarz), so this one check stands for them all. NonFiniteError in the user's terms."""
+    xp = backends.infer(diag).xp
+    with np.errstate(over="ignore", invalid="ignore"):
+        largest = float(xp.max(diag)) if diag.size else 0.0
+        bad = not np.isfinite(s * largest * max(1, diag.size)) or bool(xp.isnan(diag).any())
+    if bad:
+        raise v.NonFiniteError(f"the kernel s·J Jᵀ overflows float64: the training Jacobian's squared row norms reach "
+                               f"{largest:.3g} (prior_scale = {s:.3g}, {diag.size} rows); the exported Jacobian is "
+                               "far too large — rescale the network's inputs or outputs")
+
+
 def source_of(engine: Any) -> Any:
     """What another exact engine of the same space can be built from without recomputing: a fresh copy of the
     kernel K0 (function space) or the dense Jacobian (parameter space, shared: engines only read it); None if the
@@ -617,13 +630,19 @@ def build(method: str, J: JacobianBlocks, mode: Any, settings: Any, source: Any 
     """A new, unfitted engine for ``method`` on the task's Jacobian J, or on ``source`` (from :func:`source_of`)."""
     cls = engine_class(method)
     if cls is Iterative:
+        check_kernel_scale(kernel_diag(J, output_mode=mode), settings.prior_scale)
         return _iterative(J, mode, settings)
     if source is None and cls.space == "function":
         source = kernel(J, output_mode=mode, dtype=settings.kernel_dtype, memory_budget=settings.memory_budget,
                         progress=settings.progress)
     elif source is None:
         source = J.to_dense(memory_budget=settings.memory_budget).astype(np.float64)
-    return cls(source, J.backend if J is not None else settings._backend)
+    xp = J.backend.xp
+    with np.errstate(over="ignore", invalid="ignore"):  # the check below names an overflow in the user's terms
+        diag = xp.diagonal(source).astype(np.float64) if cls.space == "function" else \
+            xp.einsum("ij,ij->i", source, source)
+    check_kernel_scale(diag, settings.prior_scale)
+    return cls(source, J.backend)
 
 
 def restore(method: str, J: JacobianBlocks | None, mode: Any, backend: Backend, state: dict[str, Any], s: float,
