@@ -75,11 +75,15 @@ class Backend:
         The array module (numpy or cupy).
     float_dtypes : tuple of numpy.dtype
         The floating dtypes the core computes in (float32, float64).
+    budget_fraction : float
+        The share of free memory a default memory budget takes (host: half, the host being shared with the system,
+        other processes and the caller's own arrays, and swapping worse than failing; a device says its own).
     """
 
     name: str = ""
     xp: Any = None
     float_dtypes: tuple[np.dtype, ...] = (np.dtype(np.float32), np.dtype(np.float64))
+    budget_fraction: float = 0.5
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"

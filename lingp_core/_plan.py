@@ -75,13 +75,11 @@ def engine_bytes(method: str, pb: Problem) -> int:
     """Bytes the engines of ``method`` hold or need at their peak, all tasks together (8-byte float64 factors)."""
     m, p, q = pb.m, pb.p, pb.q
     if method == "function-cholesky":
-        # the kernel, whose lower triangle becomes the first factor in place (float64 on NumPy); a float32 kernel
-        # or a further noise group needs a float64 factor of its own; off NumPy the generic in-place Cholesky
-        # factors a mirrored copy (two more m × m)
+        # the kernel, whose lower triangle becomes the first factor in place (float64, by LAPACK or cuSOLVER potrf
+        # on its own buffer); a float32 kernel or a further noise group needs a float64 factor of its own
         in_place = pb.kernel_itemsize == 8
         factors = (pb.noise_groups - (1 if in_place else 0)) * 8 * m * m
-        extra = 0 if pb.backend == "numpy" else 2 * 8 * m * m
-        per_task = pb.kernel_itemsize * m * m + factors + extra + 8 * m * q
+        per_task = pb.kernel_itemsize * m * m + factors + 8 * m * q
         return pb.tasks * per_task + pb.kernel_work  # the tasks' kernels are assembled one after another
     elif method == "function-spectral":
         per_task = pb.kernel_itemsize * m * m + 8 * m * m * 3 + 8 * m * q  # K0, its float64 copy, U, eigh's work
@@ -101,7 +99,7 @@ def engine_bytes(method: str, pb: Problem) -> int:
 
 
 def choose(method: str, pb: Problem, budget: int, *, parameter_ok: bool, per_row_noise: bool,
-           exact_max_rows: int) -> Plan:
+           exact_max_rows: int | None) -> Plan:
     """The plan for ``method`` ("auto", "cholesky", "spectral" or a concrete method); MemoryBudgetError when it does
     not fit ``budget``, InvalidOptionError when it cannot serve the output mode or noise."""
     m, p = pb.m, pb.p
@@ -114,16 +112,20 @@ def choose(method: str, pb: Problem, budget: int, *, parameter_ok: bool, per_row
         kernel_bytes = engine_bytes("function-cholesky", pb)
         if parameter_ok and p < m and param_bytes <= budget:
             method, why = "parameter-cholesky", (f"p = {p} < {m} rows per task: the p × p precision is the smaller "
-                                                 f"exact system ({v.format_bytes(param_bytes)})")
-        elif m <= exact_max_rows and kernel_bytes <= budget:
-            method, why = "function-cholesky", (f"{m} rows per task ≤ p = {p} and ≤ exact_max_rows = "
-                                                f"{exact_max_rows}: the exact kernel factorization fits "
-                                                f"({v.format_bytes(kernel_bytes)})")
+                                                 f"exact system ({v.format_bytes(param_bytes)} of a budget of "
+                                                 f"{v.format_bytes(budget)})")
+        elif (exact_max_rows is None or m <= exact_max_rows) and kernel_bytes <= budget:
+            capped = "" if exact_max_rows is None else f" and ≤ exact_max_rows = {exact_max_rows}"
+            method, why = "function-cholesky", (f"{m} rows per task ≤ p = {p}{capped}: the exact kernel "
+                                                f"factorization fits ({v.format_bytes(kernel_bytes)} of a budget of "
+                                                f"{v.format_bytes(budget)})")
         else:
-            method, why = "iterative", (f"{m} rows per task: an exact factorization needs "
-                                        f"{v.format_bytes(min(kernel_bytes, param_bytes))} (budget "
-                                        f"{v.format_bytes(budget)}) or more rows than exact_max_rows = "
-                                        f"{exact_max_rows}; CG on matrix-free kernel products")
+            over_cap = exact_max_rows is not None and m > exact_max_rows
+            limit = (f"more rows than exact_max_rows = {exact_max_rows}" if over_cap else
+                     f"{v.format_bytes(min(kernel_bytes, param_bytes))}, over the budget of "
+                     f"{v.format_bytes(budget)}")
+            method, why = "iterative", (f"{m} rows per task: an exact factorization needs {limit}; CG on "
+                                        "matrix-free kernel products")
     if method.startswith("parameter") and not parameter_ok:
         raise v.InvalidOptionError("output_mode='trace' has no parameter-space form (its kernel averages the "
                                    "outputs' Jacobians); use a function-space method or output_mode='independent'")

@@ -246,7 +246,6 @@ def check_bool(value: Any, name: str) -> bool:
 
 # ----- memory -----------------------------------------------------------------------------------------------------
 
-DEFAULT_BUDGET_FRACTION = 0.5  # of the free memory where arrays live: room for the caller's own arrays
 
 
 def nbytes_of(shape: Sequence[int], dtype: Any) -> int:
@@ -266,9 +265,10 @@ def format_bytes(n: float) -> str:
 
 
 def resolve_memory_budget(budget: Any, backend: Backend) -> int:
-    """Bytes allowed: the given budget, or DEFAULT_BUDGET_FRACTION of the free memory where ``backend`` allocates."""
+    """Bytes allowed: the given budget, or the backend's ``budget_fraction`` of the free memory where it allocates
+    (host: half; a CUDA device: 95%, CuPy's pool included)."""
     if budget is None:
-        return int(DEFAULT_BUDGET_FRACTION * backend.free_memory().arrays)
+        return int(backend.budget_fraction * backend.free_memory().arrays)
     return int(check_positive(budget, "memory_budget"))
 
 

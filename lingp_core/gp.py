@@ -64,14 +64,16 @@ class LinearizedGP(Estimator):
     preconditioner_rank, variance_rank, variance_cg_max, num_probes : int
         "iterative": pivoted-Cholesky rank, Lanczos steps of the variance cache, test sets of at most this many rows
         get exact CG variances instead, SLQ probes for the log marginal likelihood.
-    exact_max_rows : int
-        "auto" factors kernels of at most this many rows (default 20000); larger ones go iterative.
+    exact_max_rows : int, optional
+        A cap on the rows "auto" factors exactly (default None: whatever fits the memory budget); larger problems go
+        iterative.
     kernel_dtype : {"float64", "float32"}
         Accumulation dtype of the function-space kernels (default float64: the exact kernel of the exported
         Jacobian). "float32" halves the kernel's time and memory and adds ~1e-6 relative error to its entries;
         factorizations stay float64.
     memory_budget : float, optional
-        Bytes allowed for kernels and factors (default: half the free memory where the arrays live).
+        Bytes allowed for kernels and factors (default: half the host's free memory on NumPy, 95% of the device's on
+        CuPy; ``plan_`` states the budget it planned with).
     seed : int
         Seed of Lanczos start vectors and SLQ probes.
     progress : bool
@@ -89,7 +91,7 @@ class LinearizedGP(Estimator):
     def __init__(self, prior_scale: float = 1.0, noise: Any = 1e-2, *, mean: str = "network",
                  output_mode: str = "full", method: str = "auto", rtol: float | None = None,
                  maxiter: int | None = None, preconditioner_rank: int = 100, variance_rank: int = 200,
-                 variance_cg_max: int = 256, num_probes: int = 30, exact_max_rows: int = 20000,
+                 variance_cg_max: int = 256, num_probes: int = 30, exact_max_rows: int | None = None,
                  kernel_dtype: Any = "float64", memory_budget: float | None = None, seed: int = 0,
                  progress: bool = False) -> None:
         self.prior_scale = v.check_positive(prior_scale, "prior_scale")
@@ -103,7 +105,8 @@ class LinearizedGP(Estimator):
         self.variance_rank = v.check_int(variance_rank, "variance_rank", minimum=1)
         self.variance_cg_max = v.check_int(variance_cg_max, "variance_cg_max", minimum=0)
         self.num_probes = v.check_int(num_probes, "num_probes", minimum=2)
-        self.exact_max_rows = v.check_int(exact_max_rows, "exact_max_rows", minimum=1)
+        self.exact_max_rows = None if exact_max_rows is None else v.check_int(exact_max_rows, "exact_max_rows",
+                                                                              minimum=1)
         self.kernel_dtype = _kernel_dtype_name(kernel_dtype)
         self.memory_budget = None if memory_budget is None else v.check_positive(memory_budget, "memory_budget")
         self.seed = v.check_int(seed, "seed", minimum=0)

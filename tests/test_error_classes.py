@@ -88,16 +88,20 @@ def allowed(cls: object, path: Path, in_stub: bool) -> bool:
 
 def local_imports(function: ast.AST | None) -> dict:
     """Names imported inside ``function`` (``from lingp_core._validate import X`` where a module-level import would
-    be circular): they resolve like the module's own."""
+    be circular): they resolve like the module's own. Optional packages missing here (CuPy on a CPU machine) bind
+    nothing: a raise that needed them stays unresolved and is reported."""
     names: dict = {}
     for node in ast.walk(function) if function is not None else ():
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            module = importlib.import_module(node.module)
-            names.update({a.asname or a.name: getattr(module, a.name, None) for a in node.names})
-        elif isinstance(node, ast.Import):
-            for a in node.names:  # `import x.y as z` binds x.y to z, `import x.y` binds x
-                names[a.asname or a.name.split(".")[0]] = importlib.import_module(a.name if a.asname else
-                                                                                  a.name.split(".")[0])
+        try:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                module = importlib.import_module(node.module)
+                names.update({a.asname or a.name: getattr(module, a.name, None) for a in node.names})
+            elif isinstance(node, ast.Import):
+                for a in node.names:  # `import x.y as z` binds x.y to z, `import x.y` binds x
+                    names[a.asname or a.name.split(".")[0]] = importlib.import_module(a.name if a.asname else
+                                                                                      a.name.split(".")[0])
+        except ImportError:
+            continue
     return names
 
 

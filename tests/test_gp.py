@@ -296,8 +296,11 @@ def test_save_load_predicts_identically(backend, rng, tmp_path, method, mode):
     path = gp.save(tmp_path / "model")
     loaded = lg.LinearizedGP.load(path, backend=backend.name)
     assert loaded.plan_ == gp.plan_ and loaded.data_hash_ == gp.data_hash_
+    # bit-identical on NumPy; cuBLAS may pick another kernel for the loaded (contiguous) copy of a task's strided
+    # Jacobian view than for the view itself, which moves the last bits: a few ulps of float64 there
+    rtol = 0.0 if backend.name == "numpy" else 100 * np.finfo(np.float64).eps
     for a, b in zip(gp.predict(Js, return_var=True), loaded.predict(Js, return_var=True)):
-        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+        np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=rtol, atol=0)
     assert loaded.log_marginal_likelihood() == gp.log_marginal_likelihood()
 
 
