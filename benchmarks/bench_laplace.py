@@ -154,8 +154,10 @@ def nll_over_prior_scales(model, X_tr, y_tr, X_te, y_te, backend_name: str, s_ev
     from lingp_core.laplace import LaplaceClassifier
 
     be = lg.get_backend(backend_name)
-    J = lg.export_jacobian(model, torch.as_tensor(X_tr, device=next(model.parameters()).device), backend=be)
-    J_star = lg.export_jacobian(model, torch.as_tensor(X_te, device=next(model.parameters()).device), backend=be)
+    device = "cuda" if be.name == "cupy" else "cpu"
+    model = model.to(device)  # the peers' run moved it to the CPU
+    J = lg.export_jacobian(model, torch.as_tensor(X_tr, device=device), backend=be)
+    J_star = lg.export_jacobian(model, torch.as_tensor(X_te, device=device), backend=be)
     theta = network_parameters(model, J, be)
     grid = [s_evidence * f for f in ORACLE_FACTORS]
     nll = [metrics(be.to_numpy(LaplaceClassifier(s).fit(J, be.asarray(y_tr), prior_mean=-theta)

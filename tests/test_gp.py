@@ -297,10 +297,12 @@ def test_save_load_predicts_identically(backend, rng, tmp_path, method, mode):
     loaded = lg.LinearizedGP.load(path, backend=backend.name)
     assert loaded.plan_ == gp.plan_ and loaded.data_hash_ == gp.data_hash_
     # bit-identical on NumPy; cuBLAS may pick another kernel for the loaded (contiguous) copy of a task's strided
-    # Jacobian view than for the view itself, which moves the last bits: a few ulps of float64 there
-    rtol = 0.0 if backend.name == "numpy" else 100 * np.finfo(np.float64).eps
+    # Jacobian view than for the view itself, which moves the last bits of the kernel entries (order 1 here): the
+    # variances, small differences of such entries, then differ by a few hundred ulps of the kernel's scale
     for a, b in zip(gp.predict(Js, return_var=True), loaded.predict(Js, return_var=True)):
-        np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=rtol, atol=0)
+        a, b = backend.to_numpy(a), backend.to_numpy(b)
+        atol = 0.0 if backend.name == "numpy" else 1e3 * np.finfo(np.float64).eps * max(1.0, np.abs(a).max())
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol)
     assert loaded.log_marginal_likelihood() == gp.log_marginal_likelihood()
 
 
