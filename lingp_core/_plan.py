@@ -91,8 +91,9 @@ def engine_bytes(method: str, pb: Problem) -> int:
         per_task = 2 * 8 * m * p + 3 * 8 * p * p + 8 * p * q  # dense J, Jᵀ J, V, eigh's work
     elif method == "iterative":
         # preconditioner and Lanczos bases (m × rank), CG's vectors (a few m × q) in the Jacobian's dtype
+        # and a float64 copy of a float32 Jacobian's blocks (what kernel_work counts for a converted kernel)
         ranks = min(pb.preconditioner_rank, m) + min(pb.variance_rank, m)
-        per_task = pb.noise_groups * (8 * m * ranks + 8 * pb.jacobian_itemsize * m * q)
+        per_task = pb.noise_groups * (8 * m * ranks + 8 * 8 * m * q) + pb.kernel_work
     else:
         raise v.InvalidOptionError(f"unknown method {method!r}")
     return pb.tasks * per_task

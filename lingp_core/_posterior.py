@@ -34,6 +34,17 @@ from lingp_core.solvers.cholesky import cholesky_from_upper
 
 _LOG_2PI = float(np.log(2 * np.pi))
 _VARIANCE_WARN = 0.1  # relative error of Lanczos-cache variances above which predict warns
+_ENERGY_CHUNK = 32  # test rows per parameter-space residual block (p × 32 float64)
+
+
+def _as_float64(J: JacobianBlocks) -> JacobianBlocks:
+    """J with its blocks in float64 (J itself when it is float64 already)."""
+    if J.dtype == np.float64:
+        return J
+    from lingp_core.kernels import _view
+
+    return JacobianBlocks(J.f0.astype(np.float64), _view(J, slice(0, J.n), None, np.dtype(np.float64)),
+                          backend=J.backend, outputs=J.outputs, weights_fingerprint=J.weights_fingerprint)
 
 
 def noise_groups(noise: np.ndarray, q: int) -> list[tuple[list[int], np.ndarray]]:
@@ -431,7 +442,10 @@ class Iterative:
     """Function space without forming K: CG with a pivoted-Cholesky preconditioner for α, variances by batched CG
     (small test sets) or a Lanczos cache (LOVE), log-determinant by stochastic Lanczos quadrature.
 
-    Computes in the Jacobian's dtype (the products run on its blocks); results are returned in float64.
+    Computes in float64 (on a float64 copy of a float32 Jacobian's blocks). Variances (output_mode "full", which
+    independent tasks use too) are sums of squares in parameter space, s·‖j* − Jᵀ w‖² + wᵀ D w with w ≈ C⁻¹ s·k*
+    from CG or the Lanczos cache (:meth:`_energy_variance`): no subtraction of nearly equal numbers, never negative,
+    and exact to the square of the solve's error; "trace" mode keeps prior − reduction.
     """
 
     space, solver = "function", "iterative"
@@ -443,6 +457,9 @@ class Iterative:
     def __init__(self, J: JacobianBlocks, mode: Any, *, rtol: float | None, maxiter: int | None, precond_rank: int,
                  variance_rank: int, variance_cg_max: int, num_probes: int, seed: int, progress: bool = False,
                  memory_budget: float | None = None):
+        # float64 throughout: where the noise is small against the kernel, float32 products leave CG's mean and the
+        # variances' solves orders of magnitude off (measured: 3e3× for σ² = 1e-3); on a GPU float64 costs little
+        J = _as_float64(J) if J is not None else J
         self.J, self.mode, self.backend, self.progress = J, mode, J.backend, progress
         self.dtype = J.dtype
         self.rtol, self.maxiter, self.precond_rank = rtol, maxiter, precond_rank
@@ -451,11 +468,12 @@ class Iterative:
         self.m = J.n * J.n_outputs if mode == "full" else J.n
         self.info: dict[str, Any] = {}
 
-    def _operator(self, s: float, d: np.ndarray) -> Any:
+    def _operator(self, s: float, d: np.ndarray, J: JacobianBlocks | None = None) -> Any:
+        J = self.J if J is None else J
         if d.shape[0] == 1:
-            return KernelOperator(self.J, prior_scale=s, output_mode=self.mode, noise=float(d[0]))
-        base = KernelOperator(self.J, prior_scale=s, output_mode=self.mode)
-        return AddedDiagonalOperator(base, self.backend.xp.asarray(d.astype(self.dtype)))
+            return KernelOperator(J, prior_scale=s, output_mode=self.mode, noise=float(d[0]))
+        base = KernelOperator(J, prior_scale=s, output_mode=self.mode)
+        return AddedDiagonalOperator(base, self.backend.xp.asarray(d.astype(J.dtype)))
 
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
         xp = self.backend.xp
@@ -518,41 +536,75 @@ class Iterative:
         prior = self.s * star.prior_diag()
         m_star = int(prior.shape[0])
         out = xp.empty((m_star, self.q))
+        cached = m_star > self.variance_cg_max
+        form = ", energy form" if self.mode == "full" else ""
+        self.info["variance_method"] = ("lanczos" if cached else "cg") + form
         for g, (cols, _) in enumerate(self.groups):
-            if m_star <= self.variance_cg_max:
-                x = self._solve(g, self.s * star.cross.T)
-                reduction = self.s * (star.cross * x.T).sum(axis=1)
-                self.info["variance_method"] = "cg"
-            else:
-                cache = self._love_cache(g)
-                reduction = self.s * (self.s * ((star.cross @ cache) ** 2).sum(axis=1))
-                self.info["variance_method"] = "lanczos"
-                self.info["variance_error"] = self._love_error(g, star, reduction)
-            out[:, cols] = (prior - reduction)[:, None]
+            w = self._love_solve(g, star.cross.T) if cached else self._solve(g, self.s * star.cross.T)
+            out[:, cols] = self._variances(g, star, w, np.arange(m_star))[:, None]
+            if cached:
+                self.info["variance_error"] = self._love_error(g, star, out[:, cols[0]])
         return out
 
-    def _love_error(self, g: int, star: StarRows, reduction: Any) -> float:
-        """Max over up to 8 test rows of |LOVE variance − CG variance| / |CG variance|: the truncation error relative
-        to the posterior variance itself (both are prior − reduction, so where the data shrink the variance far below
-        the prior the subtraction cancels and this relative error is what a user sees)."""
+    def _variances(self, g: int, star: StarRows, w: Any, rows: np.ndarray) -> Any:
+        """Variances (len(rows),) at test rows ``rows`` given w (m, len(rows)) ≈ C⁻¹ s·K0(X, x*_rows): the energy
+        form in output mode "full", prior − reduction in "trace"."""
+        if self.mode == "full":
+            return self._energy_variance(g, star, w, rows)
+        idx = self.backend.xp.asarray(rows)
+        return self.s * star.prior_diag()[idx] - self.s * (star.cross[idx] * w.T).sum(axis=1)
+
+    def _energy_variance(self, g: int, star: StarRows, w: Any, rows: np.ndarray) -> Any:
+        """Variances as sums of squares, var_i = s·‖j*_i − Jᵀ w_i‖² + w_iᵀ D w_i, for w_i ≈ C⁻¹ s·K0(X, x*_i),
+        C = s·K0 + D, at test rows ``rows`` (w's columns): (len(rows),), float64.
+
+        At the exact w this is s·k** − s² k*ᵀ C⁻¹ k* (expand the square: the cross terms cancel algebraically, not
+        in floating point); it is the minimum over w of that quadratic, so an inexact ŵ (CG, the Lanczos cache) only
+        adds (ŵ − w)ᵀ C (ŵ − w) — the C-norm error CG minimizes, squared in the solve's accuracy — and never goes
+        below zero. The p-vectors j*_i − Jᵀ w_i are formed explicitly in float64 (chunks of test rows), so no two
+        nearly equal scalars are subtracted where the posterior variance is far below the prior's."""
         xp = self.backend.xp
-        m_star = star.cross.shape[0]
+        J, J_star = self.J, _as_float64(star.J_star)
+        d = xp.asarray(np.broadcast_to(self.groups[g][1], (self.m,)))
+        out = (d[:, None] * w * w).sum(axis=0)
+        chunk = min(len(rows), _ENERGY_CHUNK)
+        v.check_memory(2 * v.nbytes_of((J.p, chunk), np.float64), v.resolve_memory_budget(self.memory_budget,
+                                                                                            self.backend),
+                       what=f"the iterative variances' parameter-space residuals ({J.p} × {chunk})",
+                       alternative="predict fewer test points per call")
+        m_star = J_star.n * J_star.n_outputs
+        for start in range(0, len(rows), _ENERGY_CHUNK):
+            part = rows[start: start + _ENERGY_CHUNK]
+            unit = xp.zeros((m_star, len(part)))
+            unit[xp.asarray(part), xp.arange(len(part))] = 1.0
+            residual = J_star.rmatmat(unit) - J.rmatmat(w[:, start: start + len(part)])  # (p, ·): j*_i − Jᵀ w_i
+            out[start: start + len(part)] += self.s * (residual * residual).sum(axis=0)
+        return out
+
+    def _love_solve(self, g: int, rhs: Any) -> Any:
+        """C⁻¹ s·rhs ≈ cache (cacheᵀ s·rhs) from the Lanczos cache: (m, k)."""
+        cache = self._love_cache(g)
+        return cache @ (cache.T @ (self.s * rhs))
+
+    def _love_error(self, g: int, star: StarRows, variances: Any) -> float:
+        """Max over up to 8 test rows of |LOVE variance − CG variance| / |CG variance|: the cache's truncation error
+        relative to the posterior variance itself (in the energy form it enters squared and only upwards; in
+        "trace" mode's prior − reduction it is magnified where the data shrink the variance far below the prior)."""
+        xp = self.backend.xp
+        m_star = int(variances.shape[0])
         rows = np.unique(np.linspace(0, m_star - 1, min(8, m_star)).astype(np.int64))
         idx = xp.asarray(rows)
-        cross = star.cross[idx]
-        x = self._solve(g, self.s * cross.T)
-        prior = self.s * star.prior_diag()[idx]
-        by_cg = prior - self.s * (cross * x.T).sum(axis=1)
-        by_love = prior - reduction[idx]
+        by_cg = self._variances(g, star, self._solve(g, self.s * star.cross[idx].T), rows)
+        by_love = variances[idx]
         floor = np.finfo(np.float64).tiny
         error = float(xp.max(xp.abs(by_love - by_cg) / xp.maximum(xp.abs(by_cg), floor)))
         if error > _VARIANCE_WARN:
+            prior = self.s * star.prior_diag()[idx]
             warnings.warn(f"iterative variances: the Lanczos cache (rank {self.info.get('lanczos_rank')}) is off by up "
-                          f"to {error:.2g} of the posterior variance on sampled test points (where the posterior "
-                          f"variance is as small as {float(xp.min(by_cg / prior)):.2g} of the prior's, prior − "
-                          f"reduction magnifies any error of the cache, and of {self.dtype} products); use an exact "
-                          "method, variance_cg_max ≥ the test rows, a larger variance_rank or a float64 Jacobian",
-                          v.NumericalWarning, stacklevel=4)
+                          f"to {error:.2g} of the posterior variance on sampled test points (posterior variance as "
+                          f"small as {float(xp.min(by_cg / prior)):.2g} of the prior's); use an exact method, "
+                          "variance_cg_max ≥ the test rows or a larger variance_rank", v.NumericalWarning,
+                          stacklevel=4)
         return error
 
     def cov(self, star: StarRows) -> Any:

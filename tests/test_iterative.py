@@ -1,0 +1,56 @@
+"""The matrix-free path where the posterior variance is far below the prior's (the cancellation regime): mean and
+every variance against the exact float64 path, from a float32 Jacobian (the common export of a float32 network)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import lingp_core as lg
+
+
+@pytest.fixture(scope="module")
+def regime():
+    """A float32 tanh MLP, 200 training inputs, 12 test inputs near them, σ² = 1e-3: posterior variances
+    1e-4..1e-7 of the prior's, where prior − reduction in float32 was off by orders of magnitude."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 48), torch.nn.Tanh(), torch.nn.Linear(48, 48), torch.nn.Tanh(),
+                              torch.nn.Linear(48, 1))
+    x = torch.randn(200, 3)
+    xs = x[:12] + 1e-3 * torch.randn(12, 3)
+    J, Js = lg.export_jacobian(net, x), lg.export_jacobian(net, xs)
+    assert J.dtype == np.float32
+    y = (J.f0 + 0.1 * np.sin(np.arange(200.0))[:, None]).astype(np.float32)
+    exact = lg.LinearizedGP(1.0, 1e-3, method="function-cholesky").fit(J, y)
+    mean, var = exact.predict(Js, return_var=True)
+    ratio = var[:, 0] / lg.kernel_diag(Js)
+    assert ratio.max() < 1e-3, "not the cancellation regime: the test proves nothing"
+    return J, Js, y, mean, var
+
+
+@pytest.mark.parametrize("variance_cg_max", [64, 0], ids=["cg", "lanczos"])
+def test_matrix_free_mean_and_every_variance_match_the_exact_path(regime, variance_cg_max):
+    J, Js, y, mean, var = regime
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no clamping or accuracy warning either
+        gp = lg.LinearizedGP(1.0, 1e-3, method="iterative", variance_cg_max=variance_cg_max,
+                             variance_rank=200).fit(J, y)
+        got_mean, got_var = gp.predict(Js, return_var=True)
+    assert np.abs(got_mean - mean).max() <= 1e-6 * np.abs(mean).max()
+    np.testing.assert_allclose(got_var, var, rtol=1e-2, atol=0)
+    assert gp.clamped_variances_ == 0
+    assert "energy form" in gp.diagnostics_[0]["variance_method"]
+
+
+def test_the_energy_form_only_errs_upwards(regime):
+    """With a deliberately loose CG tolerance the energy-form variances are off, but only upwards: the form is the
+    minimum of a quadratic at the exact solve, so no solve error can make a variance small or negative."""
+    J, Js, y, _, var = regime
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.ConvergenceWarning)
+        loose = lg.LinearizedGP(1.0, 1e-3, method="iterative", rtol=1e-3, variance_cg_max=64).fit(J, y)
+        got = loose.predict(Js, return_var=True)[1]
+    assert (got >= var * (1 - 1e-9)).all()
+    assert loose.clamped_variances_ == 0
