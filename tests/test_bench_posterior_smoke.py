@@ -65,6 +65,8 @@ def test_bench_posterior_quick(tmp_path):
     iterative = it["lingp_iterative"]
     assert iterative["plan"] == "iterative"
     assert relative(iterative["mean"], mean) <= tolerance(np.float32, 1000)
-    assert np.abs(np.array(iterative["var"]) - var).max() <= iterative["diagnostics"][0]["variance_error"]
+    # its variances: within the cache's error it reports, beyond the float32 export's own (the exact row's bound)
+    reported = iterative["diagnostics"][0]["variance_error"]
+    assert relative(iterative["var"], var) <= reported + tolerance(np.float32, 100)
     assert iterative["max_rel_mean_diff"] == relative(iterative["mean"], np.array(row["lingp"]["mean"]))
     assert (tmp_path / "bench_posterior_numpy_quick.png").exists()
