@@ -186,9 +186,52 @@ def run(args: argparse.Namespace) -> dict:
               f"{it['total_s']:>8.2f}   CG iterations {info['cg_iterations'][0][0]}, Lanczos rank "
               f"{info.get('lanczos_rank')}, estimated variance error {info.get('variance_error', float('nan')):.1e}"
               f"{versus}", flush=True)
-    return {"rows": rows, "iterative_rows": iterative_rows, "widths": list(widths), "n_test": N_TEST,
+    floor = None
+    if args.floor is not None:
+        floor = blas_floor(args.floor, widths, args.backend)
+        measured = exact.get(args.floor)
+        ratio = "" if measured is None else (f"; lingp fit + predict {measured['fit_s'] + measured['predict_s']:.2f} s"
+                                             f" = {(measured['fit_s'] + measured['predict_s']) / floor['floor_s']:.2f}"
+                                             "× the floor")
+        print(f"BLAS floor at n = {args.floor}: kernel {floor['kernel_flops']:.2e} flops at "
+              f"{floor['gemm_gflops']:.0f} GFLOP/s float64 GEMM = {floor['kernel_s']:.2f} s, plus a measured "
+              f"Cholesky {floor['cholesky_s']:.2f} s = {floor['floor_s']:.2f} s{ratio}", flush=True)
+    return {"rows": rows, "iterative_rows": iterative_rows, "widths": list(widths), "n_test": N_TEST, "floor": floor,
             "prior_scale": PRIOR_SCALE, "noise": NOISE,
             "machine": machine_info(args.backend), "quick": args.quick}
+
+
+def blas_floor(n: int, widths: tuple[int, ...], backend: str) -> dict:
+    """The machine's own floor for the exact path at n, measured in this run: the symmetric kernel's flops
+    (Σ over Linear layers of n²·(inputs + 1 + outputs), i.e. the upper halves of A Aᵀ and Δ Δᵀ at one output) at a
+    measured float64 GEMM rate, plus a measured in-place float64 Cholesky of the same n × n size."""
+    import numpy as np
+
+    import lingp_core as lg
+
+    be = lg.get_backend(backend)
+    xp = be.xp
+    rng = np.random.default_rng(0)
+    a = be.asarray(rng.standard_normal((2048, 2048)))
+    a @ a  # noqa: B018  (warm-up)
+    be.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ a  # noqa: B018
+    be.synchronize()
+    gemm_rate = 3 * 2 * 2048**3 / (time.perf_counter() - start)
+    flops = sum(n * n * (fan_in + 1 + fan_out) for fan_in, fan_out in zip(widths[:-1], widths[1:]))
+    m = be.asarray(rng.standard_normal((n, 64)))
+    spd = m @ m.T
+    spd[xp.arange(n), xp.arange(n)] += n
+    be.synchronize()
+    start = time.perf_counter()
+    be.cholesky_lower_in_place(spd)
+    be.synchronize()
+    cholesky_s = time.perf_counter() - start
+    kernel_s = flops / gemm_rate
+    return {"n": n, "gemm_gflops": gemm_rate / 1e9, "kernel_flops": flops, "kernel_s": kernel_s,
+            "cholesky_s": cholesky_s, "floor_s": kernel_s + cholesky_s}
 
 
 HEADER = (f"{'n':>6} {'p':>8} {'plan':>18} {'export s':>9} {'fit s':>7} {'pred s':>7} {'lingp s':>8} "
@@ -245,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", action="store_true",
                         help="no untimed warm-up: the first size runs twice, first in a fresh process (cold: torch "
                              "and CuPy set-up, kernel compilation) then warm, and both are reported")
+    parser.add_argument("--floor", type=int, default=None,
+                        help="also measure this machine's BLAS floor for the exact path at this n (the kernel's "
+                             "multiply-adds at a measured GEMM rate plus a measured Cholesky) and the ratio to it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_posterior")
     args = parser.parse_args(argv)
