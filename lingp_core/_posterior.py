@@ -542,17 +542,16 @@ class Iterative:
         form = ", energy form" if self.mode == "full" else ""
         self.info["variance_method"] = ("lanczos" if cached else "cg") + form
         for g, (cols, _) in enumerate(self.groups):
-            w = self._love_solve(g, star.cross.T) if cached else self._solve(g, self.s * star.cross.T)
+            use_cache = cached
+            if cached:  # the cache's error on sampled rows first: where it is too coarse, CG for every row instead
+                error = self._love_error(g, star)
+                self.info["variance_error"] = error
+                use_cache = error <= VARIANCE_TOLERANCE
+                if not use_cache:
+                    self.info["variance_method"] = (f"cg{form} (the rank-{self.info.get('lanczos_rank')} Lanczos "
+                                                    f"cache was off by {error:.2g} on sampled test rows)")
+            w = self._love_solve(g, star.cross.T) if use_cache else self._solve(g, self.s * star.cross.T)
             out[:, cols] = self._variances(g, star, w, np.arange(m_star))[:, None]
-            if not cached:
-                continue
-            error = self._love_error(g, star, out[:, cols[0]])
-            self.info["variance_error"] = error
-            if error > VARIANCE_TOLERANCE:  # the cache is too coarse here: exact CG variances for every test row
-                w = self._solve(g, self.s * star.cross.T)
-                out[:, cols] = self._variances(g, star, w, np.arange(m_star))[:, None]
-                self.info["variance_method"] = (f"cg{form} (the rank-{self.info.get('lanczos_rank')} Lanczos cache "
-                                                f"was off by {error:.2g} on sampled test rows)")
         return out
 
     def _variances(self, g: int, star: StarRows, w: Any, rows: np.ndarray) -> Any:
@@ -595,16 +594,16 @@ class Iterative:
         cache = self._love_cache(g)
         return cache @ (cache.T @ (self.s * rhs))
 
-    def _love_error(self, g: int, star: StarRows, variances: Any) -> float:
+    def _love_error(self, g: int, star: StarRows) -> float:
         """Max over up to 8 test rows of |LOVE variance − CG variance| / |CG variance|: the cache's truncation error
         relative to the posterior variance itself (in the energy form it enters squared and only upwards; in
         "trace" mode's prior − reduction it is magnified where the data shrink the variance far below the prior)."""
         xp = self.backend.xp
-        m_star = int(variances.shape[0])
+        m_star = int(star.cross.shape[0])
         rows = np.unique(np.linspace(0, m_star - 1, min(8, m_star)).astype(np.int64))
-        idx = xp.asarray(rows)
-        by_cg = self._variances(g, star, self._solve(g, self.s * star.cross[idx].T), rows)
-        by_love = variances[idx]
+        sampled = star.cross[xp.asarray(rows)].T
+        by_cg = self._variances(g, star, self._solve(g, self.s * sampled), rows)
+        by_love = self._variances(g, star, self._love_solve(g, sampled), rows)
         floor = np.finfo(np.float64).tiny
         return float(xp.max(xp.abs(by_love - by_cg) / xp.maximum(xp.abs(by_cg), floor)))
 
