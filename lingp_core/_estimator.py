@@ -75,8 +75,8 @@ class Estimator:
         return J_star
 
     # ----- persistence --------------------------------------------------------------------------------------------
-    def _archive(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(arrays, config, expected shapes of the arrays) for :meth:`save`."""
+    def _archive(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(arrays, JSON config) for :meth:`save`."""
         raise NotImplementedError
 
     @classmethod

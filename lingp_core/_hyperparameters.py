@@ -96,8 +96,8 @@ def optimize(model: Any, per_output_noise: bool, maxiter: int) -> None:
         model._switch(chosen)  # the method the user forced, at the optimized hyperparameters
     else:
         model._fit_engines()
-    at_bound = [float(x) for x in result.x if min(abs(x - LOG_BOUNDS[0]), abs(x - LOG_BOUNDS[1])) < 1e-6]
+    at_bound = bool(np.any(np.minimum(np.abs(result.x - LOG_BOUNDS[0]), np.abs(result.x - LOG_BOUNDS[1])) < 1e-6))
     model.optimization_ = {"success": bool(result.success), "message": str(result.message),
                            "iterations": int(result.nit), "evaluations": int(result.nfev),
                            "lml_before": lml_before, "lml_after": model.log_marginal_likelihood(),
-                           "at_bound": bool(at_bound), **model._hyperparameters()}
+                           "at_bound": at_bound, **model._hyperparameters()}

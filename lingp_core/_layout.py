@@ -34,7 +34,7 @@ class OutputLayout:
     def tasks(self, J: JacobianBlocks | None, c: int) -> list[Task]:
         """The tasks of J (or, with J None, of a model loaded without its Jacobian)."""
         if self.mode == "independent":
-            return [Task(None if J is None else output_view(J, k), "full", k) for k in range(c)]
+            return [Task(None if J is None else J.select(output=k), "full", k) for k in range(c)]
         return [Task(J, self.mode, None)]
 
     def rows(self, n: int, c: int) -> int:
@@ -76,8 +76,3 @@ class OutputLayout:
         if self.mode == "full":
             return np.tile(np.arange(c), n)[:, None]
         return np.array([[task.output]]) if task.output is not None else np.arange(c)[None, :]
-
-
-def output_view(J: JacobianBlocks, k: int) -> JacobianBlocks:
-    """The rows of output k of J as a one-output JacobianBlocks (views of J's arrays where possible)."""
-    return J.select(output=k)

@@ -62,9 +62,7 @@ class Problem:
     m: int
     q: int
     p: int
-    backend: str
     kernel_itemsize: int  # 8 (float64 kernel) or 4 (float32)
-    jacobian_itemsize: int
     noise_groups: int  # factors per task (one per distinct noise column)
     preconditioner_rank: int
     variance_rank: int
@@ -77,26 +75,24 @@ def engine_bytes(method: str, pb: Problem) -> int:
     if method == "function-cholesky":
         # the kernel, whose lower triangle becomes the first factor in place (float64, by LAPACK or cuSOLVER potrf
         # on its own buffer); a float32 kernel or a further noise group needs a float64 factor of its own
-        in_place = pb.kernel_itemsize == 8
-        factors = (pb.noise_groups - (1 if in_place else 0)) * 8 * m * m
-        per_task = pb.kernel_itemsize * m * m + factors + 8 * m * q
-        return pb.tasks * per_task + pb.kernel_work  # the tasks' kernels are assembled one after another
+        factors = pb.noise_groups - (1 if pb.kernel_itemsize == 8 else 0)
+        per_task = pb.kernel_itemsize * m * m + factors * 8 * m * m + 8 * m * q
     elif method == "function-spectral":
         per_task = pb.kernel_itemsize * m * m + 8 * m * m * 3 + 8 * m * q  # K0, its float64 copy, U, eigh's work
-        return pb.tasks * per_task + pb.kernel_work
     elif method == "parameter-cholesky":
         # dense J (float64) and its noise-weighted copy, Jᵀ D⁻¹ J and its factor per noise group
         per_task = 2 * 8 * m * p + 2 * 8 * p * p * pb.noise_groups + 8 * p * q
     elif method == "parameter-spectral":
         per_task = 2 * 8 * m * p + 3 * 8 * p * p + 8 * p * q  # dense J, Jᵀ J, V, eigh's work
     elif method == "iterative":
-        # preconditioner and Lanczos bases (m × rank), CG's vectors (a few m × q) in the Jacobian's dtype
-        # and a float64 copy of a float32 Jacobian's blocks (what kernel_work counts for a converted kernel)
+        # preconditioner and Lanczos bases (m × rank) and CG's vectors (a few m × q), float64, and the float64 copy
+        # of a float32 Jacobian's blocks each engine computes on (what kernel_work counts for a converted kernel)
         ranks = min(pb.preconditioner_rank, m) + min(pb.variance_rank, m)
         per_task = pb.noise_groups * (8 * m * ranks + 8 * 8 * m * q) + pb.kernel_work
     else:
         raise v.InvalidOptionError(f"unknown method {method!r}")
-    return pb.tasks * per_task
+    # function space: the tasks' kernels are assembled one after another, each with kernel_work beside it
+    return pb.tasks * per_task + (pb.kernel_work if method.startswith("function") else 0)
 
 
 def choose(method: str, pb: Problem, budget: int, *, parameter_ok: bool, per_row_noise: bool,
@@ -159,10 +155,10 @@ def problem_of(J: Any, layout: Any, noise: Any, settings: Any) -> Problem:
     """The Problem of fitting training Jacobian J with this output layout, noise and settings."""
     n, c = J.n, J.n_outputs
     m, q = layout.rows(n, c), layout.columns(c)
-    groups = 1 if isinstance(noise, float) or layout.mode == "full" else len({float(x) for x in noise}) \
-        if layout.mode == "trace" else 1
+    # one factor per distinct noise column: only "trace" tasks have several columns with their own noise
+    groups = len({float(x) for x in noise}) if layout.mode == "trace" and not isinstance(noise, float) else 1
     tasks = c if layout.mode == "independent" else 1
     rows_J = J.select(output=0) if layout.mode != "full" else J  # a task's kernel assembles one output's rows
-    return Problem(tasks, m, q, J.p, J.backend.name, 4 if settings.kernel_dtype == "float32" else 8,
-                   J.dtype.itemsize, groups, settings.preconditioner_rank, settings.variance_rank,
+    return Problem(tasks, m, q, J.p, 4 if settings.kernel_dtype == "float32" else 8, groups,
+                   settings.preconditioner_rank, settings.variance_rank,
                    work_bytes(rows_J, rows_J.n, settings.kernel_dtype, symmetric=True))

@@ -96,7 +96,7 @@ class StarRows:
                  kernel_dtype: Any = np.float64):
         self.J_star, self.J, self.mode, self.budget = J_star, J, mode, memory_budget
         self.kernel_dtype = kernel_dtype
-        self._cross = self._dense = self._diag = None
+        self._cross = self._dense = self._diag = self._float64 = None
 
     @property
     def cross(self) -> Any:
@@ -105,6 +105,13 @@ class StarRows:
             self._cross = kernel(self.J_star, self.J, output_mode=self.mode, dtype=self.kernel_dtype,
                                  memory_budget=self.budget)
         return self._cross
+
+    @property
+    def J_star_float64(self) -> JacobianBlocks:
+        """J* with float64 blocks (converted once per predict call; J* itself when float64)."""
+        if self._float64 is None:
+            self._float64 = _as_float64(self.J_star)
+        return self._float64
 
     def prior_diag(self) -> Any:
         """diag K0(X*, X*): (m*,), float64 (computed once; the engines and the variance clamp all need it)."""
@@ -461,7 +468,7 @@ class Iterative:
                  memory_budget: float | None = None):
         # float64 throughout: where the noise is small against the kernel, float32 products leave CG's mean and the
         # variances' solves orders of magnitude off (measured: 3e3× for σ² = 1e-3); on a GPU float64 costs little
-        J = _as_float64(J) if J is not None else J
+        J = _as_float64(J)
         self.J, self.mode, self.backend, self.progress = J, mode, J.backend, progress
         self.dtype = J.dtype
         self.rtol, self.maxiter, self.precond_rank = rtol, maxiter, precond_rank
@@ -572,7 +579,7 @@ class Iterative:
         below zero. The p-vectors j*_i − Jᵀ w_i are formed explicitly in float64 (chunks of test rows), so no two
         nearly equal scalars are subtracted where the posterior variance is far below the prior's."""
         xp = self.backend.xp
-        J, J_star = self.J, _as_float64(star.J_star)
+        J, J_star = self.J, star.J_star_float64
         d = xp.asarray(np.broadcast_to(self.groups[g][1], (self.m,)))
         out = (d[:, None] * w * w).sum(axis=0)
         chunk = min(len(rows), _ENERGY_CHUNK)

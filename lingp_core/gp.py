@@ -427,7 +427,7 @@ class LinearizedGP(Estimator):
 
     def _draft(self) -> LinearizedGP:
         """A shallow copy whose engines are copies: refits rebind their attributes, never the committed ones'."""
-        draft = copy.copy(self)
+        draft = super()._draft()
         if self._engines is not None:
             draft._engines = [copy.copy(engine) for engine in self._engines]
         return draft

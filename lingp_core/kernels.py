@@ -23,7 +23,7 @@ from backends._triangles import fill_lower
 from lingp_core import _validate as v
 from lingp_core._progress import progress_bar
 from lingp_core._validate import SignatureShapeError
-from lingp_core.jacobian import JacobianBlocks, product_work
+from lingp_core.jacobian import _WORK_ELEMENTS, JacobianBlocks, product_work
 from lingp_core.operators import LinearOperator
 
 OUTPUT_MODES = ("full", "independent", "trace")
@@ -181,8 +181,9 @@ def work_bytes(J1: JacobianBlocks, n2: int, dtype: Any, *, symmetric: bool) -> i
 def _check_finite_kernel(values: Any, J1: JacobianBlocks, J2: JacobianBlocks, s: float) -> None:
     """NonFiniteError in the user's terms when a kernel from finite Jacobians overflowed its dtype."""
     xp = J1.backend.xp
+    flat = values.reshape(-1)  # K is C-contiguous: a view; checked a chunk at a time (no n × n boolean array)
     with np.errstate(over="ignore", invalid="ignore"):
-        if bool(xp.isfinite(values).all()):
+        if all(bool(xp.isfinite(flat[i: i + _WORK_ELEMENTS]).all()) for i in range(0, flat.size, _WORK_ELEMENTS)):
             return
     largest = max(float(xp.max(xp.abs(a))) for J in (J1, J2) for b in J.blocks for a in b.to_arrays()[0].values()
                   if a.size)

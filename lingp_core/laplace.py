@@ -203,7 +203,7 @@ class LaplaceClassifier(Estimator):
 
     def _draft(self) -> LaplaceClassifier:
         """A shallow copy with a copy of the engine: refits rebind the engine's attributes, never the committed's."""
-        draft = copy.copy(self)
+        draft = super()._draft()
         draft._engine = copy.copy(self._engine)
         draft.prior_scale_history_ = list(self.prior_scale_history_)
         return draft

@@ -13,9 +13,9 @@ PAPER_P = 803_601  # the paper's speed-test MLP
 PAPER_WORK = 100_000 * 4810 * 8 + 2 * 1024 * 4810 * 8 + 2 * 8 * 1024 * 1024  # its kernel's assembly at n = 1e5
 
 
-def problem(m, p=PAPER_P, backend="cupy", work=PAPER_WORK, groups=1):
-    return _plan.Problem(tasks=1, m=m, q=1, p=p, backend=backend, kernel_itemsize=8, jacobian_itemsize=4,
-                         noise_groups=groups, preconditioner_rank=100, variance_rank=200, kernel_work=work)
+def problem(m, p=PAPER_P, work=PAPER_WORK, groups=1):
+    return _plan.Problem(tasks=1, m=m, q=1, p=p, kernel_itemsize=8, noise_groups=groups, preconditioner_rank=100,
+                         variance_rank=200, kernel_work=work)
 
 
 def choose(pb, budget, method="auto", exact_max_rows=None):
