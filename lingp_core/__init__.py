@@ -26,6 +26,8 @@ from lingp_core._validate import (
     ValueRangeError,
 )
 from lingp_core.autograd_operator import AutogradJacobian
+from lingp_core.class_probabilities import probability_of_largest
+from lingp_core.dirichlet import DirichletClassifier, dirichlet_targets
 from lingp_core.export import LAST_LAYER, STRUCTURES, export_jacobian
 from lingp_core.fisher import LOWRANK_METHODS, FisherOperator, LowRankResult, fisher, fisher_lowrank, kernel_lowrank
 from lingp_core.gp import GP_METHODS, MEANS, LinearizedGP, Plan
@@ -85,6 +87,7 @@ __all__ = [
     "CholeskyResult",
     "DenseBlock",
     "DenseOperator",
+    "DirichletClassifier",
     "EigenResult",
     "FactoredLinearBlock",
     "FisherOperator",
@@ -124,6 +127,7 @@ __all__ = [
     "available_backends",
     "cg",
     "cholesky_from_upper",
+    "dirichlet_targets",
     "export_jacobian",
     "fisher",
     "fisher_lowrank",
@@ -139,5 +143,6 @@ __all__ = [
     "nystrom_preconditioner",
     "pivoted_cholesky",
     "pivoted_cholesky_preconditioner",
+    "probability_of_largest",
     "safe_cholesky",
 ]

@@ -27,7 +27,8 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class OutputLayout:
-    """The output mode of a model with c outputs and its noise (one float, or a host array of c values)."""
+    """The output mode of a model with c outputs and its noise (one float, a host array of c values, or a host array
+    (n, c) of one value per observation)."""
 
     mode: str
 
@@ -61,9 +62,14 @@ class OutputLayout:
             out += values
 
     def task_noise(self, noise: Any, task: Task, n: int) -> np.ndarray:
-        """The noise of a task as a host array broadcastable to its (m, q) targets."""
+        """The noise of a task as a host array broadcastable to its (m, q) targets: from one σ², one per output (c,)
+        or one per observation (n, c)."""
         if isinstance(noise, float):
             return np.array([[noise]])
+        if noise.ndim == 2:
+            if self.mode == "full":
+                return noise.reshape(-1, 1)
+            return noise[:, task.output: task.output + 1] if task.output is not None else noise
         if self.mode == "full":
             return np.tile(noise, n)[:, None]
         return np.array([[noise[task.output]]]) if task.output is not None else noise[None, :]
@@ -76,3 +82,17 @@ class OutputLayout:
         if self.mode == "full":
             return np.tile(np.arange(c), n)[:, None]
         return np.array([[task.output]]) if task.output is not None else np.arange(c)[None, :]
+
+
+def noise_groups(noise: np.ndarray, q: int) -> list[tuple[list[int], np.ndarray]]:
+    """Columns of R that share one noise column: [(columns, noise (m,) or (1,))], in column order."""
+    cols = np.broadcast_to(noise, (noise.shape[0], q))
+    groups: list[tuple[list[int], np.ndarray]] = []
+    for j in range(q):
+        for members, value in groups:
+            if np.array_equal(value, cols[:, j]):
+                members.append(j)
+                break
+        else:
+            groups.append(([j], cols[:, j].copy()))
+    return groups

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 from lingp_core import _validate as v
+from lingp_core._layout import noise_groups
 from lingp_core.kernels import work_bytes
 
 
@@ -156,7 +157,9 @@ def problem_of(J: Any, layout: Any, noise: Any, settings: Any) -> Problem:
     n, c = J.n, J.n_outputs
     m, q = layout.rows(n, c), layout.columns(c)
     # one factor per distinct noise column: only "trace" tasks have several columns with their own noise
-    groups = len({float(x) for x in noise}) if layout.mode == "trace" and not isinstance(noise, float) else 1
+    groups = 1
+    if layout.mode == "trace" and not isinstance(noise, float):
+        groups = len(noise_groups(layout.task_noise(noise, layout.tasks(None, c)[0], n), q))
     tasks = c if layout.mode == "independent" else 1
     rows_J = J.select(output=0) if layout.mode != "full" else J  # a task's kernel assembles one output's rows
     return Problem(tasks, m, q, J.p, 4 if settings.kernel_dtype == "float32" else 8, groups,

@@ -25,6 +25,7 @@ import backends
 from backends import Backend
 from backends._triangles import TILE, fill_lower
 from lingp_core import _validate as v
+from lingp_core._layout import noise_groups
 from lingp_core._progress import iteration_callback, progress_bar
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
@@ -47,20 +48,6 @@ def _as_float64(J: JacobianBlocks) -> JacobianBlocks:
 
     return JacobianBlocks(J.f0.astype(np.float64), _view(J, slice(0, J.n), None, np.dtype(np.float64)),
                           backend=J.backend, outputs=J.outputs, weights_fingerprint=J.weights_fingerprint)
-
-
-def noise_groups(noise: np.ndarray, q: int) -> list[tuple[list[int], np.ndarray]]:
-    """Columns of R that share one noise column: [(columns, noise (m,) or (1,))], in column order."""
-    cols = np.broadcast_to(noise, (noise.shape[0], q))
-    groups: list[tuple[list[int], np.ndarray]] = []
-    for j in range(q):
-        for members, value in groups:
-            if np.array_equal(value, cols[:, j]):
-                members.append(j)
-                break
-        else:
-            groups.append(([j], cols[:, j].copy()))
-    return groups
 
 
 def largest_eigenvalue(K: Any, steps: int = 20) -> float:
@@ -97,6 +84,13 @@ class StarRows:
         self.J_star, self.J, self.mode, self.budget = J_star, J, mode, memory_budget
         self.kernel_dtype = kernel_dtype
         self._cross = self._dense = self._diag = self._float64 = None
+        self._memo: dict[Any, Any] = {}
+
+    def memo(self, key: Any, compute: Any) -> Any:
+        """``compute()`` once per predict call under ``key`` (an engine's projections of the test rows)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def cross(self) -> Any:
@@ -306,8 +300,22 @@ class FunctionSpectral:
         return self.s * (star.cross @ self.alpha)
 
     def var(self, star: StarRows) -> Any:
-        w = star.cross @ self.U
-        return self.s * (star.prior_diag()[:, None] - self.s * ((w**2) @ (1.0 / self.d)))
+        return self.var_at(star, self.s, self.noise)
+
+    def _projection(self, star: StarRows) -> Any:
+        """K0(X*, X) U (m*, m), once per predict call."""
+        return star.memo((id(self), "KU"), lambda: star.cross @ self.U)
+
+    def mean_at(self, star: StarRows, s: float, noise: np.ndarray) -> Any:
+        """The posterior mean at other hyperparameters (s, σ² per column), from the kept spectrum: O(m*·m·q)."""
+        d = s * self.lam[:, None] + self.backend.xp.asarray(noise)[None, :]
+        return s * (self._projection(star) @ (self.Z / d))
+
+    def var_at(self, star: StarRows, s: float, noise: np.ndarray) -> Any:
+        """The latent variances at other hyperparameters: s·k** − s²·Σ_i w_i² / (sλ_i + σ²)."""
+        d = s * self.lam[:, None] + self.backend.xp.asarray(noise)[None, :]
+        w = self._projection(star)
+        return s * (star.prior_diag()[:, None] - s * ((w**2) @ (1.0 / d)))
 
     def cov(self, star: StarRows) -> Any:
         w = star.cross @ self.U
@@ -433,8 +441,25 @@ class ParameterSpectral:
         return star.dense @ self.mu
 
     def var(self, star: StarRows) -> Any:
-        w = star.dense @ self.V  # var = Σ_i w_i² / (λ_i/σ² + 1/s) = Σ_i w_i² σ² · shrink_i
+        w = self._projection(star)  # var = Σ_i w_i² / (λ_i/σ² + 1/s) = Σ_i w_i² σ² · shrink_i
         return (w**2) @ (self.shrink * self.backend.xp.asarray(self.noise)[None, :])
+
+    def _projection(self, star: StarRows) -> Any:
+        """J* V (m*, p), once per predict call."""
+        return star.memo((id(self), "JV"), lambda: star.dense @ self.V)
+
+    def _shrink_at(self, s: float, noise: np.ndarray) -> Any:
+        return 1.0 / (self.lam[:, None] + self.backend.xp.asarray(noise)[None, :] / s)
+
+    def mean_at(self, star: StarRows, s: float, noise: np.ndarray) -> Any:
+        """The posterior mean at other hyperparameters: J* V (Vᵀ Jᵀ r · shrink(s, σ²)), Vᵀ Jᵀ r recovered from the
+        fitted μ (= V (Vᵀ Jᵀ r · shrink)), so a loaded model can do it too."""
+        projected_targets = star.memo((id(self), "VtJtR"), lambda: (self.V.T @ self.mu) / self.shrink)
+        return self._projection(star) @ (projected_targets * self._shrink_at(s, noise))
+
+    def var_at(self, star: StarRows, s: float, noise: np.ndarray) -> Any:
+        scale = self._shrink_at(s, noise) * self.backend.xp.asarray(noise)[None, :]
+        return (self._projection(star) ** 2) @ scale
 
     def cov(self, star: StarRows) -> Any:
         w = star.dense @ self.V

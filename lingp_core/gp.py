@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import backends
+from lingp_core import _averaging as averaging
 from lingp_core import _hyperparameters as hyper
 from lingp_core import _plan, io
 from lingp_core import _posterior as post
@@ -51,8 +52,10 @@ class LinearizedGP(Estimator):
     ----------
     prior_scale : float
         s > 0, the prior variance of θ − θ̂; the kernel is s · J Jᵀ.
-    noise : float or array_like of shape (c,)
-        σ² > 0, the noise variance, for all outputs or per output.
+    noise : float, or array_like of shape (c,) or (n, c)
+        σ² > 0, the noise variance: one for all outputs, one per output, or one per observation (fixed
+        heteroscedastic noise, e.g. from :class:`~lingp_core.DirichletClassifier`; fitted by a Cholesky method, and
+        :meth:`optimize_hyperparameters` then fits s alone).
     mean : {"network", "zero", "constant"}
         Prior mean: the network outputs f₀ (default), zero, or per-output means of the training targets.
     output_mode : {"full", "independent", "trace"}
@@ -95,7 +98,7 @@ class LinearizedGP(Estimator):
                  kernel_dtype: Any = "float64", memory_budget: float | None = None, seed: int = 0,
                  progress: bool = False) -> None:
         self.prior_scale = v.check_positive(prior_scale, "prior_scale")
-        self.noise = check_noise(noise)
+        self.noise = _check_gp_noise(noise)
         self.mean = v.check_choice(mean, "mean", MEANS)
         self.output_mode = v.check_choice(output_mode, "output_mode", OUTPUT_MODES)
         self.method = v.check_choice(method, "method", GP_METHODS)
@@ -117,7 +120,7 @@ class LinearizedGP(Estimator):
     _KIND = "LinearizedGP"
 
     def __repr__(self) -> str:
-        noise = self.noise if isinstance(self.noise, float) else self.noise.tolist()
+        noise = _noise_summary(self.noise)
         fitted = f", plan={self.plan_.method!r}" if self.is_fitted else ""
         return (f"LinearizedGP(prior_scale={self.prior_scale:.4g}, noise={noise}, mean={self.mean!r}, "
                 f"output_mode={self.output_mode!r}, method={self.method!r}{fitted})")
@@ -151,7 +154,10 @@ class LinearizedGP(Estimator):
                                    f"(n, c) = {(n, c)}")
             y = y[:, None]
         v.check_shape(y, "y", (n, c))
-        if not isinstance(self.noise, float) and self.noise.size != c:
+        if _per_observation(self.noise) and self.noise.shape != (n, c):
+            raise v.ShapeError(f"noise has shape {self.noise.shape} (one variance per observation) but J and y have "
+                               f"(n, c) = {(n, c)}")
+        if not isinstance(self.noise, float) and self.noise.ndim == 1 and self.noise.size != c:
             raise v.ShapeError(f"noise has {self.noise.size} per-output variances but J has c = {c} outputs")
         draft = self._draft()
         with float_errors_checked():
@@ -161,7 +167,7 @@ class LinearizedGP(Estimator):
 
     def _condition(self, J: JacobianBlocks, y: Any) -> None:
         """Fit this (draft) model to validated float64 targets y (n, c)."""
-        for stale in ("optimization_", "clamped_variances_", "lml_std_error_", "_saved_lml"):
+        for stale in ("optimization_", "clamped_variances_", "lml_std_error_", "_saved_lml", "_mixture", "averaging_"):
             self.__dict__.pop(stale, None)
         be, n, c = J.backend, J.n, J.n_outputs
         self._backend, self.n_, self.c_, self.p_ = be, n, c, J.p
@@ -196,7 +202,8 @@ class LinearizedGP(Estimator):
 
     def _choose_plan(self, J: JacobianBlocks) -> Plan:
         budget = v.resolve_memory_budget(self.memory_budget, J.backend)
-        per_row_noise = self.output_mode == "full" and not isinstance(self.noise, float)
+        per_row_noise = _per_observation(self.noise) or (self.output_mode == "full"
+                                                         and not isinstance(self.noise, float))
         return _plan.choose(self.method, self._problem(J), budget, parameter_ok=self.output_mode != "trace",
                             per_row_noise=per_row_noise, exact_max_rows=self.exact_max_rows)
 
@@ -272,15 +279,21 @@ class LinearizedGP(Estimator):
         xp = self._backend.xp
         n_star, c = J_star.n, J_star.n_outputs
         stars = self._stars(J_star)
+        mixture = getattr(self, "_mixture", None)
+        if mixture is not None and return_cov:
+            raise v.MissingCapabilityError("a model averaged over its hyperparameters predicts a mixture of Gaussians: "
+                                           "return_cov and sample() are not available for it (use return_var, or "
+                                           "refit at one (s, σ²))")
         mean = self._prior_mean(J_star)
-        for task, engine, star in zip(self._tasks, self._engines, stars):
-            self._layout.place(mean, task, engine.mean(star))
+        moments = [self._task_moments(engine, star, mixture, return_var) for engine, star in zip(self._engines, stars)]
+        for task, (task_mean, _) in zip(self._tasks, moments):
+            self._layout.place(mean, task, task_mean)
         self._check_prediction(mean, "posterior mean", J_star)
         results = [mean]
         if return_var:
             var = xp.zeros((n_star, c))
-            for task, engine, star in zip(self._tasks, self._engines, stars):
-                self._layout.place(var, task, engine.var(star))
+            for task, (_, task_var) in zip(self._tasks, moments):
+                self._layout.place(var, task, task_var)
             self._check_prediction(var, "posterior variances", J_star)
             prior_scale = self.prior_scale * xp.maximum(self._prior_diag(stars, n_star, c), 0.0)
             var, negative, significant = post.clamp_variances(var, prior_scale, xp)
@@ -292,6 +305,17 @@ class LinearizedGP(Estimator):
             self._check_prediction(cov, "posterior covariance", J_star)
             results.append(cov)
         return results[0] if len(results) == 1 else tuple(results)
+
+    @staticmethod
+    def _task_moments(engine: Any, star: post.StarRows, mixture: Any, return_var: bool) -> tuple[Any, Any]:
+        """A task's posterior mean and (with return_var) variances: the engine's, or the hyperparameter mixture's."""
+        if mixture is None:
+            return engine.mean(star), engine.var(star) if return_var else None
+
+        def component(g: int) -> tuple[Any, Any]:
+            s, noise = float(mixture.prior_scales[g]), np.full(engine.q, mixture.noises[g])
+            return engine.mean_at(star, s, noise), engine.var_at(star, s, noise) if return_var else 0.0
+        return averaging.mixture_moments(component, mixture.weights)
 
     def _check_prediction(self, values: Any, what: str, J_star: JacobianBlocks) -> None:
         """NonFiniteError in the user's terms when a prediction overflowed (the inputs were checked finite)."""
@@ -425,6 +449,57 @@ class LinearizedGP(Estimator):
         self._commit(draft)
         return self
 
+    def average_hyperparameters(self, *, grid_size: int = 41, span: float = averaging.SPAN_DECADES,
+                                hyperprior: Any = None, keep_mass: float = 1 - 1e-9) -> LinearizedGP:
+        """Average the predictions over (s, σ²) weighted by their posterior on a log grid (Bayesian model averaging).
+
+        The grid is ``grid_size`` × ``grid_size`` points uniform in (log s, log σ²), centred at the data-scaled
+        (s₀, σ²₀) (s₀·mean diag K0 = σ²₀ = half the targets' mean square about the prior mean): s within ±``span``
+        decades, σ² from ``span`` decades below σ²₀ to 10·σ²₀. Weights ∝ marginal likelihood × hyperprior; points
+        holding less than 1 − ``keep_mass`` of the weight together are dropped. Runs on one eigendecomposition
+        (a spectral method; each grid point costs O(n·c)); predictions then return the mixture's mean and variance
+        (:mod:`lingp_core._averaging`), and ``averaging_`` describes the grid. The engines are refitted at the
+        heaviest point, which ``prior_scale``, ``noise`` and :meth:`log_marginal_likelihood` report. A refit, or
+        :meth:`optimize_hyperparameters`, ends the averaging. Needs one shared noise variance. Like fit, it runs
+        aside: if it fails the model is unchanged.
+
+        Parameters
+        ----------
+        grid_size : int
+            Points per axis (≥ 3).
+        span : float
+            Decades of the grid either side of s₀ (and below σ²₀), > 0.
+        hyperprior : None, "data" or Hyperprior
+            None: a prior uniform in (log s, log σ²) over the grid; "data" or a Hyperprior: log-normal priors (see
+            :meth:`optimize_hyperparameters`).
+        keep_mass : float
+            Posterior mass kept, in (0, 1].
+        """
+        self._check_fitted()
+        if not hasattr(self, "_R"):
+            raise v.NotFittedError("a loaded model holds no training targets: refit it with fit(J, y) to average")
+        grid_size = v.check_int(grid_size, "grid_size", minimum=3)
+        span = v.check_positive(span, "span")
+        keep_mass = v.check_positive(keep_mass, "keep_mass")
+        if keep_mass > 1:
+            raise v.ValueRangeError(f"keep_mass must lie in (0, 1], got {keep_mass}")
+        if not isinstance(self.noise, float):
+            raise v.InvalidOptionError("averaging needs one shared noise variance (the grid is over s and one σ²); "
+                                       f"this model has noise of shape {self.noise.shape}")
+        if self.plan_.method == "iterative":
+            raise v.InvalidOptionError("averaging needs a spectral method (one eigendecomposition for every grid "
+                                       "point); the iterative path has none: average on a subset, or force "
+                                       "method='function-spectral' / 'parameter-spectral' if it fits")
+        log_prior = (lambda log_s, log_noise: np.zeros_like(log_s)) if hyperprior is None else \
+            hyper.log_hyperprior(self, hyperprior)
+        draft = self._draft()
+        for stale in ("optimization_", "_mixture", "averaging_"):
+            draft.__dict__.pop(stale, None)
+        with float_errors_checked():
+            averaging.average(draft, grid_size, span, log_prior, keep_mass)
+        self._commit(draft)
+        return self
+
     def _draft(self) -> LinearizedGP:
         """A shallow copy whose engines are copies: refits rebind their attributes, never the committed ones'."""
         draft = super()._draft()
@@ -449,14 +524,19 @@ class LinearizedGP(Estimator):
 
     # ----- persistence ---------------------------------------------------------------------------------------------
     def _hyperparameters(self) -> dict[str, Any]:
-        """s and σ² as JSON (σ² a number or a list per output)."""
-        return {"prior_scale": self.prior_scale,
-                "noise": self.noise if isinstance(self.noise, float) else self.noise.tolist()}
+        """s and σ² as JSON (σ² a number, a list per output, or a summary of per-observation noise, which archives
+        keep as an array)."""
+        return {"prior_scale": self.prior_scale, "noise": _noise_summary(self.noise)}
 
     def _archive(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Hyperparameters, the fitted solver state, and — for function-space methods — the training Jacobian blocks
         (kernels with test points need them); no training targets."""
         arrays: dict[str, Any] = {"constant": self._constant}
+        if _per_observation(self.noise):
+            arrays["noise"] = self.noise
+        mixture = getattr(self, "_mixture", None)
+        if mixture is not None:
+            arrays.update(mixture.arrays())
         for t, engine in enumerate(self._engines):
             arrays.update({f"task{t}_{name}": a for name, a in engine.state().items()})
         jac_config = None
@@ -468,18 +548,30 @@ class LinearizedGP(Estimator):
                   "plan": {**self.plan_.__dict__}, "n": self.n_, "c": self.c_, "p": self.p_,
                   "signature": self._signature, "jacobian": jac_config, "lml": self.log_marginal_likelihood(),
                   "data_hash": self.data_hash_, "hyper_hash": io.fingerprint_json(hyper_json)}
+        if mixture is not None:
+            config["averaging"] = {"points": int(mixture.weights.size), "summary": self.averaging_}
+        if _per_observation(self.noise):  # the factors per task, which the archive's shapes are checked against
+            config["noise_groups"] = [len(post.noise_groups(self._layout.task_noise(self.noise, task, self.n_),
+                                                            self._layout.columns(self.c_))) for task in self._tasks]
         return arrays, config
 
     @classmethod
     def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
         n, c, p = int(config["n"]), int(config["c"]), int(config["p"])
         layout = OutputLayout(config["settings"]["output_mode"])
-        noise = config["noise"] if isinstance(config["noise"], float) else np.asarray(config["noise"], dtype=float)
+        per_observation = isinstance(config["noise"], str)
+        noise = None if per_observation else config["noise"] if isinstance(config["noise"], float) else \
+            np.asarray(config["noise"], dtype=float)
         m, q = layout.rows(n, c), layout.columns(c)
         engine = post.engine_class(config["plan"]["method"])
-        expected: dict[str, Any] = {"constant": (c,)}
+        expected: dict[str, Any] = {"constant": (c,), **({"noise": (n, c)} if per_observation else {})}
+        if "averaging" in config:
+            points = int(config["averaging"]["points"])
+            expected.update({name: (points,) for name in ("averaging_prior_scales", "averaging_noises",
+                                                          "averaging_weights")})
         for t, task in enumerate(layout.tasks(None, c)):
-            groups = len(post.noise_groups(layout.task_noise(noise, task, n), q))
+            groups = (int(config["noise_groups"][t]) if per_observation
+                      else len(post.noise_groups(layout.task_noise(noise, task, n), q)))
             expected.update({f"task{t}_{name}": shape for name, shape in engine.state_shapes(m, p, q, groups).items()})
         if config["jacobian"] is not None:
             expected["J_f0"] = (n, c)  # the blocks' arrays are checked by the JacobianBlocks they rebuild
@@ -487,13 +579,20 @@ class LinearizedGP(Estimator):
 
     @classmethod
     def _from_archive(cls, arrays: dict[str, np.ndarray], config: dict[str, Any], be: Any) -> LinearizedGP:
-        model = cls(config["prior_scale"], config["noise"] if isinstance(config["noise"], float)
-                    else np.asarray(config["noise"]), **config["settings"])
+        noise = (arrays["noise"] if isinstance(config["noise"], str) else config["noise"]
+                 if isinstance(config["noise"], float) else np.asarray(config["noise"]))
+        model = cls._from_settings(config["prior_scale"], noise, config["settings"])
         model._backend, model.n_, model.c_, model.p_ = be, config["n"], config["c"], config["p"]
         model._signature = config["signature"]
         model._constant, model.data_hash_, model._saved_lml = arrays["constant"], config["data_hash"], config["lml"]
         model.plan_ = Plan(**config["plan"])
         model._first_reason = model.plan_.reason
+        if "averaging" in config:
+            try:
+                model._mixture = averaging.HyperparameterMixture.from_arrays(arrays)
+            except v.ValueRangeError as exc:
+                raise io.ArchiveError(f"the saved averaging grid is not valid ({exc}); the file was modified") from None
+            model.averaging_ = config["averaging"]["summary"]
         J = None
         if config["jacobian"] is not None:
             J = jacobian_from_archive(arrays, config["jacobian"], be)
@@ -509,6 +608,12 @@ class LinearizedGP(Estimator):
         return model
 
 
+    @classmethod
+    def _from_settings(cls, prior_scale: float, noise: Any, settings: dict[str, Any]) -> LinearizedGP:
+        """A new, unfitted model from archived hyperparameters and settings."""
+        return cls(prior_scale, noise, **settings)
+
+
 _SETTINGS = ("mean", "output_mode", "method", "rtol", "maxiter", "preconditioner_rank", "variance_rank",
              "variance_cg_max", "num_probes", "exact_max_rows", "kernel_dtype", "memory_budget", "seed")
 
@@ -521,6 +626,38 @@ def _kernel_dtype_name(kernel_dtype: Any) -> str:
     except TypeError:
         name = repr(kernel_dtype)
     return v.check_choice(name, "kernel_dtype", ("float64", "float32"))
+
+
+def _check_gp_noise(noise: Any) -> float | np.ndarray:
+    """σ² as a float, per output (c,) or per observation (n, c): a float64 host array of positive finite values."""
+    if np.ndim(noise) != 2:
+        return check_noise(noise)
+    arr = v.backend_of(noise).to_numpy(noise) if backends.backend_name_of(noise) else np.asarray(noise)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise v.DTypeError(f"noise has dtype {arr.dtype}; expected real numbers")
+    if arr.size == 0:
+        raise v.ShapeError(f"noise has shape {arr.shape}; a per-observation noise must be (n, c) with n, c ≥ 1")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise v.NonFiniteError(f"noise (shape {arr.shape}) holds NaN or Inf, first at {tuple(bad.tolist())}")
+    if (arr <= 0).any():
+        bad = np.argwhere(arr <= 0)[0]
+        raise v.ValueRangeError(f"noise variances must be > 0; noise{list(bad.tolist())} = {arr[tuple(bad)]}")
+    return arr
+
+
+def _per_observation(noise: Any) -> bool:
+    return not isinstance(noise, float) and noise.ndim == 2
+
+
+def _noise_summary(noise: Any) -> Any:
+    """JSON for σ²: the number, the per-output list, or a short description of per-observation noise."""
+    if isinstance(noise, float):
+        return noise
+    if noise.ndim == 1:
+        return noise.tolist()
+    return f"per observation {noise.shape[0]}×{noise.shape[1]}, {noise.min():.4g} to {noise.max():.4g}"
 
 
 def _check_finite_result(values: Any, what: str, hint: str) -> None:

@@ -155,7 +155,15 @@ def test_probability_of_largest_rejects_bad_inputs():
         probability_of_largest(np.zeros((3, 2)), np.ones((3, 3)))
     with pytest.raises(ShapeError):
         probability_of_largest(np.zeros((3, 1)), np.ones((3, 1)))
-    with pytest.raises(ValueRangeError):
-        probability_of_largest(np.zeros((3, 2)), np.zeros((3, 2)))
+    with pytest.raises(ValueRangeError, match="≥ 0"):
+        probability_of_largest(np.zeros((3, 2)), -np.ones((3, 2)))
+    with pytest.raises(ValueRangeError, match="example 1 has zero and positive"):
+        probability_of_largest(np.zeros((3, 2)), np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]))
+
+
+def test_probability_of_largest_of_point_masses_is_the_argmax():
+    # all of an example's variances zero: the largest mean wins outright; exact ties share
+    probs = probability_of_largest(np.array([[0.0, 2.0, 1.0], [3.0, 3.0, -1.0]]), np.zeros((2, 3)))
+    np.testing.assert_allclose(probs, [[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]], atol=1e-15)
     with pytest.raises(NonFiniteError):
         probability_of_largest(np.array([[0.0, np.inf]]), np.ones((1, 2)))

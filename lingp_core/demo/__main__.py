@@ -93,7 +93,7 @@ def _format_hyperparameters(result: dict, names: dict[str, str]) -> list[str]:
     import numpy as np
 
     lines = []
-    for method in ("lingp_gp", "lingp_laplace"):
+    for method in ("lingp_dirichlet", "lingp_gp", "lingp_laplace"):
         rows = [r for r in result["rows"] if r["method"] == method]
         if not rows:
             continue

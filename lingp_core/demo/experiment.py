@@ -30,6 +30,7 @@ METHODS = {
     "source": "source network",
     "last_layer": "last-layer retrain",
     "fine_tune": "full fine-tuning",
+    "lingp_dirichlet": "lingp Dirichlet GP",
     "lingp_gp": "lingp LinearizedGP",
     "lingp_laplace": "lingp Laplace",
 }
@@ -115,6 +116,8 @@ def _warm_up(model64: torch.nn.Module, pool_x: torch.Tensor, pool_y: np.ndarray,
     J_test = lg.export_jacobian(model64, test_x[:8].double(), backend=settings.backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the results are thrown away, and so is what they warn about
+        if "lingp_dirichlet" in settings.methods:
+            transfer.dirichlet_gp(J, pool_y[chosen], J_test)
         if "lingp_gp" in settings.methods:
             transfer.linearized_gp(J, pool_y[chosen], J_test, output_mode=settings.gp_output_mode)
         if "lingp_laplace" in settings.methods:
@@ -138,7 +141,9 @@ def _adapt(model: torch.nn.Module, model64: torch.nn.Module | None, ax: torch.Te
         shared = clock.seconds() + test_export_seconds  # both exports, counted in each lingp row
         for m in settings.methods:
             clock = _Clock(device)
-            if m == "lingp_gp":
+            if m == "lingp_dirichlet":
+                probs, info = transfer.dirichlet_gp(J, labels, J_test)
+            elif m == "lingp_gp":
                 probs, info = transfer.linearized_gp(J, labels, J_test, output_mode=settings.gp_output_mode)
             elif m == "lingp_laplace":
                 probs, info = transfer.laplace_classifier(J, labels, J_test)

@@ -1,0 +1,160 @@
+"""Averaging LinearizedGP's predictions over its hyperparameters (s, σ²) on a log grid, on one eigendecomposition.
+
+With a few dozen observations the marginal likelihood is flat over decades of (s, σ²), and its maximum alone can
+sit at a corner (s → 0: everything is noise). The Bayesian answer integrates the hyperparameters out:
+
+    p(f* | y) = ∫ p(f* | y, θ) p(θ | y) dθ  ≈  Σ_g w_g N(mean_g, var_g),   w_g ∝ p(y | θ_g) p(θ_g),
+
+θ = (log s, log σ²) on a regular grid (the quadrature of the integral in log coordinates; the grid's cell volume is
+one constant and cancels). Each grid point costs O(m·q) for its evidence on a spectral engine (one
+eigendecomposition for all of them) and O(m*·m·q) for its predictions (the test rows are projected on the
+eigenvectors once). The mixture's moments are mean = Σ w_g mean_g and var = Σ w_g (var_g + (mean_g − mean)²) — the
+second form, not Σ w_g (var_g + mean_g²) − mean², which would subtract nearly equal numbers.
+
+Points whose weights together hold less than 1 − ``keep_mass`` of the total are dropped (and the rest renormalized),
+so predictions cost as many evaluations as points that matter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy.special import logsumexp
+
+from lingp_core import _posterior as post
+from lingp_core import _validate as v
+
+#: The grid spans this many decades either side of the data-scaled centre for s, and from this many decades below
+#: to NOISE_DECADES_ABOVE above it for σ² (a noise far above the targets' own variance explains nothing).
+SPAN_DECADES = 6.0
+NOISE_DECADES_ABOVE = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperparameterMixture:
+    """The kept grid points and their posterior weights (host float64 arrays of one length G, weights sum to 1)."""
+
+    prior_scales: np.ndarray
+    noises: np.ndarray
+    weights: np.ndarray
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"averaging_prior_scales": self.prior_scales, "averaging_noises": self.noises,
+                "averaging_weights": self.weights}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> HyperparameterMixture:
+        mixture = cls(*(np.asarray(arrays[f"averaging_{name}"], dtype=np.float64)
+                        for name in ("prior_scales", "noises", "weights")))
+        if (mixture.prior_scales <= 0).any() or (mixture.noises <= 0).any() or (mixture.weights < 0).any() or \
+                not np.isclose(mixture.weights.sum(), 1.0, rtol=1e-9):
+            raise v.ValueRangeError("the averaging grid's prior scales and noises must be > 0 and its weights "
+                                    "non-negative, summing to 1")
+        return mixture
+
+    @property
+    def effective_points(self) -> float:
+        """1 / Σ w²: how many grid points carry the mixture (1 when one point holds all the weight)."""
+        return float(1.0 / np.sum(self.weights**2))
+
+
+def log_grid(center_s: float, center_noise: float, size: int, span: float) -> tuple[np.ndarray, np.ndarray]:
+    """(log s, log σ²) of a size × size grid, flattened: s within ±span decades of center_s, σ² from span decades
+    below center_noise to NOISE_DECADES_ABOVE above it."""
+    ten = np.log(10.0)
+    log_s = np.log(center_s) + np.linspace(-span, span, size) * ten
+    log_noise = np.log(center_noise) + np.linspace(-span, NOISE_DECADES_ABOVE, size) * ten
+    grid_s, grid_noise = np.meshgrid(log_s, log_noise, indexing="ij")
+    return grid_s.ravel(), grid_noise.ravel()
+
+
+def posterior_weights(log_evidence: np.ndarray, log_prior: np.ndarray, keep_mass: float) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """(indices, weights) of the grid points that hold ``keep_mass`` of the posterior, weights renormalized."""
+    log_w = log_evidence + log_prior
+    w = np.exp(log_w - logsumexp(log_w))
+    order = np.argsort(w)[::-1]
+    count = int(np.searchsorted(np.cumsum(w[order]), keep_mass) + 1)
+    kept = np.sort(order[: min(count, w.size)])
+    return kept, w[kept] / w[kept].sum()
+
+
+def spectral_log_evidence(model: Any, log_s: np.ndarray, log_noise: np.ndarray) -> np.ndarray:
+    """log p(y | s, σ²) at every grid point, summed over the model's spectral engines: O(G·m·q)."""
+    total = np.zeros(log_s.size)
+    for engine in model._engines:
+        lam, weights, rest, m = engine.spectrum()
+        for g, (a, b) in enumerate(zip(log_s, log_noise)):
+            total[g] += post.spectral_lml(lam, weights, rest, m, float(np.exp(a)),
+                                          np.full(weights.shape[1], np.exp(b)))[0]
+    return total
+
+
+def mixture_moments(component: Callable[[int], tuple[Any, Any]], weights: np.ndarray) -> tuple[Any, Any]:
+    """Mean and variance of the mixture of ``component(g) = (mean_g, var_g)`` with these weights (two passes)."""
+    mean = None
+    for g, w in enumerate(weights):
+        part = w * component(g)[0]
+        mean = part if mean is None else mean + part
+    var = None
+    for g, w in enumerate(weights):
+        m_g, v_g = component(g)
+        part = w * (v_g + (m_g - mean) ** 2)
+        var = part if var is None else var + part
+    return mean, var
+
+
+def data_scaled_center(model: Any) -> tuple[float, float]:
+    """(s₀, σ²₀): σ²₀ = half the mean square of the targets around the prior mean, s₀ such that s₀·mean diag K0 = σ²₀
+    (signal and noise each explain half the targets' variance)."""
+    from lingp_core.kernels import kernel_diag
+
+    square = float(sum(float((R**2).sum()) for R in model._R) / sum(R.size for R in model._R))
+    diag = float(np.mean([float(kernel_diag(t.J, output_mode=t.mode).mean()) for t in model._tasks]))
+    if not (square > 0 and diag > 0):
+        raise v.ValueRangeError(f"averaging centres its grid on the data's scale, but the targets' mean square about "
+                                f"the prior mean is {square:.3g} and the kernel's mean diagonal {diag:.3g}: nothing "
+                                "to scale by (targets equal to the prior mean, or a zero Jacobian)")
+    return 0.5 * square / diag, 0.5 * square
+
+
+def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.ndarray, np.ndarray], np.ndarray],
+            keep_mass: float) -> None:
+    """Weight a log grid of (s, σ²) by evidence × hyperprior on the draft ``model``'s spectral engines, keep the
+    points that matter, and refit the engines at the heaviest point (what log_marginal_likelihood reports)."""
+    chosen = model.plan_.method
+    model._switch(f"{model.plan_.space}-spectral")
+    if model.method != "auto" and model.plan_.method != chosen:
+        raise v.InvalidOptionError(f"averaging runs on one eigendecomposition, but method={model.method!r} was "
+                                   f"forced; use method='auto', 'spectral' or '{model.plan_.method}'")
+    center_s, center_noise = data_scaled_center(model)
+    log_s, log_noise = log_grid(center_s, center_noise, grid_size, span)
+    log_evidence = spectral_log_evidence(model, log_s, log_noise)
+    kept, weights = posterior_weights(log_evidence, log_prior(log_s, log_noise), keep_mass)
+    model._mixture = HyperparameterMixture(np.exp(log_s[kept]), np.exp(log_noise[kept]), weights)
+    top = kept[int(np.argmax(weights))]
+    model.prior_scale, model.noise = float(np.exp(log_s[top])), float(np.exp(log_noise[top]))
+    if model.method == "auto" and chosen != model.plan_.method:
+        model.plan_ = model.plan_.with_method(model.plan_.method, f"{model._first_reason}; hyperparameters averaged "
+                                              "on one eigendecomposition, which is kept for predictions")
+    model._fit_engines()
+    edge = _on_edge(log_s[kept], log_noise[kept], log_s, log_noise, weights)
+    model.averaging_ = {"grid_size": grid_size, "span_decades": span, "center": {"prior_scale": center_s,
+                        "noise": center_noise}, "points_kept": int(kept.size),
+                        "effective_points": model._mixture.effective_points, "heaviest": model._hyperparameters(),
+                        "weight_on_grid_edge": edge}
+    if edge > 0.01:
+        warnings.warn(f"{edge:.1%} of the hyperparameter posterior lies on the edge of the averaging grid "
+                      f"(±{span} decades around s₀ = {center_s:.3g}, σ²₀ = {center_noise:.3g}): the grid truncates it; "
+                      "widen span or add a hyperprior", v.NumericalWarning, stacklevel=4)
+
+
+def _on_edge(kept_s: np.ndarray, kept_noise: np.ndarray, log_s: np.ndarray, log_noise: np.ndarray,
+             weights: np.ndarray) -> float:
+    """The weight of kept points on the grid's boundary."""
+    edge = (np.isclose(kept_s, log_s.min()) | np.isclose(kept_s, log_s.max()) |
+            np.isclose(kept_noise, log_noise.min()) | np.isclose(kept_noise, log_noise.max()))
+    return float(weights[edge].sum())

@@ -1,0 +1,75 @@
+"""Class probabilities from a Gaussian over class scores: the probability that each class scores highest.
+
+A GP over class scores (:class:`~lingp_core.DirichletClassifier`'s latent log-probabilities, or a regression on
+one-hot labels) predicts, for each test example, independent Gaussians y_k ~ N(m_k, v_k) over the c class scores.
+They become class probabilities by the rule that follows from the model itself: the predicted class is the largest
+score, so
+
+    P(class k) = P(y_k > y_j for all j ≠ k) = E_{z ~ N(0, 1)} Π_{j≠k} Φ((m_k + √v_k z − m_j) / √v_j),
+
+a one-dimensional integral, computed by Gauss–Hermite quadrature in log space (no probability is floored or clipped).
+It has no free parameter (no temperature to tune on test data) and grows less confident as the variances grow.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import log_ndtr, logsumexp
+
+from lingp_core._validate import NonFiniteError, ShapeError, ValueRangeError
+
+__all__ = ["probability_of_largest"]
+
+_CHUNK = 256  # examples per block: the work array is (chunk, c, c, nodes)
+
+
+def probability_of_largest(mean: np.ndarray, var: np.ndarray, *, n_nodes: int = 128) -> np.ndarray:
+    """P(score k is the largest) for independent Gaussian scores N(mean, var), per example.
+
+    Parameters
+    ----------
+    mean : ndarray of shape (n, c)
+        Predictive means of the class scores (host, floating).
+    var : ndarray of shape (n, c)
+        Their predictive variances, all ≥ 0. An example whose variances are all zero (point masses, e.g. where the
+        network's Jacobian vanishes) gets its classes' variances as (eps·max(1, |m|))², which leaves its
+        probabilities exact (1 for the largest mean, shared on exact ties). One with zero and positive variances mixed
+        is refused (ValueRangeError): its integrand is a step function the quadrature cannot resolve.
+    n_nodes : int
+        Gauss–Hermite nodes. The integrand steepens as one class's variance shrinks relative to another's; 128 nodes
+        are exact to ~1e-14 when the variances of an example's classes differ by at most 4× (LinearizedGP's "trace"
+        mode gives them all the same variance) and to ~1e-4 absolute at 60×.
+
+    Returns
+    -------
+    ndarray of shape (n, c), float64
+        Rows on the simplex (normalised to remove the quadrature's rounding).
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    if mean.ndim != 2 or mean.shape[1] < 2 or var.shape != mean.shape:
+        raise ShapeError(f"mean and var must both have shape (n, c) with c ≥ 2, got {mean.shape} and {var.shape}")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
+        raise NonFiniteError("mean or var hold NaN or Inf")
+    if var.min() < 0:
+        raise ValueRangeError(f"var must be ≥ 0 everywhere, found {var.min()}")
+    zero = var == 0
+    mixed = np.flatnonzero(zero.any(axis=1) & ~zero.all(axis=1))
+    if mixed.size:
+        i = int(mixed[0])
+        raise ValueRangeError(f"example {i} has zero and positive variances mixed ({var[i].tolist()}); "
+                              f"{mixed.size} examples in all. Give every class of an example a positive variance, or "
+                              "none")
+    var = np.where(zero, (np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))) ** 2, var)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(n_nodes)  # ∫ g(z) exp(-z²/2) dz
+    log_weights = np.log(weights / np.sqrt(2.0 * np.pi))         # → E_{z ~ N(0,1)} g(z)
+    c = mean.shape[1]
+    off_diagonal = ~np.eye(c, dtype=bool)[None, :, :, None]
+    out = np.empty_like(mean)
+    for start in range(0, mean.shape[0], _CHUNK):
+        m, sd = mean[start:start + _CHUNK], np.sqrt(var[start:start + _CHUNK])
+        score_k = m[:, :, None] + sd[:, :, None] * nodes               # (b, k, q): y_k at each node
+        z = (score_k[:, :, None, :] - m[:, None, :, None]) / sd[:, None, :, None]  # (b, k, j, q)
+        log_terms = np.where(off_diagonal, log_ndtr(z), 0.0).sum(axis=2)  # log Π_{j≠k} Φ(·)
+        out[start:start + _CHUNK] = logsumexp(log_terms + log_weights, axis=2)
+    probs = np.exp(out - logsumexp(out, axis=1, keepdims=True))
+    return probs

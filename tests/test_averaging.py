@@ -1,0 +1,119 @@
+"""LinearizedGP.average_hyperparameters against a brute-force mixture computed here from dense float64 formulas.
+
+Oracle: on the same (log s, log σ²) grid (its centre recomputed here from the targets and the dense Jacobian), each
+point's log marginal likelihood by scipy.stats and its posterior mean/variances by dense solves; weights
+∝ exp(lml); the mixture's mean Σ w m_g and variance Σ w (v_g + m_g²) − mean² (the textbook form, in float64).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lingp_core as lg
+from lingp_core import _validate as v
+from tests.test_gp import dense_posterior, problem
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# small grids on purpose: the brute force is O(points · n³); their edges hold weight, which a warning reports
+narrow_grid = pytest.mark.filterwarnings("ignore:.*edge of the averaging grid:lingp_core.NumericalWarning")
+
+
+def brute_force(o, mode, grid_size, span):
+    J, y, c = o["J"], o["y"], o["y"].shape[1]
+    r = y - o["f"]
+    rows = J.reshape(-1, c, J.shape[1])
+    diag = {"full": (J**2).sum(1).mean(), "independent": (J**2).sum(1).mean(),
+            "trace": np.mean([(rows[:, k, :] ** 2).sum(1) for k in range(c)], axis=0).mean()}[mode]
+    noise0 = 0.5 * (r**2).mean()
+    s0 = noise0 / diag
+    log_s = np.log(s0) + np.linspace(-span, span, grid_size) * np.log(10)
+    log_n = np.log(noise0) + np.linspace(-span, 1.0, grid_size) * np.log(10)
+    points = [(np.exp(a), np.exp(b)) for a in log_s for b in log_n]
+    results = [dense_posterior(o, s, n, mode) for s, n in points]
+    lml = np.array([res[3] for res in results])
+    w = np.exp(lml - lml.max())
+    w /= w.sum()
+    mean = sum(wi * res[0] for wi, res in zip(w, results))
+    var = sum(wi * (res[1] + res[0] ** 2) for wi, res in zip(w, results)) - mean**2
+    return mean, var, points[int(np.argmax(w))]
+
+
+@narrow_grid
+@pytest.mark.parametrize("mode,method", [("trace", "auto"), ("independent", "auto"), ("full", "parameter-spectral")])
+def test_averaged_predictions_equal_the_brute_force_mixture(backend, mode, method):
+    rng = np.random.default_rng(5)
+    J, Js, y, o = problem(backend, rng, c=2)
+    gp = lg.LinearizedGP(output_mode=mode, method=method).fit(J, y)
+    gp.average_hyperparameters(grid_size=7, span=2.0, keep_mass=1.0)
+    mean, var = (backend.to_numpy(a) for a in gp.predict(Js, return_var=True))
+    want_mean, want_var, heaviest = brute_force(o, mode, 7, 2.0)
+    scale = np.abs(want_mean).max()
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-8, atol=1e-9 * scale)
+    np.testing.assert_allclose(var, want_var, rtol=1e-6, atol=1e-9 * scale**2)
+    assert gp.prior_scale == pytest.approx(heaviest[0], rel=1e-12)
+    assert gp.noise == pytest.approx(heaviest[1], rel=1e-12)
+
+
+@narrow_grid
+def test_pruning_keeps_the_mass_asked_for(backend):
+    rng = np.random.default_rng(6)
+    J, Js, y, o = problem(backend, rng, c=2)
+    gp = lg.LinearizedGP(output_mode="trace").fit(J, y).average_hyperparameters(grid_size=15, span=3.0,
+                                                                               keep_mass=0.999)
+    assert 1 <= gp.averaging_["points_kept"] < 225
+    assert gp._mixture.weights.sum() == pytest.approx(1.0, rel=1e-12)
+    full = lg.LinearizedGP(output_mode="trace").fit(J, y).average_hyperparameters(grid_size=15, span=3.0,
+                                                                                 keep_mass=1.0)
+    a, b = gp.predict(Js, return_var=True), full.predict(Js, return_var=True)
+    for x, z in zip(a, b):  # the dropped 0.1% changes the moments by about that much
+        x, z = backend.to_numpy(x), backend.to_numpy(z)
+        assert np.abs(x - z).max() <= 0.01 * np.abs(z).max()
+
+
+@narrow_grid
+def test_averaged_model_round_trips_and_refit_ends_it(backend, tmp_path):
+    rng = np.random.default_rng(7)
+    J, Js, y, _ = problem(backend, rng, c=2)
+    gp = lg.LinearizedGP(output_mode="independent").fit(J, y).average_hyperparameters(grid_size=9, span=2.0)
+    loaded = lg.LinearizedGP.load(gp.save(tmp_path / "avg"), backend=backend.name)
+    for x, z in zip(gp.predict(Js, return_var=True), loaded.predict(Js, return_var=True)):
+        np.testing.assert_array_equal(backend.to_numpy(x), backend.to_numpy(z))
+    assert loaded.averaging_ == gp.averaging_
+    gp.fit(J, y)
+    assert not hasattr(gp, "averaging_")
+    single = lg.LinearizedGP(gp.prior_scale, gp.noise, output_mode="independent").fit(J, y)
+    np.testing.assert_array_equal(backend.to_numpy(gp.predict(Js)), backend.to_numpy(single.predict(Js)))
+
+
+@narrow_grid
+def test_averaging_refuses_what_it_cannot_do_and_leaves_the_model(backend):
+    rng = np.random.default_rng(8)
+    J, Js, y, _ = problem(backend, rng, c=2)
+    gp = lg.LinearizedGP(1.0, [0.1, 0.2], output_mode="independent").fit(J, y)
+    before = backend.to_numpy(gp.predict(Js))
+    with pytest.raises(v.InvalidOptionError, match="one shared noise"):
+        gp.average_hyperparameters()
+    for bad in ({"grid_size": 2}, {"span": 0.0}, {"keep_mass": 1.5}, {"keep_mass": 0.0}):
+        with pytest.raises(v.LingpError):
+            lg.LinearizedGP().fit(J, y).average_hyperparameters(**bad)
+    np.testing.assert_array_equal(backend.to_numpy(gp.predict(Js)), before)
+    with pytest.raises(v.InvalidOptionError, match="spectral"):
+        lg.LinearizedGP(method="iterative").fit(J, y).average_hyperparameters()
+    averaged = lg.LinearizedGP().fit(J, y).average_hyperparameters(grid_size=5)
+    with pytest.raises(v.MissingCapabilityError, match="return_cov"):
+        averaged.predict(Js, return_cov=True)
+
+
+def test_posterior_mass_on_the_grid_edge_is_reported(backend):
+    rng = np.random.default_rng(5)
+    J, _, y, _ = problem(backend, rng, c=2)
+    gp = lg.LinearizedGP(output_mode="trace").fit(J, y)
+    with pytest.warns(v.NumericalWarning, match="edge of the averaging grid"):
+        gp.average_hyperparameters(grid_size=7, span=0.5)
+    assert gp.averaging_["weight_on_grid_edge"] > 0.01
