@@ -3,6 +3,7 @@
 Importing lingp_core imports neither torch nor cupy; they load when a function needs them.
 """
 from backends import available_backends, get_backend, infer
+from lingp_core._hyperparameters import Hyperprior
 from lingp_core._validate import (
     ArgumentTypeError,
     BackendMismatchError,
@@ -92,6 +93,7 @@ __all__ = [
     "FactoredLinearBlock",
     "FisherOperator",
     "GaussianLikelihood",
+    "Hyperprior",
     "JacobianBlocks",
     "KernelOperator",
     "LanczosResult",

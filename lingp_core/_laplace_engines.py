@@ -97,14 +97,17 @@ def _Jt_times(J: JacobianBlocks, u: Any) -> Any:
 
 
 class _Float64Operator(LinearOperator):
-    """An operator in J's dtype (e.g. a float32 FisherOperator) seen as a float64 one, for float64 CG."""
+    """An operator in J's dtype (e.g. a float32 FisherOperator) seen as a float64 one, for float64 CG, plus a float64
+    diagonal (the prior precision, one value per column)."""
 
-    def __init__(self, op: LinearOperator) -> None:
+    def __init__(self, op: LinearOperator, diagonal: Any) -> None:
         self.op, self.shape, self.backend = op, op.shape, op.backend
         self.dtype = np.dtype(np.float64)
+        self.added = diagonal  # (p,) float64
 
     def _matmat(self, x: Any) -> Any:
-        return self.op.matmat(x.astype(self.op.dtype, copy=False)).astype(np.float64, copy=False)
+        out = self.op.matmat(x.astype(self.op.dtype, copy=False)).astype(np.float64, copy=False)
+        return out + self.added[:, None] * x
 
 
 class _CholeskyInverse(LinearOperator):
@@ -134,6 +137,17 @@ def _triangular_inverse(factor: Any, backend: Backend) -> Any:
 
 def _example_chunks(n: int, per_example: int) -> list[slice]:
     return list(chunks(n, WORK_ELEMENTS // max(1, per_example)))
+
+
+def block_groups(J: JacobianBlocks) -> list[slice]:
+    """The columns of each of J's blocks (one prior group per block: a layer's weight and bias, as exported)."""
+    starts = np.cumsum([0] + list(J.block_sizes))
+    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _group_sums(values: Any, groups: list[slice]) -> np.ndarray:
+    """Sums of ``values`` (p,) or (p, k) over each group's rows (all columns), as a float64 host array (G,)."""
+    return np.array([float(values[g].sum()) for g in groups])
 
 
 # ----- the two engines ----------------------------------------------------------------------------------------------
@@ -172,7 +186,8 @@ class _ProbeSolves:
 
 
 class WeightEngine(_ProbeSolves):
-    """Parameter space: Newton–CG for ŵ; the dense H(ŵ) = F + I/s, its Cholesky factor R and R⁻¹ for the posterior."""
+    """Parameter space: Newton–CG for ŵ; the dense H(ŵ) = F + S⁻¹, its Cholesky factor R and R⁻¹ for the posterior.
+    S = s·I, or block diagonal with one s_g per block of J (per-layer prior variances)."""
 
     method = "parameter"
 
@@ -182,37 +197,57 @@ class WeightEngine(_ProbeSolves):
         self.m = prior_mean  # (p,) float64: the prior mean of w
         self.backend = J.backend
         self.dimension = J.p  # of the posterior's matrices
+        self.blocks = block_groups(J)
         self.factor: Any = None  # the lower Cholesky factor R of H at the last MAP
         self._inverse_factor: Any = None  # R⁻¹, computed when first needed
         self._direction: Any = None  # H⁻¹ (ŵ − m), computed when first needed
 
-    def fit(self, s: float, w0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
+    def set_prior(self, scales: np.ndarray) -> None:
+        """Prior variances: one for all columns (``scales`` of length 1) or one per block of J. Called by ``fit``;
+        called alone only with every block's scale equal to the fitted one (the same H: no refit needed)."""
+        xp = self.backend.xp
+        self.scales = scales
+        self.groups = [slice(0, self.J.p)] if len(scales) == 1 else self.blocks
+        self.s = float(scales[0]) if len(scales) == 1 else None  # the scalar model's s
+        self.precision = xp.concatenate([xp.full(g.stop - g.start, 1.0 / float(sg), dtype=np.float64)
+                                         for g, sg in zip(self.groups, scales)])  # D = S⁻¹ per column (p,)
+
+    def _prior_term(self, w: Any) -> float:
+        """½ (w − m)ᵀ S⁻¹ (w − m)."""
+        d = w - self.m
+        return 0.5 * float(d @ (self.precision * d))
+
+    def fit(self, scales: np.ndarray, w0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
+        """The MAP and H at prior variances ``scales`` (G,): G = 1 for all columns, else one per block of J."""
         xp, J = self.backend.xp, self.J
         p = J.p
+        self.set_prior(scales)
         w = xp.zeros(p, dtype=np.float64) if w0 is None else w0.copy()
         f0 = J.f0.astype(np.float64)
         g = f0 + _J_times(J, w).reshape(f0.shape)
-        objective = self.targets.nll(g) + _sq(w - self.m) / (2 * s)
+        objective = self.targets.nll(g) + self._prior_term(w)
         # an earlier Hessian (another s or the previous fit) is a far better preconditioner than Jacobi
         precond = None if self.factor is None else _CholeskyInverse(self.factor, self.backend)
         info = _Newton()
         floor = 10 * eps(J.dtype)  # products in J's dtype: no inner solve is more accurate than this
         for _ in range(maxiter):
             data_grad = _Jt_times(J, self.targets.residual(g).reshape(-1))
-            grad = data_grad + (w - self.m) / s
-            scale = float(xp.linalg.norm(data_grad)) + math.sqrt(_sq(w - self.m)) / s
+            prior_grad = self.precision * (w - self.m)
+            grad = data_grad + prior_grad
+            scale = float(xp.linalg.norm(data_grad)) + float(xp.linalg.norm(prior_grad))
             grad_norm = float(xp.linalg.norm(grad))
             info.gradient_ratio = grad_norm / scale if scale > 0 else 0.0
             if info.gradient_ratio <= rtol:
                 info.converged = True
                 break
-            op = _Float64Operator(fisher(J, self.likelihood, g.astype(J.dtype), damping=1.0 / s))
-            M = precond if precond is not None else _DiagonalInverse(op.op.diagonal().astype(np.float64), op)
+            op = _Float64Operator(fisher(J, self.likelihood, g.astype(J.dtype)), self.precision)
+            M = precond if precond is not None else _DiagonalInverse(
+                op.op.diagonal().astype(np.float64) + self.precision, op)
             forcing = max(min(0.5, math.sqrt(info.gradient_ratio)) * min(1.0, info.gradient_ratio), floor)
             solve = cg(op, -grad, M=M, rtol=forcing, maxiter=cg_maxiter or 10 * p, warn=False)
             info.cg_iterations += int(solve.iterations.max())
             step = solve.x[:, 0] if solve.x.ndim == 2 else solve.x
-            moved = self._line_search(w, g, objective, grad, step, s)
+            moved = self._line_search(w, g, objective, grad, step)
             info.iterations += 1
             bar.update(1)
             if moved is None:
@@ -220,21 +255,20 @@ class WeightEngine(_ProbeSolves):
             w, g, objective = moved
         self.w, self.g = w, g
         F = dense_ggn(J, _square_factors(self.likelihood, g), self.budget)
-        self.factor, self._inverse_factor, self._probes, self._direction = self._factorize(F, s), None, None, None
+        self.factor, self._inverse_factor, self._probes, self._direction = self._factorize(F), None, None, None
         del F
-        self.s = s
         self.objective = objective
         return {"newton_iterations": info.iterations, "cg_iterations": info.cg_iterations,
                 "converged": info.converged, "gradient_ratio": info.gradient_ratio}
 
-    def _factorize(self, F: Any, s: float) -> Any:
-        """Cholesky factor of H = F + I/s, adding the prior to F in place (F is not needed afterwards)."""
+    def _factorize(self, F: Any) -> Any:
+        """Cholesky factor of H = F + S⁻¹, adding the prior to F in place (F is not needed afterwards)."""
         idx = self.backend.xp.arange(F.shape[0])
-        F[idx, idx] += 1.0 / s
-        # positive definite by construction (≥ I/s): jitter only for rounding; F is factored in place
+        F[idx, idx] += self.precision
+        # positive definite by construction (≥ S⁻¹): jitter only for rounding; F is factored in place
         return safe_cholesky(F, overwrite_a=True).factor
 
-    def _line_search(self, w: Any, g: Any, objective: float, grad: Any, step: Any, s: float) -> tuple | None:
+    def _line_search(self, w: Any, g: Any, objective: float, grad: Any, step: Any) -> tuple | None:
         J = self.J
         slope = float(grad @ step)
         if slope >= 0:  # an inexact inner solve can only fail this way by rounding: fall back to steepest descent
@@ -243,7 +277,7 @@ class WeightEngine(_ProbeSolves):
         alpha = 1.0
         for _ in range(_MAX_HALVINGS):
             w_new, g_new = w + alpha * step, g + alpha * dg
-            obj_new = self.targets.nll(g_new) + _sq(w_new - self.m) / (2 * s)
+            obj_new = self.targets.nll(g_new) + self._prior_term(w_new)
             if _accept(obj_new, objective, alpha, slope):
                 return w_new, g_new, obj_new
             alpha *= 0.5
@@ -263,24 +297,46 @@ class WeightEngine(_ProbeSolves):
         return self.backend.cho_solve(self.factor, x)
 
     def half_logdet(self) -> float:
-        """½ log det(s·H) = Σ log R_jj + (p/2) log s."""
+        """½ log det(S H) = Σ log R_jj + ½ Σ_g p_g log s_g."""
         xp = self.backend.xp
-        return float(xp.log(xp.diagonal(self.factor)).sum()) + 0.5 * self.J.p * math.log(self.s)
+        prior = sum((g.stop - g.start) * math.log(float(sg)) for g, sg in zip(self.groups, self.scales))
+        return float(xp.log(xp.diagonal(self.factor)).sum()) + 0.5 * prior
 
     def sq_norm_w(self) -> float:
         """‖ŵ − m‖²."""
         return _sq(self.w - self.m)
 
+    def group_sq_norms(self) -> np.ndarray:
+        """‖ŵ_g − m_g‖² per prior group (G,)."""
+        d = self.w - self.m
+        return _group_sums(d * d, self.groups)
+
     def effective_parameters(self, exact: bool = True) -> float:
-        """γ = p − tr(H⁻¹)/s: tr(H⁻¹) = ‖R⁻¹‖²_F, or (``exact=False``) Hutchinson's mean of ‖R⁻¹ z‖²."""
+        """γ = p − tr(S⁻¹ H⁻¹) (= p − tr(H⁻¹)/s for one scale), summed over :meth:`group_effective_parameters`."""
+        return float(self.group_effective_parameters(exact).sum())
+
+    def group_effective_parameters(self, exact: bool = True) -> np.ndarray:
+        """γ_g = p_g − tr(Σ_gg)/s_g per prior group (G,): from the column norms of R⁻¹ ((H⁻¹)_jj = ‖R⁻¹ e_j‖²), or
+        (``exact=False``) Hutchinson's mean of z_gᵀ (z − S⁻¹ H⁻¹ z)_g over the probes (unbiased for each group's
+        trace of I − S⁻¹ H⁻¹, whose eigenvalues lie in [0, 1))."""
+        xp = self.backend.xp
         if exact:
-            return self.J.p - _sq(self.inverse_factor.reshape(-1)) / self.s
-        _, reduced, _ = self._probe_solves()
-        return self.J.p - _hutchinson(reduced, reduced) / self.s
+            inverse = self.inverse_factor
+            variances = xp.einsum("ij,ij->j", inverse, inverse)  # diag(H⁻¹) without a p × p temporary
+            return np.array([(g.stop - g.start) - float(variances[g].sum()) / float(sg)
+                             for g, sg in zip(self.groups, self.scales)])
+        probes, _, inverse = self._probe_solves()  # z and H⁻¹ z
+        kept = probes * (probes - self.precision[:, None] * inverse)
+        return _group_sums(kept, self.groups) / probes.shape[1]
 
     def sq_norm_w_slope(self) -> float:
-        """d‖ŵ − m‖²/d log s = 2 (ŵ − m)ᵀ H⁻¹ (ŵ − m) / s (the MAP condition differentiated; exact)."""
-        return 2.0 * float((self.w - self.m) @ self._map_direction()) / self.s
+        """d‖ŵ − m‖²/d log s = 2 (ŵ − m)ᵀ H⁻¹ (ŵ − m) / s (the MAP condition differentiated; exact; one scale)."""
+        return 2.0 * float((self.w - self.m) @ self._map_direction()) / self._one_scale()
+
+    def _one_scale(self) -> float:
+        if self.s is None:  # the callers check this; an internal misuse otherwise
+            raise v.InvalidOptionError("the prior-scale slopes are defined for one prior scale, got per-block scales")
+        return self.s
 
     def _map_direction(self) -> Any:
         """H⁻¹ (ŵ − m) = s·dŵ/d log s, once per fit."""
@@ -290,11 +346,12 @@ class WeightEngine(_ProbeSolves):
 
     def effective_parameters_slope(self) -> float:
         """dγ/d log s, estimated (see :func:`_curvature_term`), with H⁻¹ z and J H⁻¹ z by the Cholesky factor."""
+        s = self._one_scale()
         probes, _, inverse = self._probe_solves()  # z and H⁻¹ z
-        held = _hutchinson(probes - inverse / self.s, inverse / self.s)
-        moved = _J_times(self.J, self._map_direction() / self.s)  # J dŵ/dt
+        held = _hutchinson(probes - inverse / s, inverse / s)
+        moved = _J_times(self.J, self._map_direction() / s)  # J dŵ/dt
         projected = _J_times(self.J, inverse)  # J H⁻¹ z: tr(H⁻¹ Jᵀ Λ' J H⁻¹) is Hutchinson's mean of its Λ' form
-        return held + _curvature_term(self.likelihood, self.g, moved, projected, projected) / self.s
+        return held + _curvature_term(self.likelihood, self.g, moved, projected, projected) / s
 
     def state(self) -> dict:
         return {"w": self.w, "inverse_factor": self.inverse_factor}
@@ -315,8 +372,10 @@ class FunctionEngine(_ProbeSolves):
         self.K0 = kernel(J, memory_budget=memory_budget)  # J Jᵀ in float64, computed once for every s
         self.dimension = self.K0.shape[0]  # n·c, of the posterior's matrices
 
-    def fit(self, s: float, a0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
+    def fit(self, scales: np.ndarray, a0: Any, rtol: float, maxiter: int, cg_maxiter: int | None, bar: Any) -> dict:
+        """The MAP and B at the prior variance ``scales`` (1,): one for all parameters (the kernel takes one)."""
         xp, J = self.backend.xp, self.J
+        s = float(scales[0])
         m = self.K0.shape[0]
         a = xp.zeros(m, dtype=np.float64) if a0 is None else a0.copy()
         h = s * (self.K0 @ a)  # K = s·K0 enters through products only: no scaled copy of K0

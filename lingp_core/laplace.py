@@ -33,6 +33,14 @@ Laplace evidence (log marginal likelihood), with H at the MAP:
 curvature at every step (Newton steps on the fixed-point condition in log s); the condition is the stationarity of
 the evidence when Λ's own dependence on ŵ(s) is neglected (the standard evidence-framework approximation).
 
+Per-layer prior variances: ``prior_scale`` may give one s_g per block of the exported Jacobian (``J.blocks``: one
+per layer, a Linear layer's weight and bias together), a block-diagonal prior S. The weight-space engine handles it
+(H = F + S⁻¹, log det(S·H) in the evidence); the function-space kernel takes one scale, so per-layer scales need
+``method="parameter"`` ("auto" picks it). ``optimize_prior_scale(layerwise=True)`` maximizes the evidence over the
+s_g by MacKay's fixed point per group, s_g ← ‖ŵ_g − m_g‖² / γ_g with γ_g = p_g − tr(Σ_gg)/s_g (Σ_g γ_g = γ); as
+for one scale, this is the stationarity of the evidence with Λ held at the MAP. A group whose s_g falls to the
+lower bound is one the evidence switches off: its parameters stay at their prior mean.
+
 Predictive class probabilities: the probit approximation softmax_k(μ_k / √(1 + π σ²_k / 8)) (sigmoid for Bernoulli),
 or a seeded Monte Carlo average of softmax over logits drawn from N(μ_i, Σ_i) per example.
 
@@ -80,6 +88,24 @@ _LOG_STEP_CAP = 2.0  # largest change of log s per prior-scale step, before doub
 _EXACT_TRACE_MAX = 1024  # above this p (or n·c), prior-scale steps estimate γ until the last ones
 
 
+def _check_prior_scale(value: Any) -> float | tuple[float, ...]:
+    """One prior variance s > 0 (a float), or a non-empty 1-D sequence of them (one per block, a tuple)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        array = np.asarray(value, dtype=object)
+        if array.ndim != 1 or array.size == 0:
+            raise v.ShapeError(f"prior_scale must be one number or a non-empty 1-D sequence (one prior variance per "
+                               f"block of the Jacobian), got shape {array.shape}")
+        return tuple(v.check_positive(x.item() if isinstance(x, np.generic) else x, f"prior_scale[{i}]")
+                     for i, x in enumerate(array))
+    if isinstance(value, np.generic):
+        value = value.item()
+    return v.check_positive(value, "prior_scale")
+
+
+def _format_scale(value: float | tuple[float, ...]) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else "(" + ", ".join(f"{x:.6g}" for x in value) + ")"
+
+
 # ----- the estimator ------------------------------------------------------------------------------------------------
 
 class LaplaceClassifier(Estimator):
@@ -87,8 +113,10 @@ class LaplaceClassifier(Estimator):
 
     Parameters
     ----------
-    prior_scale : float
-        s > 0, the prior variance of every θ − θ̂ (kernel s·J Jᵀ).
+    prior_scale : float or sequence of float
+        s > 0, the prior variance of every θ − θ̂ (kernel s·J Jᵀ); or one s_g > 0 per block of the Jacobian given to
+        :meth:`fit` (``J.blocks``, one per layer: see :attr:`JacobianBlocks.param_names` and ``block_sizes``), a
+        per-layer prior (weight space only).
     likelihood : {"categorical", "bernoulli"}
         Softmax over c ≥ 2 logits with integer labels in [0, c), or a sigmoid of one logit with labels 0/1 (or
         probabilities in [0, 1]).
@@ -115,8 +143,8 @@ class LaplaceClassifier(Estimator):
         Newton and CG iteration counts, convergence flag, final relative gradient.
     w_map_ : array of shape (p,)
         ŵ = θ_MAP − θ̂, float64, on the Jacobian's backend.
-    prior_scale_history_ : list of (float, float)
-        (s, log evidence) visited by :meth:`optimize_prior_scale`.
+    prior_scale_history_ : list of (float or tuple, float)
+        (s, log evidence) visited by :meth:`optimize_prior_scale` (s a tuple of per-block scales when layerwise).
 
     Examples
     --------
@@ -130,7 +158,7 @@ class LaplaceClassifier(Estimator):
     def __init__(self, prior_scale: float = 1.0, likelihood: str = "categorical", method: str = "auto", *,
                  rtol: float | None = None, maxiter: int = 100, cg_maxiter: int | None = None,
                  memory_budget: float | None = None, progress: bool = False) -> None:
-        self.prior_scale = v.check_positive(prior_scale, "prior_scale")
+        self.prior_scale = _check_prior_scale(prior_scale)
         self.likelihood = v.check_choice(likelihood, "likelihood", _LIKELIHOODS)
         self.method = v.check_choice(method, "method", LAPLACE_METHODS)
         self.rtol = None if rtol is None else v.check_positive(rtol, "rtol")
@@ -143,11 +171,11 @@ class LaplaceClassifier(Estimator):
         self._signature: dict | None = None  # set by a complete fit or load: the model is fitted
         self._J_train: JacobianBlocks | None = None
         self._evidence: float | None = None
-        self.prior_scale_history_: list[tuple[float, float]] = []
+        self.prior_scale_history_: list[tuple[Any, float]] = []
 
     def __repr__(self) -> str:
         fitted = f", fitted: {self.plan_.method}" if self.is_fitted else ""
-        return (f"LaplaceClassifier(prior_scale={self.prior_scale:.6g}, likelihood={self.likelihood!r}, "
+        return (f"LaplaceClassifier(prior_scale={_format_scale(self.prior_scale)}, likelihood={self.likelihood!r}, "
                 f"method={self.method!r}{fitted})")
 
     # ----- fitting ---------------------------------------------------------------------------------------------
@@ -179,11 +207,16 @@ class LaplaceClassifier(Estimator):
         lik = self._lik()
         y = lik.check_labels(y, J.f0)
         n, c, p = J.n, J.n_outputs, J.p
+        grouped = isinstance(self.prior_scale, tuple)
+        if grouped and len(self.prior_scale) != len(J.blocks):
+            raise v.ShapeError(f"prior_scale gives {len(self.prior_scale)} prior variances but J has "
+                               f"{len(J.blocks)} blocks ({[list(b.names) for b in J.blocks]}, sizes "
+                               f"{list(J.block_sizes)}); give one per block, or one number for all parameters")
         if prior_mean is None:
             m = J.xp.zeros(p, dtype=np.float64)
         else:
             m = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(p,)).astype(np.float64)
-        method, reason = self._choose(n * c, p, J.backend)
+        method, reason = self._choose(n * c, p, J.backend, grouped)
         draft = self._draft()
         for stale in ("fit_info_", "w_map_"):
             draft.__dict__.pop(stale, None)
@@ -208,10 +241,15 @@ class LaplaceClassifier(Estimator):
         draft.prior_scale_history_ = list(self.prior_scale_history_)
         return draft
 
-    def _choose(self, nc: int, p: int, backend: Any) -> tuple[str, str]:
+    def _choose(self, nc: int, p: int, backend: Any, grouped: bool) -> tuple[str, str]:
         """The space to work in and why; MemoryBudgetError when its dense matrices do not fit the budget."""
+        if grouped and self.method == "function":
+            raise v.InvalidOptionError("per-block prior scales need the weight-space engine (method='parameter' or "
+                                       "'auto'): the function-space kernel s·J Jᵀ takes one prior scale")
         if self.method in ("parameter", "function"):
             method, reason = self.method, f"forced by method={self.method!r}"
+        elif grouped:
+            method, reason = "parameter", "per-block prior scales: the weight-space engine (the kernel takes one scale)"
         elif nc <= p:
             method, reason = "function", f"n·c = {nc} ≤ p = {p}: the n·c × n·c function-space system is the smaller one"
         else:
@@ -225,24 +263,27 @@ class LaplaceClassifier(Estimator):
                                    "parameters (export_jacobian's params=, e.g. the last layer)")
         return method, reason
 
-    def _fit_at(self, s: float, warm: bool) -> None:
+    def _fit_at(self, scale: float | tuple[float, ...], warm: bool) -> None:
+        """Refit the MAP and posterior at the prior variance ``scale``: one float, or a tuple with one per block."""
         engine = self._engine
+        scales = np.atleast_1d(np.asarray(scale, dtype=np.float64))
         start = None
         if warm:
             start = engine.w if engine.method == "parameter" else engine.a
         rtol = self.rtol if self.rtol is not None else float(np.sqrt(eps(self._engine.J.dtype)))
         with progress_bar(self.maxiter, enabled=self.progress, desc="LaplaceClassifier Newton") as bar:
-            info = engine.fit(s, start, rtol, self.maxiter, self.cg_maxiter, bar)
+            info = engine.fit(scales, start, rtol, self.maxiter, self.cg_maxiter, bar)
         if not info["converged"]:
             warnings.warn(f"LaplaceClassifier: Newton stopped after {info['newton_iterations']} iterations with "
                           f"relative gradient {info['gradient_ratio']:.3g} > rtol {rtol:.3g}; raise maxiter or rtol",
                           v.ConvergenceWarning, stacklevel=3)
         evidence = -engine.objective - engine.half_logdet()
         if not (np.isfinite(evidence) and bool(engine.backend.xp.isfinite(engine.w).all())):
-            raise v.NonFiniteError(f"the Laplace fit at prior_scale = {s:.3g} overflowed float64 (evidence "
-                                   f"{evidence}): the training Jacobian or the network's logits are far too large "
-                                   "for the prior scale; rescale the network's inputs or use a smaller prior_scale")
-        self.prior_scale = s
+            raise v.NonFiniteError(f"the Laplace fit at prior_scale = {_format_scale(scale)} overflowed float64 "
+                                   f"(evidence {evidence}): the training Jacobian or the network's logits are far too "
+                                   "large for the prior scale; rescale the network's inputs or use a smaller "
+                                   "prior_scale")
+        self.prior_scale = scale
         self.fit_info_ = info
         self.w_map_ = engine.w
         self._state = None
@@ -259,8 +300,8 @@ class LaplaceClassifier(Estimator):
 
     log_evidence = log_marginal_likelihood
 
-    def optimize_prior_scale(self, *, max_iter: int = 50, tol: float = 1e-4, bounds: tuple[float, float] = (1e-8, 1e8)
-                             ) -> LaplaceClassifier:
+    def optimize_prior_scale(self, *, max_iter: int = 50, tol: float = 1e-4, bounds: tuple[float, float] = (1e-8, 1e8),
+                             layerwise: bool = False) -> LaplaceClassifier:
         """Maximize the Laplace evidence over the prior scale s by MacKay's fixed point s = ‖ŵ − m‖² / γ.
 
         Each step re-solves the MAP (warm-started, preconditioned by the previous Hessian) and the posterior at the
@@ -280,6 +321,15 @@ class LaplaceClassifier(Estimator):
             Stop when |log s_new − log s| ≤ tol.
         bounds : (float, float)
             s is kept inside; hitting a bound warns (the evidence keeps rising beyond it).
+        layerwise : bool
+            Maximize over one prior variance per block of the Jacobian (per layer) instead of one for all: MacKay's
+            fixed point per group, s_g ← ‖ŵ_g − m_g‖² / γ_g, γ_g = p_g − tr(Σ_gg)/s_g, starting from the current
+            scale(s). Each step moves every log s_g by a secant (Newton) step on φ_g = log(‖ŵ_g − m_g‖²/γ_g) − log s_g
+            where the previous step shows φ_g falling, else by the plain update φ_g (the first step), or, where φ_g
+            does not fall (no fixed point ahead: the evidence keeps rising towards a bound), by the full step cap;
+            steps are capped as above, per group. γ_g is estimated above p = 1024 until all steps fall within
+            ``tol`` and exact from then on. Weight space only; a group reaching the lower bound is switched off by
+            the evidence (a NumericalWarning names it). The model's ``prior_scale`` becomes a tuple.
 
         Returns
         -------
@@ -297,8 +347,18 @@ class LaplaceClassifier(Estimator):
         lo, hi = (v.check_positive(b, "bounds") for b in bounds)
         if not lo < hi:
             raise v.ValueRangeError(f"bounds must satisfy lower < upper, got {bounds}")
+        layerwise = v.check_bool(layerwise, "layerwise")
+        if layerwise and self.plan_.space != "parameter":
+            raise v.InvalidOptionError("optimize_prior_scale(layerwise=True) needs the weight-space engine: fit with "
+                                       "method='parameter' (the function-space kernel takes one prior scale)")
+        if not layerwise and isinstance(self.prior_scale, tuple):
+            raise v.InvalidOptionError(f"the model has per-block prior scales {_format_scale(self.prior_scale)}: "
+                                       "optimize them with layerwise=True, or refit with one prior_scale")
         draft = self._draft()
-        draft._search_prior_scale(max_iter, tol, lo, hi)
+        if layerwise:
+            draft._search_layerwise(max_iter, tol, lo, hi)
+        else:
+            draft._search_prior_scale(max_iter, tol, lo, hi)
         self._commit(draft)
         return self
 
@@ -334,6 +394,42 @@ class LaplaceClassifier(Estimator):
         if t <= math.log(lo) + 1e-12 or t >= math.log(hi) - 1e-12:
             warnings.warn(f"optimize_prior_scale: s reached the bound {math.exp(t):.3g}; the evidence keeps rising "
                           "beyond it", v.NumericalWarning, stacklevel=3)
+
+    def _search_layerwise(self, max_iter: int, tol: float, lo: float, hi: float) -> None:
+        """optimize_prior_scale(layerwise=True)'s steps, on a draft (see its docstring)."""
+        engine = self._engine
+        G = len(engine.blocks)
+        t = np.log(np.broadcast_to(np.asarray(self.prior_scale, dtype=np.float64), (G,))).copy()
+        if not isinstance(self.prior_scale, tuple):  # one scale for all = the same value for every block: no refit
+            engine.set_prior(np.exp(t))
+            self.prior_scale = tuple(float(x) for x in np.exp(t))
+        self.prior_scale_history_ = [(self.prior_scale, self.log_evidence())]
+        bounds = (math.log(lo), math.log(hi))
+        exact = engine.dimension <= _EXACT_TRACE_MAX
+        steps = _GroupSteps(G)
+        for _ in range(max_iter):
+            phi = _fixed_point_gap(engine, t, exact, bounds)
+            if np.abs(steps.propose(t, phi, bounds)).max() <= tol and not exact:
+                exact = True  # the steps from here on, and the stopping test, use the exact γ_g
+                steps.forget()  # a secant through an estimated and an exact φ would be noise
+                phi = _fixed_point_gap(engine, t, exact, bounds)
+            t_new = np.clip(t + steps.take(t, phi, bounds), *bounds)
+            if np.abs(t_new - t).max() <= tol:
+                break
+            t = t_new
+            self._fit_at(tuple(float(x) for x in np.exp(t)), warm=True)
+            self.prior_scale_history_.append((self.prior_scale, self.log_evidence()))
+        else:
+            warnings.warn(f"optimize_prior_scale: no per-block fixed point within {max_iter} steps (last s = "
+                          f"{_format_scale(self.prior_scale)}); raise max_iter", v.ConvergenceWarning, stacklevel=3)
+        names = [list(b.names) for b in engine.J.blocks]
+        off = [names[g] for g in range(G) if t[g] <= bounds[0] + 1e-12]
+        up = [names[g] for g in range(G) if t[g] >= bounds[1] - 1e-12]
+        if off or up:
+            warnings.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {off + up} reached a bound "
+                          f"({lo:.3g} for {off}: the evidence switches those parameters off, they stay at the prior "
+                          f"mean; {hi:.3g} for {up}); the evidence keeps rising beyond it", v.NumericalWarning,
+                          stacklevel=3)
 
     # ----- prediction --------------------------------------------------------------------------------------------
     def _prediction_state(self) -> dict:
@@ -482,6 +578,60 @@ def _newton_step(engine: Any, t: float, gamma: float, slopes: tuple[float, float
     phi = math.log(sq / gamma) - t
     slope = slopes[0] / sq - slopes[1] / gamma - 1.0
     return -phi / slope if slope < 0 else phi
+
+
+def _fixed_point_gap(engine: Any, t: np.ndarray, exact: bool, bounds: tuple[float, float]) -> np.ndarray:
+    """φ_g = log(‖ŵ_g − m_g‖²/γ_g) − t_g per group; where γ_g or ‖ŵ_g − m_g‖² vanish, the way to the bound that the
+    update heads for (γ_g ≤ 0: the upper; no movement from the prior mean: the lower)."""
+    sq, gamma = engine.group_sq_norms(), engine.group_effective_parameters(exact)
+    phi = np.empty_like(t)
+    for g in range(len(t)):
+        if gamma[g] <= 0 or sq[g] <= 0:
+            phi[g] = (bounds[0] if sq[g] <= 0 else bounds[1]) - t[g]
+        else:
+            phi[g] = math.log(sq[g] / gamma[g]) - t[g]
+    return phi
+
+
+class _GroupSteps:
+    """Per-group steps in t = log s towards φ_g(t) = 0 (see optimize_prior_scale): secant slopes from the previous
+    step (each group's own; the coupling between groups enters through the refits), caps doubling per group while
+    successive steps hit them in one direction."""
+
+    def __init__(self, G: int) -> None:
+        self.cap = np.full(G, _LOG_STEP_CAP)
+        self.capped = np.zeros(G)  # direction of the last step if the cap cut it, else 0
+        self.previous: tuple[np.ndarray, np.ndarray] | None = None  # (t, φ) where the last step was taken
+
+    def forget(self) -> None:
+        self.previous = None
+
+    def propose(self, t: np.ndarray, phi: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+        """The uncapped steps: secant −φ/slope where φ falls along the last step, the cap towards φ's sign where it
+        does not (no fixed point ahead), the plain φ without a previous step; 0 for a group held at a bound that
+        its step points beyond."""
+        step = phi.copy()
+        if self.previous is not None:
+            t0, phi0 = self.previous
+            moved = t - t0
+            for g in range(len(t)):
+                if moved[g] == 0:
+                    continue
+                slope = (phi[g] - phi0[g]) / moved[g]
+                step[g] = -phi[g] / slope if slope < 0 else math.copysign(math.inf, phi[g])  # the cap decides
+        at_bound = ((t <= bounds[0]) & (step < 0)) | ((t >= bounds[1]) & (step > 0))
+        step[at_bound] = 0.0
+        return step
+
+    def take(self, t: np.ndarray, phi: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+        """The capped steps, updating the caps and remembering (t, φ) for the next secant."""
+        step = self.propose(t, phi, bounds)
+        direction = np.sign(step)
+        hit = direction != 0
+        self.cap = np.where(hit & (self.capped == direction), 2 * self.cap, _LOG_STEP_CAP)
+        self.capped = np.where(np.abs(step) >= self.cap, direction, 0.0)
+        self.previous = (t.copy(), phi.copy())
+        return direction * np.minimum(np.abs(step), self.cap)
 
 
 def _monte_carlo(mean: Any, cov: Any, likelihood: Likelihood, n_samples: int, seed: int) -> Any:
