@@ -42,8 +42,9 @@ def dirichlet_targets(labels: np.ndarray, c: int, alpha_epsilon: float) -> tuple
     """
     alpha = np.full((labels.shape[0], c), alpha_epsilon)
     alpha[np.arange(labels.shape[0]), labels] += 1.0
-    noise = np.log1p(1.0 / alpha)
-    return np.log(alpha) - noise / 2, noise
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # callers check the results are finite
+        noise = np.log1p(1.0 / alpha)
+        return np.log(alpha) - noise / 2, noise
 
 
 class DirichletClassifier(LinearizedGP):
@@ -98,6 +99,10 @@ class DirichletClassifier(LinearizedGP):
         labels = CategoricalLikelihood().check_labels(y, J.f0)
         targets, noise = dirichlet_targets(J.backend.to_numpy(labels).astype(np.int64), J.n_outputs,
                                            self.alpha_epsilon)
+        if not (np.isfinite(targets).all() and np.isfinite(noise).all()):
+            raise v.ValueRangeError(f"alpha_epsilon = {self.alpha_epsilon:.3g} makes the transformed targets or their "
+                                    "noise overflow float64 (log(1/α_ε + 1) and log α_ε must be finite); use a value "
+                                    "between 1e-300 and 1e300 (0.01 is the usual choice)")
         draft = self._draft()
         draft.noise = noise
         draft.classes_ = J.n_outputs

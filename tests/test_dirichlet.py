@@ -184,3 +184,5 @@ def test_dirichlet_classifier_round_trips_and_refuses_bad_labels(backend, tmp_pa
         lg.DirichletClassifier(noise=0.1)
     with pytest.raises(v.ValueRangeError):
         lg.DirichletClassifier(alpha_epsilon=0.0)
+    with pytest.raises(v.ValueRangeError, match="alpha_epsilon"):
+        lg.DirichletClassifier(alpha_epsilon=1e-320).fit(J, on(backend, labels))
