@@ -108,12 +108,12 @@ def mixture_moments(component: Callable[[int], tuple[Any, Any]], weights: np.nda
 
 
 def data_scaled_center(model: Any) -> tuple[float, float]:
-    """(s₀, σ²₀): σ²₀ = half the mean square of the targets around the prior mean, s₀ such that s₀·mean diag K0 = σ²₀
-    (signal and noise each explain half the targets' variance)."""
-    from lingp_core.kernels import kernel_diag
+    """(s₀, σ²₀), the centre of the grid: σ²₀ = half the mean square of the targets about the prior mean, s₀ such
+    that s₀·mean diag K0 = σ²₀ (signal and noise each explain half the targets' variance; the centre of the "data"
+    hyperprior too)."""
+    from lingp_core._hyperparameters import data_scale
 
-    square = float(sum(float((R**2).sum()) for R in model._R) / sum(R.size for R in model._R))
-    diag = float(np.mean([float(kernel_diag(t.J, output_mode=t.mode).mean()) for t in model._tasks]))
+    square, diag = data_scale(model)
     if not (square > 0 and diag > 0):
         raise v.ValueRangeError(f"averaging centres its grid on the data's scale, but the targets' mean square about "
                                 f"the prior mean is {square:.3g} and the kernel's mean diagonal {diag:.3g}: nothing "

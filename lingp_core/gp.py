@@ -525,8 +525,7 @@ class LinearizedGP(Estimator):
             raise v.InvalidOptionError("averaging needs a spectral method (one eigendecomposition for every grid "
                                        "point); the iterative path has none: average on a subset, or force "
                                        "method='function-spectral' / 'parameter-spectral' if it fits")
-        log_prior = (lambda log_s, log_noise: np.zeros_like(log_s)) if hyperprior is None else \
-            hyper.log_hyperprior(self, hyperprior)
+        log_prior = hyper.log_hyperprior(self, hyperprior)
         draft = self._draft()
         for stale in ("optimization_", "_mixture", "averaging_"):
             draft.__dict__.pop(stale, None)

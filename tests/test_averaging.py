@@ -24,7 +24,7 @@ def _seed():
 narrow_grid = pytest.mark.filterwarnings("ignore:.*edge of the averaging grid:lingp_core.NumericalWarning")
 
 
-def brute_force(o, mode, grid_size, span):
+def brute_force(o, mode, grid_size, span, width=None):
     J, y, c = o["J"], o["y"], o["y"].shape[1]
     r = y - o["f"]
     rows = J.reshape(-1, c, J.shape[1])
@@ -37,6 +37,9 @@ def brute_force(o, mode, grid_size, span):
     points = [(np.exp(a), np.exp(b)) for a in log_s for b in log_n]
     results = [dense_posterior(o, s, n, mode) for s, n in points]
     lml = np.array([res[3] for res in results])
+    if width is not None:  # independent log-normal priors on s and σ² at the grid's centre, `width` nats wide
+        lml = lml + np.array([-0.5 * ((np.log(s / s0) / width) ** 2 + (np.log(n / noise0) / width) ** 2)
+                              for s, n in points])
     w = np.exp(lml - lml.max())
     w /= w.sum()
     mean = sum(wi * res[0] for wi, res in zip(w, results))
@@ -58,6 +61,20 @@ def test_averaged_predictions_equal_the_brute_force_mixture(backend, mode, metho
     np.testing.assert_allclose(var, want_var, rtol=1e-6, atol=1e-9 * scale**2)
     assert gp.prior_scale == pytest.approx(heaviest[0], rel=1e-12)
     assert gp.noise == pytest.approx(heaviest[1], rel=1e-12)
+
+
+@narrow_grid
+def test_averaging_with_the_data_hyperprior_equals_the_brute_force_mixture(backend):
+    rng = np.random.default_rng(9)
+    J, Js, y, o = problem(backend, rng, c=2)
+    gp = lg.LinearizedGP(output_mode="trace").fit(J, y)
+    gp.average_hyperparameters(grid_size=9, span=2.0, keep_mass=1.0, hyperprior=lg.Hyperprior(prior_scale_width=0.7,
+                                                                                               noise_width=0.7))
+    mean, var = (backend.to_numpy(a) for a in gp.predict(Js, return_var=True))
+    want_mean, want_var, _ = brute_force(o, "trace", 9, 2.0, width=0.7)
+    scale = np.abs(want_mean).max()
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-8, atol=1e-9 * scale)
+    np.testing.assert_allclose(var, want_var, rtol=1e-6, atol=1e-9 * scale**2)
 
 
 @narrow_grid
