@@ -103,6 +103,9 @@ def _format_hyperparameters(result: dict, names: dict[str, str]) -> list[str]:
             text = f"{k}: s={np.median([i['prior_scale'] for i in infos]):.2g}"
             if "noise" in infos[0]:
                 text += f" σ²={np.median([i['noise'] for i in infos]):.2g}"
+            bounded = sum(bool(i.get("at_bound")) for i in infos)
+            if bounded:
+                text += f" ({bounded}/{len(infos)} at a bound)"
             parts.append(text)
         lines.append(f"{names[method]} fitted (median; labels/class: values): " + ", ".join(parts))
     return lines

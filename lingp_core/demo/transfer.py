@@ -36,6 +36,7 @@ LaplaceClassifier
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -73,10 +74,13 @@ def linearized_gp(J: lg.JacobianBlocks, labels: np.ndarray, J_test: lg.JacobianB
     # is ~10⁴ times the targets' variance at s = 1 here)
     gp = lg.LinearizedGP(mean="zero", output_mode=output_mode)
     gp.fit(J, be.asarray(targets))
-    gp.optimize_hyperparameters()
+    with warnings.catch_warnings():  # s at its bound (the collapse at 1–2 labels) is recorded and shown in the summary
+        warnings.simplefilter("ignore", lg.NumericalWarning)
+        gp.optimize_hyperparameters()
     mean, var = gp.predict(J_test, return_var=True)
     probs = probability_of_largest(be.to_numpy(mean), be.to_numpy(var) + gp.noise)
-    return probs, {"prior_scale": float(gp.prior_scale), "noise": float(gp.noise), "plan": str(gp.plan_)}
+    return probs, {"prior_scale": float(gp.prior_scale), "noise": float(gp.noise), "plan": str(gp.plan_),
+                   "at_bound": gp.optimization_["at_bound"]}
 
 
 def dirichlet_gp(J: lg.JacobianBlocks, labels: np.ndarray,
