@@ -476,10 +476,10 @@ class Iterative:
     """Function space without forming K: CG with a pivoted-Cholesky preconditioner for α, variances by batched CG
     (small test sets) or a Lanczos cache (LOVE), log-determinant by stochastic Lanczos quadrature.
 
-    Computes in float64 (on a float64 copy of a float32 Jacobian's blocks). Variances (output_mode "full", which
-    independent tasks use too) are sums of squares in parameter space, s·‖j* − Jᵀ w‖² + wᵀ D w with w ≈ C⁻¹ s·k*
-    from CG or the Lanczos cache (:meth:`_energy_variance`): no subtraction of nearly equal numbers, never negative,
-    and exact to the square of the solve's error; "trace" mode keeps prior − reduction.
+    Computes in float64 (on a float64 copy of a float32 Jacobian's blocks). Variances are sums of squares in
+    parameter space, s·‖j* − Jᵀ w‖² + wᵀ D w with w ≈ C⁻¹ s·k* from CG or the Lanczos cache
+    (:meth:`_energy_variance`; "trace" mode on the per-output Jacobians stacked): no subtraction of nearly equal
+    numbers, never negative, and exact to the square of the solve's error.
     """
 
     space, solver = "function", "iterative"
@@ -571,7 +571,7 @@ class Iterative:
         m_star = int(prior.shape[0])
         out = xp.empty((m_star, self.q))
         cached = m_star > self.variance_cg_max
-        form = ", energy form" if self.mode == "full" else ""
+        form = ", energy form"
         self.info["variance_method"] = ("lanczos" if cached else "cg") + form
         for g, (cols, _) in enumerate(self.groups):
             use_cache = cached
@@ -587,16 +587,14 @@ class Iterative:
         return out
 
     def _variances(self, g: int, star: StarRows, w: Any, rows: np.ndarray) -> Any:
-        """Variances (len(rows),) at test rows ``rows`` given w (m, len(rows)) ≈ C⁻¹ s·K0(X, x*_rows): the energy
-        form in output mode "full", prior − reduction in "trace"."""
-        if self.mode == "full":
-            return self._energy_variance(g, star, w, rows)
-        idx = self.backend.xp.asarray(rows)
-        return self.s * star.prior_diag()[idx] - self.s * (star.cross[idx] * w.T).sum(axis=1)
+        """Variances (len(rows),) at test rows ``rows`` given w (m, len(rows)) ≈ C⁻¹ s·K0(X, x*_rows)."""
+        return self._energy_variance(g, star, w, rows)
 
     def _energy_variance(self, g: int, star: StarRows, w: Any, rows: np.ndarray) -> Any:
         """Variances as sums of squares, var_i = s·‖j*_i − Jᵀ w_i‖² + w_iᵀ D w_i, for w_i ≈ C⁻¹ s·K0(X, x*_i),
-        C = s·K0 + D, at test rows ``rows`` (w's columns): (len(rows),), float64.
+        C = s·K0 + D, at test rows ``rows`` (w's columns): (len(rows),), float64. In output mode "trace" the kernel
+        is (1/c)·Σ_k J_k J_kᵀ, the kernel of the stacked Jacobian [J_1 … J_c]/√c, so the parameter-space residual is
+        stacked too: var_i = (s/c)·Σ_k ‖j*_ik − J_kᵀ w_i‖² + w_iᵀ D w_i.
 
         At the exact w this is s·k** − s² k*ᵀ C⁻¹ k* (expand the square: the cross terms cancel algebraically, not
         in floating point); it is the minimum over w of that quadratic, so an inexact ŵ (CG, the Lanczos cache) only
@@ -612,13 +610,18 @@ class Iterative:
                                                                                             self.backend),
                        what=f"the iterative variances' parameter-space residuals ({J.p} × {chunk})",
                        alternative="predict fewer test points per call")
-        m_star = J_star.n * J_star.n_outputs
+        if self.mode == "full":
+            pairs, weight = [(J, J_star)], self.s
+        else:  # "trace": one output's rows at a time
+            c = J.n_outputs
+            pairs, weight = [(J.select(output=k), J_star.select(output=k)) for k in range(c)], self.s / c
         for start in range(0, len(rows), _ENERGY_CHUNK):
             part = rows[start: start + _ENERGY_CHUNK]
-            unit = xp.zeros((m_star, len(part)))
-            unit[xp.asarray(part), xp.arange(len(part))] = 1.0
-            residual = J_star.rmatmat(unit) - J.rmatmat(w[:, start: start + len(part)])  # (p, ·): j*_i − Jᵀ w_i
-            out[start: start + len(part)] += self.s * (residual * residual).sum(axis=0)
+            for J_k, J_star_k in pairs:
+                unit = xp.zeros((J_star_k.n * J_star_k.n_outputs, len(part)))
+                unit[xp.asarray(part), xp.arange(len(part))] = 1.0
+                residual = J_star_k.rmatmat(unit) - J_k.rmatmat(w[:, start: start + len(part)])  # j*_i − Jᵀ w_i
+                out[start: start + len(part)] += weight * (residual * residual).sum(axis=0)
         return out
 
     def _love_solve(self, g: int, rhs: Any) -> Any:
@@ -628,8 +631,7 @@ class Iterative:
 
     def _love_error(self, g: int, star: StarRows) -> float:
         """Max over up to 8 test rows of |LOVE variance − CG variance| / |CG variance|: the cache's truncation error
-        relative to the posterior variance itself (in the energy form it enters squared and only upwards; in
-        "trace" mode's prior − reduction it is magnified where the data shrink the variance far below the prior)."""
+        relative to the posterior variance itself (in the energy form it enters squared and only upwards)."""
         xp = self.backend.xp
         m_star = int(star.cross.shape[0])
         rows = np.unique(np.linspace(0, m_star - 1, min(8, m_star)).astype(np.int64))

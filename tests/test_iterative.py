@@ -54,3 +54,33 @@ def test_the_energy_form_only_errs_upwards(regime):
         got = loose.predict(Js, return_var=True)[1]
     assert (got >= var * (1 - 1e-9)).all()
     assert loose.clamped_variances_ == 0
+
+
+@pytest.fixture(scope="module")
+def trace_regime():
+    """The same regime with 3 outputs sharing the averaged kernel (output_mode "trace")."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
+                              torch.nn.Linear(32, 3))
+    x = torch.randn(150, 3)
+    xs = x[:10] + 1e-3 * torch.randn(10, 3)
+    J, Js = lg.export_jacobian(net, x), lg.export_jacobian(net, xs)
+    y = (J.f0 + 0.1 * np.sin(np.arange(450.0)).reshape(150, 3)).astype(np.float32)
+    exact = lg.LinearizedGP(1.0, 1e-3, method="function-cholesky", output_mode="trace").fit(J, y)
+    mean, var = exact.predict(Js, return_var=True)
+    ratio = var[:, 0] / lg.kernel_diag(Js, output_mode="trace")
+    assert ratio.max() < 1e-3, "not the cancellation regime: the test proves nothing"
+    return J, Js, y, mean, var
+
+
+@pytest.mark.parametrize("variance_cg_max", [64, 0], ids=["cg", "lanczos"])
+def test_trace_mode_matrix_free_variances_match_the_exact_path(trace_regime, variance_cg_max):
+    J, Js, y, mean, var = trace_regime
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gp = lg.LinearizedGP(1.0, 1e-3, method="iterative", output_mode="trace", variance_cg_max=variance_cg_max,
+                             variance_rank=150).fit(J, y)
+        got_mean, got_var = gp.predict(Js, return_var=True)
+    assert np.abs(got_mean - mean).max() <= 1e-6 * np.abs(mean).max()
+    np.testing.assert_allclose(got_var, var, rtol=1e-2, atol=0)
+    assert gp.clamped_variances_ == 0
