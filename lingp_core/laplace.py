@@ -86,6 +86,7 @@ PREDICTIVE_METHODS = ("probit", "mc")
 _LIKELIHOODS = ("categorical", "bernoulli")  # of likelihoods.LIKELIHOODS, those with class labels
 _LOG_STEP_CAP = 2.0  # largest change of log s per prior-scale step, before doubling
 _EXACT_TRACE_MAX = 1024  # above this p (or n·c), prior-scale steps estimate γ until the last ones
+_MIN_GAIN, _MAX_GAIN = 0.25, 8.0  # layerwise steps: multiples of MacKay's plain update
 
 
 def _check_prior_scale(value: Any) -> float | tuple[float, ...]:
@@ -208,7 +209,7 @@ class LaplaceClassifier(Estimator):
         y = lik.check_labels(y, J.f0)
         n, c, p = J.n, J.n_outputs, J.p
         grouped = isinstance(self.prior_scale, tuple)
-        if grouped and len(self.prior_scale) != len(J.blocks):
+        if isinstance(self.prior_scale, tuple) and len(self.prior_scale) != len(J.blocks):
             raise v.ShapeError(f"prior_scale gives {len(self.prior_scale)} prior variances but J has "
                                f"{len(J.blocks)} blocks ({[list(b.names) for b in J.blocks]}, sizes "
                                f"{list(J.block_sizes)}); give one per block, or one number for all parameters")
@@ -262,6 +263,12 @@ class LaplaceClassifier(Estimator):
                        alternative=f"use method={other!r} ({nc if other == 'function' else p} rows), or fewer "
                                    "parameters (export_jacobian's params=, e.g. the last layer)")
         return method, reason
+
+    def _one_scale(self) -> float:
+        """The prior scale of a one-scale model (function space and the one-scale search have no other)."""
+        if isinstance(self.prior_scale, tuple):  # fit and optimize_prior_scale rule this out before
+            raise v.InvalidOptionError(f"one prior scale expected, got per-block scales {self.prior_scale}")
+        return self.prior_scale
 
     def _fit_at(self, scale: float | tuple[float, ...], warm: bool) -> None:
         """Refit the MAP and posterior at the prior variance ``scale``: one float, or a tuple with one per block."""
@@ -324,12 +331,12 @@ class LaplaceClassifier(Estimator):
         layerwise : bool
             Maximize over one prior variance per block of the Jacobian (per layer) instead of one for all: MacKay's
             fixed point per group, s_g ← ‖ŵ_g − m_g‖² / γ_g, γ_g = p_g − tr(Σ_gg)/s_g, starting from the current
-            scale(s). Each step moves every log s_g by a secant (Newton) step on φ_g = log(‖ŵ_g − m_g‖²/γ_g) − log s_g
-            where the previous step shows φ_g falling, else by the plain update φ_g (the first step), or, where φ_g
-            does not fall (no fixed point ahead: the evidence keeps rising towards a bound), by the full step cap;
-            steps are capped as above, per group. γ_g is estimated above p = 1024 until all steps fall within
-            ``tol`` and exact from then on. Weight space only; a group reaching the lower bound is switched off by
-            the evidence (a NumericalWarning names it). The model's ``prior_scale`` becomes a tuple.
+            scale(s). Each step moves log s_g by a gain times the plain update φ_g = log(‖ŵ_g − m_g‖²/γ_g) − log s_g:
+            gain 1 at first, then a secant estimate of Newton's from how much the last step shrank φ_g, within
+            [0.25, 8] (φ_g also moves with the other groups), capped as above per group. γ_g is estimated above
+            p = 1024 until all steps fall within ``tol``, exact from then on. Weight space only. A group reaching
+            the lower bound is one the evidence switches off (a NumericalWarning names it). The model's
+            ``prior_scale`` becomes a tuple.
 
         Returns
         -------
@@ -365,7 +372,7 @@ class LaplaceClassifier(Estimator):
     def _search_prior_scale(self, max_iter: int, tol: float, lo: float, hi: float) -> None:
         """optimize_prior_scale's steps, on a draft."""
         engine = self._engine
-        t = math.log(self.prior_scale)
+        t = math.log(self._one_scale())
         self.prior_scale_history_ = [(self.prior_scale, self.log_evidence())]
         cap, capped = _LOG_STEP_CAP, 0  # capped: the direction of the last step if the cap cut it, else 0
         # the exact γ costs a triangular inverse (dimension³/3 flops): above _EXACT_TRACE_MAX the steps use
@@ -399,25 +406,28 @@ class LaplaceClassifier(Estimator):
         """optimize_prior_scale(layerwise=True)'s steps, on a draft (see its docstring)."""
         engine = self._engine
         G = len(engine.blocks)
-        t = np.log(np.broadcast_to(np.asarray(self.prior_scale, dtype=np.float64), (G,))).copy()
         if not isinstance(self.prior_scale, tuple):  # one scale for all = the same value for every block: no refit
-            engine.set_prior(np.exp(t))
-            self.prior_scale = tuple(float(x) for x in np.exp(t))
+            self.prior_scale = (self.prior_scale,) * G
+            engine.set_prior(np.asarray(self.prior_scale))
+        t = np.log(np.asarray(self.prior_scale))
         self.prior_scale_history_ = [(self.prior_scale, self.log_evidence())]
         bounds = (math.log(lo), math.log(hi))
         exact = engine.dimension <= _EXACT_TRACE_MAX
         steps = _GroupSteps(G)
         for _ in range(max_iter):
             phi = _fixed_point_gap(engine, t, exact, bounds)
+            steps.learn(phi)
             if np.abs(steps.propose(t, phi, bounds)).max() <= tol and not exact:
                 exact = True  # the steps from here on, and the stopping test, use the exact γ_g
                 steps.forget()  # a secant through an estimated and an exact φ would be noise
                 phi = _fixed_point_gap(engine, t, exact, bounds)
+                steps.learn(phi)
             t_new = np.clip(t + steps.take(t, phi, bounds), *bounds)
             if np.abs(t_new - t).max() <= tol:
                 break
             t = t_new
-            self._fit_at(tuple(float(x) for x in np.exp(t)), warm=True)
+            scales = np.where(t <= bounds[0], lo, np.where(t >= bounds[1], hi, np.exp(t)))  # a bound exactly
+            self._fit_at(tuple(float(x) for x in scales), warm=True)
             self.prior_scale_history_.append((self.prior_scale, self.log_evidence()))
         else:
             warnings.warn(f"optimize_prior_scale: no per-block fixed point within {max_iter} steps (last s = "
@@ -425,11 +435,13 @@ class LaplaceClassifier(Estimator):
         names = [list(b.names) for b in engine.J.blocks]
         off = [names[g] for g in range(G) if t[g] <= bounds[0] + 1e-12]
         up = [names[g] for g in range(G) if t[g] >= bounds[1] - 1e-12]
-        if off or up:
-            warnings.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {off + up} reached a bound "
-                          f"({lo:.3g} for {off}: the evidence switches those parameters off, they stay at the prior "
-                          f"mean; {hi:.3g} for {up}); the evidence keeps rising beyond it", v.NumericalWarning,
-                          stacklevel=3)
+        if off:
+            warnings.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {off} reached the lower bound "
+                          f"{lo:.3g}: the evidence keeps rising below it, it switches those parameters off (they stay "
+                          "at the prior mean)", v.NumericalWarning, stacklevel=3)
+        if up:
+            warnings.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {up} reached the upper bound "
+                          f"{hi:.3g}; the evidence keeps rising beyond it", v.NumericalWarning, stacklevel=3)
 
     # ----- prediction --------------------------------------------------------------------------------------------
     def _prediction_state(self) -> dict:
@@ -464,7 +476,8 @@ class LaplaceClassifier(Estimator):
             if self.plan_.space == "parameter":
                 mean, var = predict_weight(state, J_star, cov)
             else:
-                mean, var = predict_function(state, self._J_train, J_star, self.prior_scale, cov, self.memory_budget)
+                mean, var = predict_function(state, self._J_train, J_star, self._one_scale(), cov,
+                                             self.memory_budget)
         xp = J_star.xp
         if not (bool(xp.isfinite(mean).all()) and (var is None or bool(xp.isfinite(var).all()))):
             raise v.NonFiniteError("the predicted logits at J_star overflow float64 (NaN/Inf) although J_star is "
@@ -594,44 +607,48 @@ def _fixed_point_gap(engine: Any, t: np.ndarray, exact: bool, bounds: tuple[floa
 
 
 class _GroupSteps:
-    """Per-group steps in t = log s towards φ_g(t) = 0 (see optimize_prior_scale): secant slopes from the previous
-    step (each group's own; the coupling between groups enters through the refits), caps doubling per group while
-    successive steps hit them in one direction."""
+    """Steps in t = log s (one per group) towards φ(t) = 0 (see optimize_prior_scale): gain_g × φ_g, the plain
+    MacKay update (gain 1 at first) scaled by a secant estimate: a step of gain a that took φ_g to r·φ_g says
+    φ_g' ≈ (r − 1)/a, so Newton's gain is a/(1 − r), kept within [_MIN_GAIN, _MAX_GAIN] (r ≥ 1, no fixed point
+    ahead: the largest; φ_g also moves with the other groups, so the estimate is rough: hence the limits). Caps
+    double per group while successive steps hit them in one direction; a group held at a bound that its step
+    points beyond stays there."""
 
     def __init__(self, G: int) -> None:
         self.cap = np.full(G, _LOG_STEP_CAP)
         self.capped = np.zeros(G)  # direction of the last step if the cap cut it, else 0
-        self.previous: tuple[np.ndarray, np.ndarray] | None = None  # (t, φ) where the last step was taken
+        self.forget()
 
     def forget(self) -> None:
-        self.previous = None
+        """Back to the plain update (after γ switches from estimated to exact: φ's history would mislead)."""
+        self.gain = np.ones(len(self.cap))
+        self.previous: np.ndarray | None = None  # φ where the last step was taken
+        self.moved = np.zeros(len(self.cap), dtype=bool)  # whether that step moved the group (uncapped: a secant)
+
+    def learn(self, phi: np.ndarray) -> None:
+        """Update the gains from φ at the new point and remember it."""
+        if self.previous is not None:
+            for g, (new, old) in enumerate(zip(phi, self.previous)):
+                if old != 0 and self.moved[g]:
+                    ratio = new / old
+                    self.gain[g] = _MAX_GAIN if ratio >= 1 else min(_MAX_GAIN, max(_MIN_GAIN,
+                                                                                   self.gain[g] / (1 - ratio)))
+        self.previous = phi.copy()
 
     def propose(self, t: np.ndarray, phi: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
-        """The uncapped steps: secant −φ/slope where φ falls along the last step, the cap towards φ's sign where it
-        does not (no fixed point ahead), the plain φ without a previous step; 0 for a group held at a bound that
-        its step points beyond."""
-        step = phi.copy()
-        if self.previous is not None:
-            t0, phi0 = self.previous
-            moved = t - t0
-            for g in range(len(t)):
-                if moved[g] == 0:
-                    continue
-                slope = (phi[g] - phi0[g]) / moved[g]
-                step[g] = -phi[g] / slope if slope < 0 else math.copysign(math.inf, phi[g])  # the cap decides
-        at_bound = ((t <= bounds[0]) & (step < 0)) | ((t >= bounds[1]) & (step > 0))
-        step[at_bound] = 0.0
-        return step
+        """The uncapped steps gain × φ, 0 for a group held at a bound that its step points beyond."""
+        held = ((t <= bounds[0]) & (phi < 0)) | ((t >= bounds[1]) & (phi > 0))
+        return np.where(held, 0.0, self.gain * phi)
 
     def take(self, t: np.ndarray, phi: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
-        """The capped steps, updating the caps and remembering (t, φ) for the next secant."""
+        """The capped steps, updating the caps."""
         step = self.propose(t, phi, bounds)
         direction = np.sign(step)
-        hit = direction != 0
-        self.cap = np.where(hit & (self.capped == direction), 2 * self.cap, _LOG_STEP_CAP)
-        self.capped = np.where(np.abs(step) >= self.cap, direction, 0.0)
-        self.previous = (t.copy(), phi.copy())
-        return direction * np.minimum(np.abs(step), self.cap)
+        self.cap = np.where((direction != 0) & (self.capped == direction), 2 * self.cap, _LOG_STEP_CAP)
+        self.capped = np.where(np.abs(step) > self.cap, direction, 0.0)
+        step = direction * np.minimum(np.abs(step), self.cap)
+        self.moved = (step != 0) & (self.capped == 0) & (np.clip(t + step, *bounds) == t + step)
+        return step
 
 
 def _monte_carlo(mean: Any, cov: Any, likelihood: Likelihood, n_samples: int, seed: int) -> Any:

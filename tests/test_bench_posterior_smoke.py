@@ -39,7 +39,7 @@ def relative(got: list, ref: np.ndarray) -> float:
 def test_bench_posterior_quick(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_posterior.py"), "--quick", "--sizes", str(N),
-               "--baseline-cap", "3", "--iterative-sizes", str(N), "--profile", "--seed", str(SEED), "--out",
+               "--baseline-cap", "30", "--iterative-sizes", str(N), "--profile", "--seed", str(SEED), "--out",
                str(tmp_path)]
     result, (mean, var) = run_alongside(command, dense_posterior, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
