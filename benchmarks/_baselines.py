@@ -3,8 +3,9 @@
 Every method takes a trained source network and a small adaptation set (x, y) from a new task and predicts at test
 inputs; the source network is never modified (the trained baselines work on a deep copy).
 
-- ``linearized_gp``: lingp — the network's Jacobian kernel GP, mean f(x; θ̂), prior scale and noise by the marginal
-  likelihood.
+- ``linearized_gp``: lingp — the network's Jacobian kernel GP, mean f(x; θ̂), prior scale and noise chosen by one of
+  :data:`HYPERPARAMETER_CHOICES` (marginal likelihood, leave-one-out, MAP under a data-scaled hyperprior, or
+  averaging over a grid).
 - ``retrain_last_layer``: Adam on the last ``nn.Linear`` only, from the source weights, MSE loss.
 - ``fine_tune``: Adam on every parameter, from the source weights, MSE loss.
 - ``BayesianLinearRegression``: an ABLR-style Bayesian last layer (Perrone et al., 2018): Bayesian linear regression
@@ -18,11 +19,19 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 
-from lingp_core._validate import DTypeError, NonFiniteError, ShapeError, ValueRangeError
+from lingp_core._validate import (
+    DTypeError,
+    InvalidOptionError,
+    NonFiniteError,
+    ShapeError,
+    ValueRangeError,
+    check_choice,
+)
 
 # ----- the networks' last layer -----------------------------------------------------------------------------------
 
@@ -327,13 +336,54 @@ def ablr(model: Any, x: Any, y: Any, x_test: Any) -> tuple[np.ndarray, np.ndarra
 
 # ----- lingp ------------------------------------------------------------------------------------------------------
 
+#: How lingp's rows choose (s, σ²): the option of LinearizedGP each name runs (see :func:`choose_hyperparameters`).
+HYPERPARAMETER_CHOICES = ("evidence", "loo", "map", "average", "average-map")
+#: The choice the reproduction scripts use unless --lingp-hyperparameters says otherwise. Measured on the regression
+#: reproductions (issue 15, on their own test sets): the evidence's maximum collapses s → 0 for networks that already
+#: fit (ReLU toy) and loses to last-layer retraining at 10 tabular patients; averaging weighted by evidence × the
+#: data-scaled hyperprior does neither.
+DEFAULT_HYPERPARAMETERS = "average-map"
+
+
+def check_hyperparameters(choice: Any) -> str:
+    """``choice`` if it is one of :data:`HYPERPARAMETER_CHOICES`; InvalidOptionError naming them otherwise."""
+    return check_choice(choice, "hyperparameters", HYPERPARAMETER_CHOICES)
+
+
+def choose_hyperparameters(gp: Any, choice: str) -> None:
+    """Set a fitted LinearizedGP's prior scale s and noise σ² (in place) by one of :data:`HYPERPARAMETER_CHOICES`.
+
+    "evidence" maximizes the marginal likelihood (``optimize_hyperparameters()``), "loo" the closed-form
+    leave-one-out predictive density (``criterion="loo"``), "map" the marginal likelihood times the data-scaled
+    log-normal hyperprior (``hyperprior="data"``); "average" / "average-map" average the predictions over a log grid
+    of (s, σ²) weighted by the marginal likelihood (times that hyperprior) (``average_hyperparameters``).
+
+    The NumericalWarnings of a fitted value at its bound (s → e⁻³⁰: all noise) or of weight on the averaging grid's
+    edge are not repeated for every task of a reproduction: :func:`linearized_gp` reports both in its result.
+    """
+    import lingp_core as lg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.NumericalWarning)
+        if choice.startswith("average"):
+            gp.average_hyperparameters(hyperprior="data" if choice == "average-map" else None)
+        elif choice == "evidence":
+            gp.optimize_hyperparameters()
+        elif choice == "loo":
+            gp.optimize_hyperparameters(criterion="loo")
+        else:
+            gp.optimize_hyperparameters(hyperprior="data")
+
+
 def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "numpy",
-                  fixed: tuple[float, float] | None = None, jacobians: tuple | None = None) -> dict:
+                  fixed: tuple[float, float] | None = None, jacobians: tuple | None = None,
+                  hyperparameters: str | None = None) -> dict:
     """lingp's adaptation: the Jacobian-kernel GP of ``model`` with mean f(x; θ̂), fitted on (x, y).
 
     The Jacobians are exported on ``backend`` (the model must live on its device). The prior scale s and noise σ²
-    maximize the marginal likelihood (``LinearizedGP.optimize_hyperparameters``, which picks its own start from a
-    data-scaled guess and a log grid). With ``fixed=(signal_variance, noise)`` nothing is optimized:
+    by ``hyperparameters``, one of :data:`HYPERPARAMETER_CHOICES` (see :func:`choose_hyperparameters`; None:
+    :data:`DEFAULT_HYPERPARAMETERS`). With ``fixed=(signal_variance, noise)`` nothing is chosen (``hyperparameters``
+    must then be None):
     s = signal_variance / mean diag(JJᵀ), so the prior variance of f at the training inputs is signal_variance on
     average, and σ² = noise. ``jacobians=(J, J_test)`` reuses Jacobians already exported at x and x_test (several
     fits of one network).
@@ -341,24 +391,57 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
     Returns
     -------
     dict
-        ``mean`` and ``var`` (latent, no noise) as float64 NumPy (n*, c) arrays, the fitted ``prior_scale``, ``noise``
-        and ``log_marginal_likelihood``, the GP's ``plan`` and the parameter count ``p``.
+        ``mean`` and ``var`` (latent, no noise) as float64 NumPy (n*, c) arrays; the ``hyperparameters`` choice; the
+        fitted ``prior_scale`` and ``noise`` (averaging: the heaviest grid point) and ``log_marginal_likelihood``
+        there; ``predictive_noise``, the noise to add to ``var`` for an observation's variance (averaging: the
+        posterior mean of σ² over the grid, so var + predictive_noise is the mixture's predictive variance);
+        ``at_bound``, the names of the optimized values at their bounds (empty when none, or when not optimized);
+        ``averaging`` (None, or ``mixture``: the kept grid points' ``prior_scales``, ``noises``, ``weights`` as
+        lists, plus ``effective_points`` and ``weight_on_grid_edge``); the GP's ``plan`` and the parameter count
+        ``p``.
     """
     import backends
     import lingp_core as lg
 
+    if fixed is not None and hyperparameters is not None:
+        raise InvalidOptionError(f"fixed={fixed} sets s and σ² directly; hyperparameters={hyperparameters!r} would "
+                                 "choose them: pass one of the two")
+    if fixed is None:
+        hyperparameters = check_hyperparameters(DEFAULT_HYPERPARAMETERS if hyperparameters is None else hyperparameters)
     be = backends.get_backend(backend)
     jac, jac_test = jacobians if jacobians is not None else export_pair(model, x, x_test, be.name)
     targets = be.asarray(y.detach())
     if fixed is None:
-        gp = lg.LinearizedGP(mean="network").fit(jac, targets).optimize_hyperparameters()
+        gp = lg.LinearizedGP(mean="network").fit(jac, targets)
+        choose_hyperparameters(gp, hyperparameters)
     else:
         kernel_size = float(be.to_numpy(lg.kernel_diag(jac)).mean())
         gp = lg.LinearizedGP(prior_scale=fixed[0] / kernel_size, noise=fixed[1], mean="network").fit(jac, targets)
     mean, var = gp.predict(jac_test, return_var=True)
+    averaging = _averaging_summary(gp)
+    predictive_noise = float(gp.noise) if averaging is None else \
+        float(np.dot(averaging["mixture"]["weights"], averaging["mixture"]["noises"]))
     return {"mean": be.to_numpy(mean).astype(np.float64), "var": be.to_numpy(var).astype(np.float64),
-            "prior_scale": float(gp.prior_scale), "noise": float(gp.noise),
-            "log_marginal_likelihood": gp.log_marginal_likelihood(), "plan": str(gp.plan_), "p": int(jac.p)}
+            "hyperparameters": "fixed" if fixed is not None else hyperparameters,
+            "prior_scale": float(gp.prior_scale), "noise": float(gp.noise), "predictive_noise": predictive_noise,
+            "log_marginal_likelihood": gp.log_marginal_likelihood(),
+            "at_bound": list(getattr(gp, "optimization_", {}).get("at_bound", [])), "averaging": averaging,
+            "plan": str(gp.plan_), "p": int(jac.p)}
+
+
+def _averaging_summary(gp: Any) -> dict | None:
+    """The grid mixture of an averaged LinearizedGP as JSON-ready lists (None when it was not averaged).
+
+    The mixture's points are read from the private ``_mixture``: ``averaging_`` reports only a summary, and the
+    predictive noise (posterior mean of σ²) needs the points and weights.
+    """
+    mixture = getattr(gp, "_mixture", None)
+    if mixture is None:
+        return None
+    return {"mixture": {"prior_scales": mixture.prior_scales.tolist(), "noises": mixture.noises.tolist(),
+                        "weights": mixture.weights.tolist()},
+            "effective_points": float(gp.averaging_["effective_points"]),
+            "weight_on_grid_edge": float(gp.averaging_["weight_on_grid_edge"])}
 
 
 def export_pair(model: Any, x: Any, x_test: Any, backend: str) -> tuple:
@@ -376,7 +459,8 @@ fine-tuning and the ABLR-style Bayesian last layer."""
 
 
 def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any = METHODS, backend: str = "numpy",
-                      last_layer: dict | None = None, fine_tuning: dict | None = None, seed: int = 0) -> dict:
+                      last_layer: dict | None = None, fine_tuning: dict | None = None, seed: int = 0,
+                      lingp_hyperparameters: str = DEFAULT_HYPERPARAMETERS) -> dict:
     """Adapt ``model`` to (x, y) with each method and predict at ``x_test``.
 
     Parameters
@@ -392,6 +476,8 @@ def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any =
     last_layer, fine_tuning : dict, optional
         Keyword arguments (steps, lr) of :func:`retrain_last_layer` and :func:`fine_tune`.
     seed : int
+    lingp_hyperparameters : str
+        How lingp chooses its prior scale and noise: one of :data:`HYPERPARAMETER_CHOICES`.
 
     Returns
     -------
@@ -406,6 +492,7 @@ def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any =
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueRangeError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    lingp_hyperparameters = check_hyperparameters(lingp_hyperparameters)  # before any method runs
 
     def sync() -> None:
         if torch.cuda.is_available() and x.is_cuda:
@@ -420,7 +507,7 @@ def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any =
         if name == "source":
             mean = to_numpy(predict(model, x_test))
         elif name == "lingp":
-            extra = linearized_gp(model, x, y, x_test, backend=backend)
+            extra = linearized_gp(model, x, y, x_test, backend=backend, hyperparameters=lingp_hyperparameters)
             mean, var = extra.pop("mean"), extra.pop("var")
         elif name == "last_layer":
             mean = to_numpy(predict(retrain_last_layer(model, x, y, seed=seed, **(last_layer or {})), x_test))
@@ -436,6 +523,26 @@ def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any =
 
 
 # ----- small helpers the scripts share ----------------------------------------------------------------------------
+
+def lingp_record(result: dict) -> dict:
+    """What a reproduction's JSON keeps of one :func:`linearized_gp` result: the choice, s and σ², the predictive
+    noise, the log marginal likelihood, the values at a bound and the plan, and for averaging the mixture's size and
+    weight on the grid's edge (the grid points themselves are left out)."""
+    record = {k: result[k] for k in ("hyperparameters", "prior_scale", "noise", "predictive_noise",
+                                     "log_marginal_likelihood", "at_bound", "plan")}
+    if result["averaging"] is not None:
+        record.update({k: result["averaging"][k] for k in ("effective_points", "weight_on_grid_edge")})
+    return record
+
+
+def add_hyperparameters_option(parser: Any) -> None:
+    """Add the reproduction scripts' ``--lingp-hyperparameters`` (one of :data:`HYPERPARAMETER_CHOICES`)."""
+    parser.add_argument("--lingp-hyperparameters", choices=HYPERPARAMETER_CHOICES, default=DEFAULT_HYPERPARAMETERS,
+                        help="how lingp chooses its prior scale s and noise σ²: evidence = marginal likelihood, loo = "
+                             "leave-one-out predictive density, map = evidence × a log-normal hyperprior at the "
+                             "data's scale, average / average-map = predictions averaged over a log grid of (s, σ²) "
+                             "weighted by evidence (× that hyperprior) (default %(default)s)")
+
 
 def torch_device(backend: str) -> str:
     """The torch device that matches a lingp backend: CUDA for CuPy, CPU for NumPy. Exits with the reason when the

@@ -10,10 +10,15 @@ For each width and state, lingp fits the GP with kernel s·J(x)J(x')ᵀ and mean
 weights) and predicts on a grid over [−12, 12], with two choices of the prior scale s and noise σ²:
 - "matched": s = var(y) / mean diag(J Jᵀ) over the training inputs — the same prior variance of f on the data for
   every network, so only the kernels' shapes differ — and σ² = 0.81, the true noise;
-- "ML-II": s and σ² maximizing the marginal likelihood. For trained networks whose residuals are already pure noise
-  it drives s towards 0: the evidence then says the network needs no correction, and the bands vanish.
+- chosen from the data by --lingp-hyperparameters (the setting is named after it): "evidence" (ML-II) takes s and
+  σ² maximizing the marginal likelihood — for trained networks whose residuals are already pure noise it drives s
+  towards 0: the evidence then says the network needs no correction, and the bands vanish; "loo" maximizes the
+  leave-one-out predictive density, "map" the evidence times a data-scaled log-normal hyperprior, "average" /
+  "average-map" (default) average the GP over a log grid of (s, σ²) weighted by evidence (× that hyperprior); the
+  averaged rows keep the grid points and weights ("mixture").
 The table reports test RMSE of the network and of the GP mean, the GP's test negative log predictive density (latent
-variance plus σ², per point), and the GP's mean latent standard deviation in three regions: on the data
+variance plus σ² — for averaging the mixture's variance plus its mean σ², a Gaussian with the mixture's moments —
+per point), and the GP's mean latent standard deviation in three regions: on the data
 (4 ≤ |x| ≤ 6), between the clusters (|x| ≤ 1) and far outside (|x| ≥ 10): how each kernel's uncertainty grows away
 from the data.
 """
@@ -41,7 +46,6 @@ from benchmarks._common import (  # noqa: E402
 NAME = "repro_relu_toy"
 REGIONS = {"data": (4.0, 6.0), "gap": (0.0, 1.0), "outside": (10.0, np.inf)}  # ranges of |x|
 NOISE_STD = 0.9
-SETTINGS = ("matched", "ML-II")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -49,12 +53,18 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--widths", type=int, nargs="+", help="hidden widths (default 5 50 500 5000, quick 5 50)")
     parser.add_argument("--n", type=int, help="training points (default 300, quick 100)")
     parser.add_argument("--steps", type=int, help="Adam steps (default 2000, quick 200)")
+    bl.add_hyperparameters_option(parser)
     args = parser.parse_args(argv)
     args.widths = args.widths or ([5, 50] if args.quick else [5, 50, 500, 5000])
     args.n = args.n or (100 if args.quick else 300)
     args.steps = args.steps or (200 if args.quick else 2000)
     set_torch_threads(args.torch_threads)
     return args
+
+
+def settings(choice: str) -> tuple[str, str]:
+    """The two settings of (s, σ²) the toy compares: "matched" and the --lingp-hyperparameters choice."""
+    return ("matched", choice)
 
 
 def toy_data(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,15 +111,19 @@ def run(args) -> dict:
             net = bl.to_numpy(bl.predict(model, column(inputs, device)))[:, 0]
             n_test = x_test.shape[0]
             jacobians = bl.export_pair(model, column(x, device), column(inputs, device), args.backend)  # both settings
-            for setting in SETTINGS:
-                fixed = (float(np.var(y)), NOISE_STD**2) if setting == "matched" else None
+            for setting in settings(args.lingp_hyperparameters):
+                matched = setting == "matched"
                 gp = bl.linearized_gp(model, column(x, device), column(y, device), column(inputs, device),
-                                      backend=args.backend, fixed=fixed, jacobians=jacobians)
+                                      backend=args.backend, jacobians=jacobians,
+                                      fixed=(float(np.var(y)), NOISE_STD**2) if matched else None,
+                                      hyperparameters=None if matched else setting)
                 mean, var = gp["mean"][:, 0], gp["var"][:, 0]
-                predictive = var[:n_test] + gp["noise"]
+                predictive = var[:n_test] + gp["predictive_noise"]
                 nlpd = 0.5 * np.mean(np.log(2 * np.pi * predictive) + (y_test - mean[:n_test]) ** 2 / predictive)
                 rows.append({"width": width, "state": state, "setting": setting, "p": gp["p"],
                              "train_mse_end": losses[-1], "prior_scale": gp["prior_scale"], "noise": gp["noise"],
+                             "predictive_noise": gp["predictive_noise"],
+                             "mixture": gp["averaging"]["mixture"] if gp["averaging"] else None,
                              "log_marginal_likelihood": gp["log_marginal_likelihood"], "plan": gp["plan"],
                              "net_test_rmse": float(np.sqrt(np.mean((net[:n_test] - y_test) ** 2))),
                              "gp_test_rmse": float(np.sqrt(np.mean((mean[:n_test] - y_test) ** 2))),
@@ -119,7 +133,8 @@ def run(args) -> dict:
                                "gp_mean": mean[n_test:].tolist(), "gp_std": np.sqrt(var[n_test:]).tolist(),
                                "network": net[n_test:].tolist()})
     return {"name": NAME, "quick": args.quick, "seed": args.seed, "backend": args.backend, "command": args.command,
-            "machine": machine_info(args.backend), "description": __doc__,
+            "lingp_hyperparameters": args.lingp_hyperparameters, "machine": machine_info(args.backend),
+            "description": __doc__,
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rows": rows, "data": {"x": x.tolist(), "y": y.tolist(), "grid": grid.tolist()}, "curves": curves}
 
@@ -138,7 +153,8 @@ def plot(result: dict, path: Path) -> bool:
     if plt is None:
         return False
     widths = result["config"]["widths"]
-    panels = [(state, setting) for state in ("untrained", "trained") for setting in SETTINGS]
+    panels = [(state, setting) for state in ("untrained", "trained")
+              for setting in settings(result["lingp_hyperparameters"])]
     fig, axes = plt.subplots(len(panels), len(widths), figsize=(3.2 * len(widths), 2.6 * len(panels)),
                              sharex=True, sharey=True, squeeze=False)
     data, grid = result["data"], np.asarray(result["data"]["grid"])
@@ -161,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def headline(result: dict) -> str:
-        return f"ReLU toy: {args.n} points, widths {args.widths}, backend {args.backend}"
+        return (f"ReLU toy: {args.n} points, widths {args.widths}, s and σ² matched or by "
+                f"{args.lingp_hyperparameters}, backend {args.backend}")
 
     return run_repro(__file__, argv, args, run, headline, table, plot, NAME)
 

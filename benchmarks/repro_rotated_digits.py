@@ -15,10 +15,11 @@ Network: a small CNN in float64, conv 3×3 (8) → ReLU → max-pool → conv 3�
 → ReLU → linear 64→1 (p = 17,761), trained on the source by Adam (mini-batches of 128, lr 1e-3, cosine-annealed).
 
 Methods on each adaptation set: the source network unadapted; lingp (Jacobian kernel GP of all parameters, mean =
-the network, prior scale and noise by the marginal likelihood); last-layer retraining (Adam, 500
-steps, lr 1e-2); fine-tuning of all weights (Adam, 200 full-batch steps, lr 1e-3); ABLR-style Bayesian linear
-regression on the 64 last hidden features. Reported: test RMSE in degrees, mean ± standard error over the repeats.
-(--quick: 100 source steps, 100 last-layer and 50 fine-tuning steps: a smoke run, not a result.)
+the network, prior scale and noise by --lingp-hyperparameters, default averaged over a log grid weighted by marginal
+likelihood × a data-scaled hyperprior); last-layer retraining (Adam, 500 steps, lr 1e-2); fine-tuning of all weights
+(Adam, 200 full-batch steps, lr 1e-3); ABLR-style Bayesian linear regression on the 64 last hidden features.
+Reported: test RMSE in degrees, mean ± standard error over the repeats. (--quick: 100 source steps, 100 last-layer
+and 50 fine-tuning steps: a smoke run, not a result.)
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--source-steps", type=int, help="Adam steps on the source (default 3000, quick 100)")
     parser.add_argument("--source-angle", type=float, default=45.0, help="source angles in ±this, degrees")
     parser.add_argument("--target-angle", type=float, default=60.0, help="target angles in ±this, degrees")
+    bl.add_hyperparameters_option(parser)
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([10, 20] if args.quick else [10, 20, 50, 100, 200])
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -130,12 +132,12 @@ def run(args) -> dict:
                                          tensor(y_pool[chosen][:, None], device), x_test, methods=methods,
                                          backend=args.backend, seed=args.seed + repeat,
                                          last_layer={"steps": 100 if args.quick else 500, "lr": 1e-2},
-                                         fine_tuning={"steps": 50 if args.quick else 200, "lr": 1e-3})
+                                         fine_tuning={"steps": 50 if args.quick else 200, "lr": 1e-3},
+                                         lingp_hyperparameters=args.lingp_hyperparameters)
             rmse = {m: float(MAX_ANGLE * np.sqrt(np.mean((preds[m]["mean"][:, 0] - y_test) ** 2))) for m in methods}
             runs.append({"repeat": repeat, "size": size, "rmse_degrees": rmse,
                          "seconds": {m: preds[m]["seconds"] for m in methods},
-                         "lingp": {k: preds["lingp"][k] for k in ("prior_scale", "noise", "log_marginal_likelihood",
-                                                                  "plan")}})
+                         "lingp": bl.lingp_record(preds["lingp"])})
     summary = []
     for size in args.sizes:
         at = [r for r in runs if r["size"] == size]
@@ -145,7 +147,8 @@ def run(args) -> dict:
             row[m]["seconds"] = float(np.mean([r["seconds"][m] for r in at]))
         summary.append(row)
     return {"name": NAME, "quick": args.quick, "seed": args.seed, "backend": args.backend, "command": args.command,
-            "machine": machine_info(args.backend), "description": __doc__, "p": bl.count_parameters(model),
+            "lingp_hyperparameters": args.lingp_hyperparameters, "machine": machine_info(args.backend),
+            "description": __doc__, "p": bl.count_parameters(model),
             "source_images": int(len(y_src)), "test_images": int(len(y_test)), "pool_images": int(len(y_pool)),
             "source_final_batch_mse": losses[-1],
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     def headline(result: dict) -> str:
         return (f"Rotated digits: {result['source_images']} source images (digits 0–4, ±{args.source_angle:g}°), "
                 f"{result['test_images']} test images (digits 5–9, ±{args.target_angle:g}°), p = {result['p']}, "
-                f"{args.repeats} repeat(s), backend {args.backend}")
+                f"{args.repeats} repeat(s), lingp's s and σ² by {args.lingp_hyperparameters}, backend {args.backend}")
 
     return run_repro(__file__, argv, args, run, headline, table, plot, NAME)
 

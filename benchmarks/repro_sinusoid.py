@@ -16,7 +16,8 @@ Protocol (ours; the paper's source-training details are not reproduced):
   function; MSE per task, then mean ± standard error over the tasks (100 full, 2 quick); for the two Bayesian
   methods also the fraction of the test grid where the true function lies within the latent mean ± 2σ;
 - methods, each on exactly the same context points: the source network unadapted; lingp (Jacobian kernel GP of all
-  1761 parameters, mean = the network, prior scale and noise by the marginal likelihood);
+  1761 parameters, mean = the network, prior scale and noise by --lingp-hyperparameters, default averaged over a
+  log grid weighted by marginal likelihood × a data-scaled hyperprior);
   last-layer retraining (Adam, 500 steps, lr 1e-2, cosine); fine-tuning of all weights (Adam, 300 steps, lr 1e-2,
   cosine); ABLR-style Bayesian linear regression on the 40 last hidden features plus a constant, α and β by the
   evidence.
@@ -64,6 +65,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--last-layer-lr", type=float, default=1e-2)
     parser.add_argument("--fine-tune-steps", type=int, help="default 300, quick 50")
     parser.add_argument("--fine-tune-lr", type=float, default=1e-2)
+    bl.add_hyperparameters_option(parser)
     args = parser.parse_args(argv)
     args.tasks = args.tasks or (2 if args.quick else 100)
     args.last_layer_steps = args.last_layer_steps or (100 if args.quick else 500)
@@ -157,14 +159,15 @@ def run(args) -> dict:
         preds = bl.adapt_and_predict(model, column(x_ctx, device), column(y_ctx, device), column(x_test, device),
                                      methods=methods, backend=args.backend, seed=args.seed + t,
                                      last_layer={"steps": args.last_layer_steps, "lr": args.last_layer_lr},
-                                     fine_tuning={"steps": args.fine_tune_steps, "lr": args.fine_tune_lr})
+                                     fine_tuning={"steps": args.fine_tune_steps, "lr": args.fine_tune_lr},
+                                     lingp_hyperparameters=args.lingp_hyperparameters)
         truth = sinusoid(x_test, task)
         covered = {m: float(np.mean(np.abs(preds[m]["mean"][:, 0] - truth) <= 2 * np.sqrt(preds[m]["var"][:, 0])))
                    for m in methods if preds[m]["var"] is not None}
         row = {"task": task, "mse": {m: float(np.mean((preds[m]["mean"][:, 0] - truth) ** 2)) for m in methods},
                "coverage_2sd": covered,
                "seconds": {m: preds[m]["seconds"] for m in methods},
-               "lingp": {k: preds["lingp"][k] for k in ("prior_scale", "noise", "log_marginal_likelihood", "plan")},
+               "lingp": bl.lingp_record(preds["lingp"]),
                "ablr": {k: preds["ablr"][k] for k in ("alpha", "beta", "log_evidence")}}
         if t == 0:
             example = {"task": task, "x_context": x_ctx.tolist(), "y_context": y_ctx.tolist(),
@@ -182,7 +185,7 @@ def run(args) -> dict:
             summary[m]["coverage_2sd"] = float(np.mean([r["coverage_2sd"][m] for r in tasks]))
     wins = {m: int(sum(r["mse"]["lingp"] < r["mse"][m] for r in tasks)) for m in methods if m != "lingp"}
     return {"name": NAME, "quick": args.quick, "seed": args.seed, "backend": args.backend,
-            "command": args.command,
+            "command": args.command, "lingp_hyperparameters": args.lingp_hyperparameters,
             "machine": machine_info(args.backend), "protocol": __doc__.split("Protocol", 1)[1].strip(),
             "source": args.source, "source_task": SOURCE_TASK if args.source == "single" else None,
             "source_final_train_mse": source_loss, "p": bl.count_parameters(model),
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def headline(result: dict) -> str:
         return (f"Sinusoid few-shot transfer: {args.source} source, {len(result['tasks'])} new tasks, {args.context} "
-                f"context points each, p = {result['p']}, backend {args.backend}")
+                f"context points each, p = {result['p']}, lingp's s and σ² by {args.lingp_hyperparameters}, backend "
+                f"{args.backend}")
 
     stem = NAME + ("_single" if args.source == "single" else "")
     return run_repro(__file__, argv, args, run, headline, table, plot, stem)

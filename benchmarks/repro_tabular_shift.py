@@ -12,12 +12,13 @@ the network to extrapolate). Covariates and target are standardized with the sou
   pool's first 10, 20, 50, 100 patients (nested). 20 repeats (quick: 2 repeats, sizes 10 and 20).
 
 Methods on each adaptation set: the source network unadapted; lingp (Jacobian kernel GP of all parameters, mean =
-the network, prior scale and noise by the marginal likelihood); last-layer retraining (Adam, 500
-steps, lr 1e-2); fine-tuning of all weights (Adam, 200 steps, lr 1e-3); ABLR-style Bayesian last layer (Bayesian
-linear regression on the 50 last hidden features, evidence-optimized); and, to show what the network adds at all,
-Bayesian linear regression on the 10 covariates of the adaptation set alone ("target-only linear"). Reported: test
-RMSE in the target's own units, mean ± standard error over the repeats. (--quick: 300 source steps, 100 last-layer
-and 50 fine-tuning steps: a smoke run, not a result.)
+the network, prior scale and noise by --lingp-hyperparameters, default averaged over a log grid weighted by marginal
+likelihood × a data-scaled hyperprior); last-layer retraining (Adam, 500 steps, lr 1e-2); fine-tuning of all weights
+(Adam, 200 steps, lr 1e-3); ABLR-style Bayesian last layer (Bayesian linear regression on the 50 last hidden
+features, evidence-optimized); and, to show what the network adds at all, Bayesian linear regression on the 10
+covariates of the adaptation set alone ("target-only linear"). Reported: test RMSE in the target's own units, mean ±
+standard error over the repeats. (--quick: 300 source steps, 100 last-layer and 50 fine-tuning steps: a smoke run,
+not a result.)
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--sizes", type=int, nargs="+", help="adaptation set sizes (default 10 20 50 100)")
     parser.add_argument("--repeats", type=int, help="random target splits (default 20, quick 2)")
     parser.add_argument("--source-steps", type=int, help="Adam steps on the source (default 1500, quick 300)")
+    bl.add_hyperparameters_option(parser)
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([10, 20] if args.quick else [10, 20, 50, 100])
     args.repeats = args.repeats or (2 if args.quick else 20)
@@ -118,14 +120,14 @@ def run(args) -> dict:
                                          tensor(x_tgt[test], device), methods=NETWORK_METHODS, backend=args.backend,
                                          seed=args.seed + repeat,
                                          last_layer={"steps": 100 if args.quick else 500, "lr": 1e-2},
-                                         fine_tuning={"steps": 50 if args.quick else 200, "lr": 1e-3})
+                                         fine_tuning={"steps": 50 if args.quick else 200, "lr": 1e-3},
+                                         lingp_hyperparameters=args.lingp_hyperparameters)
             errors = {m: rmse(preds[m]["mean"][:, 0], y_tgt[test]) for m in NETWORK_METHODS}
             linear = bl.BayesianLinearRegression().fit(x_tgt[chosen], y_tgt[chosen])
             errors["target_linear"] = rmse(linear.predict(x_tgt[test])[0], y_tgt[test])
             runs.append({"repeat": repeat, "size": size, "rmse": errors,
                          "seconds": {m: preds[m]["seconds"] for m in NETWORK_METHODS},
-                         "lingp": {k: preds["lingp"][k] for k in ("prior_scale", "noise", "log_marginal_likelihood",
-                                                                  "plan")}})
+                         "lingp": bl.lingp_record(preds["lingp"])})
     summary = []
     for size in args.sizes:
         at = [r for r in runs if r["size"] == size]
@@ -138,7 +140,8 @@ def run(args) -> dict:
                                                              for r in at]))
         summary.append(row)
     return {"name": NAME, "quick": args.quick, "seed": args.seed, "backend": args.backend, "command": args.command,
-            "machine": machine_info(args.backend), "description": __doc__, "p": bl.count_parameters(model),
+            "lingp_hyperparameters": args.lingp_hyperparameters, "machine": machine_info(args.backend),
+            "description": __doc__, "p": bl.count_parameters(model),
             "split": {"feature": "bmi", "median": data["bmi_median"], "source_train": int(len(data["train"][1])),
                       "source_validation": int(len(y_val)), "target": int(len(y_tgt)),
                       "target_mean_shift_in_source_sds": data["target_mean_shift"]},
@@ -179,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         split = result["split"]
         return (f"Diabetes split at BMI {split['median']:.1f}: {split['source_train']} source training patients "
                 f"(in-domain RMSE {result['source_validation_rmse']:.1f} on {split['source_validation']} held out), "
-                f"{split['target']} target patients, p = {result['p']}, {args.repeats} repeat(s), backend "
-                f"{args.backend}")
+                f"{split['target']} target patients, p = {result['p']}, {args.repeats} repeat(s), lingp's s and σ² "
+                f"by {args.lingp_hyperparameters}, backend {args.backend}")
 
     return run_repro(__file__, argv, args, run, headline, table, plot, NAME)
 

@@ -436,7 +436,7 @@ class LinearizedGP(Estimator):
             None: maximize the criterion. "data" or a :class:`Hyperprior`: maximize criterion + log prior (MAP)
             with log-normal priors on s and on each σ²; "data" centres them at the data-scaled guess
             (σ²₀ = half the targets' mean square about the prior mean, s₀ = σ²₀ / mean diag K0) with standard
-            deviation ``DATA_PRIOR_WIDTH`` = 1 in natural-log units.
+            deviations 1 (log s) and 10 (log σ², nearly flat) in natural-log units.
         per_output_noise : bool, optional
             One σ² per output instead of one shared (default: as the model's noise is now). Must be None with
             per-observation noise (n, c), which stays fixed.

@@ -3,12 +3,16 @@
 ABLR-style Bayesian linear regression: its SVD evidence against the dense Gaussian log-density, its gradient against
 finite differences, its evidence-optimal (α, β) against scikit-learn's BayesianRidge (MacKay's fixed point, flat
 hyperpriors), its weight-space posterior against the function-space (GP) formulas. Training loops: last-layer
-retraining and fine-tuning of models whose optimum is a least-squares solution reach numpy's lstsq answer.
+retraining and fine-tuning of models whose optimum is a least-squares solution reach numpy's lstsq answer. lingp
+through the helper: each point choice of (s, σ²) against a dense GP at that point (evidence and leave-one-out also as
+local maxima of the dense criteria, leave-one-out computed by refitting without each point), averaging against the
+dense mixture of its grid (weights against dense evidence ratios).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +20,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _baselines as bl  # noqa: E402
-from lingp_core import DTypeError, NonFiniteError, ShapeError, ValueRangeError  # noqa: E402
+from lingp_core import DTypeError, InvalidOptionError, NonFiniteError, ShapeError, ValueRangeError  # noqa: E402
+from lingp_core._hyperparameters import DATA_NOISE_WIDTH, DATA_PRIOR_WIDTH  # noqa: E402
 
 
 def regression_data(rng: np.random.Generator, n: int, d: int, noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -249,32 +254,139 @@ def dense_jacobian(model, x) -> np.ndarray:
     return np.hstack([jac[name].reshape(x.shape[0], -1).detach().numpy() for name in params])
 
 
-def test_linearized_gp_matches_a_dense_gp_at_its_hyperparameters(rng):
+def dense_lml(j: np.ndarray, residual: np.ndarray, s: float, noise: float) -> float:
+    """log N(residual; 0, s J Jᵀ + σ²I) by a dense slogdet and solve."""
+    cov = s * j @ j.T + noise * np.eye(j.shape[0])
+    sign, logdet = np.linalg.slogdet(cov)
+    assert sign > 0
+    return float(-0.5 * (residual @ np.linalg.solve(cov, residual) + logdet + j.shape[0] * np.log(2 * np.pi)))
+
+
+def dense_loo(j: np.ndarray, residual: np.ndarray, s: float, noise: float) -> float:
+    """Σᵢ log p(yᵢ | y₋ᵢ) of the GP by leaving each point out and conditioning on the rest (no closed form)."""
+    cov = s * j @ j.T + noise * np.eye(j.shape[0])
+    total = 0.0
+    for i in range(j.shape[0]):
+        rest = np.arange(j.shape[0]) != i
+        weights = np.linalg.solve(cov[np.ix_(rest, rest)], cov[rest, i])
+        mean, var = weights @ residual[rest], cov[i, i] - weights @ cov[rest, i]
+        total += -0.5 * (np.log(2 * np.pi * var) + (residual[i] - mean) ** 2 / var)
+    return total
+
+
+def dense_log_data_prior(j: np.ndarray, residual: np.ndarray, s: Any, noise: Any) -> Any:
+    """hyperprior="data" as documented, up to a constant: log s ~ N(log s₀, w²), log σ² ~ N(log σ²₀, w²) with
+    σ²₀ = mean(r²) / 2, s₀ = σ²₀ / mean diag(J Jᵀ), widths DATA_PRIOR_WIDTH (s) and DATA_NOISE_WIDTH (σ²)."""
+    noise0 = 0.5 * np.mean(residual**2)
+    s0 = noise0 / np.mean(np.sum(j**2, axis=1))
+    return -0.5 * (((np.log(s) - np.log(s0)) / DATA_PRIOR_WIDTH) ** 2
+                   + ((np.log(noise) - np.log(noise0)) / DATA_NOISE_WIDTH) ** 2)
+
+
+def dense_posterior(j: np.ndarray, j_star: np.ndarray, residual: np.ndarray, s: float,
+                    noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """The correction to the network's mean at the test inputs and the latent variance, s J*Jᵀ C⁻¹ r and
+    s diag(J*J*ᵀ) − diag(s J*Jᵀ C⁻¹ s J Jᵀ*)."""
+    cov = s * j @ j.T + noise * np.eye(j.shape[0])
+    k_star = s * j_star @ j.T
+    return (k_star @ np.linalg.solve(cov, residual),
+            s * np.sum(j_star**2, axis=1) - np.sum(k_star * np.linalg.solve(cov, k_star.T).T, axis=1))
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    """A 2-5-1 tanh network, 12 noisy observations of sin(x₁), 6 test inputs, and their dense float64 Jacobians."""
+    rng = np.random.default_rng(7)
     model = mlp(4, widths=(2, 5, 1)).eval()
     x = torch.from_numpy(rng.standard_normal((12, 2)))
     y = torch.sin(x[:, :1]) + 0.1 * torch.from_numpy(rng.standard_normal((12, 1)))
     x_star = torch.from_numpy(rng.standard_normal((6, 2)))
-    out = bl.linearized_gp(model, x, y, x_star)
-    s, noise = out["prior_scale"], out["noise"]
-    j, j_star = dense_jacobian(model, x), dense_jacobian(model, x_star)
     f0, f0_star = bl.to_numpy(bl.predict(model, x))[:, 0], bl.to_numpy(bl.predict(model, x_star))[:, 0]
-    cov = s * j @ j.T + noise * np.eye(12)
-    residual = y.numpy()[:, 0] - f0
-    k_star = s * j_star @ j.T
-    expected_mean = f0_star + k_star @ np.linalg.solve(cov, residual)
-    expected_var = s * np.sum(j_star**2, axis=1) - np.sum(k_star * np.linalg.solve(cov, k_star.T).T, axis=1)
+    return {"model": model, "x": x, "y": y, "x_star": x_star, "j": dense_jacobian(model, x),
+            "j_star": dense_jacobian(model, x_star), "f0_star": f0_star, "residual": y.numpy()[:, 0] - f0}
+
+
+def perturbed(s: float, noise: float) -> list[tuple[float, float]]:
+    """(s, σ²) moved by 10% along each axis."""
+    return [(1.1 * s, noise), (s / 1.1, noise), (s, 1.1 * noise), (s, noise / 1.1)]
+
+
+@pytest.mark.parametrize("choice", ["evidence", "loo", "map"])
+def test_linearized_gp_matches_a_dense_gp_at_its_hyperparameters(small_problem, choice):
+    d = small_problem
+    out = bl.linearized_gp(d["model"], d["x"], d["y"], d["x_star"], hyperparameters=choice)
+    s, noise = out["prior_scale"], out["noise"]
+    assert out["hyperparameters"] == choice and out["averaging"] is None and out["predictive_noise"] == noise
+    correction, expected_var = dense_posterior(d["j"], d["j_star"], d["residual"], s, noise)
     assert out["mean"].shape == (6, 1) and out["var"].shape == (6, 1) and out["mean"].dtype == np.float64
-    np.testing.assert_allclose(out["mean"][:, 0], expected_mean, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(out["var"][:, 0], expected_var, rtol=1e-6, atol=1e-10 * s * np.sum(j_star**2, 1).max())
-    sign, logdet = np.linalg.slogdet(cov)
-    expected_lml = -0.5 * (residual @ np.linalg.solve(cov, residual) + logdet + 12 * np.log(2 * np.pi))
-    np.testing.assert_allclose(out["log_marginal_likelihood"], expected_lml, rtol=1e-8)
-    assert out["p"] == j.shape[1] == 2 * 5 + 5 + 5 + 1
-    # the fitted values are a maximum of the dense marginal likelihood along s and σ²
-    for fs, fn in [(1.1, 1), (1 / 1.1, 1), (1, 1.1), (1, 1 / 1.1)]:
-        c = fs * s * j @ j.T + fn * noise * np.eye(12)
-        lml = -0.5 * (residual @ np.linalg.solve(c, residual) + np.linalg.slogdet(c)[1] + 12 * np.log(2 * np.pi))
-        assert lml <= expected_lml + 1e-7
+    np.testing.assert_allclose(out["mean"][:, 0], d["f0_star"] + correction, rtol=1e-8, atol=1e-10)
+    prior = s * np.sum(d["j_star"] ** 2, 1).max()
+    np.testing.assert_allclose(out["var"][:, 0], expected_var, rtol=1e-6, atol=1e-10 * prior)
+    lml = dense_lml(d["j"], d["residual"], s, noise)
+    np.testing.assert_allclose(out["log_marginal_likelihood"], lml, rtol=1e-8)
+    assert out["p"] == d["j"].shape[1] == 2 * 5 + 5 + 5 + 1
+    if choice == "evidence":  # a maximum of the dense marginal likelihood along s and σ²
+        assert all(dense_lml(d["j"], d["residual"], *point) <= lml + 1e-7 for point in perturbed(s, noise))
+    elif choice == "loo":  # a maximum of the leave-one-out density, computed here by refitting without each point
+        loo = dense_loo(d["j"], d["residual"], s, noise)
+        assert all(dense_loo(d["j"], d["residual"], *point) <= loo + 1e-7 for point in perturbed(s, noise))
+    else:  # a maximum of the dense evidence + log hyperprior, away from the evidence's own maximum
+        def log_posterior(s, noise):
+            return dense_lml(d["j"], d["residual"], s, noise) + dense_log_data_prior(d["j"], d["residual"], s, noise)
+        top = log_posterior(s, noise)
+        assert all(log_posterior(*point) <= top + 1e-7 for point in perturbed(s, noise))
+        best = bl.linearized_gp(d["model"], d["x"], d["y"], d["x_star"], hyperparameters="evidence")
+        assert lml < best["log_marginal_likelihood"] - 1e-3
+
+
+@pytest.mark.parametrize("choice", ["average", "average-map"])
+def test_linearized_gp_average_is_the_dense_mixture_of_its_grid(small_problem, choice):
+    d = small_problem
+    out = bl.linearized_gp(d["model"], d["x"], d["y"], d["x_star"], hyperparameters=choice)
+    mixture = out["averaging"]["mixture"]
+    scales, noises, weights = (np.asarray(mixture[k]) for k in ("prior_scales", "noises", "weights"))
+    assert out["hyperparameters"] == choice and weights.size >= 2 and weights.sum() == pytest.approx(1.0, rel=1e-12)
+    parts = [dense_posterior(d["j"], d["j_star"], d["residual"], s, n) for s, n in zip(scales, noises)]
+    means = np.array([d["f0_star"] + c for c, _ in parts])
+    mean = weights @ means
+    var = weights @ (np.array([v for _, v in parts]) + (means - mean) ** 2)
+    np.testing.assert_allclose(out["mean"][:, 0], mean, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(out["var"][:, 0], var, rtol=1e-6, atol=1e-10 * var.max())
+    assert out["predictive_noise"] == pytest.approx(weights @ noises, rel=1e-12)
+    heaviest = int(np.argmax(weights))
+    assert (out["prior_scale"], out["noise"]) == pytest.approx((scales[heaviest], noises[heaviest]), rel=1e-12)
+    assert out["averaging"]["effective_points"] == pytest.approx(1 / np.sum(weights**2), rel=1e-12)
+    # weight ratios: dense evidence ratios (a flat prior on the log grid) times the hyperprior's ratios
+    log_w = np.array([dense_lml(d["j"], d["residual"], s, n) for s, n in zip(scales, noises)])
+    if choice == "average-map":
+        log_w += dense_log_data_prior(d["j"], d["residual"], scales, noises)
+    np.testing.assert_allclose(np.log(weights) - np.log(weights[heaviest]), log_w - log_w[heaviest], atol=1e-6)
+
+
+def test_linearized_gp_reports_a_collapsed_prior_scale_instead_of_warning():
+    # the network already fits: the residuals are white noise, and here the evidence drives s to its bound (e^-30)
+    rng = np.random.default_rng(7)
+    model = mlp(4, widths=(2, 5, 1)).eval()
+    x, x_star = torch.from_numpy(rng.standard_normal((40, 2))), torch.from_numpy(rng.standard_normal((3, 2)))
+    y = bl.predict(model, x) + 0.1 * torch.from_numpy(rng.standard_normal((40, 1)))
+    out = bl.linearized_gp(model, x, y, x_star, hyperparameters="evidence")  # a warning would fail (as errors)
+    assert out["at_bound"] == ["prior_scale"] and out["prior_scale"] <= np.exp(-30) * (1 + 1e-5)
+    averaged = bl.linearized_gp(model, x, y, x_star, hyperparameters="average")
+    assert averaged["at_bound"] == [] and averaged["averaging"]["weight_on_grid_edge"] > 0.01
+    assert bl.lingp_record(averaged)["weight_on_grid_edge"] == averaged["averaging"]["weight_on_grid_edge"]
+
+
+def test_linearized_gp_rejects_bad_hyperparameter_options(small_problem):
+    d = small_problem
+    args = (d["model"], d["x"], d["y"], d["x_star"])
+    with pytest.raises(InvalidOptionError, match="'ml2'"):
+        bl.linearized_gp(*args, hyperparameters="ml2")
+    with pytest.raises(InvalidOptionError, match="pass one of the two"):
+        bl.linearized_gp(*args, fixed=(1.0, 0.1), hyperparameters="loo")
+    out = bl.linearized_gp(*args, fixed=(1.0, 0.1))
+    assert out["hyperparameters"] == "fixed" and out["noise"] == 0.1
+    with pytest.raises(InvalidOptionError, match="average-map"):  # checked before any method trains
+        bl.adapt_and_predict(*args, lingp_hyperparameters="bayes")
 
 
 def test_adapt_and_predict_runs_every_method_on_the_same_data(rng):
@@ -283,8 +395,9 @@ def test_adapt_and_predict_runs_every_method_on_the_same_data(rng):
     y = torch.from_numpy(rng.standard_normal((15, 1)))
     x_star = torch.from_numpy(rng.standard_normal((4, 6)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = bl.adapt_and_predict(model, x, y, x_star, last_layer={"steps": 20}, fine_tuning={"steps": 20})
-    assert set(out) == set(bl.METHODS)
+    out = bl.adapt_and_predict(model, x, y, x_star, last_layer={"steps": 20}, fine_tuning={"steps": 20},
+                               lingp_hyperparameters="average")
+    assert set(out) == set(bl.METHODS) and out["lingp"]["hyperparameters"] == "average"
     for name, result in out.items():
         assert result["mean"].shape == (4, 1) and result["mean"].dtype == np.float64 and result["seconds"] >= 0
         assert (result["var"] is None) == (name not in ("lingp", "ablr"))

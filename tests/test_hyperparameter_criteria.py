@@ -212,7 +212,7 @@ def test_data_hyperprior_is_centred_on_the_data_scaled_guess(backend, rng):
     s0 = noise0 / np.mean(np.sum(Jd**2, axis=1))  # mean diag of the independent kernels = mean squared row norm
     recorded = gp.optimization_["hyperprior"]
     np.testing.assert_allclose([recorded["log_prior_scale"], recorded["log_noise"]], np.log([s0, noise0]), rtol=RTOL)
-    assert recorded["prior_scale_width"] == recorded["noise_width"] == hyper.DATA_PRIOR_WIDTH
+    assert (recorded["prior_scale_width"], recorded["noise_width"]) == (hyper.DATA_PRIOR_WIDTH, hyper.DATA_NOISE_WIDTH)
 
 
 def test_a_hyperparameter_at_its_bound_warns_and_is_recorded(backend, rng):

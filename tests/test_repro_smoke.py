@@ -1,7 +1,9 @@
 """The paper reproductions (benchmarks/repro_*.py) keep working: each --quick run prints its table, writes a JSON
 report whose numbers are finite and consistent, and a PNG; --help documents the shared options; benchmarks/run_all
 runs a named script and fails when a script does. The ReLU toy's GP posteriors, marginal likelihoods and test scores
-equal a float64 dense GP written out here from torch.func Jacobians of the same seeded networks."""
+equal a float64 dense GP written out here from torch.func Jacobians of the same seeded networks (for averaged
+hyperparameters, the dense mixture over the reported grid points and weights); --lingp-hyperparameters lands in the
+reports."""
 from __future__ import annotations
 
 import json
@@ -18,6 +20,7 @@ import sklearn  # noqa: F401  (the digits and diabetes data)
 import torch
 
 import backends
+from benchmarks import _baselines as bl
 from tests.helpers import run_alongside, torch_jacobian
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +78,7 @@ def check_size_summaries(report: dict, key: str, methods: set[str]) -> None:
 def test_help_documents_the_shared_options(name):
     result = run_script(name, "--help")
     assert result.returncode == 0, result.stderr
-    for option in ("--backend", "--quick", "--seed", "--out", "--torch-threads"):
+    for option in ("--backend", "--quick", "--seed", "--out", "--torch-threads", "--lingp-hyperparameters"):
         assert option in result.stdout
 
 
@@ -98,37 +101,55 @@ def relu_toy_networks() -> tuple[dict, np.ndarray, np.ndarray]:
     return networks, np.stack([x, y]), np.stack([x_test, y_test])
 
 
-def dense_gp(model, x, y, x_star, s, noise):
-    """Mean f(x*) + s J* Jᵀ C⁻¹ (y − f(x)), latent variance and log N(y | f(x), C), C = s J Jᵀ + σ²I, in float64."""
-    J, f = torch_jacobian(model, x[:, None])
-    Js, fs = torch_jacobian(model, x_star[:, None])
+def dense_gp(jac: tuple, jac_star: tuple, y: np.ndarray, s: float, noise: float) -> tuple:
+    """Mean f(x*) + s J* Jᵀ C⁻¹ (y − f(x)), latent variance and log N(y | f(x), C), C = s J Jᵀ + σ²I, in float64,
+    from the torch.func Jacobians and outputs ``jac = (J, f)`` at x and ``jac_star`` at x*."""
+    (J, f), (Js, fs) = jac, jac_star
     C = s * J @ J.T + noise * np.eye(len(y))
     L = np.linalg.cholesky(C)
     alpha = np.linalg.solve(L.T, np.linalg.solve(L, y - f[:, 0]))
     V = np.linalg.solve(L, s * J @ Js.T)
     lml = -0.5 * (y - f[:, 0]) @ alpha - np.log(np.diag(L)).sum() - 0.5 * len(y) * np.log(2 * np.pi)
-    return fs[:, 0] + s * Js @ (J.T @ alpha), s * np.einsum("ij,ij->i", Js, Js) - np.einsum("ij,ij->j", V, V), lml, J
+    return fs[:, 0] + s * Js @ (J.T @ alpha), s * np.einsum("ij,ij->i", Js, Js) - np.einsum("ij,ij->j", V, V), lml
+
+
+def dense_row(row: dict, jac: tuple, jac_star: tuple, y: np.ndarray) -> tuple:
+    """A report row's GP by :func:`dense_gp`: mean, latent variance, log ML at the row's (s, σ²), and the noise of an
+    observation; for an averaged row the mean and variance of the mixture over its grid points and weights (the
+    variance as Σ w (var_g + (mean_g − mean)²)) and the weighted mean of σ²."""
+    mean, var, lml = dense_gp(jac, jac_star, y, row["prior_scale"], row["noise"])
+    if row["mixture"] is None:
+        return mean, var, lml, row["noise"]
+    weights, noises = np.asarray(row["mixture"]["weights"]), np.asarray(row["mixture"]["noises"])
+    parts = [dense_gp(jac, jac_star, y, s, n)[:2] for s, n in zip(row["mixture"]["prior_scales"], noises)]
+    means = np.array([m for m, _ in parts])
+    mean = weights @ means
+    return mean, weights @ (np.array([v for _, v in parts]) + (means - mean) ** 2), lml, float(weights @ noises)
 
 
 def check_relu_toy_against_dense(report: dict, networks: dict, train: np.ndarray, test: np.ndarray) -> None:
-    """Every row and curve of the toy's report against :func:`dense_gp` at the row's (s, σ²); the matched rows' s
-    from its definition var(y) / mean diag(J Jᵀ)."""
+    """Every row and curve of the toy's report against :func:`dense_row`; the matched rows' s from its definition
+    var(y) / mean diag(J Jᵀ)."""
     x, y = train
     np.testing.assert_array_equal(np.array(report["data"]["x"]), x)  # the same seeded data
     grid = np.array(report["data"]["grid"])
     rtol = 1e-9  # float64 throughout; Cholesky of C with condition ≲ 1e4
     for row, curve in zip(report["rows"], report["curves"]):
         model = networks[(row["width"], row["state"])]
-        mean, var, lml, J = dense_gp(model, x, y, np.concatenate([test[0], grid]), row["prior_scale"], row["noise"])
+        jac = torch_jacobian(model, x[:, None])
+        jac_star = torch_jacobian(model, np.concatenate([test[0], grid])[:, None])
+        mean, var, lml, noise = dense_row(row, jac, jac_star, y)
         if row["setting"] == "matched":
+            J = jac[0]
             assert row["prior_scale"] == pytest.approx(np.var(y) / np.mean(np.sum(J**2, axis=1)), rel=rtol)
         scale = np.abs(mean).max()
         n_test = test.shape[1]
         np.testing.assert_allclose(curve["gp_mean"], mean[n_test:], rtol=rtol, atol=rtol * scale)
         np.testing.assert_allclose(np.square(curve["gp_std"]), var[n_test:], rtol=1e-6, atol=rtol * var.max())
         assert row["log_marginal_likelihood"] == pytest.approx(lml, rel=rtol)
+        assert row["predictive_noise"] == pytest.approx(noise, rel=1e-12)
         assert row["gp_test_rmse"] == pytest.approx(np.sqrt(np.mean((mean[:n_test] - test[1]) ** 2)), rel=rtol)
-        predictive = var[:n_test] + row["noise"]
+        predictive = var[:n_test] + noise
         nlpd = 0.5 * np.mean(np.log(2 * np.pi * predictive) + (test[1] - mean[:n_test]) ** 2 / predictive)
         assert row["gp_test_nlpd"] == pytest.approx(nlpd, rel=1e-6)
         with torch.no_grad():
@@ -149,17 +170,21 @@ def test_relu_toy_quick_through_run_all(tmp_path):
     stdout = (tmp_path / "repro_relu_toy.log").read_text()
     report = check_report("repro_relu_toy", tmp_path / "repro_relu_toy", stdout)
     rows = report["rows"]
+    chosen = bl.DEFAULT_HYPERPARAMETERS
+    assert report["lingp_hyperparameters"] == chosen
     assert [(r["width"], r["state"], r["setting"]) for r in rows] == [
-        (w, state, setting) for w in (5, 50) for state in ("untrained", "trained") for setting in ("matched", "ML-II")]
+        (w, state, setting) for w in (5, 50) for state in ("untrained", "trained") for setting in ("matched", chosen)]
     for r in rows:
         assert r["p"] == 3 * r["width"] + 1
         assert finite(r["prior_scale"], r["noise"], r["gp_test_rmse"], r["net_test_rmse"], r["gp_test_nlpd"])
         assert r["prior_scale"] > 0 and r["noise"] > 0
+        averaged = r["setting"] != "matched" and chosen.startswith("average")
+        assert (r["mixture"] is not None) == averaged
     for r in (r for r in rows if r["setting"] == "matched"):
         assert r["noise"] == pytest.approx(0.81, rel=1e-12)   # the true noise variance, held fixed
         # the inductive bias the plot shows: the posterior is tighter on the data than between the clusters
         assert r["gp_std"]["data"] < r["gp_std"]["gap"]
-    for r in (r for r in rows if r["setting"] == "ML-II"):
+    for r in (r for r in rows if r["setting"] == chosen == "evidence"):
         matched = next(m for m in rows if (m["width"], m["state"], m["setting"]) == (r["width"], r["state"],
                                                                                       "matched"))
         assert r["log_marginal_likelihood"] >= matched["log_marginal_likelihood"] - 1e-6  # ML-II maximizes it
@@ -174,6 +199,7 @@ def test_relu_toy_quick_through_run_all(tmp_path):
 def test_sinusoid_quick(tmp_path):
     report, stdout = quick_report("repro_sinusoid", tmp_path)
     assert report["p"] == 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1 and report["source"] == "multitask"
+    assert report["lingp_hyperparameters"] == bl.DEFAULT_HYPERPARAMETERS
     assert len(report["tasks"]) == 2
     for task in report["tasks"]:
         assert set(task["mse"]) == {"source", "lingp", "last_layer", "fine_tune", "ablr"}
@@ -181,6 +207,7 @@ def test_sinusoid_quick(tmp_path):
         assert set(task["coverage_2sd"]) == {"lingp", "ablr"}
         assert all(0.0 <= c <= 1.0 for c in task["coverage_2sd"].values())
         assert task["lingp"]["noise"] > 0 and task["ablr"]["alpha"] > 0 and task["ablr"]["beta"] > 0
+        assert task["lingp"]["hyperparameters"] == bl.DEFAULT_HYPERPARAMETERS and task["lingp"]["predictive_noise"] > 0
     for m, summary in report["summary"].items():
         mses = [t["mse"][m] for t in report["tasks"]]
         check_mean_and_stderr(summary["mse_mean"], summary["mse_stderr"], mses)
@@ -226,8 +253,11 @@ def test_rotated_digits_quick(tmp_path):
     assert "| 10 |" in stdout and "| 20 |" in stdout
 
 
-def test_tabular_shift_quick(tmp_path):
-    report, stdout = quick_report("repro_tabular_shift", tmp_path)
+def test_tabular_shift_quick_with_another_hyperparameter_choice(tmp_path):
+    choice = "evidence" if bl.DEFAULT_HYPERPARAMETERS != "evidence" else "average"
+    report, stdout = quick_report("repro_tabular_shift", tmp_path, "--lingp-hyperparameters", choice)
+    assert report["lingp_hyperparameters"] == choice and f"--lingp-hyperparameters {choice}" in report["command"]
+    assert f"s and σ² by {choice}" in stdout
     split = report["split"]
     # the split recomputed from scikit-learn's raw diabetes data: BMI (column 2) at most its median is the source
     from sklearn.datasets import load_diabetes
@@ -244,6 +274,12 @@ def test_tabular_shift_quick(tmp_path):
     for run in report["runs"]:
         assert set(run["rmse"]) == {"source", "lingp", "last_layer", "fine_tune", "ablr", "target_linear"}
         assert finite(*run["rmse"].values()) and min(run["rmse"].values()) > 0
+        lingp = run["lingp"]
+        assert lingp["hyperparameters"] == choice and isinstance(lingp["at_bound"], list)
+        if choice == "average":
+            assert lingp["effective_points"] >= 1 and 0 <= lingp["weight_on_grid_edge"] <= 1
+        else:  # one (s, σ²): an observation's noise is σ²
+            assert lingp["predictive_noise"] == lingp["noise"] and "effective_points" not in lingp
     assert finite(report["source_validation_rmse"])
     assert "| 10 |" in stdout and "| 20 |" in stdout
 
