@@ -430,12 +430,9 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
 
 
 def _averaging_summary(gp: Any) -> dict | None:
-    """The grid mixture of an averaged LinearizedGP as JSON-ready lists (None when it was not averaged).
-
-    The mixture's points are read from the private ``_mixture``: ``averaging_`` reports only a summary, and the
-    predictive noise (posterior mean of σ²) needs the points and weights.
-    """
-    mixture = getattr(gp, "_mixture", None)
+    """The grid mixture of an averaged LinearizedGP (``mixture_``) as JSON-ready lists (None when it was not
+    averaged); the predictive noise (posterior mean of σ²) needs its points and weights."""
+    mixture = gp.mixture_
     if mixture is None:
         return None
     return {"mixture": {"prior_scales": mixture.prior_scales.tolist(), "noises": mixture.noises.tolist(),

@@ -534,6 +534,13 @@ class LinearizedGP(Estimator):
         self._commit(draft)
         return self
 
+    @property
+    def mixture_(self) -> averaging.HyperparameterMixture | None:
+        """After :meth:`average_hyperparameters`: the kept grid points (prior_scales, noises) and their weights, each
+        a float64 host array (G,); None for a model at one (s, σ²)."""
+        self._check_fitted()
+        return getattr(self, "_mixture", None)
+
     def _draft(self) -> LinearizedGP:
         """A shallow copy whose engines are copies: refits rebind their attributes, never the committed ones'."""
         draft = super()._draft()
