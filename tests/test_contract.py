@@ -130,6 +130,15 @@ def _calls(kind):
         model = lg.LinearizedGP(0.7, np.array([0.05, 0.1]), output_mode="independent",
                                 method="function-cholesky").fit(J, y)
         calls = [lambda: model.fit(J2, y2), lambda: model.optimize_hyperparameters(max_iter=5)]
+    elif kind == "gp-trace-averaged":
+        model = lg.LinearizedGP(0.7, 0.05, output_mode="trace").fit(J, y)
+        calls = [lambda: model.fit(J2, y2), lambda: model.average_hyperparameters(grid_size=5, hyperprior="data"),
+                 lambda: model.optimize_hyperparameters(criterion="loo", max_iter=5)]
+    elif kind == "dirichlet":
+        labels = np.argmax(J.f0, axis=1)
+        labels2 = np.argmax(J2.f0 + 0.3, axis=1)[::-1].copy()
+        model = lg.DirichletClassifier(0.5).fit(J, labels)
+        calls = [lambda: model.fit(J2, labels2), lambda: model.optimize_prior_scale(max_iter=5)]
     else:
         labels = np.argmax(J.f0, axis=1)
         labels2 = np.argmax(J2.f0 + 0.3, axis=1)[::-1].copy()
@@ -138,7 +147,8 @@ def _calls(kind):
     return model, J_star, calls
 
 
-@pytest.mark.parametrize("kind", ["gp-full", "gp-independent", "laplace-parameter", "laplace-function"])
+@pytest.mark.parametrize("kind", ["gp-full", "gp-independent", "gp-trace-averaged", "dirichlet", "laplace-parameter",
+                                  "laplace-function"])
 def test_interrupted_fits_leave_the_model_exactly_as_it_was(kind):
     """Per model kind, 30 interrupts and failures at random points of refit and optimize: timer signals, and
     KeyboardInterrupt or MemoryError raised at a random traced line."""
