@@ -13,7 +13,7 @@ import pytest
 import lingp_core as lg
 from lingp_core.laplace import LaplaceClassifier
 from tests.helpers import assert_matches
-from tests.test_laplace import _curvature_blocks, _nll, _probs, network_parameters, problem
+from tests.test_laplace import _curvature_blocks, dense_map, network_parameters, problem
 
 F64 = 1e-9  # as in test_laplace: Newton to rtol 1e-12 and Cholesky solves of well-conditioned systems
 SCALES = (0.3, 2.0)  # the test MLP has two Linear layers: two blocks
@@ -35,29 +35,6 @@ def dense_ggn(J, g, likelihood):
     n, c = g.shape
     Jb = J.reshape(n, c, -1)
     return np.einsum("ikp,ikl,ilq->pq", Jb, _curvature_blocks(g, likelihood), Jb, optimize=True)
-
-
-def dense_map(d, y, variances, likelihood, m):
-    """The MAP of Ψ by damped Newton with the exact Hessian; returns (ŵ, Ψ(ŵ))."""
-    J, f0 = d["J"], d["f0"]
-    n, c = f0.shape
-    target = np.eye(c)[y] if likelihood == "categorical" else y[:, None].astype(np.float64)
-
-    def psi(w):
-        return _nll(f0 + (J @ w).reshape(n, c), y, likelihood) + 0.5 * (w - m) @ ((w - m) / variances)
-
-    w = m.copy()
-    for _ in range(100):
-        g = f0 + (J @ w).reshape(n, c)
-        grad = J.T @ (_probs(g, likelihood) - target).ravel() + (w - m) / variances
-        step = np.linalg.solve(dense_ggn(J, g, likelihood) + np.diag(1.0 / variances), grad)
-        alpha = 1.0
-        while psi(w - alpha * step) > psi(w) and alpha > 1e-10:
-            alpha /= 2
-        w = w - alpha * step
-        if np.linalg.norm(alpha * step) <= 1e-15 * (1 + np.linalg.norm(w)):
-            break
-    return w, psi(w)
 
 
 def dense_layerwise(d, y, J, scales, likelihood, m=None):
