@@ -438,7 +438,8 @@ def settle_at_bounds(objective: Any, theta: np.ndarray) -> np.ndarray:
     all the way to s → 0 has a gradient that vanishes with s (∂C/∂log s = s·K0): it stops decades short of the
     bound (measured: e^-15 instead of e^-30 on targets orthogonal to the kernel), where the GP has collapsed all the
     same. Trying the bound in the ascent direction (one evaluation per parameter) reports such a supremum as what it
-    is; an interior maximum is never moved (the bound is worse there)."""
+    is; a point is moved only where the bound is better. The caller re-optimizes the other parameters after a move
+    (they were tuned for the old value)."""
     value, grad = objective(theta)
     for k in range(theta.size):
         bound = LOG_BOUNDS[0] if grad[k] > 0 else LOG_BOUNDS[1]  # −criterion is minimized: ascent is −grad
@@ -480,6 +481,12 @@ def optimize(model: Any, per_output_noise: bool | None, maxiter: int, criterion:
     result = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=[LOG_BOUNDS] * theta0.size,
                       options={"maxiter": maxiter})
     theta = settle_at_bounds(objective, result.x)
+    iterations, evaluations = int(result.nit), int(result.nfev)
+    if not np.array_equal(theta, result.x):  # a parameter moved onto its bound: the others re-optimized there
+        result = minimize(objective, theta, jac=True, method="L-BFGS-B", bounds=[LOG_BOUNDS] * theta.size,
+                          options={"maxiter": maxiter})
+        theta = settle_at_bounds(objective, result.x)
+        iterations, evaluations = iterations + int(result.nit), evaluations + int(result.nfev)
     criterion_value = -float(criterion_objective(theta)[0])
     set_hyperparameters(model, theta)
     if model.method == "auto" and chosen != model.plan_.method:
@@ -492,7 +499,7 @@ def optimize(model: Any, per_output_noise: bool | None, maxiter: int, criterion:
         model._fit_engines()
     at_bounds = _at_bounds(parameter_names(model), theta, criterion, prior)
     model.optimization_ = {"success": bool(result.success), "message": str(result.message),
-                           "iterations": int(result.nit), "evaluations": int(result.nfev),
+                           "iterations": iterations, "evaluations": evaluations,
                            "lml_before": lml_before, "lml_after": model.log_marginal_likelihood(),
                            "criterion": criterion, "criterion_value": criterion_value,
                            "hyperprior": None if prior is None else prior.as_dict(),

@@ -279,3 +279,23 @@ def test_bad_arguments_raise_the_right_error(backend, rng):
         with pytest.raises(lg.InvalidOptionError, match=r"per observation \(6, 2\) and stays fixed"):
             fixed.optimize_hyperparameters(per_output_noise=value)
     assert not hasattr(gp, "optimization_") and not hasattr(fixed, "optimization_")
+
+
+def test_after_settling_on_a_bound_the_other_hyperparameters_are_reoptimized():
+    """LOO with per-output noise where the optimum has s at its lower bound: with s → 0, C = diag(σ²_k) and the LOO
+    density Σ log N(r_ik | 0, σ²_k) peaks at σ²_k = mean_i r_ik² — the noise must be re-fitted there, not left at the
+    values tuned for the interior point L-BFGS stopped at."""
+    import torch
+
+    import backends
+    from tests.test_gp import problem
+
+    torch.manual_seed(0)
+    J, _, y, o = problem(backends.get_backend("numpy"), np.random.default_rng(0), c=2)
+    gp = lg.LinearizedGP(1.0, 0.3, output_mode="full", method="function-cholesky").fit(J, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.NumericalWarning)  # s at its bound is the point of the case
+        gp.optimize_hyperparameters(criterion="loo", per_output_noise=True)
+    assert gp.optimization_["at_bound"] == ["prior_scale"]
+    r = o["y"] - o["f"]
+    np.testing.assert_allclose(gp.noise, (r**2).mean(axis=0), rtol=1e-5)
