@@ -132,6 +132,7 @@ def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.nda
                                    f"forced; use method='auto', 'spectral' or '{model.plan_.method}'")
     center_s, center_noise = data_scaled_center(model)
     log_s, log_noise = log_grid(center_s, center_noise, grid_size, span)
+    _check_grid_range(log_s, log_noise, span, center_s, center_noise)
     log_evidence = spectral_log_evidence(model, log_s, log_noise)
     kept, weights = posterior_weights(log_evidence, log_prior(log_s, log_noise), keep_mass)
     model._mixture = HyperparameterMixture(np.exp(log_s[kept]), np.exp(log_noise[kept]), weights)
@@ -150,6 +151,21 @@ def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.nda
         warnings.warn(f"{edge:.1%} of the hyperparameter posterior lies on the edge of the averaging grid "
                       f"(±{span} decades around s₀ = {center_s:.3g}, σ²₀ = {center_noise:.3g}): the grid truncates it; "
                       "widen span or add a hyperprior", v.NumericalWarning, stacklevel=4)
+
+
+#: Grid values must stay this far inside float64 (s, σ², σ²/s and their products with the spectrum stay finite).
+_LOG_LIMIT = 250 * float(np.log(10.0))
+
+
+def _check_grid_range(log_s: np.ndarray, log_noise: np.ndarray, span: float, center_s: float,
+                      center_noise: float) -> None:
+    """ValueRangeError when the grid reaches values whose spectral formulas leave float64 (1e±250)."""
+    extremes = (log_s.min(), log_s.max(), log_noise.min(), log_noise.max(), log_noise.max() - log_s.min())
+    if max(abs(x) for x in extremes) > _LOG_LIMIT:
+        raise v.ValueRangeError(f"span = {span} decades around s₀ = {center_s:.3g}, σ²₀ = {center_noise:.3g} reaches "
+                                f"s from {np.exp(log_s.min()):.3g} to {np.exp(log_s.max()):.3g} and σ²/s up to "
+                                f"{np.exp(min(extremes[4], 709.0)):.3g}: beyond 1e±250, where the spectral formulas "
+                                "leave float64; use a smaller span")
 
 
 def _on_edge(kept_s: np.ndarray, kept_noise: np.ndarray, log_s: np.ndarray, log_noise: np.ndarray,

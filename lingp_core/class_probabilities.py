@@ -15,11 +15,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_ndtr, logsumexp
 
+from lingp_core import _validate as v
 from lingp_core._validate import NonFiniteError, ShapeError, ValueRangeError
 
 __all__ = ["probability_of_largest"]
 
 _CHUNK = 256  # examples per block: the work array is (chunk, c, c, nodes)
+_POINT_MASS_VARIANCE = 1e-300  # sd 1e-150: below one ulp of any mean difference, so point masses give exact steps
 
 
 def probability_of_largest(mean: np.ndarray, var: np.ndarray, *, n_nodes: int = 128) -> np.ndarray:
@@ -31,25 +33,32 @@ def probability_of_largest(mean: np.ndarray, var: np.ndarray, *, n_nodes: int = 
         Predictive means of the class scores (host, floating).
     var : ndarray of shape (n, c)
         Their predictive variances, all ≥ 0. An example whose variances are all zero (point masses, e.g. where the
-        network's Jacobian vanishes) gets its classes' variances as (eps·max(1, |m|))², which leaves its
-        probabilities exact (1 for the largest mean, shared on exact ties). One with zero and positive variances mixed
-        is refused (ValueRangeError): its integrand is a step function the quadrature cannot resolve.
+        network's Jacobian vanishes) is evaluated with standard deviations of 1e-150, far below any difference of
+        its means, which leaves its probabilities exact (1 for the largest mean, shared equally on exact ties). One
+        with zero and positive variances mixed is refused (ValueRangeError): its integrand is a step function the
+        quadrature cannot resolve.
     n_nodes : int
-        Gauss–Hermite nodes. The integrand steepens as one class's variance shrinks relative to another's; 128 nodes
-        are exact to ~1e-14 when the variances of an example's classes differ by at most 4× (LinearizedGP's "trace"
-        mode gives them all the same variance) and to ~1e-4 absolute at 60×.
+        Gauss–Hermite nodes (≥ 1). The integrand steepens as one class's variance shrinks relative to another's; 128
+        nodes are exact to ~1e-14 when the variances of an example's classes differ by at most 4× and to ~1e-4
+        absolute at 60× (measured ratios: ≤ 2.3 for DirichletClassifier on the demo).
 
     Returns
     -------
     ndarray of shape (n, c), float64
         Rows on the simplex (normalised to remove the quadrature's rounding).
     """
-    mean = np.asarray(mean, dtype=np.float64)
-    var = np.asarray(var, dtype=np.float64)
+    n_nodes = v.check_int(n_nodes, "n_nodes", minimum=1)
+    mean, var = np.asarray(mean), np.asarray(var)
+    for name, arr in (("mean", mean), ("var", var)):
+        if arr.dtype.kind not in "iuf":
+            raise v.DTypeError(f"{name} has dtype {arr.dtype}; expected real numbers")
+    mean, var = mean.astype(np.float64), var.astype(np.float64)
     if mean.ndim != 2 or mean.shape[1] < 2 or var.shape != mean.shape:
         raise ShapeError(f"mean and var must both have shape (n, c) with c ≥ 2, got {mean.shape} and {var.shape}")
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
         raise NonFiniteError("mean or var hold NaN or Inf")
+    if mean.shape[0] == 0:
+        return np.empty_like(mean)
     if var.min() < 0:
         raise ValueRangeError(f"var must be ≥ 0 everywhere, found {var.min()}")
     zero = var == 0
@@ -59,7 +68,7 @@ def probability_of_largest(mean: np.ndarray, var: np.ndarray, *, n_nodes: int = 
         raise ValueRangeError(f"example {i} has zero and positive variances mixed ({var[i].tolist()}); "
                               f"{mixed.size} examples in all. Give every class of an example a positive variance, or "
                               "none")
-    var = np.where(zero, (np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))) ** 2, var)
+    var = np.where(zero, _POINT_MASS_VARIANCE, var)
     nodes, weights = np.polynomial.hermite_e.hermegauss(n_nodes)  # ∫ g(z) exp(-z²/2) dz
     log_weights = np.log(weights / np.sqrt(2.0 * np.pi))         # → E_{z ~ N(0,1)} g(z)
     c = mean.shape[1]
@@ -68,7 +77,8 @@ def probability_of_largest(mean: np.ndarray, var: np.ndarray, *, n_nodes: int = 
     for start in range(0, mean.shape[0], _CHUNK):
         m, sd = mean[start:start + _CHUNK], np.sqrt(var[start:start + _CHUNK])
         score_k = m[:, :, None] + sd[:, :, None] * nodes               # (b, k, q): y_k at each node
-        z = (score_k[:, :, None, :] - m[:, None, :, None]) / sd[:, None, :, None]  # (b, k, j, q)
+        with np.errstate(over="ignore"):  # ±inf where a point mass's step is certain: log_ndtr takes it exactly
+            z = (score_k[:, :, None, :] - m[:, None, :, None]) / sd[:, None, :, None]  # (b, k, j, q)
         log_terms = np.where(off_diagonal, log_ndtr(z), 0.0).sum(axis=2)  # log Π_{j≠k} Φ(·)
         out[start:start + _CHUNK] = logsumexp(log_terms + log_weights, axis=2)
     probs = np.exp(out - logsumexp(out, axis=1, keepdims=True))

@@ -118,9 +118,11 @@ def test_averaging_refuses_what_it_cannot_do_and_leaves_the_model(backend):
     before = backend.to_numpy(gp.predict(Js))
     with pytest.raises(v.InvalidOptionError, match="one shared noise"):
         gp.average_hyperparameters()
-    for bad in ({"grid_size": 2}, {"span": 0.0}, {"keep_mass": 1.5}, {"keep_mass": 0.0}):
+    for bad in ({"grid_size": 2}, {"span": 0.0}, {"keep_mass": 1.5}, {"keep_mass": 0.0}, {"span": 310.0}):
         with pytest.raises(v.LingpError):
             lg.LinearizedGP().fit(J, y).average_hyperparameters(**bad)
+    with pytest.raises(v.ValueRangeError, match="smaller span"):  # s and σ²/s would leave float64
+        lg.LinearizedGP().fit(J, y).average_hyperparameters(span=300.0)
     np.testing.assert_array_equal(backend.to_numpy(gp.predict(Js)), before)
     with pytest.raises(v.InvalidOptionError, match="spectral"):
         lg.LinearizedGP(method="iterative").fit(J, y).average_hyperparameters()

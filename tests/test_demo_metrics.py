@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lingp_core._validate import DTypeError, NonFiniteError, ShapeError, ValueRangeError
+from lingp_core._validate import DTypeError, LingpError, NonFiniteError, ShapeError, ValueRangeError
 from lingp_core.demo.class_probabilities import probability_of_largest
 from lingp_core.demo.metrics import (
     accuracy,
@@ -163,7 +163,21 @@ def test_probability_of_largest_rejects_bad_inputs():
 
 def test_probability_of_largest_of_point_masses_is_the_argmax():
     # all of an example's variances zero: the largest mean wins outright; exact ties share
-    probs = probability_of_largest(np.array([[0.0, 2.0, 1.0], [3.0, 3.0, -1.0]]), np.zeros((2, 3)))
-    np.testing.assert_allclose(probs, [[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]], atol=1e-15)
+    probs = probability_of_largest(np.array([[0.0, 2.0, 1.0], [3.0, 3.0, -1.0], [1.0, 1.0 + 2.2e-16, 0.0],
+                                             [1e20, 1e20 + 2e4, 0.0], [5.0, 5.0, 5.0]]), np.zeros((5, 3)))
+    third = 1.0 / 3.0
+    np.testing.assert_allclose(probs, [[0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0],
+                                       [third, third, third]], atol=1e-15)
+
+
+def test_probability_of_largest_validates_its_options_and_takes_empty_input():
+    assert probability_of_largest(np.zeros((0, 3)), np.zeros((0, 3))).shape == (0, 3)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(LingpError):
+            probability_of_largest(np.zeros((1, 2)), np.ones((1, 2)), n_nodes=bad)
+    with pytest.raises(DTypeError):
+        probability_of_largest(np.zeros((1, 2), dtype=complex), np.ones((1, 2)))
+    with pytest.raises(DTypeError):
+        probability_of_largest(np.array([["a", "b"]]), np.ones((1, 2)))
     with pytest.raises(NonFiniteError):
         probability_of_largest(np.array([[0.0, np.inf]]), np.ones((1, 2)))
