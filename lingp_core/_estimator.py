@@ -93,7 +93,7 @@ class Estimator:
         """:func:`io.load_archive`'s ``expected``: every state array with its shape, float or integer."""
         try:
             shapes = cls._expected_arrays(config)
-        except (KeyError, TypeError, ValueError, AttributeError, v.LingpError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, v.LingpError) as exc:
             raise io.ArchiveError(f"{path!r}: the saved configuration lacks or mistypes an entry ({exc!r}); the file "
                                   "was modified") from None
         return {name: (shape, "fiu") for name, shape in shapes.items()}
@@ -112,7 +112,14 @@ class Estimator:
         or arrays whose shapes do not fit the saved configuration."""
         be = backends.get_backend(backend)
         arrays, config = io.load_archive(path, cls._KIND, expected=lambda config: cls._archive_spec(path, config))
-        return cls._from_archive(arrays, config, be)
+        try:
+            return cls._from_archive(arrays, config, be)
+        except (io.ArchiveError, v.MemoryBudgetError, v.MissingDependencyError):
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, v.LingpError) as exc:
+            # the checksums matched, so whoever changed the file recomputed them: name what does not fit
+            raise io.ArchiveError(f"{path!r}: the saved model does not rebuild ({type(exc).__name__}: {exc}); the file "
+                                  "was modified") from None
 
 
 def jacobian_from_archive(arrays: dict[str, np.ndarray], config: dict[str, Any], backend: Any) -> JacobianBlocks:

@@ -555,6 +555,13 @@ class LaplaceClassifier(Estimator):
     @classmethod
     def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
         nc, p = int(config["plan"]["rows"]), int(config["plan"]["p"])
+        scales = config["prior_scale"]
+        if isinstance(scales, list):  # per-block scales: weight space only, one per block of the signature
+            blocks = len(config["signature"]["blocks"])
+            if config["plan"]["space"] != "parameter" or len(scales) != blocks:
+                raise ArchiveError(f"the saved prior_scale has {len(scales)} per-block values for a "
+                                   f"{config['plan']['space']}-space fit of {blocks} blocks (per-block scales need "
+                                   "weight space and one value per block); the file was modified")
         if config["plan"]["space"] == "parameter":
             return {"state_w": (p,), "state_inverse_factor": (p, p)}
         c = 1 if config["likelihood"] == "bernoulli" else None

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -463,3 +464,58 @@ def test_every_array_of_a_model_archive_is_verified(tmp_path, fitted_models, ind
             load_archive(out, type(model).__name__, expected=expected)
     loaded = type(model).load(path)  # the untouched archive still loads
     assert loaded.data_hash_ == model.data_hash_
+
+
+def _edited_config(path):
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z[io._HEADER]))["config"]
+
+
+@pytest.mark.parametrize("edit", ["noise_groups_empty", "averaging_summary_missing", "alpha_epsilon_missing",
+                                  "noise_a_float", "alpha_epsilon_negative", "noise_array_negative"])
+def test_models_rebuilt_from_edited_configurations_raise_archive_errors(tmp_path, edit):
+    """Configurations edited with their checksums recomputed: every inconsistency is an ArchiveError naming the file,
+    never a KeyError, IndexError or AttributeError from inside the model."""
+    from tests.test_dirichlet import classifier_problem
+
+    torch.manual_seed(0)
+    backend = lg.get_backend("numpy")
+    J, _, labels, _ = classifier_problem(backend)
+    if edit == "averaging_summary_missing":
+        y = J.f0 + np.sin(np.arange(J.f0.size)).reshape(J.f0.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lg.NumericalWarning)
+            model = lg.LinearizedGP(output_mode="trace").fit(J, y).average_hyperparameters(grid_size=5)
+        cls = lg.LinearizedGP
+    else:
+        model, cls = lg.DirichletClassifier(0.5).fit(J, labels), lg.DirichletClassifier
+    path = model.save(tmp_path / "model")
+    config, arrays = _edited_config(path), None
+    if edit == "noise_groups_empty":
+        config["noise_groups"] = []
+    elif edit == "averaging_summary_missing":
+        del config["averaging"]["summary"]
+    elif edit == "alpha_epsilon_missing":
+        del config["settings"]["alpha_epsilon"]
+    elif edit == "noise_a_float":
+        config["noise"] = 0.5
+    elif edit == "alpha_epsilon_negative":
+        config["settings"]["alpha_epsilon"] = -1.0
+    else:
+        arrays = {"noise": -read_npz(path)["noise"]}
+    edited = rewrite(path, tmp_path / "edited.npz", config=config, arrays=arrays)
+    with pytest.raises(io.ArchiveError, match="edited.npz"):
+        cls.load(edited)
+
+
+def test_laplace_archive_with_impossible_per_block_scales_is_refused(tmp_path):
+    from tests.test_dirichlet import classifier_problem
+
+    torch.manual_seed(0)
+    J, _, labels, _ = classifier_problem(lg.get_backend("numpy"))
+    for method, scales in (("function", [1.0, 2.0]), ("parameter", [1.0, 2.0])):
+        clf = lg.LaplaceClassifier(0.5, method=method).fit(J, labels)
+        config = _edited_config(path := clf.save(tmp_path / method))
+        config["prior_scale"] = scales  # function space takes one scale; this network has 3 blocks
+        with pytest.raises(io.ArchiveError, match="per-block"):
+            lg.LaplaceClassifier.load(rewrite(path, tmp_path / f"edited_{method}.npz", config=config))
