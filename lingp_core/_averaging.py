@@ -150,7 +150,7 @@ def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.nda
     if edge > 0.01:
         warnings.warn(f"{edge:.1%} of the hyperparameter posterior lies on the edge of the averaging grid "
                       f"(±{span} decades around s₀ = {center_s:.3g}, σ²₀ = {center_noise:.3g}): the grid truncates it; "
-                      "widen span or add a hyperprior", v.NumericalWarning, stacklevel=4)
+                      "widen span or add a hyperprior", v.NumericalWarning, stacklevel=3)
 
 
 #: Grid values must stay this far inside float64 (s, σ², σ²/s and their products with the spectrum stay finite).

@@ -135,6 +135,7 @@ def test_posterior_mass_on_the_grid_edge_is_reported(backend):
     rng = np.random.default_rng(5)
     J, _, y, _ = problem(backend, rng, c=2)
     gp = lg.LinearizedGP(output_mode="trace").fit(J, y)
-    with pytest.warns(v.NumericalWarning, match="edge of the averaging grid"):
+    with pytest.warns(v.NumericalWarning, match="edge of the averaging grid") as record:
         gp.average_hyperparameters(grid_size=7, span=0.5)
+    assert record[0].filename == __file__  # attributed to the user's call
     assert gp.averaging_["weight_on_grid_edge"] > 0.01
