@@ -46,6 +46,8 @@ CRITERIA = ("evidence", "loo")
 #: demo's one-hot regression at 2 labels per class.
 DATA_PRIOR_WIDTH = 1.0
 DATA_NOISE_WIDTH = 10.0
+_CENTRE_LIMIT = 100.0       # |log centre| at most this: far outside the searched e^±30, yet finite in every formula
+_WIDTH_RANGE = (1e-6, 1e6)  # widths whose log densities stay finite over the searched range
 _LOG_2PI = float(np.log(2 * np.pi))
 _SETTLE_RTOL = 1e-12  # a bound must improve the objective by more than this (relative) to be moved onto
 
@@ -82,8 +84,15 @@ class Hyperprior:
         for name in ("log_prior_scale", "log_noise"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _finite_real(getattr(self, name), name))
+                if abs(getattr(self, name)) > _CENTRE_LIMIT:  # the search itself stays within e^±30
+                    raise v.ValueRangeError(f"{name} = {getattr(self, name):.3g} is a natural log: the centre "
+                                            f"e^{getattr(self, name):.3g} lies beyond e^±{_CENTRE_LIMIT:g}")
         for name in ("prior_scale_width", "noise_width"):
-            object.__setattr__(self, name, v.check_positive(getattr(self, name), name))
+            width = v.check_positive(getattr(self, name), name)
+            if not _WIDTH_RANGE[0] <= width <= _WIDTH_RANGE[1]:
+                raise v.ValueRangeError(f"{name} = {width:.3g} (natural-log units) must lie in "
+                                        f"[{_WIDTH_RANGE[0]:g}, {_WIDTH_RANGE[1]:g}]")
+            object.__setattr__(self, name, width)
 
     def log_density(self, log_s: Any, log_noise: Any) -> Any:
         """log p(log s) + log p(log σ²) for one noise variance, elementwise over arrays (centres must be set)."""

@@ -673,7 +673,12 @@ def _kernel_dtype_name(kernel_dtype: Any) -> str:
 
 def _check_gp_noise(noise: Any) -> float | np.ndarray:
     """σ² as a float, per output (c,) or per observation (n, c): a float64 host array of positive finite values."""
-    if np.ndim(noise) != 2:
+    try:
+        ndim = np.ndim(noise)
+    except ValueError:  # a ragged nesting of lists
+        raise v.ShapeError(f"noise is a ragged nested sequence ({v.describe(noise)}); expected a number, (c,) or "
+                           "(n, c)") from None
+    if ndim != 2:
         return check_noise(noise)
     arr = v.backend_of(noise).to_numpy(noise) if backends.backend_name_of(noise) else np.asarray(noise)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):

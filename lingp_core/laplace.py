@@ -96,11 +96,20 @@ def _check_prior_scale(value: Any) -> float | tuple[float, ...]:
         if array.ndim != 1 or array.size == 0:
             raise v.ShapeError(f"prior_scale must be one number or a non-empty 1-D sequence (one prior variance per "
                                f"block of the Jacobian), got shape {array.shape}")
-        return tuple(v.check_positive(x.item() if isinstance(x, np.generic) else x, f"prior_scale[{i}]")
+        return tuple(_normal_positive(x.item() if isinstance(x, np.generic) else x, f"prior_scale[{i}]")
                      for i, x in enumerate(array))
     if isinstance(value, np.generic):
         value = value.item()
-    return v.check_positive(value, "prior_scale")
+    return _normal_positive(value, "prior_scale")
+
+
+def _normal_positive(value: Any, name: str) -> float:
+    """A positive float whose inverse (the prior precision) is finite too: subnormal variances overflow 1/s."""
+    value = v.check_positive(value, name)
+    if not np.finfo(np.float64).tiny <= value <= 1 / np.finfo(np.float64).tiny:
+        raise v.ValueRangeError(f"{name} = {value:.3g} is outside [{np.finfo(np.float64).tiny:.3g}, "
+                                f"{1 / np.finfo(np.float64).tiny:.3g}], where the prior precision 1/{name} is finite")
+    return value
 
 
 def _format_scale(value: float | tuple[float, ...]) -> str:

@@ -186,3 +186,15 @@ def test_dirichlet_classifier_round_trips_and_refuses_bad_labels(backend, tmp_pa
         lg.DirichletClassifier(alpha_epsilon=0.0)
     with pytest.raises(v.ValueRangeError, match="alpha_epsilon"):
         lg.DirichletClassifier(alpha_epsilon=1e-320).fit(J, on(backend, labels))
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: lg.LinearizedGP(1.0, [[1, 2], [3]]), v.ShapeError, "ragged"),
+    (lambda: lg.LinearizedGP(1.0, [1.0, [2.0]]), v.ShapeError, "ragged"),
+    (lambda: lg.Hyperprior(log_noise=1e300), v.ValueRangeError, "log_noise"),
+    (lambda: lg.Hyperprior(noise_width=1e-300), v.ValueRangeError, "noise_width"),
+    (lambda: lg.LaplaceClassifier([1.0, 1e-320]), v.ValueRangeError, r"prior_scale\[1\]"),
+])
+def test_hostile_hyperparameters_are_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
