@@ -111,10 +111,13 @@ class DirichletClassifier(LinearizedGP):
         self._commit(draft)
         return self
 
-    def optimize_prior_scale(self, *, max_iter: int = 200) -> DirichletClassifier:
-        """Maximize the exact marginal likelihood over s (the noise is fixed by α_ε); the model is refitted at the
-        optimum, and ``optimization_`` reports the run. A search that fails leaves the model as it was."""
-        self.optimize_hyperparameters(max_iter=max_iter)
+    def optimize_prior_scale(self, *, criterion: str = "evidence", hyperprior: Any = None,
+                             max_iter: int = 200) -> DirichletClassifier:
+        """Fit s (the noise is fixed by α_ε): by the exact marginal likelihood (default), or ``criterion="loo"``,
+        optionally with a log-normal ``hyperprior`` on s (see :meth:`LinearizedGP.optimize_hyperparameters`). The
+        model is refitted at the optimum, and ``optimization_`` reports the run. A search that fails leaves the
+        model as it was."""
+        self.optimize_hyperparameters(criterion=criterion, hyperprior=hyperprior, max_iter=max_iter)
         return self
 
     def predict_proba(self, J_star: JacobianBlocks) -> Any:

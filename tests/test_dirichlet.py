@@ -198,3 +198,31 @@ def test_dirichlet_classifier_round_trips_and_refuses_bad_labels(backend, tmp_pa
 def test_hostile_hyperparameters_are_named(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_dirichlet_prior_scale_by_loo_matches_the_dense_leave_one_out_maximum(backend):
+    """criterion="loo" through optimize_prior_scale: s maximizes Σ_ik log N(ỹ_ik | μ_-i,k, v_-i,k), computed here by
+    refitting the dense GP without each example (trace kernel, per-observation noise, constant mean kept fixed)."""
+    J, _, labels, o = classifier_problem(backend, seed=6)
+    clf = lg.DirichletClassifier(1.0).fit(J, on(backend, labels)).optimize_prior_scale(criterion="loo")
+    targets, noise = lg.dirichlet_targets(labels, 3, 0.01)
+    r = targets - targets.mean(axis=0)
+    c = 3
+    rows = o["J"].reshape(-1, c, o["J"].shape[1])
+    K0 = sum(rows[:, k, :] @ rows[:, k, :].T for k in range(c)) / c
+
+    def loo(s):
+        total = 0.0
+        for k in range(c):
+            for i in range(N):
+                keep = np.arange(N) != i
+                C = s * K0[np.ix_(keep, keep)] + np.diag(noise[keep, k])
+                kx = s * K0[i, keep]
+                mu = kx @ np.linalg.solve(C, r[keep, k])
+                var = s * K0[i, i] - kx @ np.linalg.solve(C, kx) + noise[i, k]
+                total += -0.5 * np.log(2 * np.pi * var) - 0.5 * (r[i, k] - mu) ** 2 / var
+        return total
+
+    s = clf.prior_scale
+    assert clf.optimization_["criterion"] == "loo" and clf.optimization_["at_bound"] == []
+    assert loo(s) >= max(loo(s * 1.02), loo(s / 1.02)) - 1e-9 * abs(loo(s))
