@@ -8,8 +8,9 @@ sit at a corner (s → 0: everything is noise). The Bayesian answer integrates t
 θ = (log s, log σ²) on a regular grid (the quadrature of the integral in log coordinates; the grid's cell volume is
 one constant and cancels). Each grid point costs O(m·q) for its evidence on a spectral engine (one
 eigendecomposition for all of them) and O(m*·m·q) for its predictions (the test rows are projected on the
-eigenvectors once). The mixture's moments are mean = Σ w_g mean_g and var = Σ w_g (var_g + (mean_g − mean)²) — the
-second form, not Σ w_g (var_g + mean_g²) − mean², which would subtract nearly equal numbers.
+eigenvectors once). The mixture's moments are mean = Σ w_g mean_g and var = Σ w_g (var_g + (mean_g − mean)²),
+accumulated in one pass over the points by West's weighted update (each point's spread is added against the running
+mean), never as Σ w_g (var_g + mean_g²) − mean², which would subtract nearly equal numbers.
 
 Points whose weights together hold less than 1 − ``keep_mass`` of the total are dropped (and the rest renormalized),
 so predictions cost as many evaluations as points that matter.
@@ -22,10 +23,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from scipy.special import logsumexp
 
 from lingp_core import _posterior as post
 from lingp_core import _validate as v
+from lingp_core._hyperparameters import data_scaled_guess
 
 #: The grid spans this many decades either side of the data-scaled centre for s, and from this many decades below
 #: to NOISE_DECADES_ABOVE above it for σ² (a noise far above the targets' own variance explains nothing).
@@ -74,6 +75,8 @@ def log_grid(center_s: float, center_noise: float, size: int, span: float) -> tu
 def posterior_weights(log_evidence: np.ndarray, log_prior: np.ndarray, keep_mass: float) -> tuple[np.ndarray,
                                                                                                     np.ndarray]:
     """(indices, weights) of the grid points that hold ``keep_mass`` of the posterior, weights renormalized."""
+    from scipy.special import logsumexp  # scipy loads on use, not when lingp_core is imported
+
     log_w = log_evidence + log_prior
     w = np.exp(log_w - logsumexp(log_w))
     order = np.argsort(w)[::-1]
@@ -94,31 +97,18 @@ def spectral_log_evidence(model: Any, log_s: np.ndarray, log_noise: np.ndarray) 
 
 
 def mixture_moments(component: Callable[[int], tuple[Any, Any]], weights: np.ndarray) -> tuple[Any, Any]:
-    """Mean and variance of the mixture of ``component(g) = (mean_g, var_g)`` with these weights (two passes)."""
-    mean = None
+    """Mean and variance of the mixture of ``component(g) = (mean_g, var_g)`` with these weights (summing to 1), each
+    component evaluated once (West 1979: running mean and weighted sum of within- and between-component spread)."""
+    total, mean, spread = 0.0, 0.0, 0.0
     for g, w in enumerate(weights):
-        part = w * component(g)[0]
-        mean = part if mean is None else mean + part
-    var = None
-    for g, w in enumerate(weights):
+        if w == 0:  # underflowed weights add nothing (and would divide 0 by 0 while total is 0)
+            continue
         m_g, v_g = component(g)
-        part = w * (v_g + (m_g - mean) ** 2)
-        var = part if var is None else var + part
-    return mean, var
-
-
-def data_scaled_center(model: Any) -> tuple[float, float]:
-    """(s₀, σ²₀), the centre of the grid: σ²₀ = half the mean square of the targets about the prior mean, s₀ such
-    that s₀·mean diag K0 = σ²₀ (signal and noise each explain half the targets' variance; the centre of the "data"
-    hyperprior too)."""
-    from lingp_core._hyperparameters import data_scale
-
-    square, diag = data_scale(model)
-    if not (square > 0 and diag > 0):
-        raise v.ValueRangeError(f"averaging centres its grid on the data's scale, but the targets' mean square about "
-                                f"the prior mean is {square:.3g} and the kernel's mean diagonal {diag:.3g}: nothing "
-                                "to scale by (targets equal to the prior mean, or a zero Jacobian)")
-    return 0.5 * square / diag, 0.5 * square
+        total += float(w)
+        delta = m_g - mean
+        mean = mean + (w / total) * delta
+        spread = spread + w * (v_g + delta * (m_g - mean))
+    return mean, spread / total
 
 
 def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.ndarray, np.ndarray], np.ndarray],
@@ -130,7 +120,7 @@ def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.nda
     if model.method != "auto" and model.plan_.method != chosen:
         raise v.InvalidOptionError(f"averaging runs on one eigendecomposition, but method={model.method!r} was "
                                    f"forced; use method='auto', 'spectral' or '{model.plan_.method}'")
-    center_s, center_noise = data_scaled_center(model)
+    center_s, center_noise = data_scaled_guess(model, "averaging centres its grid")
     log_s, log_noise = log_grid(center_s, center_noise, grid_size, span)
     _check_grid_range(log_s, log_noise, span, center_s, center_noise)
     log_evidence = spectral_log_evidence(model, log_s, log_noise)

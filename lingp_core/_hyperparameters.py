@@ -31,6 +31,7 @@ from backends._triangles import TILE
 from lingp_core import _plan
 from lingp_core import _posterior as post
 from lingp_core import _validate as v
+from lingp_core._layout import per_observation
 from lingp_core.kernels import kernel_diag
 
 LOG_BOUNDS = (-30.0, 30.0)  # log s and log σ² stay within e^±30 during optimization
@@ -42,8 +43,8 @@ CRITERIA = ("evidence", "loo")
 #: decades): how the targets' variance splits into signal and noise is what the data must decide. Measured on the
 #: repo's cases (their own test sets, issue 15): noise width 1 held σ² ~1000× above the evidence's choice on the
 #: sinusoid's 10 context points (MSE 1.95 vs 1.17 with evidence); 10 gave 1.25, and kept the tabular shift at 10
-#: patients level with the best baseline and the ReLU toy's bands from collapsing; s width 1 beat 2.3 and 4.6 on the
-#: demo's one-hot regression at 2 labels per class.
+#: patients level with the best baseline and the ReLU toy's bands from collapsing (benchmarks/README.md, "Choosing the
+#: default", with the commands).
 DATA_PRIOR_WIDTH = 1.0
 DATA_NOISE_WIDTH = 10.0
 _CENTRE_LIMIT = 100.0       # |log centre| at most this: far outside the searched e^±30, yet finite in every formula
@@ -139,29 +140,35 @@ def check_hyperprior(hyperprior: Any) -> Hyperprior | None:
                               f"{v.describe(hyperprior)}")
 
 
-def data_scale(model: Any) -> tuple[float, float]:
-    """(mean square of the targets about the prior mean, mean diag K0) of the fitted ``model``'s tasks."""
+def data_scaled_guess(model: Any, user: str | None = None) -> tuple[float, float] | None:
+    """(s₀, σ²₀) of the fitted ``model``: σ²₀ = half the mean square of the targets about the prior mean, s₀ with
+    s₀·mean diag K0 = σ²₀ (signal and noise each explain half the targets' variance) — the start of the search, the
+    centre of the "data" hyperprior and of the averaging grid. Where the data give no scale (targets equal to the
+    prior mean, or a zero Jacobian): None, or, when a ``user`` of the guess is named, a ValueRangeError naming it."""
     square = float(sum(float((R**2).sum()) for R in model._R) / sum(R.size for R in model._R))
     diag = float(np.mean([float(kernel_diag(t.J, output_mode=t.mode).mean()) for t in model._tasks]))
-    return square, diag
+    if square > 0 and diag > 0:
+        return 0.5 * square / diag, 0.5 * square
+    if user is None:
+        return None
+    raise v.ValueRangeError(f"{user} on the data's scale, but the targets' mean square about the prior mean is "
+                            f"{square:.3g} and the kernel's mean diagonal {diag:.3g}: nothing to scale by (targets "
+                            "equal to the prior mean, or a zero Jacobian)")
 
 
 def resolve_hyperprior(model: Any, hyperprior: Any) -> Hyperprior | None:
     """The validated hyperprior with its missing centres set to the data-scaled guess of the fitted ``model``:
-    σ²₀ = square / 2, s₀ = σ²₀ / diag (:func:`data_scale`); ValueRangeError when the data give no scale."""
+    (:func:`data_scaled_guess`); ValueRangeError when the data give no scale."""
     prior = check_hyperprior(hyperprior)
     if prior is None or (prior.log_prior_scale is not None and prior.log_noise is not None):
         return prior
-    square, diag = data_scale(model)
-    if not (square > 0 and diag > 0):
-        raise v.ValueRangeError(f"hyperprior='data' centres its priors on the data's scale, but the targets' mean "
-                                f"square about the prior mean is {square:.3g} and the kernel's mean diagonal "
-                                f"{diag:.3g}: nothing to scale by (targets equal to the prior mean, or a zero "
-                                "Jacobian); give the centres: Hyperprior(log_prior_scale=..., log_noise=...)")
-    noise0 = 0.5 * square
-    return dataclasses.replace(prior, log_prior_scale=np.log(noise0 / diag) if prior.log_prior_scale is None
+    try:
+        guess = data_scaled_guess(model, "hyperprior='data' centres its priors")
+    except v.ValueRangeError as exc:
+        raise v.ValueRangeError(f"{exc}; give the centres: Hyperprior(log_prior_scale=..., log_noise=...)") from None
+    return dataclasses.replace(prior, log_prior_scale=np.log(guess[0]) if prior.log_prior_scale is None
                                else prior.log_prior_scale,
-                               log_noise=np.log(noise0) if prior.log_noise is None else prior.log_noise)
+                               log_noise=np.log(guess[1]) if prior.log_noise is None else prior.log_noise)
 
 
 def log_hyperprior(model: Any, hyperprior: Any) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -174,14 +181,9 @@ def log_hyperprior(model: Any, hyperprior: Any) -> Callable[[np.ndarray, np.ndar
 
 # ----- parameters --------------------------------------------------------------------------------------------------
 
-def fixed_noise(model: Any) -> bool:
-    """Per-observation noise (n, c) is held fixed: only s is optimized."""
-    return isinstance(model.noise, np.ndarray) and model.noise.ndim == 2
-
-
 def parameter_names(model: Any) -> list[str]:
     """The names of θ's entries: prior_scale, then noise or noise[k] (none for fixed noise)."""
-    if fixed_noise(model):
+    if per_observation(model.noise):
         return ["prior_scale"]
     if isinstance(model.noise, float):
         return ["prior_scale", "noise"]
@@ -190,7 +192,7 @@ def parameter_names(model: Any) -> list[str]:
 
 def set_hyperparameters(model: Any, theta: np.ndarray) -> None:
     model.prior_scale = float(np.exp(theta[0]))
-    if fixed_noise(model):
+    if per_observation(model.noise):
         return
     model.noise = float(np.exp(theta[1])) if isinstance(model.noise, float) else np.exp(theta[1:])
 
@@ -349,7 +351,7 @@ def spectral_objective(model: Any, criterion: str = "evidence") -> Any:
 
 def cholesky_objective(model: Any, criterion: str = "evidence") -> Any:
     """−criterion and its exact gradient, refitting the engines per evaluation (per-row or fixed noise)."""
-    fixed = fixed_noise(model)
+    fixed = per_observation(model.noise)
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         set_hyperparameters(model, theta)
@@ -390,10 +392,10 @@ def starting_point(model: Any, objective: Any, grid: bool) -> np.ndarray:
     guess. L-BFGS from a poor start can slide into the s → 0 (all noise) or σ² → 0 corners."""
     size = len(parameter_names(model))
     current = np.log(np.concatenate([[model.prior_scale], np.ravel(model.noise)]))[:size]
-    square, diag = data_scale(model)
-    if not (square > 0 and diag > 0):
+    guess = data_scaled_guess(model)
+    if guess is None:
         return current
-    log_s, log_noise = np.log(0.5 * square / diag), np.log(0.5 * square)
+    log_s, log_noise = np.log(guess[0]), np.log(guess[1])
     candidates = [current, np.array([log_s] + [log_noise] * (size - 1))]
     if grid:
         candidates += [np.array([log_s + a] + [log_noise + b] * (size - 1))
@@ -468,7 +470,7 @@ def optimize(model: Any, per_output_noise: bool | None, maxiter: int, criterion:
     ``per_output_noise`` is ignored (None) for fixed per-observation noise, where s alone is fitted."""
     from scipy.optimize import minimize
 
-    fixed = fixed_noise(model)
+    fixed = per_observation(model.noise)
     if not fixed and per_output_noise and isinstance(model.noise, float):
         model.noise = np.full(model.c_, model.noise)
     elif not fixed and not per_output_noise and not isinstance(model.noise, float):
@@ -487,15 +489,14 @@ def optimize(model: Any, per_output_noise: bool | None, maxiter: int, criterion:
     criterion_objective = cholesky_objective(model, criterion) if per_row else spectral_objective(model, criterion)
     objective = with_hyperprior(criterion_objective, prior)
     theta0 = starting_point(model, objective, not per_row)
-    result = minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=[LOG_BOUNDS] * theta0.size,
-                      options={"maxiter": maxiter})
-    theta = settle_at_bounds(objective, result.x)
-    iterations, evaluations = int(result.nit), int(result.nfev)
-    if not np.array_equal(theta, result.x):  # a parameter moved onto its bound: the others re-optimized there
+    theta, iterations, evaluations = theta0, 0, 0
+    for _ in range(2):  # after a parameter settles on its bound, one more run re-optimizes the others there
         result = minimize(objective, theta, jac=True, method="L-BFGS-B", bounds=[LOG_BOUNDS] * theta.size,
                           options={"maxiter": maxiter})
         theta = settle_at_bounds(objective, result.x)
         iterations, evaluations = iterations + int(result.nit), evaluations + int(result.nfev)
+        if np.array_equal(theta, result.x):
+            break
     criterion_value = -float(criterion_objective(theta)[0])
     set_hyperparameters(model, theta)
     if model.method == "auto" and chosen != model.plan_.method:

@@ -84,6 +84,11 @@ class OutputLayout:
         return np.array([[task.output]]) if task.output is not None else np.arange(c)[None, :]
 
 
+def per_observation(noise: Any) -> bool:
+    """Whether σ² is given per observation, (n, c): fixed noise, one value per target."""
+    return not isinstance(noise, float) and noise.ndim == 2
+
+
 def noise_groups(noise: np.ndarray, q: int) -> list[tuple[list[int], np.ndarray]]:
     """Columns of R that share one noise column: [(columns, noise (m,) or (1,))], in column order."""
     cols = np.broadcast_to(noise, (noise.shape[0], q))

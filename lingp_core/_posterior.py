@@ -318,7 +318,7 @@ class FunctionSpectral:
         return s * (star.prior_diag()[:, None] - s * ((w**2) @ (1.0 / d)))
 
     def cov(self, star: StarRows) -> Any:
-        w = star.cross @ self.U
+        w = self._projection(star)
         prior = self.s * star.prior_full()
         return self.backend.xp.stack([prior - self.s * (self.s * ((w / self.d[:, j]) @ w.T)) for j in range(self.q)])
 
@@ -462,7 +462,7 @@ class ParameterSpectral:
         return (self._projection(star) ** 2) @ scale
 
     def cov(self, star: StarRows) -> Any:
-        w = star.dense @ self.V
+        w = self._projection(star)
         scale = self.shrink * self.backend.xp.asarray(self.noise)[None, :]
         return self.backend.xp.stack([(w * scale[:, j]) @ w.T for j in range(self.q)])
 
@@ -567,12 +567,10 @@ class Iterative:
 
     def var(self, star: StarRows) -> Any:
         xp = self.backend.xp
-        prior = self.s * star.prior_diag()
-        m_star = int(prior.shape[0])
+        m_star = int(star.cross.shape[0])
         out = xp.empty((m_star, self.q))
         cached = m_star > self.variance_cg_max
-        form = ", energy form"
-        self.info["variance_method"] = ("lanczos" if cached else "cg") + form
+        self.info["variance_method"] = ("lanczos" if cached else "cg") + ", energy form"
         for g, (cols, _) in enumerate(self.groups):
             use_cache = cached
             if cached:  # the cache's error on sampled rows first: where it is too coarse, CG for every row instead
@@ -580,15 +578,11 @@ class Iterative:
                 self.info["variance_error"] = error
                 use_cache = error <= VARIANCE_TOLERANCE
                 if not use_cache:
-                    self.info["variance_method"] = (f"cg{form} (the rank-{self.info.get('lanczos_rank')} Lanczos "
-                                                    f"cache was off by {error:.2g} on sampled test rows)")
+                    self.info["variance_method"] = (f"cg, energy form (the rank-{self.info.get('lanczos_rank')} "
+                                                    f"Lanczos cache was off by {error:.2g} on sampled test rows)")
             w = self._love_solve(g, star.cross.T) if use_cache else self._solve(g, self.s * star.cross.T)
-            out[:, cols] = self._variances(g, star, w, np.arange(m_star))[:, None]
+            out[:, cols] = self._energy_variance(g, star, w, np.arange(m_star))[:, None]
         return out
-
-    def _variances(self, g: int, star: StarRows, w: Any, rows: np.ndarray) -> Any:
-        """Variances (len(rows),) at test rows ``rows`` given w (m, len(rows)) ≈ C⁻¹ s·K0(X, x*_rows)."""
-        return self._energy_variance(g, star, w, rows)
 
     def _energy_variance(self, g: int, star: StarRows, w: Any, rows: np.ndarray) -> Any:
         """Variances as sums of squares, var_i = s·‖j*_i − Jᵀ w_i‖² + w_iᵀ D w_i, for w_i ≈ C⁻¹ s·K0(X, x*_i),
@@ -636,8 +630,8 @@ class Iterative:
         m_star = int(star.cross.shape[0])
         rows = np.unique(np.linspace(0, m_star - 1, min(8, m_star)).astype(np.int64))
         sampled = star.cross[xp.asarray(rows)].T
-        by_cg = self._variances(g, star, self._solve(g, self.s * sampled), rows)
-        by_love = self._variances(g, star, self._love_solve(g, sampled), rows)
+        by_cg = self._energy_variance(g, star, self._solve(g, self.s * sampled), rows)
+        by_love = self._energy_variance(g, star, self._love_solve(g, sampled), rows)
         floor = np.finfo(np.float64).tiny
         return float(xp.max(xp.abs(by_love - by_cg) / xp.maximum(xp.abs(by_cg), floor)))
 

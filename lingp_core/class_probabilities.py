@@ -13,7 +13,6 @@ It has no free parameter (no temperature to tune on test data) and grows less co
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import log_ndtr, logsumexp
 
 from lingp_core import _validate as v
 from lingp_core._validate import NonFiniteError, ShapeError, ValueRangeError
@@ -47,6 +46,8 @@ def probability_of_largest(mean: np.ndarray, var: np.ndarray, *, n_nodes: int = 
     ndarray of shape (n, c), float64
         Rows on the simplex (normalised to remove the quadrature's rounding).
     """
+    from scipy.special import log_ndtr, logsumexp  # scipy loads on use, not when lingp_core is imported
+
     n_nodes = v.check_int(n_nodes, "n_nodes", minimum=1)
     mean, var = np.asarray(mean), np.asarray(var)
     for name, arr in (("mean", mean), ("var", var)):

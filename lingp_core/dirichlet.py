@@ -28,9 +28,9 @@ import numpy as np
 from lingp_core import _validate as v
 from lingp_core._estimator import float_errors_checked
 from lingp_core.class_probabilities import probability_of_largest
-from lingp_core.gp import LinearizedGP, _check_gp_noise
+from lingp_core.gp import LinearizedGP
 from lingp_core.jacobian import JacobianBlocks
-from lingp_core.likelihoods import CategoricalLikelihood
+from lingp_core.likelihoods import CategoricalLikelihood, check_noise
 
 __all__ = ["DirichletClassifier", "dirichlet_targets"]
 
@@ -136,7 +136,7 @@ class DirichletClassifier(LinearizedGP):
         settings.pop("mean")
         alpha_epsilon = settings.pop("alpha_epsilon")
         model = cls(prior_scale, alpha_epsilon=alpha_epsilon, **settings)
-        model.noise = _check_gp_noise(noise)
+        model.noise = check_noise(noise, per_observation=True)
         model.classes_ = int(noise.shape[1])
         return model
 

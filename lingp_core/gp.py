@@ -30,7 +30,7 @@ from lingp_core import _plan, io
 from lingp_core import _posterior as post
 from lingp_core import _validate as v
 from lingp_core._estimator import Estimator, float_errors_checked, jacobian_from_archive
-from lingp_core._layout import OUTPUT_MODES, OutputLayout, Task
+from lingp_core._layout import OUTPUT_MODES, OutputLayout, Task, per_observation
 from lingp_core._plan import Plan
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import kernel_diag
@@ -98,7 +98,7 @@ class LinearizedGP(Estimator):
                  kernel_dtype: Any = "float64", memory_budget: float | None = None, seed: int = 0,
                  progress: bool = False) -> None:
         self.prior_scale = v.check_positive(prior_scale, "prior_scale")
-        self.noise = _check_gp_noise(noise)
+        self.noise = check_noise(noise, per_observation=True)
         self.mean = v.check_choice(mean, "mean", MEANS)
         self.output_mode = v.check_choice(output_mode, "output_mode", OUTPUT_MODES)
         self.method = v.check_choice(method, "method", GP_METHODS)
@@ -154,7 +154,7 @@ class LinearizedGP(Estimator):
                                    f"(n, c) = {(n, c)}")
             y = y[:, None]
         v.check_shape(y, "y", (n, c))
-        if _per_observation(self.noise) and self.noise.shape != (n, c):
+        if per_observation(self.noise) and self.noise.shape != (n, c):
             raise v.ShapeError(f"noise has shape {self.noise.shape} (one variance per observation) but J and y have "
                                f"(n, c) = {(n, c)}")
         if not isinstance(self.noise, float) and self.noise.ndim == 1 and self.noise.size != c:
@@ -167,7 +167,7 @@ class LinearizedGP(Estimator):
 
     def _condition(self, J: JacobianBlocks, y: Any) -> None:
         """Fit this (draft) model to validated float64 targets y (n, c)."""
-        for stale in ("optimization_", "clamped_variances_", "lml_std_error_", "_saved_lml", "_mixture", "averaging_"):
+        for stale in ("optimization_", "clamped_variances_", "lml_std_error_", "_saved_lml", *_AVERAGING_STATE):
             self.__dict__.pop(stale, None)
         be, n, c = J.backend, J.n, J.n_outputs
         self._backend, self.n_, self.c_, self.p_ = be, n, c, J.p
@@ -202,7 +202,7 @@ class LinearizedGP(Estimator):
 
     def _choose_plan(self, J: JacobianBlocks) -> Plan:
         budget = v.resolve_memory_budget(self.memory_budget, J.backend)
-        per_row_noise = _per_observation(self.noise) or (self.output_mode == "full"
+        per_row_noise = per_observation(self.noise) or (self.output_mode == "full"
                                                          and not isinstance(self.noise, float))
         return _plan.choose(self.method, self._problem(J), budget, parameter_ok=self.output_mode != "trace",
                             per_row_noise=per_row_noise, exact_max_rows=self.exact_max_rows)
@@ -464,7 +464,7 @@ class LinearizedGP(Estimator):
         if maxiter is not None and max_iter != 200 and maxiter != max_iter:
             raise v.InvalidOptionError(f"max_iter={max_iter} and its older name maxiter={maxiter} disagree; pass one")
         max_iter = v.check_int(max_iter if maxiter is None else maxiter, "max_iter", minimum=1)
-        if hyper.fixed_noise(self):
+        if per_observation(self.noise):
             if per_output_noise is not None:
                 raise v.InvalidOptionError(f"per_output_noise={per_output_noise!r}: this model's noise is given per "
                                            f"observation {np.shape(self.noise)} and stays fixed (only the prior "
@@ -478,7 +478,7 @@ class LinearizedGP(Estimator):
                                            "fit with method='function-cholesky', or use output_mode='independent' "
                                            "(spectral, much faster)")
         draft = self._draft()
-        for stale in ("_mixture", "averaging_"):
+        for stale in _AVERAGING_STATE:  # the search ends any averaging
             draft.__dict__.pop(stale, None)
         hyper.optimize(draft, per_output_noise, max_iter, criterion, hyperprior)
         self._commit(draft)
@@ -527,7 +527,7 @@ class LinearizedGP(Estimator):
                                        "method='function-spectral' / 'parameter-spectral' if it fits")
         log_prior = hyper.log_hyperprior(self, hyperprior)
         draft = self._draft()
-        for stale in ("optimization_", "_mixture", "averaging_"):
+        for stale in ("optimization_", *_AVERAGING_STATE):
             draft.__dict__.pop(stale, None)
         with float_errors_checked():
             averaging.average(draft, grid_size, span, log_prior, keep_mass)
@@ -575,7 +575,7 @@ class LinearizedGP(Estimator):
         """Hyperparameters, the fitted solver state, and — for function-space methods — the training Jacobian blocks
         (kernels with test points need them); no training targets."""
         arrays: dict[str, Any] = {"constant": self._constant}
-        if _per_observation(self.noise):
+        if per_observation(self.noise):
             arrays["noise"] = self.noise
         mixture = getattr(self, "_mixture", None)
         if mixture is not None:
@@ -593,7 +593,7 @@ class LinearizedGP(Estimator):
                   "data_hash": self.data_hash_, "hyper_hash": io.fingerprint_json(hyper_json)}
         if mixture is not None:
             config["averaging"] = {"points": int(mixture.weights.size), "summary": self.averaging_}
-        if _per_observation(self.noise):  # the factors per task, which the archive's shapes are checked against
+        if per_observation(self.noise):  # the factors per task, which the archive's shapes are checked against
             config["noise_groups"] = [len(post.noise_groups(self._layout.task_noise(self.noise, task, self.n_),
                                                             self._layout.columns(self.c_))) for task in self._tasks]
         return arrays, config
@@ -650,12 +650,14 @@ class LinearizedGP(Estimator):
                           for t, task in enumerate(model._tasks)]
         return model
 
-
     @classmethod
     def _from_settings(cls, prior_scale: float, noise: Any, settings: dict[str, Any]) -> LinearizedGP:
         """A new, unfitted model from archived hyperparameters and settings."""
         return cls(prior_scale, noise, **settings)
 
+
+#: What average_hyperparameters adds to a model; a refit or an optimization removes it
+_AVERAGING_STATE = ("_mixture", "averaging_")
 
 _SETTINGS = ("mean", "output_mode", "method", "rtol", "maxiter", "preconditioner_rank", "variance_rank",
              "variance_cg_max", "num_probes", "exact_max_rows", "kernel_dtype", "memory_budget", "seed")
@@ -669,34 +671,6 @@ def _kernel_dtype_name(kernel_dtype: Any) -> str:
     except TypeError:
         name = repr(kernel_dtype)
     return v.check_choice(name, "kernel_dtype", ("float64", "float32"))
-
-
-def _check_gp_noise(noise: Any) -> float | np.ndarray:
-    """σ² as a float, per output (c,) or per observation (n, c): a float64 host array of positive finite values."""
-    try:
-        ndim = np.ndim(noise)
-    except ValueError:  # a ragged nesting of lists
-        raise v.ShapeError(f"noise is a ragged nested sequence ({v.describe(noise)}); expected a number, (c,) or "
-                           "(n, c)") from None
-    if ndim != 2:
-        return check_noise(noise)
-    arr = v.backend_of(noise).to_numpy(noise) if backends.backend_name_of(noise) else np.asarray(noise)
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise v.DTypeError(f"noise has dtype {arr.dtype}; expected real numbers")
-    if arr.size == 0:
-        raise v.ShapeError(f"noise has shape {arr.shape}; a per-observation noise must be (n, c) with n, c ≥ 1")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise v.NonFiniteError(f"noise (shape {arr.shape}) holds NaN or Inf, first at {tuple(bad.tolist())}")
-    if (arr <= 0).any():
-        bad = np.argwhere(arr <= 0)[0]
-        raise v.ValueRangeError(f"noise variances must be > 0; noise{list(bad.tolist())} = {arr[tuple(bad)]}")
-    return arr
-
-
-def _per_observation(noise: Any) -> bool:
-    return not isinstance(noise, float) and noise.ndim == 2
 
 
 def _noise_summary(noise: Any) -> Any:

@@ -218,7 +218,7 @@ class LaplaceClassifier(Estimator):
         y = lik.check_labels(y, J.f0)
         n, c, p = J.n, J.n_outputs, J.p
         grouped = isinstance(self.prior_scale, tuple)
-        if isinstance(self.prior_scale, tuple) and len(self.prior_scale) != len(J.blocks):
+        if grouped and len(self.prior_scale) != len(J.blocks):
             raise v.ShapeError(f"prior_scale gives {len(self.prior_scale)} prior variances but J has "
                                f"{len(J.blocks)} blocks ({[list(b.names) for b in J.blocks]}, sizes "
                                f"{list(J.block_sizes)}); give one per block, or one number for all parameters")

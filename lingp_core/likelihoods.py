@@ -118,24 +118,32 @@ class Likelihood:
         raise NotImplementedError
 
 
-def check_noise(noise: Any) -> float | np.ndarray:
-    """A noise variance σ² > 0 as a float, or one per output as a float64 host array (c,), from a number, a 0-d or
-    1-D array (NumPy or CuPy); ShapeError, DTypeError, NonFiniteError or ValueRangeError otherwise."""
-    # per-output variances are a few numbers: keep them on the host, in float64
+def check_noise(noise: Any, *, per_observation: bool = False) -> float | np.ndarray:
+    """A noise variance σ² > 0 as a float, or one per output as a float64 host array (c,) — with
+    ``per_observation`` also one per observation (n, c) — from a number or an array (NumPy or CuPy); ShapeError,
+    DTypeError, NonFiniteError or ValueRangeError otherwise."""
+    # noise arrays are read on the host in float64 (per output: a few numbers; per observation: one per target)
     arr = v.backend_of(noise).to_numpy(noise) if backends.backend_name_of(noise) else noise
-    if np.ndim(arr) == 0:  # a Python or NumPy scalar, or a 0-d array
+    try:
+        ndim = np.ndim(arr)
+    except ValueError:  # a ragged nesting of lists
+        raise v.ShapeError(f"noise is a ragged nested sequence ({v.describe(noise)})") from None
+    if ndim == 0:  # a Python or NumPy scalar, or a 0-d array
         return v.check_positive(arr.item() if hasattr(arr, "item") else arr, "noise")
     arr = np.asarray(arr)
-    if arr.ndim != 1 or arr.size == 0:
-        raise v.ShapeError(f"noise must be a scalar or a 1-D array with one variance per output, got shape "
-                           f"{arr.shape}")
+    if arr.ndim not in ((1, 2) if per_observation else (1,)) or arr.size == 0:
+        shapes = "(c,) or (n, c)" if per_observation else "(c,)"
+        raise v.ShapeError(f"noise must be a number or a non-empty array of shape {shapes} (one variance per "
+                           f"output{' or per observation' if per_observation else ''}), got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
         raise v.DTypeError(f"noise has dtype {arr.dtype}; expected real numbers")
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
-        raise v.NonFiniteError(f"noise (shape {arr.shape}) holds NaN or Inf: {arr.tolist()}")
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise v.NonFiniteError(f"noise (shape {arr.shape}) holds NaN or Inf, first at {tuple(bad.tolist())}")
     if (arr <= 0).any():
-        raise v.ValueRangeError(f"noise variances must be > 0, got {arr.tolist()}")
+        bad = np.argwhere(arr <= 0)[0]
+        raise v.ValueRangeError(f"noise variances must be > 0; noise{list(bad.tolist())} = {arr[tuple(bad)]}")
     return arr
 
 

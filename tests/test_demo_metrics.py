@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lingp_core._validate import DTypeError, LingpError, NonFiniteError, ShapeError, ValueRangeError
-from lingp_core.demo.class_probabilities import probability_of_largest
+from lingp_core.class_probabilities import probability_of_largest
 from lingp_core.demo.metrics import (
     accuracy,
     expected_calibration_error,

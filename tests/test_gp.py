@@ -167,7 +167,7 @@ def test_a_truncated_lanczos_cache_only_errs_upwards(backend, rng):
     engine = gp._engines[0]
     star = post.StarRows(Js, engine.J, "full", None)
     m_star = Js.n * Js.n_outputs
-    cached = backend.to_numpy(engine._variances(0, star, engine._love_solve(0, star.cross.T), np.arange(m_star)))
+    cached = backend.to_numpy(engine._energy_variance(0, star, engine._love_solve(0, star.cross.T), np.arange(m_star)))
     assert np.all(cached >= expected - 1e-12) and np.max(cached / expected) > 1 + post.VARIANCE_TOLERANCE
 
 

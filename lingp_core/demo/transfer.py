@@ -28,7 +28,7 @@ LinearizedGP (regression on one-hot labels, the paper's recipe)
     Hyperparameters s and σ² maximise the marginal likelihood (``optimize_hyperparameters``). Class probabilities:
     P(class k) = P(y_k is the largest score) under the GP's predictive N(mean, var + σ²) per class (the noise is
     included: the model says a label vector is f plus noise), see
-    :func:`~lingp_core.demo.class_probabilities.probability_of_largest`.
+    :func:`~lingp_core.class_probabilities.probability_of_largest`.
 
 LaplaceClassifier
     The categorical likelihood on the logits with the source network as the prior mean (a Laplace approximation of
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 import lingp_core as lg
-from lingp_core.demo.class_probabilities import probability_of_largest
+from lingp_core.class_probabilities import probability_of_largest
 from lingp_core.kernels import OUTPUT_MODES
 
 __all__ = ["GP_OUTPUT_MODES", "dirichlet_gp", "laplace_classifier", "linearized_gp"]
