@@ -21,6 +21,7 @@ import backends
 from lingp_core import _validate as v
 from lingp_core import io
 from lingp_core.jacobian import JacobianBlocks
+from lingp_core.sharded import ShardedJacobian
 
 
 def float_errors_checked() -> Any:
@@ -58,15 +59,19 @@ class Estimator:
 
     @staticmethod
     def _check_jacobian(J: Any, name: str = "J") -> JacobianBlocks:
-        if not isinstance(J, JacobianBlocks):
+        if not isinstance(J, (JacobianBlocks, ShardedJacobian)):
             raise v.ArgumentTypeError(f"{name} must be a JacobianBlocks from lingp_core.export_jacobian, got "
                                       f"{v.describe(J)}")
         return J
 
     def _check_star(self, J_star: Any) -> JacobianBlocks:
-        """A test Jacobian that belongs with this model (fitted check, type, backend, signature)."""
+        """A test Jacobian that belongs with this model (fitted check, type, backend, signature); a sharded one is
+        gathered (test sets are small: predictions come back in memory)."""
         self._check_fitted()
         J_star = self._check_jacobian(J_star, "J_star")
+        if isinstance(J_star, ShardedJacobian):
+            J_star.check_signature(self._signature)
+            J_star = J_star.gather(getattr(self, "memory_budget", None))
         if J_star.backend != self._backend:
             raise v.BackendMismatchError(f"J_star lives on backend {J_star.backend.name!r} but the model on "
                                          f"{self._backend.name!r}; export the test inputs onto the same backend, or "

@@ -10,6 +10,7 @@ from lingp_core import _validate as v
 from lingp_core.jacobian import _WORK_ELEMENTS as WORK_ELEMENTS
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.jacobian import _chunks as chunks
+from lingp_core.sharded import is_sharded
 
 # ----- dense GGN and per-example Gram blocks ------------------------------------------------------------------------
 
@@ -72,6 +73,8 @@ def dense_ggn(J: JacobianBlocks, factors: Any, memory_budget: Any) -> Any:
     Pairs of factored Linear blocks with T = 1 (and c > 1) take the Kronecker route of :func:`_kronecker_pair`;
     other pairs use the dense transformed rows G_b = L_iᵀ J_b,i, F_{bb'} = G_bᵀ G_b'.
     """
+    if is_sharded(J):
+        return J.dense_ggn(factors, memory_budget)
     xp, p, c = J.xp, J.p, J.n_outputs
     widest = max(b.p for b in J.blocks)
     v.check_memory(v.nbytes_of((p, p), np.float64) + 2 * v.nbytes_of((J.n * c, widest), np.float64),

@@ -11,6 +11,7 @@ from typing import Any
 from lingp_core import _validate as v
 from lingp_core._layout import noise_groups
 from lingp_core.kernels import work_bytes
+from lingp_core.sharded import CLUSTER_MEMORY_SHARE, is_sharded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +162,63 @@ def problem_of(J: Any, layout: Any, noise: Any, settings: Any) -> Problem:
     if layout.mode == "trace" and not isinstance(noise, float):
         groups = len(noise_groups(layout.task_noise(noise, layout.tasks(None, c)[0], n), q))
     tasks = c if layout.mode == "independent" else 1
-    rows_J = J.select(output=0) if layout.mode != "full" else J  # a task's kernel assembles one output's rows
+    if is_sharded(J):  # kernel tiles are assembled on the workers
+        work = 0
+    else:
+        rows_J = J.select(output=0) if layout.mode != "full" else J  # a task's kernel assembles one output's rows
+        work = work_bytes(rows_J, rows_J.n, settings.kernel_dtype, symmetric=True)
     return Problem(tasks, m, q, J.p, 4 if settings.kernel_dtype == "float32" else 8, groups,
-                   settings.preconditioner_rank, settings.variance_rank,
-                   work_bytes(rows_J, rows_J.n, settings.kernel_dtype, symmetric=True))
+                   settings.preconditioner_rank, settings.variance_rank, work)
+
+
+def cluster_cholesky_bytes(pb: Problem) -> int:
+    """Bytes the blocked Cholesky holds on the cluster at its peak, all tasks: the upper kernel tiles, the scaled
+    tiles being updated and one upper factor per noise group (each about half of an m × m array)."""
+    return pb.tasks * pb.m * pb.m * (pb.kernel_itemsize + 8 + 8 * pb.noise_groups) // 2
+
+
+def cluster_budget(client: Any, memory_budget: Any) -> tuple[int, str]:
+    """The bytes an exact factorization may take on the cluster: ``memory_budget`` if given, else
+    CLUSTER_MEMORY_SHARE of the memory the workers report, and a description of where it came from."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    limits = [int(w.get("memory_limit") or 0) for w in workers]
+    if memory_budget is not None:
+        return int(v.check_positive(memory_budget, "memory_budget")), "memory_budget"
+    if not limits or min(limits) <= 0:
+        raise v.MemoryBudgetError(f"the cluster's {len(limits)} worker(s) report no memory limit, so the exact path "
+                                  "cannot be sized; pass memory_budget= (bytes for the kernel and its factor on the "
+                                  "cluster) or start the workers with a memory_limit")
+    share = int(CLUSTER_MEMORY_SHARE * sum(limits))
+    return share, (f"{CLUSTER_MEMORY_SHARE:.0%} of the {len(limits)} workers' {v.format_bytes(sum(limits))}")
+
+
+def choose_on_cluster(method: str, J: Any, layout: Any, noise: Any, settings: Any) -> Plan:
+    """The plan for a Jacobian sharded on a Dask cluster: 'function-cholesky' (blocked, over the kernel's tiles on
+    the workers) when it fits the cluster's memory and exact_max_rows, else 'iterative' (matrix-free products on
+    the shards); the client holds the m × q vectors either way."""
+    pb = problem_of(J, layout, noise, settings)
+    budget, source = cluster_budget(J.client, settings.memory_budget)
+    needed = cluster_cholesky_bytes(pb)
+    if method in ("auto", "cholesky"):
+        capped = settings.exact_max_rows is not None and pb.m > settings.exact_max_rows
+        if method == "cholesky" or (needed <= budget and not capped):
+            method, why = "function-cholesky", (f"on the Dask cluster ({len(J.shards)} shards): blocked Cholesky over "
+                                                f"the kernel's tiles, {v.format_bytes(needed)} of a budget of "
+                                                f"{v.format_bytes(budget)} ({source})")
+        else:
+            limit = (f"more rows than exact_max_rows = {settings.exact_max_rows}" if capped else
+                     f"{v.format_bytes(needed)}, over the cluster budget of {v.format_bytes(budget)} ({source})")
+            method, why = "iterative", (f"on the Dask cluster ({len(J.shards)} shards), {pb.m} rows per task: an "
+                                        f"exact factorization needs {limit}; CG on kernel products over the shards")
+    else:
+        why = "forced by method= (on the Dask cluster)"
+    if method not in ("function-cholesky", "iterative"):
+        raise v.InvalidOptionError(f"method {method!r} needs the Jacobian in memory; a Jacobian sharded on a Dask "
+                                   "cluster is fitted by 'auto', 'cholesky', 'function-cholesky' or 'iterative'")
+    if method == "function-cholesky":
+        v.check_memory(needed, budget, what=f"the blocked Cholesky on the cluster ({pb.tasks} task(s) of {pb.m} rows)",
+                       alternative="use method='iterative' (matrix-free), or add workers")
+    else:
+        check_fits("iterative", pb, v.resolve_memory_budget(None, J.backend))  # the client's vectors and bases
+    space, solver = split_method(method)
+    return Plan(method, space, solver, pb.tasks, pb.m, pb.p, why)

@@ -25,11 +25,13 @@ import backends
 from backends import Backend
 from backends._triangles import TILE, fill_lower
 from lingp_core import _validate as v
+from lingp_core._cluster_cholesky import ClusterCholesky
 from lingp_core._layout import noise_groups
 from lingp_core._progress import iteration_callback, progress_bar
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
 from lingp_core.operators import AddedDiagonalOperator
+from lingp_core.sharded import ShardedKernelOperator, is_sharded
 from lingp_core.solvers import cg, lanczos, logdet, pivoted_cholesky_preconditioner, safe_cholesky
 from lingp_core.solvers.cholesky import cholesky_from_upper
 
@@ -44,6 +46,8 @@ def _as_float64(J: JacobianBlocks) -> JacobianBlocks:
     """J with its blocks in float64 (J itself when it is float64 already)."""
     if J.dtype == np.float64:
         return J
+    if is_sharded(J):
+        return J.as_float64()
     from lingp_core.kernels import _view
 
     return JacobianBlocks(J.f0.astype(np.float64), _view(J, slice(0, J.n), None, np.dtype(np.float64)),
@@ -504,9 +508,10 @@ class Iterative:
 
     def _operator(self, s: float, d: np.ndarray, J: JacobianBlocks | None = None) -> Any:
         J = self.J if J is None else J
+        make = ShardedKernelOperator if is_sharded(J) else KernelOperator
         if d.shape[0] == 1:
-            return KernelOperator(J, prior_scale=s, output_mode=self.mode, noise=float(d[0]))
-        base = KernelOperator(J, prior_scale=s, output_mode=self.mode)
+            return make(J, prior_scale=s, output_mode=self.mode, noise=float(d[0]))
+        base = make(J, prior_scale=s, output_mode=self.mode)
         return AddedDiagonalOperator(base, self.backend.xp.asarray(d.astype(J.dtype)))
 
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
@@ -712,6 +717,13 @@ def build(method: str, J: JacobianBlocks, mode: Any, settings: Any, source: Any 
     if cls is Iterative:
         check_kernel_scale(kernel_diag(J, output_mode=mode), settings.prior_scale)
         return _iterative(J, mode, settings)
+    if is_sharded(J):
+        if method != "function-cholesky":
+            raise v.MissingCapabilityError(f"method {method!r} needs the Jacobian in memory; a Jacobian sharded on a "
+                                           "Dask cluster is fitted by 'function-cholesky' (a blocked Cholesky over "
+                                           "the kernel's tiles) or 'iterative'")
+        check_kernel_scale(kernel_diag(J, output_mode=mode), settings.prior_scale)
+        return ClusterCholesky(J, mode, settings.kernel_dtype)
     if source is None and cls.space == "function":
         source = kernel(J, output_mode=mode, dtype=settings.kernel_dtype, memory_budget=settings.memory_budget,
                         progress=settings.progress)

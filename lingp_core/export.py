@@ -54,6 +54,7 @@ from lingp_core._validate import (
     resolve_memory_budget,
 )
 from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
+from lingp_core.sharded import export_sharded, is_dask_array
 
 __all__ = ["LAST_LAYER", "STRUCTURES", "export_jacobian"]
 
@@ -658,8 +659,12 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
         c_total outputs). It runs in eval mode; its training flags are restored afterwards, its parameters and their
         ``.grad`` are left untouched. Examples are treated independently (each is its own batch of one inside
         ``torch.func.vmap``).
-    inputs : torch.Tensor of shape (n, ...)
+    inputs : torch.Tensor of shape (n, ...), or a dask array
         On the model's device; a floating tensor must have the model's dtype (NumPy/CuPy arrays are taken via DLPack).
+        A dask array (chunked by rows; other axes are rechunked whole) gives a
+        :class:`~lingp_core.sharded.ShardedJacobian`: with a running ``dask.distributed`` Client, each row chunk is
+        exported on a worker and kept there (one shard per chunk); without one, dask's default scheduler computes the
+        inputs and the export is the in-memory one.
     params : None, "last_layer", str, module, parameter, callable or a list of these
         Which parameters form the columns of J. None: all with ``requires_grad=True``. ``"last_layer"``: the trainable
         parameters of the module whose forward finishes last. A string is an exact parameter name or a module prefix
@@ -693,7 +698,7 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
 
     Returns
     -------
-    JacobianBlocks
+    JacobianBlocks (or ShardedJacobian for dask inputs on a cluster)
         ``f0`` of shape (n, c) and the blocks of J (n·c × p), rows example-major (row ``i*c + k``: example i,
         output k), columns in ``param_names`` order.
 
@@ -719,6 +724,13 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
     torch = _torch()
     device, model_dtype = _check_model(model)
     structure = check_choice(structure, "structure", STRUCTURES)
+    if is_dask_array(inputs):
+        if storage_dir is not None:
+            raise InvalidOptionError("storage_dir is not available for dask inputs: each worker keeps its shard in "
+                                     "memory (Dask spills to its own local directory when memory runs short)")
+        return export_sharded(model, inputs, {"params": params, "outputs": outputs, "backend": backend,
+                                              "batch_size": batch_size, "dtype": dtype, "structure": structure,
+                                              "memory_budget": memory_budget, "progress": progress})
     be = _resolve_backend(backend, device)
     x = _as_input_tensor(inputs, device, model_dtype)
     out_dtype = _resolve_dtype(dtype, model_dtype)

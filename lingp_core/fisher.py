@@ -19,6 +19,7 @@ from lingp_core.jacobian import JacobianBlocks, JacobianShape
 from lingp_core.kernels import KernelOperator
 from lingp_core.likelihoods import Likelihood, as_likelihood
 from lingp_core.operators import LinearOperator, LowRankPlusDiagonal
+from lingp_core.sharded import ShardedJacobian
 from lingp_core.solvers._common import seeded_normal
 from lingp_core.solvers.lanczos import lanczos_eigsh
 
@@ -49,7 +50,7 @@ class FisherOperator(LinearOperator):
         self.shape = (J.p, J.p)
         self.dtype = J.dtype
         self.backend = J.backend
-        self.G = J.transform_rows(factors) if isinstance(J, JacobianBlocks) else None
+        self.G = J.transform_rows(factors) if isinstance(J, (JacobianBlocks, ShardedJacobian)) else None
         self._diag: Any = None
 
     def __repr__(self) -> str:
@@ -58,7 +59,9 @@ class FisherOperator(LinearOperator):
                 f"backend={self.backend.name!r})")
 
     def _matmat(self, x: Any) -> Any:
-        if self.G is not None:
+        if isinstance(self.G, ShardedJacobian):  # Σ_i G_iᵀ (G_i x): one round on the shards, one reduction
+            out = self.G.normal_matmat(x)
+        elif self.G is not None:
             # block by block, skipping the operand checks of the public products (x is the operator's own input)
             gx = self.backend.xp.zeros((self.G.shape[0], x.shape[1]), dtype=self.dtype)
             start = 0

@@ -35,6 +35,7 @@ from lingp_core._plan import Plan
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import kernel_diag
 from lingp_core.likelihoods import check_noise
+from lingp_core.sharded import is_sharded, training_pair
 
 __all__ = ["GP_METHODS", "MEANS", "LinearizedGP", "Plan"]
 
@@ -147,7 +148,7 @@ class LinearizedGP(Estimator):
         J = self._check_jacobian(J)
         be = J.backend
         n, c = J.n, J.n_outputs
-        y = v.as_float_array(y, "y", be, ndim=(1, 2))
+        y = v.as_float_array(training_pair(J, y), "y", be, ndim=(1, 2))
         if y.ndim == 1:
             if c != 1:
                 raise v.ShapeError(f"y has shape {tuple(y.shape)} but J has c = {c} outputs per example; y must be "
@@ -201,6 +202,8 @@ class LinearizedGP(Estimator):
         return _plan.problem_of(J, self._layout, self.noise, self)
 
     def _choose_plan(self, J: JacobianBlocks) -> Plan:
+        if is_sharded(J):
+            return _plan.choose_on_cluster(self.method, J, self._layout, self.noise, self)
         budget = v.resolve_memory_budget(self.memory_budget, J.backend)
         per_row_noise = per_observation(self.noise) or (self.output_mode == "full"
                                                          and not isinstance(self.noise, float))
@@ -454,6 +457,7 @@ class LinearizedGP(Estimator):
         self._check_fitted()
         if not hasattr(self, "_R"):
             raise v.NotFittedError("a loaded model holds no training targets: refit it with fit(J, y) to optimize")
+        self._check_in_memory("optimize_hyperparameters")
         if self.plan_.method == "iterative":
             raise v.InvalidOptionError(
                 "optimize_hyperparameters needs an exact method: the iterative marginal likelihood is a stochastic "
@@ -521,6 +525,7 @@ class LinearizedGP(Estimator):
         if not isinstance(self.noise, float):
             raise v.InvalidOptionError("averaging needs one shared noise variance (the grid is over s and one σ²); "
                                        f"this model has noise of shape {self.noise.shape}")
+        self._check_in_memory("average_hyperparameters")
         if self.plan_.method == "iterative":
             raise v.InvalidOptionError("averaging needs a spectral method (one eigendecomposition for every grid "
                                        "point); the iterative path has none: average on a subset, or force "
@@ -533,6 +538,13 @@ class LinearizedGP(Estimator):
             averaging.average(draft, grid_size, span, log_prior, keep_mass)
         self._commit(draft)
         return self
+
+    def _check_in_memory(self, what: str) -> None:
+        if is_sharded(getattr(self, "_J", None)):
+            raise v.MissingCapabilityError(f"{what} runs on one eigendecomposition in memory; this model was fitted on "
+                                           "a Jacobian sharded on a Dask cluster. Choose the hyperparameters on an "
+                                           "in-memory subset (export_jacobian of a NumPy/torch array) and refit the "
+                                           "cluster model with them")
 
     @property
     def mixture_(self) -> averaging.HyperparameterMixture | None:
@@ -583,8 +595,9 @@ class LinearizedGP(Estimator):
         for t, engine in enumerate(self._engines):
             arrays.update({f"task{t}_{name}": a for name, a in engine.state().items()})
         jac_config = None
-        if self.plan_.space == "function":
-            jac_arrays, jac_config = io.jacobian_to_arrays(self._J)
+        if self.plan_.space == "function":  # a sharded Jacobian is gathered: one archive, checked to fit first
+            J = self._J.gather(self.memory_budget) if is_sharded(self._J) else self._J
+            jac_arrays, jac_config = io.jacobian_to_arrays(J)
             arrays.update(jac_arrays)
         hyper_json = self._hyperparameters()
         config = {**hyper_json, "settings": {name: getattr(self, name) for name in _SETTINGS},

@@ -888,6 +888,11 @@ class JacobianBlocks(JacobianShape):
         return tuple(shape for b in self.blocks for shape in b.shapes)
 
     @property
+    def block_names(self) -> tuple[tuple[str, ...], ...]:
+        """The parameter names of each block, in column order."""
+        return tuple(tuple(b.names) for b in self.blocks)
+
+    @property
     def block_sizes(self) -> tuple[int, ...]:
         """p of each block, in order."""
         return tuple(b.p for b in self.blocks)

@@ -25,6 +25,7 @@ from lingp_core._progress import progress_bar
 from lingp_core._validate import SignatureShapeError
 from lingp_core.jacobian import _WORK_ELEMENTS, JacobianBlocks, product_work
 from lingp_core.operators import LinearOperator
+from lingp_core.sharded import is_sharded
 
 OUTPUT_MODES = ("full", "independent", "trace")
 # rows of K per tile: GEMMs of 1024 × 1024 × d still run near peak, and for a symmetric K the upper tiles are less of
@@ -122,6 +123,8 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     -------
     array on J1's backend, of ``dtype``.
     """
+    if is_sharded(J1) or is_sharded(J2):
+        return _sharded_kernel(J1, J2, prior_scale, output_mode, dtype)
     other = _check_jacobians(J1, J2)
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J1.n_outputs)
@@ -164,6 +167,39 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     return result
 
 
+def _sharded_kernel(J1: Any, J2: Any, prior_scale: float, output_mode: Any, dtype: Any) -> Any:
+    """kernel() with a ShardedJacobian: K(X, X) as a 2-D dask array of tiles (the upper ones computed, where the
+    shards live; "independent": one per output, stacked), or K between a sharded and an in-memory Jacobian as an
+    in-memory array (the shards' columns computed where they live)."""
+    s = v.check_positive(prior_scale, "prior_scale")
+    mode = _check_mode(output_mode, J1.n_outputs)
+    dtype = np.dtype(dtype)
+    if dtype not in J1.backend.float_dtypes:
+        raise v.DTypeError(f"dtype must be float32 or float64, got {dtype}")
+    if J2 is None or J2 is J1:
+        if mode == "independent":
+            import dask.array as da
+            return da.stack([J1.select(output=k).kernel_array("full", dtype, s) for k in range(J1.n_outputs)])
+        return J1.kernel_array(mode, dtype, s)
+    if is_sharded(J1) and is_sharded(J2):
+        raise v.MissingCapabilityError("kernel() between two sharded Jacobians is not supported: export the smaller "
+                                       "set of inputs in memory (a NumPy/torch array)")
+    sharded, local = (J1, J2) if is_sharded(J1) else (J2, J1)
+    if not isinstance(local, JacobianBlocks):
+        raise v.ArgumentTypeError(f"J1 and J2 must be Jacobians from export_jacobian, got {type(local).__name__}")
+    local.check_signature(sharded.signature(), what="the sharded Jacobian")
+    if local.backend != sharded.backend:
+        raise v.BackendMismatchError(f"the in-memory Jacobian lives on {local.backend.name!r} but the sharded one on "
+                                     f"{sharded.backend.name!r}")
+    K = sharded.cross_kernel(local, mode, dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        K = K * dtype.type(s)
+    if local is J2:  # the sharded rows first
+        K = K.transpose(0, 2, 1).copy() if mode == "independent" else K.T.copy()
+    _check_finite_kernel(K, local, local, s)  # the shards' parts were products of finite blocks too
+    return K
+
+
 def work_bytes(J1: JacobianBlocks, n2: int, dtype: Any, *, symmetric: bool) -> int:
     """Bytes :func:`kernel` needs beside K (n1·c × n2·c, any mode): a tile of J's blocks in the accumulation dtype
     (two when converted), one chunk of tile products, and, when J's dtype differs and right tiles are reused, J2's
@@ -200,12 +236,16 @@ def kernel_diag(J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str
     Shapes by output mode: "full" (n·c,), "independent" (c, n), "trace" (n,), int (n,); ``dtype`` as in
     :func:`kernel`.
     """
-    _check_jacobians(J, None)
+    if not is_sharded(J):
+        _check_jacobians(J, None)
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J.n_outputs)
     dtype = np.dtype(dtype)
     if dtype not in J.backend.float_dtypes:
         raise v.DTypeError(f"dtype must be float32 or float64, got {dtype}")
+    if is_sharded(J):  # each shard checks its own part for overflow
+        with np.errstate(over="ignore", invalid="ignore"):
+            return J.kernel_diag(mode, dtype) * dtype.type(s)
     diag = J.xp.zeros(J.n * J.n_outputs, dtype=dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         for b in _view(J, slice(0, J.n), None, dtype):

@@ -76,6 +76,7 @@ from lingp_core._validate import NotFittedError
 from lingp_core.io import ArchiveError, fingerprint, fingerprint_json, jacobian_to_arrays
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.likelihoods import Likelihood, as_likelihood
+from lingp_core.sharded import is_sharded, training_pair
 
 __all__ = ["LAPLACE_METHODS", "PREDICTIVE_METHODS", "LaplaceClassifier", "NotFittedError"]
 
@@ -215,18 +216,18 @@ class LaplaceClassifier(Estimator):
         """
         J = self._check_jacobian(J)
         lik = self._lik()
-        y = lik.check_labels(y, J.f0)
+        y = lik.check_labels(training_pair(J, y), J.f0)
         n, c, p = J.n, J.n_outputs, J.p
         grouped = isinstance(self.prior_scale, tuple)
-        if grouped and len(self.prior_scale) != len(J.blocks):
+        if grouped and len(self.prior_scale) != len(J.block_names):
             raise v.ShapeError(f"prior_scale gives {len(self.prior_scale)} prior variances but J has "
-                               f"{len(J.blocks)} blocks ({[list(b.names) for b in J.blocks]}, sizes "
+                               f"{len(J.block_names)} blocks ({[list(b) for b in J.block_names]}, sizes "
                                f"{list(J.block_sizes)}); give one per block, or one number for all parameters")
         if prior_mean is None:
             m = J.xp.zeros(p, dtype=np.float64)
         else:
             m = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(p,)).astype(np.float64)
-        method, reason = self._choose(n * c, p, J.backend, grouped)
+        method, reason = self._choose(n * c, p, J.backend, grouped, is_sharded(J))
         draft = self._draft()
         for stale in ("fit_info_", "w_map_"):
             draft.__dict__.pop(stale, None)
@@ -251,12 +252,19 @@ class LaplaceClassifier(Estimator):
         draft.prior_scale_history_ = list(self.prior_scale_history_)
         return draft
 
-    def _choose(self, nc: int, p: int, backend: Any, grouped: bool) -> tuple[str, str]:
+    def _choose(self, nc: int, p: int, backend: Any, grouped: bool, sharded: bool) -> tuple[str, str]:
         """The space to work in and why; MemoryBudgetError when its dense matrices do not fit the budget."""
         if grouped and self.method == "function":
             raise v.InvalidOptionError("per-block prior scales need the weight-space engine (method='parameter' or "
                                        "'auto'): the function-space kernel s·J Jᵀ takes one prior scale")
-        if self.method in ("parameter", "function"):
+        if sharded and self.method == "function":
+            raise v.InvalidOptionError("a Jacobian sharded on a Dask cluster is fitted in weight space "
+                                       "(method='parameter' or 'auto'): Newton's Fisher products and the p × p "
+                                       "Hessian are reductions over the shards")
+        if sharded:
+            method, reason = "parameter", ("sharded on a Dask cluster: weight space, Fisher products and the p × p "
+                                           "Hessian reduced over the shards")
+        elif self.method in ("parameter", "function"):
             method, reason = self.method, f"forced by method={self.method!r}"
         elif grouped:
             method, reason = "parameter", "per-block prior scales: the weight-space engine (the kernel takes one scale)"
@@ -441,7 +449,7 @@ class LaplaceClassifier(Estimator):
         else:
             warnings.warn(f"optimize_prior_scale: no per-block fixed point within {max_iter} steps (last s = "
                           f"{_format_scale(self.prior_scale)}); raise max_iter", v.ConvergenceWarning, stacklevel=3)
-        names = [list(b.names) for b in engine.J.blocks]
+        names = [list(b) for b in engine.J.block_names]
         off = [names[g] for g in range(G) if t[g] <= bounds[0] + 1e-12]
         up = [names[g] for g in range(G) if t[g] >= bounds[1] - 1e-12]
         if off:

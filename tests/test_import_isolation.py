@@ -1,4 +1,4 @@
-"""Importing lingp_core or backends must not import cupy or torch (slow, and absent on many machines)."""
+"""Importing lingp_core or backends must not import cupy, torch or dask (slow, and absent on many machines)."""
 from __future__ import annotations
 
 import os
@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("module", ["lingp_core", "backends"])
-def test_import_loads_neither_cupy_nor_torch(module):
+def test_import_loads_no_cupy_torch_or_dask(module):
     code = (f"import sys, {module}; "
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('cupy', 'cupyx', 'torch')); "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('cupy', 'cupyx', 'torch', 'dask', 'distributed')); "
             "print(','.join(heavy))")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -1,0 +1,554 @@
+"""Jacobians held in row shards on a Dask cluster: :class:`ShardedJacobian`, made by :func:`export_jacobian` from a
+dask array, and the products, kernels and reductions the models need from it.
+
+Each shard is an ordinary :class:`~lingp_core.jacobian.JacobianBlocks` of consecutive examples, computed by a task
+on a worker (the network shipped once per worker) and kept there as a distributed future; the client holds only
+the small things: f₀ (n, c), the row counts, the signature. Every product is a round of tasks, one per shard, driven
+from the client (never one lazy graph that grows per iteration):
+
+- J V: V (p, k) goes to every shard, each returns its rows J_i V, the client stacks them (n·c, k);
+- Jᵀ U: each shard gets its rows of U and returns J_iᵀ U_i (p, k); the client sums them — one reduction of
+  p-vectors per product, the only traffic that grows with p;
+- kernel products K V = J (Jᵀ V) are those two rounds; Fisher products Σ_i G_iᵀ (G_i V) are one round.
+
+A shard lost with its worker is recomputed by Dask from its inputs (the task's lineage), so a fit survives a killed
+worker with the same answer. Dask is imported only here, and only when a dask array is passed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+import backends
+from lingp_core import _validate as v
+from lingp_core.jacobian import JacobianBlocks, JacobianShape
+from lingp_core.operators import LinearOperator
+
+__all__ = ["ShardedJacobian", "is_dask_array", "is_sharded"]
+
+#: Of the cluster's worker memory, the share an exact kernel and its factor may take (the rest: shards, work space,
+#: Dask's own buffers and its spill threshold).
+CLUSTER_MEMORY_SHARE = 0.5
+
+
+def is_dask_array(x: Any) -> bool:
+    """Whether ``x`` is a dask collection, without importing dask."""
+    return type(x).__module__.split(".")[0] == "dask" and hasattr(x, "dask")
+
+
+def is_sharded(J: Any) -> bool:
+    return isinstance(J, ShardedJacobian)
+
+
+def current_client() -> Any:
+    """The running dask.distributed Client, or None (no distributed installed, or no client: dask's default
+    scheduler then computes the inputs and everything runs in this process)."""
+    try:
+        from distributed import get_client
+    except ImportError:
+        return None
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+def _dask_array_module() -> Any:
+    try:
+        import dask.array as da
+    except ImportError:  # a dask collection without dask.array cannot reach here; kept for a clear message
+        raise v.MissingDependencyError("dask arrays need dask[array]: pip install 'lingp[dask]'") from None
+    return da
+
+
+def row_chunked(x: Any, name: str) -> Any:
+    """A dask array chunked by rows only (feature axes rechunked to one chunk each), with known chunk sizes."""
+    da = _dask_array_module()
+    if not isinstance(x, da.Array):
+        raise v.ArgumentTypeError(f"{name} must be a dask array (dask.array.Array), got {v.describe(x)}")
+    if x.ndim == 0:
+        raise v.ShapeError(f"{name} must have a leading example axis, got a 0-d dask array")
+    if any(np.isnan(size) for sizes in x.chunks for size in sizes):
+        raise v.ShapeError(f"{name} has unknown chunk sizes {x.chunks} (e.g. after boolean indexing); call "
+                           f"{name}.compute_chunk_sizes() first")
+    if any(len(sizes) > 1 for sizes in x.chunks[1:]):
+        x = x.rechunk({axis: -1 for axis in range(1, x.ndim)})  # rows stay where they are: one shard per row chunk
+    return x
+
+
+def gather_array(x: Any, name: str, rows: int | None = None) -> np.ndarray:
+    """A small dask array (targets, labels) computed to the client: on the cluster when there is one."""
+    x = row_chunked(x, name)
+    if rows is not None and x.shape[0] != rows:
+        raise v.ShapeError(f"{name} has {x.shape[0]} rows (shape {tuple(x.shape)}) but the Jacobian has n = {rows} "
+                           "examples")
+    client = current_client()
+    return client.compute(x).result() if client is not None else x.compute()
+
+
+def training_pair(J: Any, y: Any, name: str = "y") -> Any:
+    """y as an in-memory array for a fit on J; dask and in-memory training data are not mixed."""
+    if is_sharded(J) and not is_dask_array(y):
+        raise v.ArgumentTypeError(f"J is sharded on a Dask cluster but {name} is {v.describe(y)}: pass {name} as a "
+                                  "dask array with the same row chunks as the inputs J was exported from")
+    if not is_sharded(J) and is_dask_array(y):
+        raise v.ArgumentTypeError(f"{name} is a dask array but J is in memory ({type(J).__name__}); export J from a "
+                                  f"dask array of the inputs too, or pass {name}.compute()")
+    return gather_array(y, name, J.n) if is_sharded(J) else y
+
+
+# ----- export ---------------------------------------------------------------------------------------------------
+
+def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
+    """:func:`export_jacobian` for a dask array of inputs: a ShardedJacobian on the running client's workers, one
+    shard per row chunk; without a client, the inputs are computed by dask's default scheduler and exported here
+    (an in-memory JacobianBlocks)."""
+    from lingp_core.export import export_jacobian
+    x = row_chunked(inputs, "inputs")
+    client = current_client()
+    if client is None:
+        return export_jacobian(model, x.compute(), **options)
+    progress = options.pop("progress", False)
+    chunks = [c for c in x.to_delayed().reshape(-1)]
+    counts = [int(s) for s in x.chunks[0]]
+    kept = [(chunk, count) for chunk, count in zip(chunks, counts) if count > 0]
+    if not kept:
+        raise v.ShapeError(f"inputs has no rows (shape {tuple(x.shape)})")
+    # the network travels once per worker as bytes (a torch module moved between workers by Dask's own
+    # serialization loses its hook dicts' type), inside a task, so a lost copy is recomputable
+    import cloudpickle
+    shipped = client.submit(_identity, cloudpickle.dumps(model), pure=False)
+    starts = np.cumsum([0] + [count for _, count in kept])
+    futures = client.compute([chunk for chunk, _ in kept])
+    shards = [client.submit(_export_shard, shipped, part, int(start), options, pure=False)
+              for part, start in zip(futures, starts)]
+    described = _gather_described(client, shards, progress)
+    return ShardedJacobian._from_shards(client, shards, described)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _export_shard(shipped: bytes, inputs: Any, start: int, options: dict[str, Any]) -> JacobianBlocks:
+    import pickle
+
+    from lingp_core.export import export_jacobian
+    model = pickle.loads(shipped)
+    try:
+        return export_jacobian(model, inputs, **options)
+    except v.LingpError as exc:  # name the shard: example indices in the message count from its first row
+        raise type(exc)(f"in the shard of examples [{start}, {start + len(inputs)}) (example indices here count from "
+                        f"{start}): {exc}") from None
+
+
+def _describe(J: JacobianBlocks) -> dict[str, Any]:
+    return {"f0": J.f0, "signature": J.signature(), "block_sizes": J.block_sizes,
+            "block_names": tuple(tuple(b.names) for b in J.blocks), "param_names": J.param_names,
+            "param_shapes": J.param_shapes, "outputs": J.outputs, "fingerprint": J.weights_fingerprint,
+            "nbytes": J.nbytes, "backend": J.backend.name}
+
+
+def _gather_described(client: Any, shards: list[Any], progress: bool) -> list[dict[str, Any]]:
+    from lingp_core._progress import progress_bar
+    described = [client.submit(_describe, shard, pure=False) for shard in shards]
+    if progress:
+        from distributed import wait
+        with progress_bar(len(shards), enabled=True, desc="export_jacobian (shards)", unit="shard") as bar:
+            for future in described:
+                wait(future)
+                bar.update(1)
+    return client.gather(described)
+
+
+# ----- the sharded Jacobian ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ShardTimings:
+    """Where the time of the shard rounds went (seconds, summed over calls): ``compute`` the slowest shard's own
+    work per round (the critical path), ``reduction`` the client's sums and stacking, ``wall`` the rounds end to
+    end; wall − compute − reduction is scheduling and transfer."""
+
+    rounds: int = 0
+    compute: float = 0.0
+    reduction: float = 0.0
+    wall: float = 0.0
+
+    def reset(self) -> None:
+        self.rounds, self.compute, self.reduction, self.wall = 0, 0.0, 0.0, 0.0
+
+
+class ShardedJacobian(JacobianShape):
+    """The Jacobian J (n·c × p) of a network, held in row shards by the workers of a Dask cluster.
+
+    Made by :func:`lingp_core.export_jacobian` from a dask array of inputs (one shard per row chunk). Models take
+    it like a :class:`~lingp_core.jacobian.JacobianBlocks`; products, kernels and reductions run where the shards
+    live. ``f0`` (n, c) is held by the client.
+
+    Attributes
+    ----------
+    client : distributed.Client
+    shards : list of distributed.Future
+        One JacobianBlocks per shard, on the workers.
+    counts : tuple of int
+        Examples per shard.
+    timings : ShardTimings
+        Accumulated time of the shard rounds (for benchmarks).
+    """
+
+    def __init__(self, client: Any, shards: Sequence[Any], counts: Sequence[int], f0: Any, meta: dict[str, Any],
+                 backend: backends.Backend) -> None:
+        self.client, self.shards, self.counts = client, list(shards), tuple(int(c) for c in counts)
+        self.starts = tuple(int(s) for s in np.cumsum((0,) + self.counts))
+        self.f0, self.backend, self._meta = f0, backend, meta
+        self.outputs = tuple(meta["outputs"])
+        self.weights_fingerprint = meta["fingerprint"]
+        self.timings = ShardTimings()
+
+    @classmethod
+    def _from_shards(cls, client: Any, shards: list[Any], described: list[dict[str, Any]]) -> ShardedJacobian:
+        first = described[0]
+        for k, d in enumerate(described[1:], start=1):
+            if d["signature"] != first["signature"]:
+                raise v.SignatureError(f"shard {k} was exported with another signature than shard 0 ({d['signature']}"
+                                       f" vs {first['signature']}): the network changed during the export")
+        be = backends.get_backend(first["backend"])
+        f0 = be.xp.concatenate([d["f0"] for d in described], axis=0)
+        meta = {key: first[key] for key in ("signature", "block_sizes", "block_names", "param_names",
+                                            "param_shapes", "outputs", "fingerprint")}
+        meta["nbytes"] = sum(d["nbytes"] for d in described)
+        return cls(client, shards, [d["f0"].shape[0] for d in described], f0, meta, be)
+
+    def _derived(self, shards: list[Any], f0: Any, **changes: Any) -> ShardedJacobian:
+        meta = dict(self._meta, **changes)
+        out = ShardedJacobian(self.client, shards, self.counts, f0, meta, self.backend)
+        out.timings = self.timings  # one account per export
+        return out
+
+    # ----- description -------------------------------------------------------------------------------------------
+    @property
+    def xp(self) -> Any:
+        return self.backend.xp
+
+    @property
+    def p(self) -> int:
+        return int(sum(self._meta["block_sizes"]))
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(self._meta["param_names"])
+
+    @property
+    def param_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(self._meta["param_shapes"])
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return tuple(self._meta["block_sizes"])
+
+    @property
+    def block_names(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(self._meta["block_names"])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._meta["nbytes"])
+
+    def to_dense(self, memory_budget: Any = None) -> Any:
+        raise v.MissingCapabilityError("a dense J (n·c × p) of a ShardedJacobian would gather every shard; use "
+                                       "J.gather() when it fits, or the matrix-free products")
+
+    @property
+    def blocks(self) -> Any:
+        raise v.MissingCapabilityError("the blocks of a ShardedJacobian live on the Dask workers; this operation needs "
+                                       "them in memory: J.gather() (when it fits) or an in-memory export")
+
+    def __repr__(self) -> str:
+        return (f"ShardedJacobian(n={self.n}, c={self.n_outputs}, p={self.p}, dtype={self.dtype}, "
+                f"shards={len(self.shards)}, backend={self.backend.name!r})")
+
+    def signature(self) -> dict[str, Any]:
+        return dict(self._meta["signature"])
+
+    check_signature = JacobianBlocks.check_signature
+
+    def persist(self) -> ShardedJacobian:
+        """Wait until every shard is computed (exports are lazy until their first use)."""
+        from distributed import wait
+        wait(self.shards)
+        return self
+
+    # ----- rounds of shard tasks ---------------------------------------------------------------------------------
+    def _round(self, fn: Callable, per_shard: Sequence[Any] | None = None, *shared: Any) -> list[Any]:
+        """Run ``fn(shard, [part], *shared)`` on every shard where it lives; fn returns (result, seconds). The
+        results in shard order; the slowest shard's seconds and the whole round's are added to ``timings``."""
+        begin = time.perf_counter()
+        futures = [self.client.submit(_timed, fn, shard, *(() if per_shard is None else (per_shard[i],)), *shared,
+                                      pure=False) for i, shard in enumerate(self.shards)]
+        done = self.client.gather(futures)
+        self.timings.rounds += 1
+        self.timings.compute += max(seconds for _, seconds in done)
+        self.timings.wall += time.perf_counter() - begin
+        return [result for result, _ in done]
+
+    def _reduce(self, parts: list[Any], how: Callable) -> Any:
+        begin = time.perf_counter()
+        out = how(parts)
+        self.timings.reduction += time.perf_counter() - begin
+        self.timings.wall += time.perf_counter() - begin
+        return out
+
+    def _split(self, U: Any, rows_per_example: int) -> list[Any]:
+        return [U[a * rows_per_example: b * rows_per_example] for a, b in zip(self.starts[:-1], self.starts[1:])]
+
+    def _map(self, fn: Callable, *args: Any) -> list[Any]:
+        """New shard futures ``fn(shard, *args)``, lazy (computed on first use, recomputable)."""
+        return [self.client.submit(fn, shard, *args, pure=False) for shard in self.shards]
+
+    # ----- derived Jacobians ---------------------------------------------------------------------------------------
+    def select(self, examples: Any = None, output: int | None = None) -> ShardedJacobian:
+        """One output's rows (``output=k``); selecting examples needs an in-memory Jacobian."""
+        if examples is not None:
+            raise v.MissingCapabilityError("ShardedJacobian.select selects an output only; select examples on the "
+                                           "dask array of inputs before exporting")
+        if output is None:
+            return self
+        if not (isinstance(output, (int, np.integer)) and 0 <= int(output) < self.n_outputs):
+            raise v.ValueRangeError(f"output must be an int in [0, {self.n_outputs - 1}], got {output!r}")
+        k = int(output)
+        signature = dict(self._meta["signature"], outputs=[self.outputs[k]])
+        return self._derived(self._map(_select_output, k), self.f0[:, k: k + 1], outputs=(self.outputs[k],),
+                             signature=signature)
+
+    def as_float64(self) -> ShardedJacobian:
+        """Every shard's blocks (and f0) in float64; self when already float64."""
+        if self.dtype == np.float64:
+            return self
+        signature = dict(self._meta["signature"], dtype="float64")
+        return self._derived(self._map(_as_float64), self.f0.astype(np.float64), signature=signature)
+
+    def transform_rows(self, factors: Any) -> ShardedJacobian:
+        """G = L_iᵀ J_i per example (factors (n, c) or (n, c, c)), shard by shard."""
+        parts = self._split(factors, 1)
+        shards = [self.client.submit(_transform_rows, shard, part, pure=False)
+                  for shard, part in zip(self.shards, parts)]
+        return self._derived(shards, self.f0)
+
+    def gather(self, memory_budget: float | None = None) -> JacobianBlocks:
+        """The whole Jacobian in this process, as one JacobianBlocks (checked against the memory budget)."""
+        budget = v.resolve_memory_budget(memory_budget, self.backend)
+        v.check_memory(2 * self.nbytes, budget, what=f"gathering the sharded Jacobian ({self!r})",
+                       alternative="keep it on the cluster")
+        return concatenate(self.client.gather(self.shards))
+
+    # ----- products --------------------------------------------------------------------------------------------
+    def matmat(self, V: Any) -> Any:
+        """J V: (n·c, k) for V (p, k) (or (n·c,) for (p,))."""
+        V, flat = self._operand(V, "V", self.p)
+        rows = self._round(_matmat, None, V)
+        out = self._reduce(rows, lambda parts: self.xp.concatenate(parts, axis=0))
+        return out[:, 0] if flat else out
+
+    def rmatmat(self, U: Any) -> Any:
+        """Jᵀ U: (p, k) for U (n·c, k): one reduction of p-vectors."""
+        U, flat = self._operand(U, "U", self.n * self.n_outputs)
+        parts = self._round(_rmatmat, self._split(U, self.n_outputs))
+        out = self._reduce(parts, sum)
+        return out[:, 0] if flat else out
+
+    def normal_matmat(self, V: Any) -> Any:
+        """Jᵀ J V = Σ_i J_iᵀ (J_i V): (p, k) for V (p, k), one round and one reduction."""
+        return self._reduce(self._round(_normal_matmat, None, V), sum)
+
+    def column_sq_norms(self) -> Any:
+        """diag(Jᵀ J): (p,)."""
+        return self._reduce(self._round(_column_sq_norms), sum)
+
+    def dense_ggn(self, factors: Any, memory_budget: Any) -> Any:
+        """Σ_i J_iᵀ Λ_i J_i (p, p) float64, each shard's part on its worker, summed by the client."""
+        parts = self._round(_dense_ggn, self._split(factors, 1), memory_budget)
+        return self._reduce(parts, sum)
+
+    def kernel_matmat(self, X: Any, mode: Any) -> Any:
+        """K0 X for the unscaled kernel K0 of output mode "full" (X (n·c, k)), "trace" (the mean over outputs,
+        X (n, k)) or one output k (X (n, k)): two rounds, one reduction of p × (outputs·k)."""
+        # one submission: the p-vector sum is a task on a worker, which the second products wait for, so the
+        # client is not on the path between the two halves
+        begin = time.perf_counter()
+        per_example = self.n_outputs if mode == "full" else 1
+        submit = self.client.submit
+        pieces = [submit(_timed, _kernel_rmatmat, shard, part, mode, pure=False)
+                  for shard, part in zip(self.shards, self._split(X, per_example))]
+        total = submit(_timed_sum, *pieces, pure=False)
+        done = self.client.gather([submit(_kernel_matmat_after, shard, total, mode, pure=False)
+                                   for shard in self.shards])
+        self.timings.rounds += 1
+        self.timings.compute += done[0][2] + max(seconds for _, seconds, _, _ in done)
+        self.timings.reduction += done[0][3]
+        self.timings.wall += time.perf_counter() - begin
+        return self._reduce([rows for rows, _, _, _ in done], lambda parts: self.xp.concatenate(parts, axis=0))
+
+    def kernel_diag(self, mode: Any, dtype: Any) -> Any:
+        from lingp_core.kernels import kernel_diag
+        parts = self._round(_shard_call, None, kernel_diag, {"output_mode": mode, "dtype": dtype})
+        axis = 1 if mode == "independent" else 0
+        return self._reduce(parts, lambda ps: self.xp.concatenate(ps, axis=axis))
+
+    def cross_kernel(self, J_local: JacobianBlocks, mode: Any, dtype: Any) -> Any:
+        """K0(X_local, X) with the local Jacobian's rows first: the shards' columns side by side."""
+        from lingp_core.kernels import kernel
+        shipped = self.client.scatter(J_local, broadcast=True)
+        parts = self._round(_cross_kernel, None, shipped, kernel, {"output_mode": mode, "dtype": dtype})
+        return self._reduce(parts, lambda ps: self.xp.concatenate(ps, axis=-1))
+
+    def kernel_tiles(self, mode: Any, dtype: Any) -> dict[tuple[int, int], Any]:
+        """Futures of the kernel's tiles K0[i, j] (shard i's rows × shard j's), upper triangle (i ≤ j) only."""
+        from lingp_core.kernels import kernel
+        T = len(self.shards)
+        return {(i, j): self.client.submit(_tile, self.shards[i], self.shards[j], kernel,
+                                           {"output_mode": mode, "dtype": dtype}, pure=False)
+                for i in range(T) for j in range(i, T)}
+
+    def tile_rows(self, mode: Any) -> list[int]:
+        """Rows of each shard's tiles."""
+        return [count * (self.n_outputs if mode == "full" else 1) for count in self.counts]
+
+    def kernel_array(self, mode: Any, dtype: Any, prior_scale: float = 1.0) -> Any:
+        """s·K0 as a 2-D dask array of the tiles (lower tiles are the upper ones transposed, never recomputed)."""
+        import dask
+        da = _dask_array_module()
+        tiles, sizes = self.kernel_tiles(mode, dtype), self.tile_rows(mode)
+        T = len(sizes)
+
+        def tile(i: int, j: int) -> Any:
+            future = tiles[(min(i, j), max(i, j))]
+            block = da.from_delayed(dask.delayed(future), (sizes[min(i, j)], sizes[max(i, j)]), dtype=dtype)
+            return block if i <= j else block.T
+
+        return prior_scale * da.block([[tile(i, j) for j in range(T)] for i in range(T)])
+
+
+def concatenate(parts: Sequence[JacobianBlocks]) -> JacobianBlocks:
+    """One JacobianBlocks of the examples of ``parts`` (same parameters, outputs, backend), in order."""
+    from lingp_core.jacobian import _Block
+    first = parts[0]
+    xp = first.xp
+    blocks = []
+    for k, block in enumerate(first.blocks):
+        arrays, entry = block.to_arrays()
+        joined = {name: xp.concatenate([p.blocks[k].to_arrays()[0][name] for p in parts], axis=0) for name in arrays}
+        blocks.append(_Block.kind_class(type(block).__name__).from_arrays(entry, joined, xp))
+    f0 = xp.concatenate([p.f0 for p in parts], axis=0)
+    return JacobianBlocks(f0, blocks, backend=first.backend, outputs=first.outputs,
+                          weights_fingerprint=first.weights_fingerprint)
+
+
+# ----- tasks (run on the workers) -------------------------------------------------------------------------------
+
+def _timed(fn: Callable, *args: Any) -> tuple[Any, float]:
+    begin = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - begin
+
+
+def _select_output(J: JacobianBlocks, k: int) -> JacobianBlocks:
+    return J.select(output=k)
+
+
+def _as_float64(J: JacobianBlocks) -> JacobianBlocks:
+    from lingp_core._posterior import _as_float64 as convert
+    return convert(J)
+
+
+def _transform_rows(J: JacobianBlocks, factors: Any) -> JacobianBlocks:
+    return J.transform_rows(factors)
+
+
+def _matmat(J: JacobianBlocks, V: Any) -> Any:
+    return J.matmat(V)
+
+
+def _rmatmat(J: JacobianBlocks, U: Any) -> Any:
+    return J.rmatmat(U)
+
+
+def _normal_matmat(J: JacobianBlocks, V: Any) -> Any:
+    return J.rmatmat(J.matmat(V))
+
+
+def _column_sq_norms(J: JacobianBlocks) -> Any:
+    return J.column_sq_norms()
+
+
+def _dense_ggn(J: JacobianBlocks, factors: Any, memory_budget: Any) -> Any:
+    from lingp_core._ggn import dense_ggn
+    return dense_ggn(J, factors, memory_budget)
+
+
+def _output_views(J: JacobianBlocks, mode: Any) -> list[JacobianBlocks]:
+    if mode == "full":
+        return [J]
+    outputs = range(J.n_outputs) if mode == "trace" else [int(mode)]
+    return [J.select(output=k) for k in outputs]
+
+
+def _kernel_rmatmat(J: JacobianBlocks, X: Any, mode: Any) -> Any:
+    """[J_kᵀ X for each output view k] side by side: (p, views·k)."""
+    return J.xp.concatenate([view.rmatmat(X) for view in _output_views(J, mode)], axis=1)
+
+
+def _kernel_matmat(J: JacobianBlocks, W: Any, mode: Any) -> Any:
+    """Σ_k J_k W_k / views for the views' column groups of W."""
+    views = _output_views(J, mode)
+    k = W.shape[1] // len(views)
+    out = sum(view.matmat(W[:, i * k: (i + 1) * k]) for i, view in enumerate(views))
+    return out / len(views) if len(views) > 1 else out
+
+
+def _timed_sum(*parts: tuple[Any, float]) -> tuple[Any, float, float]:
+    """(Σ results, the slowest part's seconds, the sum's own seconds)."""
+    begin = time.perf_counter()
+    total = sum(result for result, _ in parts)
+    return total, max(seconds for _, seconds in parts), time.perf_counter() - begin
+
+
+def _kernel_matmat_after(J: JacobianBlocks, total: tuple[Any, float, float], mode: Any) -> tuple:
+    """(J's kernel rows from the reduced W, own seconds, the first half's slowest seconds, the sum's seconds)."""
+    begin = time.perf_counter()
+    rows = _kernel_matmat(J, total[0], mode)
+    return rows, time.perf_counter() - begin, total[1], total[2]
+
+
+def _shard_call(J: JacobianBlocks, fn: Callable, kwargs: dict[str, Any]) -> Any:
+    return fn(J, **kwargs)
+
+
+def _cross_kernel(J: JacobianBlocks, J_local: JacobianBlocks, kernel: Callable, kwargs: dict[str, Any]) -> Any:
+    return kernel(J_local, J, **kwargs)
+
+
+def _tile(J1: JacobianBlocks, J2: JacobianBlocks, kernel: Callable, kwargs: dict[str, Any]) -> Any:
+    return kernel(J1, None if J2 is J1 else J2, **kwargs)
+
+
+# ----- the kernel as an operator ------------------------------------------------------------------------------
+
+class ShardedKernelOperator(LinearOperator):
+    """s·K0 + noise·I of a ShardedJacobian as a matrix-free operator (output mode "full", "trace" or an int)."""
+
+    def __init__(self, J: ShardedJacobian, *, prior_scale: float, output_mode: Any, noise: float = 0.0) -> None:
+        self.J, self.prior_scale, self.output_mode, self.noise = J, prior_scale, output_mode, noise
+        rows = J.n * J.n_outputs if output_mode == "full" else J.n
+        self.shape, self.dtype, self.backend = (rows, rows), J.dtype, J.backend
+
+    def _matmat(self, x: Any) -> Any:
+        out = self.J.kernel_matmat(x, self.output_mode)
+        return out * self.dtype.type(self.prior_scale) + self.dtype.type(self.noise) * x
+
+    def diagonal(self) -> Any:
+        d = self.J.kernel_diag(self.output_mode, self.dtype)
+        return d * self.dtype.type(self.prior_scale) + self.dtype.type(self.noise)
