@@ -102,7 +102,9 @@ class ClusterCholesky:
 
     # ----- solves over the tiles -----------------------------------------------------------------------------------
     def _split(self, B: Any) -> list[Any]:
-        return [self.client.scatter(B[a:b]) for a, b in zip(self.starts[:-1], self.starts[1:])]
+        # plain arrays, embedded in the first tasks that read them (not scattered): a task's inputs stay
+        # recomputable, so a worker lost during a solve costs a recomputation, not the fit
+        return [B[a:b] for a, b in zip(self.starts[:-1], self.starts[1:])]
 
     def _forward(self, U: dict, B: list[Any]) -> list[Any]:
         """Y = U⁻ᵀ B by tiles: Y_i = U_ii⁻ᵀ (B_i − Σ_{k<i} U_kiᵀ Y_k)."""

@@ -31,6 +31,7 @@ from lingp_core.class_probabilities import probability_of_largest
 from lingp_core.gp import LinearizedGP
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.likelihoods import CategoricalLikelihood, check_noise
+from lingp_core.sharded import training_pair
 
 __all__ = ["DirichletClassifier", "dirichlet_targets"]
 
@@ -96,7 +97,7 @@ class DirichletClassifier(LinearizedGP):
         Like every fit, it builds the new posterior aside: a fit that fails leaves the model as it was.
         """
         J = self._check_jacobian(J)
-        labels = CategoricalLikelihood().check_labels(y, J.f0)
+        labels = CategoricalLikelihood().check_labels(training_pair(J, y), J.f0)
         targets, noise = dirichlet_targets(J.backend.to_numpy(labels).astype(np.int64), J.n_outputs,
                                            self.alpha_epsilon)
         if not (np.isfinite(targets).all() and np.isfinite(noise).all()):

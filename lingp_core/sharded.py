@@ -401,8 +401,8 @@ class ShardedJacobian(JacobianShape):
     def cross_kernel(self, J_local: JacobianBlocks, mode: Any, dtype: Any) -> Any:
         """K0(X_local, X) with the local Jacobian's rows first: the shards' columns side by side."""
         from lingp_core.kernels import kernel
-        shipped = self.client.scatter(J_local, broadcast=True)
-        parts = self._round(_cross_kernel, None, shipped, kernel, {"output_mode": mode, "dtype": dtype})
+        # J_local goes inside each task (not scattered): every input of a round stays recomputable after a lost worker
+        parts = self._round(_cross_kernel, None, J_local, kernel, {"output_mode": mode, "dtype": dtype})
         return self._reduce(parts, lambda ps: self.xp.concatenate(ps, axis=-1))
 
     def kernel_tiles(self, mode: Any, dtype: Any) -> dict[tuple[int, int], Any]:
