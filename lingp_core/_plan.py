@@ -219,6 +219,7 @@ def choose_on_cluster(method: str, J: Any, layout: Any, noise: Any, settings: An
         v.check_memory(needed, budget, what=f"the blocked Cholesky on the cluster ({pb.tasks} task(s) of {pb.m} rows)",
                        alternative="use method='iterative' (matrix-free), or add workers")
     else:
-        check_fits("iterative", pb, v.resolve_memory_budget(None, J.backend))  # the client's vectors and bases
+        # the client's vectors and bases, against the budget the engine itself will check
+        check_fits("iterative", pb, v.resolve_memory_budget(settings.memory_budget, J.backend))
     space, solver = split_method(method)
     return Plan(method, space, solver, pb.tasks, pb.m, pb.p, why)

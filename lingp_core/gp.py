@@ -77,7 +77,9 @@ class LinearizedGP(Estimator):
         factorizations stay float64.
     memory_budget : float, optional
         Bytes allowed for kernels and factors (default: half the host's free memory on NumPy, 95% of the device's on
-        CuPy; ``plan_`` states the budget it planned with).
+        CuPy; ``plan_`` states the budget it planned with). For a Jacobian sharded on a Dask cluster it bounds both
+        the exact path's tiles on the cluster (default: half of the workers' reported memory) and the client's
+        vectors.
     seed : int
         Seed of Lanczos start vectors and SLQ probes.
     progress : bool

@@ -142,8 +142,8 @@ def _export_shard(shipped: bytes, inputs: Any, start: int, options: dict[str, An
     try:
         return export_jacobian(model, inputs, **options)
     except v.LingpError as exc:  # name the shard: example indices in the message count from its first row
-        raise type(exc)(f"in the shard of examples [{start}, {start + len(inputs)}) (example indices here count from "
-                        f"{start}): {exc}") from None
+        raise type(exc)(f"in the shard of examples [{start}, {start + len(inputs)}) (example indices below are within "
+                        f"the shard: add {start} for their index in the inputs): {exc}") from None
 
 
 def _describe(J: JacobianBlocks) -> dict[str, Any]:
@@ -441,7 +441,7 @@ def concatenate(parts: Sequence[JacobianBlocks]) -> JacobianBlocks:
     for k, block in enumerate(first.blocks):
         arrays, entry = block.to_arrays()
         joined = {name: xp.concatenate([p.blocks[k].to_arrays()[0][name] for p in parts], axis=0) for name in arrays}
-        blocks.append(_Block.kind_class(type(block).__name__).from_arrays(entry, joined, xp))
+        blocks.append(_Block.kind_class(block.kind).from_arrays(entry, joined, xp))
     f0 = xp.concatenate([p.f0 for p in parts], axis=0)
     return JacobianBlocks(f0, blocks, backend=first.backend, outputs=first.outputs,
                           weights_fingerprint=first.weights_fingerprint)
