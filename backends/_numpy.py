@@ -43,9 +43,11 @@ class NumpyBackend(Backend):
             return
         # C-ordered a is Fortran-ordered aᵀ: potrf on aᵀ's upper triangle reads and writes exactly a's lower one
         potrf = scipy.linalg.get_lapack_funcs("potrf", (a,))
-        _, info = potrf(a.T, lower=0, clean=0, overwrite_a=1)
+        c, info = potrf(a.T, lower=0, clean=0, overwrite_a=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"the matrix is not positive definite (LAPACK potrf info = {info})")
+        if not np.may_share_memory(c, a):  # f2py worked on a copy (an unaligned or foreign buffer): bring it back
+            a[...] = c.T
 
     # LAPACK copies a C-ordered matrix into Fortran order on every call; its transpose is Fortran-ordered already, so
     # triangular work on a C-ordered factor goes through the transpose (the factors of ``cholesky`` are C-ordered)

@@ -45,6 +45,7 @@ from lingp_core.likelihoods import (
     as_likelihood,
 )
 from lingp_core.operators import AddedDiagonalOperator, DenseOperator, LinearOperator, LowRankPlusDiagonal, as_operator
+from lingp_core.sharded import ShardedJacobian
 from lingp_core.solvers import (
     CGResult,
     CholeskyResult,
@@ -98,6 +99,7 @@ __all__ = [
     "KernelOperator",
     "LanczosResult",
     "LaplaceClassifier",
+    "ShardedJacobian",
     "LinearizedGP",
     "Likelihood",
     "LinearOperator",

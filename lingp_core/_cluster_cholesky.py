@@ -20,11 +20,9 @@ import numpy as np
 import backends
 from lingp_core import _validate as v
 from lingp_core._layout import noise_groups
-from lingp_core.solvers.cholesky import JITTER_GROWTH
+from lingp_core.solvers.cholesky import _with_jitter as with_jitter
 
 _LOG_2PI = math.log(2 * math.pi)
-#: Jitter attempts after the plain factorization, relative to the mean diagonal (as safe_cholesky: 1.5e-11 × 10^k)
-_JITTER_START, _JITTER_TRIES = 1e-3 * math.sqrt(np.finfo(np.float64).eps), 5
 
 
 class ClusterCholesky:
@@ -36,13 +34,14 @@ class ClusterCholesky:
     def state_shapes(m: int, p: int, q: int, groups: int) -> dict[str, tuple]:
         return {"alpha": (m, q), **{f"factor{g}": (m, m) for g in range(groups)}}
 
-    def __init__(self, J: Any, mode: Any, kernel_dtype: Any) -> None:
-        self.J, self.mode, self.backend = J, mode, J.backend
+    def __init__(self, J: Any, mode: Any, kernel_dtype: Any, memory_budget: Any = None) -> None:
+        self.J, self.mode, self.backend, self.memory_budget = J, mode, J.backend, memory_budget
+        self.kernel_dtype = np.dtype(kernel_dtype)
         self.client = J.client
         self.sizes = J.tile_rows(mode)
         self.starts = np.cumsum([0] + self.sizes)
         self.m = int(self.starts[-1])
-        self.tiles = J.kernel_tiles(mode, np.dtype(kernel_dtype))
+        self.tiles: dict | None = None  # K0's upper tiles while a fit runs (released after: U keeps its lineage)
         self.info: dict[str, Any] = {"tiles": len(self.sizes)}
 
     # ----- the factorization ---------------------------------------------------------------------------------------
@@ -67,21 +66,21 @@ class ClusterCholesky:
         return np.broadcast_to(d, (self.m,))[self.starts[i]: self.starts[i + 1]].copy()
 
     def _factor_with_jitter(self, s: float, d: np.ndarray) -> tuple[dict[tuple[int, int], Any], float, float]:
-        """The factor, its jitter and Σ log diag U; jitter only after a plain attempt fails, as safe_cholesky."""
-        mean_diag = None
-        for attempt in range(_JITTER_TRIES + 1):
-            jitter = 0.0 if attempt == 0 else _JITTER_START * JITTER_GROWTH ** (attempt - 1) * mean_diag
+        """The factor, its jitter and Σ log diag U: safe_cholesky's retry policy (jitter only after a plain attempt
+        fails, relative to the mean diagonal, with its warning)."""
+        diags = self.client.gather([self._submit(_diagonal_sum, self.tiles[(k, k)]) for k in range(len(self.sizes))])
+        mean_diag = (s * sum(diags) + float(np.broadcast_to(d, (self.m,)).sum())) / self.m
+
+        def attempt(jitter: float, first: bool) -> tuple[dict, float]:
             U = self._factor(s, d, jitter)
-            try:
-                logs = self.client.gather([self._submit(_log_diagonal_sum, U[(k, k)]) for k in range(len(self.sizes))])
-                return U, jitter, float(sum(logs))
-            except np.linalg.LinAlgError:
-                if mean_diag is None:
-                    diags = self.client.gather([self._submit(_diagonal_sum, self.tiles[(k, k)])
-                                                for k in range(len(self.sizes))])
-                    mean_diag = (s * sum(diags) + float(np.broadcast_to(d, (self.m,)).sum())) / self.m
-        raise v.NotPositiveDefiniteError(f"s·K0 + σ²I (m = {self.m}, tiles {self.sizes}) is not positive definite "
-                                         f"even with jitter {jitter:.3g} on the diagonal; raise the noise")
+            logs = self.client.gather([self._submit(_log_diagonal_sum, U[(k, k)]) for k in range(len(self.sizes))])
+            return U, float(sum(logs))
+
+        result = with_jitter(attempt, "LinearizedGP (blocked Cholesky on the cluster)",
+                             f"s·K0 + D ({self.m} × {self.m}, tiles {self.sizes})", mean_diag,
+                             float(np.finfo(np.float64).eps), 5, True)
+        U, half_logdet = result.factor
+        return U, result.jitter, half_logdet
 
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
         xp = self.backend.xp
@@ -89,6 +88,7 @@ class ClusterCholesky:
         self.alpha = xp.zeros(R.shape, dtype=np.float64)
         self.groups, self.factors, self.jitter = noise_groups(noise, self.q), [], 0.0
         self._lml = 0.0
+        self.tiles = self.J.kernel_tiles(self.mode, self.kernel_dtype)
         for cols, d in self.groups:
             U, jitter, half_logdet = self._factor_with_jitter(s, d)
             self.jitter = max(self.jitter, jitter)
@@ -99,6 +99,7 @@ class ClusterCholesky:
             fit = float((rhs * alpha).sum())
             self._lml += -0.5 * fit - len(cols) * (half_logdet + 0.5 * self.m * _LOG_2PI)
         self.info["jitter"] = self.jitter
+        self.tiles = None
 
     # ----- solves over the tiles -----------------------------------------------------------------------------------
     def _split(self, B: Any) -> list[Any]:
@@ -156,8 +157,9 @@ class ClusterCholesky:
     def state(self) -> dict[str, Any]:
         """α and the lower factors L = Uᵀ gathered (m × m each): a saved model is an in-memory FunctionCholesky."""
         xp = self.backend.xp
-        v.check_memory(len(self.factors) * v.nbytes_of((self.m, self.m), np.float64),
-                       v.resolve_memory_budget(None, self.backend),
+        # the gathered tiles and the dense factor, per noise group
+        v.check_memory(2 * len(self.factors) * v.nbytes_of((self.m, self.m), np.float64),
+                       v.resolve_memory_budget(self.memory_budget, self.backend),
                        what=f"gathering the cluster's Cholesky factors ({len(self.factors)} of {self.m} × {self.m}) "
                             "for the archive", alternative="refit with method='iterative' (its state is α alone)")
         out = {"alpha": self.alpha}

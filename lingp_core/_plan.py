@@ -13,6 +13,9 @@ from lingp_core._layout import noise_groups
 from lingp_core.kernels import work_bytes
 from lingp_core.sharded import CLUSTER_MEMORY_SHARE, is_sharded
 
+#: The blocked Cholesky runs ~T³/6 tile tasks for T shards: beyond this, auto goes iterative
+MAX_TILES = 48
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -180,7 +183,11 @@ def cluster_cholesky_bytes(pb: Problem) -> int:
 def cluster_budget(client: Any, memory_budget: Any) -> tuple[int, str]:
     """The bytes an exact factorization may take on the cluster: ``memory_budget`` if given, else
     CLUSTER_MEMORY_SHARE of the memory the workers report, and a description of where it came from."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    try:
+        info = client.scheduler_info(n_workers=-1)  # every worker (newer distributed lists a few by default)
+    except TypeError:  # older distributed: no n_workers, and every worker listed
+        info = client.scheduler_info()
+    workers = info["workers"].values()
     limits = [int(w.get("memory_limit") or 0) for w in workers]
     if memory_budget is not None:
         return int(v.check_positive(memory_budget, "memory_budget")), "memory_budget"
@@ -197,16 +204,20 @@ def choose_on_cluster(method: str, J: Any, layout: Any, noise: Any, settings: An
     the workers) when it fits the cluster's memory and exact_max_rows, else 'iterative' (matrix-free products on
     the shards); the client holds the m × q vectors either way."""
     pb = problem_of(J, layout, noise, settings)
-    budget, source = cluster_budget(J.client, settings.memory_budget)
     needed = cluster_cholesky_bytes(pb)
+    budget, source = (0, "") if method == "iterative" else cluster_budget(J.client, settings.memory_budget)
+    tiles = len(J.shards)
     if method in ("auto", "cholesky"):
         capped = settings.exact_max_rows is not None and pb.m > settings.exact_max_rows
-        if method == "cholesky" or (needed <= budget and not capped):
+        many = tiles > MAX_TILES
+        if method == "cholesky" or (needed <= budget and not capped and not many):
             method, why = "function-cholesky", (f"on the Dask cluster ({len(J.shards)} shards): blocked Cholesky over "
                                                 f"the kernel's tiles, {v.format_bytes(needed)} of a budget of "
                                                 f"{v.format_bytes(budget)} ({source})")
         else:
             limit = (f"more rows than exact_max_rows = {settings.exact_max_rows}" if capped else
+                     f"{tiles} × {tiles} tiles (one per pair of shards; more than {MAX_TILES} shards make "
+                     f"~{tiles ** 3 // 6} tasks: rechunk the inputs into fewer, larger row chunks)" if many else
                      f"{v.format_bytes(needed)}, over the cluster budget of {v.format_bytes(budget)} ({source})")
             method, why = "iterative", (f"on the Dask cluster ({len(J.shards)} shards), {pb.m} rows per task: an "
                                         f"exact factorization needs {limit}; CG on kernel products over the shards")
@@ -218,6 +229,10 @@ def choose_on_cluster(method: str, J: Any, layout: Any, noise: Any, settings: An
     if method == "function-cholesky":
         v.check_memory(needed, budget, what=f"the blocked Cholesky on the cluster ({pb.tasks} task(s) of {pb.m} rows)",
                        alternative="use method='iterative' (matrix-free), or add workers")
+        if tiles > MAX_TILES:
+            raise v.InvalidOptionError(f"the blocked Cholesky over {tiles} shards would run ~{tiles ** 3 // 6} tile "
+                                       f"tasks; rechunk the inputs into at most {MAX_TILES} row chunks (one tile per "
+                                       "chunk), or use method='iterative'")
     else:
         # the client's vectors and bases, against the budget the engine itself will check
         check_fits("iterative", pb, v.resolve_memory_budget(settings.memory_budget, J.backend))

@@ -723,7 +723,7 @@ def build(method: str, J: JacobianBlocks, mode: Any, settings: Any, source: Any 
                                            "Dask cluster is fitted by 'function-cholesky' (a blocked Cholesky over "
                                            "the kernel's tiles) or 'iterative'")
         check_kernel_scale(kernel_diag(J, output_mode=mode), settings.prior_scale)
-        return ClusterCholesky(J, mode, settings.kernel_dtype)
+        return ClusterCholesky(J, mode, settings.kernel_dtype, settings.memory_budget)
     if source is None and cls.space == "function":
         source = kernel(J, output_mode=mode, dtype=settings.kernel_dtype, memory_budget=settings.memory_budget,
                         progress=settings.progress)

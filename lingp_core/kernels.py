@@ -25,7 +25,7 @@ from lingp_core._progress import progress_bar
 from lingp_core._validate import SignatureShapeError
 from lingp_core.jacobian import _WORK_ELEMENTS, JacobianBlocks, product_work
 from lingp_core.operators import LinearOperator
-from lingp_core.sharded import is_sharded
+from lingp_core.sharded import ShardedJacobian, is_sharded
 
 OUTPUT_MODES = ("full", "independent", "trace")
 # rows of K per tile: GEMMs of 1024 × 1024 × d still run near peak, and for a symmetric K the upper tiles are less of
@@ -41,6 +41,9 @@ def _check_mode(output_mode: Any, c: int) -> Any:
 
 
 def _check_jacobians(J1: Any, J2: Any) -> JacobianBlocks:
+    if is_sharded(J1) or is_sharded(J2):
+        raise v.MissingCapabilityError("this kernel operation needs the Jacobian in memory; for a ShardedJacobian use "
+                                       "kernel(J), kernel_diag(J), LinearizedGP(method='iterative') or J.gather()")
     if not isinstance(J1, JacobianBlocks):
         raise v.ArgumentTypeError(f"J1 must be a JacobianBlocks from export_jacobian, got {type(J1).__name__}")
     if J2 is None:
@@ -124,7 +127,7 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     array on J1's backend, of ``dtype``.
     """
     if is_sharded(J1) or is_sharded(J2):
-        return _sharded_kernel(J1, J2, prior_scale, output_mode, dtype)
+        return _sharded_kernel(J1, J2, prior_scale, output_mode, dtype, memory_budget)
     other = _check_jacobians(J1, J2)
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J1.n_outputs)
@@ -167,10 +170,13 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     return result
 
 
-def _sharded_kernel(J1: Any, J2: Any, prior_scale: float, output_mode: Any, dtype: Any) -> Any:
+def _sharded_kernel(J1: Any, J2: Any, prior_scale: float, output_mode: Any, dtype: Any, memory_budget: Any) -> Any:
     """kernel() with a ShardedJacobian: K(X, X) as a 2-D dask array of tiles (the upper ones computed, where the
     shards live; "independent": one per output, stacked), or K between a sharded and an in-memory Jacobian as an
     in-memory array (the shards' columns computed where they live)."""
+    for J in (J1, J2):
+        if J is not None and not isinstance(J, (JacobianBlocks, ShardedJacobian)):
+            raise v.ArgumentTypeError(f"J1 and J2 must be Jacobians from export_jacobian, got {type(J).__name__}")
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J1.n_outputs)
     dtype = np.dtype(dtype)
@@ -185,13 +191,11 @@ def _sharded_kernel(J1: Any, J2: Any, prior_scale: float, output_mode: Any, dtyp
         raise v.MissingCapabilityError("kernel() between two sharded Jacobians is not supported: export the smaller "
                                        "set of inputs in memory (a NumPy/torch array)")
     sharded, local = (J1, J2) if is_sharded(J1) else (J2, J1)
-    if not isinstance(local, JacobianBlocks):
-        raise v.ArgumentTypeError(f"J1 and J2 must be Jacobians from export_jacobian, got {type(local).__name__}")
     local.check_signature(sharded.signature(), what="the sharded Jacobian")
     if local.backend != sharded.backend:
         raise v.BackendMismatchError(f"the in-memory Jacobian lives on {local.backend.name!r} but the sharded one on "
                                      f"{sharded.backend.name!r}")
-    K = sharded.cross_kernel(local, mode, dtype)
+    K = sharded.cross_kernel(local, mode, dtype, memory_budget)
     with np.errstate(over="ignore", invalid="ignore"):
         K = K * dtype.type(s)
     if local is J2:  # the sharded rows first

@@ -33,6 +33,8 @@ __all__ = ["ShardedJacobian", "is_dask_array", "is_sharded"]
 #: Of the cluster's worker memory, the share an exact kernel and its factor may take (the rest: shards, work space,
 #: Dask's own buffers and its spill threshold).
 CLUSTER_MEMORY_SHARE = 0.5
+#: Operands shared by every shard's task above this size travel as one future instead of inside each task
+_SHARED_INLINE_BYTES = 1 << 20
 
 
 def is_dask_array(x: Any) -> bool:
@@ -96,8 +98,11 @@ def training_pair(J: Any, y: Any, name: str = "y") -> Any:
         raise v.ArgumentTypeError(f"J is sharded on a Dask cluster but {name} is {v.describe(y)}: pass {name} as a "
                                   "dask array with the same row chunks as the inputs J was exported from")
     if not is_sharded(J) and is_dask_array(y):
-        raise v.ArgumentTypeError(f"{name} is a dask array but J is in memory ({type(J).__name__}); export J from a "
-                                  f"dask array of the inputs too, or pass {name}.compute()")
+        if current_client() is not None:
+            raise v.ArgumentTypeError(f"{name} is a dask array but J is in memory ({type(J).__name__}) while a Dask "
+                                      "client is running; export J from a dask array of the inputs too (then it is "
+                                      f"sharded on the cluster), or pass {name}.compute()")
+        return gather_array(y, name, J.n)  # no client: export computed the inputs too, by the default scheduler
     return gather_array(y, name, J.n) if is_sharded(J) else y
 
 
@@ -119,12 +124,13 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
     if not kept:
         raise v.ShapeError(f"inputs has no rows (shape {tuple(x.shape)})")
     # the network travels once per worker as bytes (a torch module moved between workers by Dask's own
-    # serialization loses its hook dicts' type), inside a task, so a lost copy is recomputable
+    # serialization loses its hook dicts' type), inside a task, so a lost copy is recomputable; the options are
+    # pickled with it, so params= given as modules or parameters still name parts of that very model
     import cloudpickle
-    shipped = client.submit(_identity, cloudpickle.dumps(model), pure=False)
+    shipped = client.submit(_identity, cloudpickle.dumps((model, options)), pure=False)
     starts = np.cumsum([0] + [count for _, count in kept])
     futures = client.compute([chunk for chunk, _ in kept])
-    shards = [client.submit(_export_shard, shipped, part, int(start), options, pure=False)
+    shards = [client.submit(_export_shard, shipped, part, int(start), pure=False)
               for part, start in zip(futures, starts)]
     described = _gather_described(client, shards, progress)
     return ShardedJacobian._from_shards(client, shards, described)
@@ -134,11 +140,11 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def _export_shard(shipped: bytes, inputs: Any, start: int, options: dict[str, Any]) -> JacobianBlocks:
+def _export_shard(shipped: bytes, inputs: Any, start: int) -> JacobianBlocks:
     import pickle
 
     from lingp_core.export import export_jacobian
-    model = pickle.loads(shipped)
+    model, options = pickle.loads(shipped)
     try:
         return export_jacobian(model, inputs, **options)
     except v.LingpError as exc:  # name the shard: example indices in the message count from its first row
@@ -213,6 +219,10 @@ class ShardedJacobian(JacobianShape):
     def _from_shards(cls, client: Any, shards: list[Any], described: list[dict[str, Any]]) -> ShardedJacobian:
         first = described[0]
         for k, d in enumerate(described[1:], start=1):
+            if d["backend"] != first["backend"]:
+                raise v.BackendMismatchError(f"shard {k} lives on backend {d['backend']!r} but shard 0 on "
+                                             f"{first['backend']!r}: give export_jacobian backend= explicitly and "
+                                             "workers of one kind")
             if d["signature"] != first["signature"]:
                 raise v.SignatureError(f"shard {k} was exported with another signature than shard 0 ({d['signature']}"
                                        f" vs {first['signature']}): the network changed during the export")
@@ -258,6 +268,28 @@ class ShardedJacobian(JacobianShape):
     def nbytes(self) -> int:
         return int(self._meta["nbytes"])
 
+    def gram_diagonal(self) -> Any:
+        """diag(J Jᵀ): (n·c,)."""
+        return self.kernel_diag("full", self.dtype)
+
+    def gram_matmat(self, U: Any) -> Any:
+        """J (Jᵀ U): (n·c, k)."""
+        U, flat = self._operand(U, "U", self.n * self.n_outputs)
+        out = self.kernel_matmat(U, "full")
+        return out[:, 0] if flat else out
+
+    def gram(self, other: Any = None, *, memory_budget: Any = None) -> Any:
+        raise v.MissingCapabilityError("J.gram() of a ShardedJacobian: use lingp_core.kernel(J) (a dask array of "
+                                       "tiles) or kernel(J_local, J) for an in-memory cross kernel")
+
+    def examples(self, rows: slice) -> Any:
+        raise v.MissingCapabilityError("ShardedJacobian.examples: select the examples on the dask array of inputs "
+                                       "before exporting")
+
+    def check_compatible(self, other: Any) -> None:
+        raise v.MissingCapabilityError("ShardedJacobian.check_compatible: compare signatures instead "
+                                       "(other.check_signature(J.signature()))")
+
     def to_dense(self, memory_budget: Any = None) -> Any:
         raise v.MissingCapabilityError("a dense J (n·c × p) of a ShardedJacobian would gather every shard; use "
                                        "J.gather() when it fits, or the matrix-free products")
@@ -277,7 +309,8 @@ class ShardedJacobian(JacobianShape):
     check_signature = JacobianBlocks.check_signature
 
     def persist(self) -> ShardedJacobian:
-        """Wait until every shard is computed (exports are lazy until their first use)."""
+        """Wait until every shard is computed (export already waits; derived Jacobians such as ``select(output=k)``
+        are computed on first use)."""
         from distributed import wait
         wait(self.shards)
         return self
@@ -287,6 +320,7 @@ class ShardedJacobian(JacobianShape):
         """Run ``fn(shard, [part], *shared)`` on every shard where it lives; fn returns (result, seconds). The
         results in shard order; the slowest shard's seconds and the whole round's are added to ``timings``."""
         begin = time.perf_counter()
+        shared = tuple(self._once(x) for x in shared)
         futures = [self.client.submit(_timed, fn, shard, *(() if per_shard is None else (per_shard[i],)), *shared,
                                       pure=False) for i, shard in enumerate(self.shards)]
         done = self.client.gather(futures)
@@ -294,6 +328,20 @@ class ShardedJacobian(JacobianShape):
         self.timings.compute += max(seconds for _, seconds in done)
         self.timings.wall += time.perf_counter() - begin
         return [result for result, _ in done]
+
+    def _once(self, x: Any) -> Any:
+        """A large operand every shard's task reads (a p × k block, a test Jacobian) as one future made by a task:
+        it travels to each worker once instead of inside every task, and stays recomputable."""
+        if getattr(x, "nbytes", 0) >= _SHARED_INLINE_BYTES:
+            return self.client.submit(_identity, x, pure=False)
+        return x
+
+    def _tree_sum(self, futures: list[Any]) -> Any:
+        """Σ of the futures' results, added pairwise on the workers: one result comes back to the client."""
+        while len(futures) > 1:
+            pairs = [self.client.submit(_add, a, b, pure=False) for a, b in zip(futures[::2], futures[1::2])]
+            futures = pairs + ([futures[-1]] if len(futures) % 2 else [])
+        return futures[0].result()
 
     def _reduce(self, parts: list[Any], how: Callable) -> Any:
         begin = time.perf_counter()
@@ -370,8 +418,17 @@ class ShardedJacobian(JacobianShape):
 
     def dense_ggn(self, factors: Any, memory_budget: Any) -> Any:
         """Σ_i J_iᵀ Λ_i J_i (p, p) float64, each shard's part on its worker, summed by the client."""
-        parts = self._round(_dense_ggn, self._split(factors, 1), memory_budget)
-        return self._reduce(parts, sum)
+        v.check_memory(2 * v.nbytes_of((self.p, self.p), np.float64),
+                       v.resolve_memory_budget(memory_budget, self.backend),
+                       what=f"the p × p Hessian (p = {self.p}) gathered from the shards", alternative="export fewer "
+                       "parameters (params=, e.g. 'last_layer')")
+        begin = time.perf_counter()
+        parts = [self.client.submit(_dense_ggn, shard, part, memory_budget, pure=False)
+                 for shard, part in zip(self.shards, self._split(factors, 1))]
+        out = self._tree_sum(parts)
+        self.timings.rounds += 1
+        self.timings.wall += time.perf_counter() - begin
+        return out
 
     def kernel_matmat(self, X: Any, mode: Any) -> Any:
         """K0 X for the unscaled kernel K0 of output mode "full" (X (n·c, k)), "trace" (the mean over outputs,
@@ -398,10 +455,17 @@ class ShardedJacobian(JacobianShape):
         axis = 1 if mode == "independent" else 0
         return self._reduce(parts, lambda ps: self.xp.concatenate(ps, axis=axis))
 
-    def cross_kernel(self, J_local: JacobianBlocks, mode: Any, dtype: Any) -> Any:
-        """K0(X_local, X) with the local Jacobian's rows first: the shards' columns side by side."""
+    def cross_kernel(self, J_local: JacobianBlocks, mode: Any, dtype: Any, memory_budget: Any = None) -> Any:
+        """K0(X_local, X) with the local Jacobian's rows first: the shards' columns side by side (the parts and
+        the result on the client: checked against the client's budget first)."""
         from lingp_core.kernels import kernel
-        # J_local goes inside each task (not scattered): every input of a round stays recomputable after a lost worker
+        rows = J_local.n * (J_local.n_outputs if mode == "full" else 1)
+        cols = self.n * (self.n_outputs if mode == "full" else 1)
+        outputs = self.n_outputs if mode == "independent" else 1
+        v.check_memory(2 * v.nbytes_of((outputs, rows, cols), dtype), v.resolve_memory_budget(memory_budget,
+                                                                                                self.backend),
+                       what=f"the cross kernel ({rows} test × {cols} training rows) on the client",
+                       alternative="predict fewer test points per call")
         parts = self._round(_cross_kernel, None, J_local, kernel, {"output_mode": mode, "dtype": dtype})
         return self._reduce(parts, lambda ps: self.xp.concatenate(ps, axis=-1))
 
@@ -426,7 +490,8 @@ class ShardedJacobian(JacobianShape):
 
         def tile(i: int, j: int) -> Any:
             future = tiles[(min(i, j), max(i, j))]
-            block = da.from_delayed(dask.delayed(future), (sizes[min(i, j)], sizes[max(i, j)]), dtype=dtype)
+            block = da.from_delayed(dask.delayed(future), (sizes[min(i, j)], sizes[max(i, j)]), dtype=dtype,
+                                    meta=self.xp.empty((0, 0), dtype=dtype))
             return block if i <= j else block.T
 
         return prior_scale * da.block([[tile(i, j) for j in range(T)] for i in range(T)])
@@ -448,6 +513,10 @@ def concatenate(parts: Sequence[JacobianBlocks]) -> JacobianBlocks:
 
 
 # ----- tasks (run on the workers) -------------------------------------------------------------------------------
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
+
 
 def _timed(fn: Callable, *args: Any) -> tuple[Any, float]:
     begin = time.perf_counter()

@@ -257,3 +257,19 @@ def test_eigh_tridiagonal_of_size_one(backend):
     w, v = backend.eigh_tridiagonal(backend.asarray(np.array([3.0])), backend.asarray(np.zeros(0)))
     assert_matches(w, np.array([3.0]), backend, dtype=np.float64)
     assert_matches(v, np.ones((1, 1)), backend, dtype=np.float64)
+
+
+def test_numpy_in_place_cholesky_of_an_unaligned_buffer():
+    """Arrays deserialized from another process (Dask's out-of-band pickle buffers) can be unaligned; LAPACK then
+    works on a copy, and the in-place factorization must still leave the factor in the caller's array."""
+    be = backends.get_backend("numpy")
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((7, 7))
+    A = B @ B.T + 7 * np.eye(7)
+    raw = np.zeros(A.size * 8 + 1, dtype=np.uint8)
+    a = np.frombuffer(raw[1:].data, dtype=np.float64).reshape(7, 7)
+    a[...] = A
+    assert not a.flags.aligned
+    L = be.cholesky(a, overwrite=True)
+    np.testing.assert_allclose(np.tril(L) @ np.tril(L).T, A, rtol=1e-13, atol=1e-13 * np.abs(A).max())
+    np.testing.assert_allclose(np.tril(L), np.linalg.cholesky(A), rtol=1e-12, atol=1e-13)

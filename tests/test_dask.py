@@ -47,9 +47,6 @@ NOISES = {"scalar": 0.05, "per-output": np.array([0.05, 0.3])}
 MODES = ("full", "trace", "independent")
 SMALL_RANKS = {"preconditioner_rank": 10, "variance_rank": 10}  # every Lanczos step or pivot is a round trip
 NUMPY = lg.get_backend("numpy")
-# lingp_core/sharded.py concatenate() looks block classes up by their Python class name ("FactoredLinearBlock")
-# instead of their archive kind ("factored"): every ShardedJacobian.gather() of a network with a Linear layer raises
-# InvalidOptionError, and with it a sharded J_star in predict and save() of a cluster fit (the archive gathers J)
 
 # ----- the cluster -----------------------------------------------------------------------------------------------
 
@@ -324,7 +321,7 @@ def test_inputs_chunked_along_features_are_rechunked(client, data, J_sharded):
 
 def test_dask_and_in_memory_training_data_are_not_mixed(client, data, J_sharded):
     gp = lg.LinearizedGP(S, 0.05, method="function-cholesky")
-    with pytest.raises(lg.ArgumentTypeError, match=r"y is a dask array but J is in memory"):
+    with pytest.raises(lg.ArgumentTypeError, match=r"y is a dask array but J is in memory .* client is running"):
         gp.fit(data["J_local"], rows(data["y"]))
     with pytest.raises(lg.ArgumentTypeError, match=r"J is sharded on a Dask cluster but y is"):
         gp.fit(J_sharded, data["y"])
@@ -411,6 +408,84 @@ def test_without_a_client_dask_inputs_export_in_memory(data):
     assert np.array_equal(J.f0, data["J_local"].f0)
     assert_close(J.to_dense(), data["o"]["J"], F64_RTOL)
     assert_close(J.to_dense(), data["J_local"].to_dense(), F64_RTOL)
+    # the README's workflow with dask targets too: the default scheduler computes them for the in-memory fit
+    gp = lg.LinearizedGP(S, 0.05, method="function-cholesky").fit(J, rows(data["y"]))
+    local = lg.LinearizedGP(S, 0.05, method="function-cholesky").fit(data["J_local"], data["y"])
+    assert_close(gp.predict(data["Js"]), local.predict(data["Js"]), F64_RTOL)
+    labels = np.arange(N) % 2
+    clf = lg.LaplaceClassifier(1.0).fit(J, rows(labels))
+    assert_close(clf.predict_proba(data["Js"]), lg.LaplaceClassifier(1.0).fit(J, labels).predict_proba(data["Js"]),
+                 F64_RTOL)
+
+
+def test_parameter_objects_select_the_same_columns_on_the_workers(client, data):
+    """params= given as a module and as a parameter object name parts of the model the workers unpickle."""
+    net = data["net"]
+    for params in (net[2], [net[4].weight]):
+        J = lg.export_jacobian(net, rows(data["X"]), params=params)
+        local = lg.export_jacobian(net, torch.from_numpy(data["X"]), params=params)
+        assert J.param_names == local.param_names and J.p == local.p < data["J_local"].p
+        eye = np.eye(J.p)
+        assert_close(J.matmat(eye), local.to_dense(), F64_RTOL)
+
+
+def test_sharded_jacobian_methods_work_or_say_why(client, data, J_sharded):
+    assert_close(J_sharded.gram_diagonal(), data["J_local"].gram_diagonal(), F64_RTOL)
+    U = np.random.default_rng(3).standard_normal((2 * N, 2))
+    assert_close(J_sharded.gram_matmat(U), data["J_local"].gram_matmat(U), F64_RTOL)
+    for call in (J_sharded.gram, lambda: J_sharded.examples(slice(0, 3)), J_sharded.to_dense,
+                 lambda: J_sharded.blocks, lambda: lg.KernelOperator(J_sharded)):
+        with pytest.raises(lg.MissingCapabilityError):
+            call()
+    with pytest.raises(lg.ArgumentTypeError, match="must be Jacobians"):
+        lg.kernel(np.zeros(3), J_sharded)
+    with pytest.raises(lg.MemoryBudgetError, match="cross kernel"):
+        lg.kernel(data["Js"], J_sharded, memory_budget=1000)
+
+
+def test_cluster_jitter_is_added_and_announced_as_in_memory(client):
+    """A kernel of rank 8 < m = 60 with noise far below its rounding: the plain factorization fails on the cluster
+    as in memory, both add the same jitter and warn."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(), torch.nn.Linear(2, 2)).double()  # p = 12
+    X = np.random.default_rng(4).standard_normal((30, 2))
+    y = np.random.default_rng(5).standard_normal((30, 2))
+    J, J_local = lg.export_jacobian(net, rows(X, 10)), lg.export_jacobian(net, torch.from_numpy(X))
+    noise = 1e-300
+    with pytest.warns(lg.NumericalWarning, match="jitter"):
+        local = lg.LinearizedGP(1.0, noise, method="function-cholesky").fit(J_local, y)
+    with pytest.warns(lg.NumericalWarning, match="jitter"):
+        gp = lg.LinearizedGP(1.0, noise, method="function-cholesky").fit(J, rows(y, 10))
+    assert local.diagnostics_[0]["jitter"] > 0
+    assert gp.diagnostics_[0]["jitter"] == pytest.approx(local.diagnostics_[0]["jitter"], rel=1e-12)
+
+
+def test_many_shards_make_auto_go_iterative(client, data):
+    """More shards than _plan.MAX_TILES: ~T³/6 tile tasks; auto goes iterative and a forced exact fit says why."""
+    from lingp_core import _plan
+    rng = np.random.default_rng(6)
+    n = _plan.MAX_TILES + 2
+    X, y = rows(rng.standard_normal((n, 3)), 1), rows(rng.standard_normal((n, 2)), 1)
+    J = lg.export_jacobian(data["net"], X)
+    assert len(J.shards) == n
+    gp = lg.LinearizedGP(S, 1.0, method="auto", preconditioner_rank=1, variance_rank=1).fit(J, y)
+    assert gp.plan_.method == "iterative" and "rechunk" in gp.plan_.reason
+    with pytest.raises(lg.InvalidOptionError, match="rechunk"):
+        lg.LinearizedGP(S, 1.0, method="function-cholesky").fit(J, y)
+
+
+class _NoLimitClient:
+    """What the planner reads of a cluster whose workers report no memory limit."""
+
+    def scheduler_info(self, **_):
+        return {"workers": {"w0": {"memory_limit": 0}, "w1": {"memory_limit": 0}}}
+
+
+def test_workers_without_a_memory_limit_need_a_budget_for_the_exact_path_only():
+    from lingp_core import _plan
+    with pytest.raises(lg.MemoryBudgetError, match="no memory limit"):
+        _plan.cluster_budget(_NoLimitClient(), None)
+    assert _plan.cluster_budget(_NoLimitClient(), 12345)[0] == 12345
 
 
 # ----- a worker dies ---------------------------------------------------------------------------------------------
