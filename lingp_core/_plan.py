@@ -11,7 +11,7 @@ from typing import Any
 from lingp_core import _validate as v
 from lingp_core._layout import noise_groups
 from lingp_core.kernels import work_bytes
-from lingp_core.sharded import CLUSTER_MEMORY_SHARE, is_sharded
+from lingp_core.sharded import CLUSTER_MEMORY_SHARE, is_sharded, scheduler_workers
 
 #: The blocked Cholesky runs ~T³/6 tile tasks for T shards: beyond this, auto goes iterative
 MAX_TILES = 48
@@ -183,11 +183,7 @@ def cluster_cholesky_bytes(pb: Problem) -> int:
 def cluster_budget(client: Any, memory_budget: Any) -> tuple[int, str]:
     """The bytes an exact factorization may take on the cluster: ``memory_budget`` if given, else
     CLUSTER_MEMORY_SHARE of the memory the workers report, and a description of where it came from."""
-    try:
-        info = client.scheduler_info(n_workers=-1)  # every worker (newer distributed lists a few by default)
-    except TypeError:  # older distributed: no n_workers, and every worker listed
-        info = client.scheduler_info()
-    workers = info["workers"].values()
+    workers = scheduler_workers(client).values()
     limits = [int(w.get("memory_limit") or 0) for w in workers]
     if memory_budget is not None:
         return int(v.check_positive(memory_budget, "memory_budget")), "memory_budget"

@@ -17,6 +17,7 @@ worker with the same answer. Dask is imported only here, and only when a dask ar
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +36,17 @@ __all__ = ["ShardedJacobian", "is_dask_array", "is_sharded"]
 CLUSTER_MEMORY_SHARE = 0.5
 #: Operands shared by every shard's task above this size travel as one future instead of inside each task
 _SHARED_INLINE_BYTES = 1 << 20
+
+
+def register_sizeof() -> None:
+    """Tell Dask what a shard weighs (its arrays' bytes): without it the scheduler counts a JacobianBlocks as a few
+    dozen bytes and moves shards next to their small operands instead of the other way round. Called where dask is
+    in use (workers load this module to run its tasks; the client on export), never at ``import lingp_core``."""
+    from dask.sizeof import sizeof
+
+    @sizeof.register(JacobianBlocks)
+    def _jacobian_bytes(J: JacobianBlocks) -> int:
+        return int(J.nbytes + J.f0.nbytes)
 
 
 def is_dask_array(x: Any) -> bool:
@@ -57,6 +69,15 @@ def current_client() -> Any:
         return get_client()
     except ValueError:
         return None
+
+
+def scheduler_workers(client: Any) -> dict[str, dict[str, Any]]:
+    """Every worker the scheduler knows: address → its info (memory_limit, ...)."""
+    try:
+        info = client.scheduler_info(n_workers=-1)  # newer distributed lists only a few workers by default
+    except TypeError:  # older distributed: no n_workers keyword, every worker listed
+        info = client.scheduler_info()
+    return info["workers"]
 
 
 def _dask_array_module() -> Any:
@@ -117,6 +138,7 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
     client = current_client()
     if client is None:
         return export_jacobian(model, x.compute(), **options)
+    register_sizeof()
     progress = options.pop("progress", False)
     chunks = [c for c in x.to_delayed().reshape(-1)]
     counts = [int(s) for s in x.chunks[0]]
@@ -129,11 +151,16 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
     import cloudpickle
     shipped = client.submit(_identity, cloudpickle.dumps((model, options)), pure=False)
     starts = np.cumsum([0] + [count for _, count in kept])
-    futures = client.compute([chunk for chunk, _ in kept])
-    shards = [client.submit(_export_shard, shipped, part, int(start), pure=False)
-              for part, start in zip(futures, starts)]
+    # shard i lives on worker i mod W (left to itself the scheduler runs every export where the network's bytes
+    # are); each shard's later tasks are sent to its home too. Homes are preferences: after a lost worker Dask
+    # recomputes and runs elsewhere
+    addresses = sorted(scheduler_workers(client))
+    homes = [addresses[i % len(addresses)] for i in range(len(kept))]
+    futures = [client.compute(chunk, workers=[home], allow_other_workers=True) for (chunk, _), home in zip(kept, homes)]
+    shards = [client.submit(_export_shard, shipped, part, int(start), pure=False, workers=[home],
+                            allow_other_workers=True) for part, start, home in zip(futures, starts, homes)]
     described = _gather_described(client, shards, progress)
-    return ShardedJacobian._from_shards(client, shards, described)
+    return ShardedJacobian._from_shards(client, shards, described, homes)
 
 
 def _identity(x: Any) -> Any:
@@ -147,9 +174,10 @@ def _export_shard(shipped: bytes, inputs: Any, start: int) -> JacobianBlocks:
     model, options = pickle.loads(shipped)
     try:
         return export_jacobian(model, inputs, **options)
-    except v.LingpError as exc:  # name the shard: example indices in the message count from its first row
-        raise type(exc)(f"in the shard of examples [{start}, {start + len(inputs)}) (example indices below are within "
-                        f"the shard: add {start} for their index in the inputs): {exc}") from None
+    except v.LingpError as exc:  # the same error, its message naming the shard
+        exc.args = (f"in the shard of examples [{start}, {start + len(inputs)}) (example indices below are within "
+                    f"the shard: add {start} for their index in the inputs): {exc}",)
+        raise
 
 
 def _describe(J: JacobianBlocks) -> dict[str, Any]:
@@ -207,8 +235,9 @@ class ShardedJacobian(JacobianShape):
     """
 
     def __init__(self, client: Any, shards: Sequence[Any], counts: Sequence[int], f0: Any, meta: dict[str, Any],
-                 backend: backends.Backend) -> None:
+                 backend: backends.Backend, homes: Sequence[str | None] | None = None) -> None:
         self.client, self.shards, self.counts = client, list(shards), tuple(int(c) for c in counts)
+        self.homes = list(homes) if homes is not None else [None] * len(self.shards)
         self.starts = tuple(int(s) for s in np.cumsum((0,) + self.counts))
         self.f0, self.backend, self._meta = f0, backend, meta
         self.outputs = tuple(meta["outputs"])
@@ -216,7 +245,8 @@ class ShardedJacobian(JacobianShape):
         self.timings = ShardTimings()
 
     @classmethod
-    def _from_shards(cls, client: Any, shards: list[Any], described: list[dict[str, Any]]) -> ShardedJacobian:
+    def _from_shards(cls, client: Any, shards: list[Any], described: list[dict[str, Any]],
+                     homes: list[str]) -> ShardedJacobian:
         first = described[0]
         for k, d in enumerate(described[1:], start=1):
             if d["backend"] != first["backend"]:
@@ -231,11 +261,11 @@ class ShardedJacobian(JacobianShape):
         meta = {key: first[key] for key in ("signature", "block_sizes", "block_names", "param_names",
                                             "param_shapes", "outputs", "fingerprint")}
         meta["nbytes"] = sum(d["nbytes"] for d in described)
-        return cls(client, shards, [d["f0"].shape[0] for d in described], f0, meta, be)
+        return cls(client, shards, [d["f0"].shape[0] for d in described], f0, meta, be, homes)
 
     def _derived(self, shards: list[Any], f0: Any, **changes: Any) -> ShardedJacobian:
         meta = dict(self._meta, **changes)
-        out = ShardedJacobian(self.client, shards, self.counts, f0, meta, self.backend)
+        out = ShardedJacobian(self.client, shards, self.counts, f0, meta, self.backend, self.homes)
         out.timings = self.timings  # one account per export
         return out
 
@@ -321,13 +351,19 @@ class ShardedJacobian(JacobianShape):
         results in shard order; the slowest shard's seconds and the whole round's are added to ``timings``."""
         begin = time.perf_counter()
         shared = tuple(self._once(x) for x in shared)
-        futures = [self.client.submit(_timed, fn, shard, *(() if per_shard is None else (per_shard[i],)), *shared,
-                                      pure=False) for i, shard in enumerate(self.shards)]
+        futures = [self._at(i, _timed, fn, shard, *(() if per_shard is None else (per_shard[i],)), *shared)
+                   for i, shard in enumerate(self.shards)]
         done = self.client.gather(futures)
         self.timings.rounds += 1
         self.timings.compute += max(seconds for _, seconds in done)
         self.timings.wall += time.perf_counter() - begin
         return [result for result, _ in done]
+
+    def _at(self, i: int, fn: Callable, *args: Any) -> Any:
+        """Submit a task of shard i to the shard's home worker (a preference: another may run it if that is gone)."""
+        home = self.homes[i]
+        return self.client.submit(fn, *args, pure=False, workers=None if home is None else [home],
+                                  allow_other_workers=True)
 
     def _once(self, x: Any) -> Any:
         """A large operand every shard's task reads (a p × k block, a test Jacobian) as one future made by a task:
@@ -355,7 +391,7 @@ class ShardedJacobian(JacobianShape):
 
     def _map(self, fn: Callable, *args: Any) -> list[Any]:
         """New shard futures ``fn(shard, *args)``, lazy (computed on first use, recomputable)."""
-        return [self.client.submit(fn, shard, *args, pure=False) for shard in self.shards]
+        return [self._at(i, fn, shard, *args) for i, shard in enumerate(self.shards)]
 
     # ----- derived Jacobians ---------------------------------------------------------------------------------------
     def select(self, examples: Any = None, output: int | None = None) -> ShardedJacobian:
@@ -382,8 +418,7 @@ class ShardedJacobian(JacobianShape):
     def transform_rows(self, factors: Any) -> ShardedJacobian:
         """G = L_iᵀ J_i per example (factors (n, c) or (n, c, c)), shard by shard."""
         parts = self._split(factors, 1)
-        shards = [self.client.submit(_transform_rows, shard, part, pure=False)
-                  for shard, part in zip(self.shards, parts)]
+        shards = [self._at(i, _transform_rows, shard, part) for i, (shard, part) in enumerate(zip(self.shards, parts))]
         return self._derived(shards, self.f0)
 
     def gather(self, memory_budget: float | None = None) -> JacobianBlocks:
@@ -423,8 +458,8 @@ class ShardedJacobian(JacobianShape):
                        what=f"the p × p Hessian (p = {self.p}) gathered from the shards", alternative="export fewer "
                        "parameters (params=, e.g. 'last_layer')")
         begin = time.perf_counter()
-        parts = [self.client.submit(_dense_ggn, shard, part, memory_budget, pure=False)
-                 for shard, part in zip(self.shards, self._split(factors, 1))]
+        parts = [self._at(i, _dense_ggn, shard, part, memory_budget)
+                 for i, (shard, part) in enumerate(zip(self.shards, self._split(factors, 1)))]
         out = self._tree_sum(parts)
         self.timings.rounds += 1
         self.timings.wall += time.perf_counter() - begin
@@ -437,12 +472,11 @@ class ShardedJacobian(JacobianShape):
         # client is not on the path between the two halves
         begin = time.perf_counter()
         per_example = self.n_outputs if mode == "full" else 1
-        submit = self.client.submit
-        pieces = [submit(_timed, _kernel_rmatmat, shard, part, mode, pure=False)
-                  for shard, part in zip(self.shards, self._split(X, per_example))]
-        total = submit(_timed_sum, *pieces, pure=False)
-        done = self.client.gather([submit(_kernel_matmat_after, shard, total, mode, pure=False)
-                                   for shard in self.shards])
+        pieces = [self._at(i, _timed, _kernel_rmatmat, shard, part, mode)
+                  for i, (shard, part) in enumerate(zip(self.shards, self._split(X, per_example)))]
+        total = self.client.submit(_timed_sum, *pieces, pure=False)
+        done = self.client.gather([self._at(i, _kernel_matmat_after, shard, total, mode)
+                                   for i, shard in enumerate(self.shards)])
         self.timings.rounds += 1
         self.timings.compute += done[0][2] + max(seconds for _, seconds, _, _ in done)
         self.timings.reduction += done[0][3]
@@ -473,8 +507,8 @@ class ShardedJacobian(JacobianShape):
         """Futures of the kernel's tiles K0[i, j] (shard i's rows × shard j's), upper triangle (i ≤ j) only."""
         from lingp_core.kernels import kernel
         T = len(self.shards)
-        return {(i, j): self.client.submit(_tile, self.shards[i], self.shards[j], kernel,
-                                           {"output_mode": mode, "dtype": dtype}, pure=False)
+        return {(i, j): self._at(i, _tile, self.shards[i], self.shards[j], kernel,
+                                 {"output_mode": mode, "dtype": dtype})
                 for i in range(T) for j in range(i, T)}
 
     def tile_rows(self, mode: Any) -> list[int]:
@@ -621,3 +655,7 @@ class ShardedKernelOperator(LinearOperator):
     def diagonal(self) -> Any:
         d = self.J.kernel_diag(self.output_mode, self.dtype)
         return d * self.dtype.type(self.prior_scale) + self.dtype.type(self.noise)
+
+
+if "dask" in sys.modules:  # a worker (or a client that imported dask first) loading this module: register now
+    register_sizeof()

@@ -93,3 +93,14 @@ def run_alongside(command: Sequence[str], work: Callable[[], Any], *, timeout: f
         raise
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(list(command), proc.returncode, stdout, stderr), value
+
+
+def dense_gp_posterior(J, f0, Js, f0s, y, s, noise):
+    """Mean and variance of the one-output GP with mean f0 and kernel s·J Jᵀ (noise σ²) at the test rows Js, written
+    out densely in float64: K* = s·J* Jᵀ, C = s·J Jᵀ + σ²I, mean = f0* + K* C⁻¹ (y − f0), var = s·‖j*‖² −
+    diag(K* C⁻¹ K*ᵀ), and C itself."""
+    cross = s * Js @ J.T
+    C = s * J @ J.T + noise * np.eye(J.shape[0])
+    mean = f0s[:, 0] + cross @ np.linalg.solve(C, y - f0[:, 0])
+    var = s * np.einsum("ij,ij->i", Js, Js) - np.einsum("ij,ji->i", cross, np.linalg.solve(C, cross.T))
+    return mean, var, C

@@ -11,7 +11,7 @@ import numpy as np
 
 from benchmarks import bench_posterior as bench
 from benchmarks._common import paper_mlp
-from tests.helpers import run_alongside, tolerance, torch_jacobian
+from tests.helpers import dense_gp_posterior, run_alongside, tolerance, torch_jacobian
 
 ROOT = Path(__file__).resolve().parents[1]
 N, SEED = 40, 0
@@ -24,11 +24,7 @@ def dense_posterior() -> tuple[np.ndarray, np.ndarray]:
     y = bench.targets(x, SEED)
     J, f0 = torch_jacobian(model, x)
     Js, f0s = torch_jacobian(model, x_star)
-    s, noise = bench.PRIOR_SCALE, bench.NOISE
-    cross = s * Js @ J.T
-    C = s * J @ J.T + noise * np.eye(N)
-    mean = f0s[:, 0] + cross @ np.linalg.solve(C, y - f0[:, 0])
-    var = s * np.einsum("ij,ij->i", Js, Js) - np.einsum("ij,ji->i", cross, np.linalg.solve(C, cross.T))
+    mean, var, _ = dense_gp_posterior(J, f0, Js, f0s, y, bench.PRIOR_SCALE, bench.NOISE)
     return mean, var
 
 

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("module", ["lingp_core", "backends"])
 def test_import_loads_no_cupy_torch_or_dask(module):
     code = (f"import sys, {module}; "
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('cupy', 'cupyx', 'torch', 'dask', 'distributed')); "
-            "print(','.join(heavy))")
+            "heavy = ('cupy', 'cupyx', 'torch', 'dask', 'distributed'); "
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                             check=False)
