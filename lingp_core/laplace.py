@@ -62,6 +62,7 @@ import numpy as np
 from lingp_core import _validate as v
 from lingp_core._estimator import Estimator, float_errors_checked, jacobian_from_archive
 from lingp_core._ggn import WORK_ELEMENTS, chunks
+from lingp_core._hyperparameters import check_hyperprior
 from lingp_core._laplace_engines import (
     FunctionEngine,
     Targets,
@@ -75,6 +76,7 @@ from lingp_core._progress import progress_bar
 from lingp_core._validate import NotFittedError
 from lingp_core.io import ArchiveError, fingerprint, fingerprint_json, jacobian_to_arrays
 from lingp_core.jacobian import JacobianBlocks
+from lingp_core.kernels import kernel_diag
 from lingp_core.likelihoods import Likelihood, as_likelihood
 from lingp_core.sharded import is_sharded, training_pair
 
@@ -325,7 +327,7 @@ class LaplaceClassifier(Estimator):
     log_evidence = log_marginal_likelihood
 
     def optimize_prior_scale(self, *, max_iter: int = 50, tol: float = 1e-4, bounds: tuple[float, float] = (1e-8, 1e8),
-                             layerwise: bool = False) -> LaplaceClassifier:
+                             layerwise: bool = False, hyperprior: Any = None) -> LaplaceClassifier:
         """Maximize the Laplace evidence over the prior scale s by MacKay's fixed point s = ‖ŵ − m‖² / γ.
 
         Each step re-solves the MAP (warm-started, preconditioned by the previous Hessian) and the posterior at the
@@ -354,6 +356,13 @@ class LaplaceClassifier(Estimator):
             p = 1024 until all steps fall within ``tol``, exact from then on. Weight space only. A group reaching
             the lower bound is one the evidence switches off (a NumericalWarning names it). The model's
             ``prior_scale`` becomes a tuple.
+        hyperprior : None, "data" or Hyperprior
+            A log-normal hyperprior on s, log s ~ N(μ, w²), making the result the MAP of s rather than the evidence's
+            maximum (for few labels, where the evidence alone can drive s to a bound). The fixed point becomes
+            ‖ŵ − m‖²/s = γ + 2(log s − μ)/w² (the hyperprior's slope added to the evidence's). ``"data"`` (or a
+            :class:`~lingp_core.Hyperprior` without ``log_prior_scale``) centres it where the prior's function-space
+            variance s·mean diag(J Jᵀ) equals the spread of the network's logits about their per-class means, with
+            width ``prior_scale_width`` (default 1). One prior scale only (not with ``layerwise``).
 
         Returns
         -------
@@ -372,6 +381,11 @@ class LaplaceClassifier(Estimator):
         if not lo < hi:
             raise v.ValueRangeError(f"bounds must satisfy lower < upper, got {bounds}")
         layerwise = v.check_bool(layerwise, "layerwise")
+        hyperprior = check_hyperprior(hyperprior)
+        if hyperprior is not None and layerwise:
+            raise v.InvalidOptionError("hyperprior= applies to one prior scale; it is not available with "
+                                       "layerwise=True")
+        centre = None if hyperprior is None else self._hyperprior_centre(hyperprior)
         if layerwise and self.plan_.space != "parameter":
             raise v.InvalidOptionError("optimize_prior_scale(layerwise=True) needs the weight-space engine: fit with "
                                        "method='parameter' (the function-space kernel takes one prior scale)")
@@ -382,12 +396,27 @@ class LaplaceClassifier(Estimator):
         if layerwise:
             draft._search_layerwise(max_iter, tol, lo, hi)
         else:
-            draft._search_prior_scale(max_iter, tol, lo, hi)
+            draft._search_prior_scale(max_iter, tol, lo, hi, centre)
         self._commit(draft)
         return self
 
-    def _search_prior_scale(self, max_iter: int, tol: float, lo: float, hi: float) -> None:
-        """optimize_prior_scale's steps, on a draft."""
+    def _hyperprior_centre(self, hyperprior: Any) -> tuple[float, float]:
+        """(μ, w) of the log-normal hyperprior on s: its centre, from the data when not given, and width."""
+        if hyperprior.log_prior_scale is not None:
+            return hyperprior.log_prior_scale, hyperprior.prior_scale_width
+        J = self._J_train
+        f0 = J.backend.to_numpy(J.f0).astype(np.float64)
+        spread = float(((f0 - f0.mean(axis=0)) ** 2).mean())
+        diag = float(J.backend.to_numpy(kernel_diag(J, output_mode="full")).mean())
+        if not (spread > 0 and diag > 0):
+            raise v.ValueRangeError(f"hyperprior='data' centres s where s·mean diag(J Jᵀ) matches the spread of the "
+                                    f"network's logits, but the spread is {spread:.3g} and the mean diagonal "
+                                    f"{diag:.3g}: give the centre (Hyperprior(log_prior_scale=...))")
+        return math.log(spread / diag), hyperprior.prior_scale_width
+
+    def _search_prior_scale(self, max_iter: int, tol: float, lo: float, hi: float,
+                            centre: tuple[float, float] | None = None) -> None:
+        """optimize_prior_scale's steps, on a draft; ``centre`` (μ, w): a log-normal hyperprior on s."""
         engine = self._engine
         t = math.log(self._one_scale())
         self.prior_scale_history_ = [(self.prior_scale, self.log_evidence())]
@@ -397,10 +426,10 @@ class LaplaceClassifier(Estimator):
         exact = engine.dimension <= _EXACT_TRACE_MAX
         for _ in range(max_iter):
             slopes = (engine.sq_norm_w_slope(), engine.effective_parameters_slope())  # once per fit
-            step = _newton_step(engine, t, engine.effective_parameters(exact), slopes, lo, hi)
+            step = _newton_step(engine, t, engine.effective_parameters(exact), slopes, lo, hi, centre)
             if abs(step) <= tol and not exact:
                 exact = True
-                step = _newton_step(engine, t, engine.effective_parameters(exact), slopes, lo, hi)
+                step = _newton_step(engine, t, engine.effective_parameters(exact), slopes, lo, hi, centre)
             direction = 1 if step > 0 else -1
             # a long way to go in one direction (e.g. towards a bound): double the cap while steps keep hitting it
             cap = 2 * cap if capped == direction else _LOG_STEP_CAP
@@ -605,15 +634,21 @@ class LaplaceClassifier(Estimator):
 _ENGINES = {"parameter": WeightEngine, "function": FunctionEngine}
 
 
-def _newton_step(engine: Any, t: float, gamma: float, slopes: tuple[float, float], lo: float, hi: float) -> float:
+def _newton_step(engine: Any, t: float, gamma: float, slopes: tuple[float, float], lo: float, hi: float,
+                 centre: tuple[float, float] | None = None) -> float:
     """The step in t = log s towards MacKay's fixed point φ(t) = log(‖ŵ − m‖²/γ) − t = 0, given γ and
     (d‖ŵ − m‖²/dt, dγ/dt): Newton's −φ/φ' where φ' < 0 (a stable fixed point), else φ itself (the plain update
-    s ← ‖ŵ − m‖²/γ); towards a bound when γ or ‖ŵ − m‖² vanish."""
+    s ← ‖ŵ − m‖²/γ); towards a bound when γ or ‖ŵ − m‖² vanish. A log-normal hyperprior ``centre`` = (μ, w) adds
+    its slope: γ is replaced by γ + 2(t − μ)/w² (and dγ/dt by dγ/dt + 2/w²); where that is ≤ 0 the hyperprior
+    alone pushes s up."""
     sq = engine.sq_norm_w()
+    gamma_slope = slopes[1]
+    if centre is not None:
+        gamma, gamma_slope = gamma + 2 * (t - centre[0]) / centre[1] ** 2, gamma_slope + 2 / centre[1] ** 2
     if gamma <= 0 or sq <= 0:
-        return (math.log(lo) if sq <= 0 else math.log(hi)) - t
+        return (math.log(lo) if sq <= 0 and centre is None else math.log(hi)) - t
     phi = math.log(sq / gamma) - t
-    slope = slopes[0] / sq - slopes[1] / gamma - 1.0
+    slope = slopes[0] / sq - gamma_slope / gamma - 1.0
     return -phi / slope if slope < 0 else phi
 
 

@@ -259,6 +259,36 @@ def test_optimize_prior_scale_reaches_the_evidence_fixed_point(backend, method, 
     assert history[0][0] == 0.05 and history[-1][0] == s and len(history) >= 3
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_optimize_prior_scale_with_a_hyperprior_reaches_the_map_condition(backend, method):
+    """With log s ~ N(μ, w²) the fixed point is the MAP condition ‖ŵ − m‖²/s = γ + 2(log s − μ)/w², checked on the
+    dense posterior; a narrow hyperprior pulls s from the evidence's fixed point towards μ."""
+    J, _, y, y_np, d = problem(backend)
+    plain = LaplaceClassifier(0.05, method=method, rtol=1e-12).fit(J, y).optimize_prior_scale(tol=1e-8).prior_scale
+    mu, width = float(np.log(plain)) + 3.0, 0.5
+    clf = LaplaceClassifier(0.05, method=method, rtol=1e-12).fit(J, y)
+    clf.optimize_prior_scale(tol=1e-8, hyperprior=lg.Hyperprior(log_prior_scale=mu, prior_scale_width=width))
+    s = clf.prior_scale
+    ref = dense_laplace(d, y_np, s, "categorical", None)
+    dw = ref["w"] - ref["m"]
+    assert abs(np.log(dw @ dw / (s * (ref["gamma"] + 2 * (np.log(s) - mu) / width**2)))) <= 1e-6
+    assert plain < s < np.exp(mu)
+
+
+def test_prior_scale_hyperprior_options(backend):
+    J, _, y, _, d = problem(backend)
+    clf = LaplaceClassifier(0.05, method="parameter").fit(J, y)
+    f0 = d["f0"]
+    centre = np.log(((f0 - f0.mean(axis=0)) ** 2).mean() / np.einsum("ij,ij->i", d["J"], d["J"]).mean())
+    assert clf._hyperprior_centre(lg.Hyperprior()) == pytest.approx((centre, 1.0), rel=1e-10)
+    clf.optimize_prior_scale(hyperprior="data")
+    assert np.isfinite(clf.log_evidence())
+    with pytest.raises(lg.InvalidOptionError, match="layerwise"):
+        clf.optimize_prior_scale(layerwise=True, hyperprior="data")
+    with pytest.raises(lg.InvalidOptionError, match="hyperprior"):
+        clf.optimize_prior_scale(hyperprior="evidence")
+
+
 def _dense_gamma_pieces(d, y_np, s, m_np, likelihood):
     """At the dense MAP of s: γ, the matrix M = I − H⁻¹/s (tr M = γ) and A with tr A = dγ/d log s, the curvature held
     (M − M²) plus its change as the MAP moves (H⁻¹ Jᵀ Λ' J H⁻¹ / s, Λ' by central differences of the dense Λ)."""
