@@ -180,57 +180,90 @@ def cluster_cholesky_bytes(pb: Problem) -> int:
     return pb.tasks * pb.m * pb.m * (pb.kernel_itemsize + 8 + 8 * pb.noise_groups) // 2
 
 
-def cluster_budget(client: Any, memory_budget: Any) -> tuple[int, str]:
-    """The bytes an exact factorization may take on the cluster: ``memory_budget`` if given, else
-    CLUSTER_MEMORY_SHARE of the memory the workers report, and a description of where it came from."""
-    workers = scheduler_workers(client).values()
-    limits = [int(w.get("memory_limit") or 0) for w in workers]
+@dataclasses.dataclass(frozen=True)
+class ClusterMemory:
+    """What an exact factorization may take on the cluster: ``budget`` bytes in all and ``per_worker`` on the
+    smallest worker (None: not known), and where the numbers came from."""
+
+    budget: int
+    per_worker: int | None
+    source: str
+
+
+def cluster_budget(client: Any, memory_budget: Any, backend_name: str = "numpy") -> ClusterMemory:
+    """``memory_budget`` if given, else CLUSTER_MEMORY_SHARE of what the workers have: their device memory for CuPy
+    shards (asked of each worker), their ``memory_limit`` otherwise."""
+    if backend_name == "cupy":
+        limits = [int(x) for x in client.run(_device_memory).values()]
+        where = "GPUs' free memory"
+    else:
+        limits = [int(w.get("memory_limit") or 0) for w in scheduler_workers(client).values()]
+        where = "memory limits"
+    smallest = int(CLUSTER_MEMORY_SHARE * min(limits)) if limits and min(limits) > 0 else None
     if memory_budget is not None:
-        return int(v.check_positive(memory_budget, "memory_budget")), "memory_budget"
-    if not limits or min(limits) <= 0:
+        return ClusterMemory(int(v.check_positive(memory_budget, "memory_budget")), smallest, "memory_budget")
+    if smallest is None:
         raise v.MemoryBudgetError(f"the cluster's {len(limits)} worker(s) report no memory limit, so the exact path "
                                   "cannot be sized; pass memory_budget= (bytes for the kernel and its factor on the "
                                   "cluster) or start the workers with a memory_limit")
-    share = int(CLUSTER_MEMORY_SHARE * sum(limits))
-    return share, (f"{CLUSTER_MEMORY_SHARE:.0%} of the {len(limits)} workers' {v.format_bytes(sum(limits))}")
+    return ClusterMemory(int(CLUSTER_MEMORY_SHARE * sum(limits)), smallest,
+                         f"{CLUSTER_MEMORY_SHARE:.0%} of the {len(limits)} workers' {where}, "
+                         f"{v.format_bytes(sum(limits))}")
+
+
+def _device_memory() -> int:
+    """Free bytes where this worker's CuPy arrays go (run on each worker)."""
+    import backends
+    return int(backends.get_backend("cupy").free_memory().arrays)
+
+
+def _exact_obstacle(pb: Problem, J: Any, memory: ClusterMemory, exact_max_rows: int | None) -> tuple[str, Any] | None:
+    """Why the blocked Cholesky cannot run here, with the error class to raise when it is forced; None if it can."""
+    needed, tiles = cluster_cholesky_bytes(pb), len(J.shards)
+    # one tile update holds four tiles (C_ij, U_ki, U_kj and the result) on one worker
+    tile_peak = 4 * 8 * max(J.tile_rows("full" if pb.m == J.n * J.n_outputs else "trace")) ** 2
+    if exact_max_rows is not None and pb.m > exact_max_rows:
+        return f"more rows than exact_max_rows = {exact_max_rows}", v.InvalidOptionError
+    if tiles > MAX_TILES:
+        return (f"{tiles} × {tiles} tiles (one per pair of shards; more than {MAX_TILES} shards make "
+                f"~{tiles ** 3 // 6} tasks: rechunk the inputs into fewer, larger row chunks)", v.InvalidOptionError)
+    if needed > memory.budget:
+        return (f"{v.format_bytes(needed)}, over the cluster budget of {v.format_bytes(memory.budget)} "
+                f"({memory.source})", v.MemoryBudgetError)
+    if memory.per_worker is not None and tile_peak > memory.per_worker:
+        return (f"{v.format_bytes(tile_peak)} on one worker for a tile update (four of the largest tiles), over "
+                f"the smallest worker's share of {v.format_bytes(memory.per_worker)}: use smaller row chunks",
+                v.MemoryBudgetError)
+    return None
 
 
 def choose_on_cluster(method: str, J: Any, layout: Any, noise: Any, settings: Any) -> Plan:
     """The plan for a Jacobian sharded on a Dask cluster: 'function-cholesky' (blocked, over the kernel's tiles on
-    the workers) when it fits the cluster's memory and exact_max_rows, else 'iterative' (matrix-free products on
-    the shards); the client holds the m × q vectors either way."""
+    the workers) when it fits the cluster's memory (in all and per worker), exact_max_rows and MAX_TILES, else
+    'iterative' (matrix-free products on the shards); the client holds the m × q vectors either way."""
     pb = problem_of(J, layout, noise, settings)
-    needed = cluster_cholesky_bytes(pb)
-    budget, source = (0, "") if method == "iterative" else cluster_budget(J.client, settings.memory_budget)
-    tiles = len(J.shards)
-    if method in ("auto", "cholesky"):
-        capped = settings.exact_max_rows is not None and pb.m > settings.exact_max_rows
-        many = tiles > MAX_TILES
-        if method == "cholesky" or (needed <= budget and not capped and not many):
-            method, why = "function-cholesky", (f"on the Dask cluster ({len(J.shards)} shards): blocked Cholesky over "
-                                                f"the kernel's tiles, {v.format_bytes(needed)} of a budget of "
-                                                f"{v.format_bytes(budget)} ({source})")
-        else:
-            limit = (f"more rows than exact_max_rows = {settings.exact_max_rows}" if capped else
-                     f"{tiles} × {tiles} tiles (one per pair of shards; more than {MAX_TILES} shards make "
-                     f"~{tiles ** 3 // 6} tasks: rechunk the inputs into fewer, larger row chunks)" if many else
-                     f"{v.format_bytes(needed)}, over the cluster budget of {v.format_bytes(budget)} ({source})")
-            method, why = "iterative", (f"on the Dask cluster ({len(J.shards)} shards), {pb.m} rows per task: an "
-                                        f"exact factorization needs {limit}; CG on kernel products over the shards")
-    else:
-        why = "forced by method= (on the Dask cluster)"
-    if method not in ("function-cholesky", "iterative"):
+    if method not in ("auto", "cholesky", "function-cholesky", "iterative"):
         raise v.InvalidOptionError(f"method {method!r} needs the Jacobian in memory; a Jacobian sharded on a Dask "
                                    "cluster is fitted by 'auto', 'cholesky', 'function-cholesky' or 'iterative'")
-    if method == "function-cholesky":
-        v.check_memory(needed, budget, what=f"the blocked Cholesky on the cluster ({pb.tasks} task(s) of {pb.m} rows)",
-                       alternative="use method='iterative' (matrix-free), or add workers")
-        if tiles > MAX_TILES:
-            raise v.InvalidOptionError(f"the blocked Cholesky over {tiles} shards would run ~{tiles ** 3 // 6} tile "
-                                       f"tasks; rechunk the inputs into at most {MAX_TILES} row chunks (one tile per "
-                                       "chunk), or use method='iterative'")
+    if method == "iterative":
+        why = "forced by method= (on the Dask cluster)"
     else:
-        # the client's vectors and bases, against the budget the engine itself will check
+        memory = cluster_budget(J.client, settings.memory_budget, J.backend.name)
+        obstacle = _exact_obstacle(pb, J, memory, settings.exact_max_rows if method == "auto" else None)
+        if obstacle is None:
+            forced = "" if method == "auto" else "forced by method=; "
+            method, why = "function-cholesky", (f"{forced}on the Dask cluster ({len(J.shards)} shards): blocked "
+                                                f"Cholesky over the kernel's tiles, "
+                                                f"{v.format_bytes(cluster_cholesky_bytes(pb))} of a budget of "
+                                                f"{v.format_bytes(memory.budget)} ({memory.source})")
+        elif method == "auto":
+            method, why = "iterative", (f"on the Dask cluster ({len(J.shards)} shards), {pb.m} rows per task: an "
+                                        f"exact factorization needs {obstacle[0]}; CG on kernel products over the "
+                                        "shards")
+        else:
+            raise obstacle[1](f"method={method!r} on the Dask cluster ({pb.tasks} task(s) of {pb.m} rows): the "
+                              f"blocked Cholesky needs {obstacle[0]}; use method='iterative' (matrix-free)")
+    if method == "iterative":  # the client's vectors and bases, against the budget the engine itself will check
         check_fits("iterative", pb, v.resolve_memory_budget(settings.memory_budget, J.backend))
     space, solver = split_method(method)
     return Plan(method, space, solver, pb.tasks, pb.m, pb.p, why)

@@ -364,7 +364,7 @@ def test_a_failed_fit_leaves_a_fitted_model_as_it_was(client, data, J_sharded):
     with pytest.raises(lg.NonFiniteError):
         gp.fit(J_sharded, rows(y_nan))
     gp.memory_budget = 1000.0  # the plan fails after the draft has taken the new data
-    with pytest.raises(lg.MemoryBudgetError, match="blocked Cholesky on the cluster"):
+    with pytest.raises(lg.MemoryBudgetError, match="blocked Cholesky needs .* over the cluster budget"):
         gp.fit(J_sharded, rows(2 * data["y"]))
     gp.memory_budget = None
     assert gp.plan_ is plan and gp.log_marginal_likelihood() == lml
@@ -481,11 +481,34 @@ class _NoLimitClient:
         return {"workers": {"w0": {"memory_limit": 0}, "w1": {"memory_limit": 0}}}
 
 
+class _GPUClient:
+    """What the planner asks of a cluster of CuPy workers: each worker's free device memory (client.run)."""
+
+    def run(self, fn):
+        return {"w0": 3000, "w1": 1000}
+
+
 def test_workers_without_a_memory_limit_need_a_budget_for_the_exact_path_only():
     from lingp_core import _plan
     with pytest.raises(lg.MemoryBudgetError, match="no memory limit"):
         _plan.cluster_budget(_NoLimitClient(), None)
-    assert _plan.cluster_budget(_NoLimitClient(), 12345)[0] == 12345
+    given = _plan.cluster_budget(_NoLimitClient(), 12345)
+    assert (given.budget, given.per_worker) == (12345, None)
+    gpus = _plan.cluster_budget(_GPUClient(), None, "cupy")  # device memory, not the hosts' memory limits
+    assert (gpus.budget, gpus.per_worker) == (2000, 500) and "GPUs" in gpus.source
+
+
+def test_a_tile_update_must_fit_one_worker(client, data, J_sharded):
+    """The cluster's total can hold the factorization while one worker cannot hold a tile update (four tiles)."""
+    from lingp_core import _plan
+    gp = lg.LinearizedGP(S, 0.05)
+    pb = _plan.problem_of(J_sharded, gp._layout, 0.05, gp)
+    tile = 4 * 8 * (CHUNK * 2) ** 2
+    roomy = _plan.ClusterMemory(10**12, tile, "test")
+    assert _plan._exact_obstacle(pb, J_sharded, roomy, None) is None
+    tight = _plan.ClusterMemory(10**12, tile - 1, "test")
+    why, error = _plan._exact_obstacle(pb, J_sharded, tight, None)
+    assert error is lg.MemoryBudgetError and "one worker" in why
 
 
 # ----- a worker dies ---------------------------------------------------------------------------------------------
