@@ -261,8 +261,11 @@ def choose_on_cluster(method: str, J: Any, layout: Any, noise: Any, settings: An
                                         f"exact factorization needs {obstacle[0]}; CG on kernel products over the "
                                         "shards")
         else:
-            raise obstacle[1](f"method={method!r} on the Dask cluster ({pb.tasks} task(s) of {pb.m} rows): the "
-                              f"blocked Cholesky needs {obstacle[0]}; use method='iterative' (matrix-free)")
+            message = (f"method={method!r} on the Dask cluster ({pb.tasks} task(s) of {pb.m} rows): the blocked "
+                       f"Cholesky needs {obstacle[0]}; use method='iterative' (matrix-free)")
+            if obstacle[1] is v.MemoryBudgetError:
+                raise v.MemoryBudgetError(message)
+            raise v.InvalidOptionError(message)
     if method == "iterative":  # the client's vectors and bases, against the budget the engine itself will check
         check_fits("iterative", pb, v.resolve_memory_budget(settings.memory_budget, J.backend))
     space, solver = split_method(method)
