@@ -30,10 +30,6 @@ class ClusterCholesky:
 
     space, solver = "function", "cholesky"
 
-    @staticmethod
-    def state_shapes(m: int, p: int, q: int, groups: int) -> dict[str, tuple]:
-        return {"alpha": (m, q), **{f"factor{g}": (m, m) for g in range(groups)}}
-
     def __init__(self, J: Any, mode: Any, kernel_dtype: Any, memory_budget: Any = None) -> None:
         self.J, self.mode, self.backend, self.memory_budget = J, mode, J.backend, memory_budget
         self.kernel_dtype = np.dtype(kernel_dtype)

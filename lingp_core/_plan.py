@@ -221,7 +221,7 @@ def _exact_obstacle(pb: Problem, J: Any, memory: ClusterMemory, exact_max_rows: 
     """Why the blocked Cholesky cannot run here, with the error class to raise when it is forced; None if it can."""
     needed, tiles = cluster_cholesky_bytes(pb), len(J.shards)
     # one tile update holds four tiles (C_ij, U_ki, U_kj and the result) on one worker
-    tile_peak = 4 * 8 * max(J.tile_rows("full" if pb.m == J.n * J.n_outputs else "trace")) ** 2
+    tile_peak = 4 * 8 * (max(J.counts) * (pb.m // J.n)) ** 2  # a task's rows per example: c ("full") or 1
     if exact_max_rows is not None and pb.m > exact_max_rows:
         return f"more rows than exact_max_rows = {exact_max_rows}", v.InvalidOptionError
     if tiles > MAX_TILES:

@@ -126,14 +126,20 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     -------
     array on J1's backend, of ``dtype``.
     """
-    if is_sharded(J1) or is_sharded(J2):
-        return _sharded_kernel(J1, J2, prior_scale, output_mode, dtype, memory_budget)
-    other = _check_jacobians(J1, J2)
+    sharded = is_sharded(J1) or is_sharded(J2)
+    if sharded:
+        for J in (J1, J2):
+            if J is not None and not isinstance(J, (JacobianBlocks, ShardedJacobian)):
+                raise v.ArgumentTypeError(f"J1 and J2 must be Jacobians from export_jacobian, got {type(J).__name__}")
+    else:
+        other = _check_jacobians(J1, J2)
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J1.n_outputs)
     dtype = np.dtype(dtype)
     if dtype not in J1.backend.float_dtypes:
         raise v.DTypeError(f"dtype must be float32 or float64, got {dtype}")
+    if sharded:
+        return _sharded_kernel(J1, J2, s, mode, dtype, memory_budget)
     c, n1, n2 = J1.n_outputs, J1.n, other.n
     shape = {"full": (n1 * c, n2 * c), "independent": (c, n1, n2)}.get(mode, (n1, n2)) if isinstance(mode, str) \
         else (n1, n2)
@@ -170,18 +176,10 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     return result
 
 
-def _sharded_kernel(J1: Any, J2: Any, prior_scale: float, output_mode: Any, dtype: Any, memory_budget: Any) -> Any:
-    """kernel() with a ShardedJacobian: K(X, X) as a 2-D dask array of tiles (the upper ones computed, where the
-    shards live; "independent": one per output, stacked), or K between a sharded and an in-memory Jacobian as an
-    in-memory array (the shards' columns computed where they live)."""
-    for J in (J1, J2):
-        if J is not None and not isinstance(J, (JacobianBlocks, ShardedJacobian)):
-            raise v.ArgumentTypeError(f"J1 and J2 must be Jacobians from export_jacobian, got {type(J).__name__}")
-    s = v.check_positive(prior_scale, "prior_scale")
-    mode = _check_mode(output_mode, J1.n_outputs)
-    dtype = np.dtype(dtype)
-    if dtype not in J1.backend.float_dtypes:
-        raise v.DTypeError(f"dtype must be float32 or float64, got {dtype}")
+def _sharded_kernel(J1: Any, J2: Any, s: float, mode: Any, dtype: np.dtype, memory_budget: Any) -> Any:
+    """kernel() with a ShardedJacobian (arguments checked by kernel): K(X, X) as a dask array of tiles (the upper
+    ones computed, where the shards live; "independent": one per output, stacked), or K between a sharded and an
+    in-memory Jacobian as an in-memory array (the shards' columns computed where they live)."""
     if J2 is None or J2 is J1:
         if mode == "independent":
             import dask.array as da

@@ -242,6 +242,12 @@ class ShardedJacobian(JacobianShape):
         self.f0, self.backend, self._meta = f0, backend, meta
         self.outputs = tuple(meta["outputs"])
         self.weights_fingerprint = meta["fingerprint"]
+        # JacobianBlocks' description, read from the shards at export (the same for every shard)
+        self.param_names: tuple[str, ...] = tuple(meta["param_names"])
+        self.param_shapes: tuple[tuple[int, ...], ...] = tuple(meta["param_shapes"])
+        self.block_sizes: tuple[int, ...] = tuple(meta["block_sizes"])
+        self.block_names: tuple[tuple[str, ...], ...] = tuple(meta["block_names"])
+        self.nbytes = int(meta["nbytes"])
         self.timings = ShardTimings()
 
     @classmethod
@@ -276,27 +282,7 @@ class ShardedJacobian(JacobianShape):
 
     @property
     def p(self) -> int:
-        return int(sum(self._meta["block_sizes"]))
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        return tuple(self._meta["param_names"])
-
-    @property
-    def param_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(self._meta["param_shapes"])
-
-    @property
-    def block_sizes(self) -> tuple[int, ...]:
-        return tuple(self._meta["block_sizes"])
-
-    @property
-    def block_names(self) -> tuple[tuple[str, ...], ...]:
-        return tuple(self._meta["block_names"])
-
-    @property
-    def nbytes(self) -> int:
-        return int(self._meta["nbytes"])
+        return int(sum(self.block_sizes))
 
     def gram_diagonal(self) -> Any:
         """diag(J Jᵀ): (n·c,)."""
