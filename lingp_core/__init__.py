@@ -27,6 +27,7 @@ from lingp_core._validate import (
     ValueRangeError,
 )
 from lingp_core.autograd_operator import AutogradJacobian
+from lingp_core.block_average import BlockWeightAverage
 from lingp_core.class_probabilities import probability_of_largest
 from lingp_core.dirichlet import DirichletClassifier, dirichlet_targets
 from lingp_core.export import LAST_LAYER, STRUCTURES, export_jacobian
@@ -77,6 +78,7 @@ __all__ = [
     "GP_METHODS",
     "MEANS",
     "AddedDiagonalOperator",
+    "BlockWeightAverage",
     "ArchiveError",
     "ArchiveNotFoundError",
     "ArchivePathError",

@@ -124,7 +124,8 @@ def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.nda
     log_s, log_noise = log_grid(center_s, center_noise, grid_size, span)
     _check_grid_range(log_s, log_noise, span, center_s, center_noise)
     log_evidence = spectral_log_evidence(model, log_s, log_noise)
-    kept, weights = posterior_weights(log_evidence, log_prior(log_s, log_noise), keep_mass)
+    log_prior_values = log_prior(log_s, log_noise)
+    kept, weights = posterior_weights(log_evidence, log_prior_values, keep_mass)
     model._mixture = HyperparameterMixture(np.exp(log_s[kept]), np.exp(log_noise[kept]), weights)
     top = kept[int(np.argmax(weights))]
     model.prior_scale, model.noise = float(np.exp(log_s[top])), float(np.exp(log_noise[top]))
@@ -136,11 +137,23 @@ def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.nda
     model.averaging_ = {"grid_size": grid_size, "span_decades": span, "center": {"prior_scale": center_s,
                         "noise": center_noise}, "points_kept": int(kept.size),
                         "effective_points": model._mixture.effective_points, "heaviest": model._hyperparameters(),
-                        "weight_on_grid_edge": edge}
+                        "weight_on_grid_edge": edge,
+                        "log_mass": log_mass(log_evidence + log_prior_values, grid_size, span)}
     if edge > 0.01:
         warnings.warn(f"{edge:.1%} of the hyperparameter posterior lies on the edge of the averaging grid "
                       f"(±{span} decades around s₀ = {center_s:.3g}, σ²₀ = {center_noise:.3g}): the grid truncates it; "
                       "widen span or add a hyperprior", v.NumericalWarning, stacklevel=3)
+
+
+def log_mass(log_joint: np.ndarray, grid_size: int, span: float) -> float:
+    """log ∫ p(y | θ) p(θ) dθ by the grid's quadrature (cell area in natural-log units): the evidence of the whole
+    averaged model, comparable between models averaged on grids of the same size and span (the Jacobian kernels of
+    :class:`lingp_core.BlockWeightAverage`). An unnormalized (uniform) hyperprior adds the same constant to all."""
+    from scipy.special import logsumexp
+
+    ten = np.log(10.0)
+    cell = (2 * span * ten / (grid_size - 1)) * ((span + NOISE_DECADES_ABOVE) * ten / (grid_size - 1))
+    return float(logsumexp(log_joint) + np.log(cell))
 
 
 #: Grid values must stay this far inside float64 (s, σ², σ²/s and their products with the spectrum stay finite).

@@ -1134,6 +1134,40 @@ class JacobianBlocks(JacobianShape):
                              f"{(n, c, c)} for a Jacobian with n = {n} examples and c = {c} outputs")
         return self._derived(self.f0, [block.transform_rows(arr) for block in self.blocks])
 
+    def scale_blocks(self, weights: Any) -> JacobianBlocks:
+        """J with block b's columns multiplied by √weights[b], so its kernel is Σ_b weights[b]·J_b J_bᵀ: a prior
+        on θ − θ̂ whose variance differs per block (per layer), read by every model as an ordinary Jacobian.
+
+        Parameters
+        ----------
+        weights : sequence of float, length = the number of blocks (``len(J.blocks)``)
+            Finite and > 0. The scaled arrays keep J's dtype (in float32 the scaled kernel carries float32 rounding).
+
+        Returns
+        -------
+        JacobianBlocks
+            Same n, c, p, parameter order, f0, signature and weights fingerprint; factored blocks share their inputs A
+            with this object.
+        """
+        try:
+            w = None if isinstance(weights, (str, bytes)) else np.asarray(weights, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ArgumentTypeError(f"weights must be a sequence of numbers, got {describe(weights)}") from None
+        if w is None or w.ndim != 1 or w.size != len(self.blocks):
+            raise ShapeError(f"weights must hold one number per block ({len(self.blocks)} blocks: "
+                             f"{[list(names) for names in self.block_names]}), got {weights!r}")
+        with np.errstate(invalid="ignore", over="ignore"):
+            roots = np.sqrt(w).astype(self.dtype)
+        info = np.finfo(self.dtype)
+        if not (np.isfinite(w).all() and (w >= np.finfo(np.float64).tiny).all() and (roots >= info.tiny).all()
+                and (roots <= np.sqrt(info.max)).all()):
+            raise ValueRangeError(f"block weights must be finite and > 0 (normal float64), with square roots normal "
+                                  f"{self.dtype} numbers (between {info.tiny:.3g} and {np.sqrt(info.max):.3g}), got "
+                                  f"{w.tolist()}")
+        n, c, xp = self.n, self.n_outputs, self.xp
+        return self._derived(self.f0, [block.transform_rows(xp.full((n, c), root, dtype=self.dtype))
+                                       for block, root in zip(self.blocks, roots)])
+
     def to_dense(self, *, memory_budget: float | None = None) -> Any:
         """The full Jacobian J as an (n·c, p) array (for small problems, tests and debugging).
 

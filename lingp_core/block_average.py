@@ -1,0 +1,289 @@
+"""BlockWeightAverage: a Jacobian-kernel GP averaged over per-layer prior weights as well as over (s, σ²).
+
+One prior scale for every weight says each layer may move as much as every other. A network fitted to one source task
+is often better adapted through some layers than others (its last-layer features, or its early ones), and with a few
+dozen targets the data can tell which. The prior on block b (a layer's parameters) gets variance s·ω_b, so
+
+    K_ω = s · Σ_b ω_b J_b J_bᵀ,
+
+and the predictions are averaged over ω on a grid as well as over (s, σ²):
+
+    p(f* | y) = Σ_ω W_ω p(f* | y, ω),   W_ω ∝ ∫ p(y | ω, s, σ²) p(s, σ²) d(s, σ²),
+
+each p(f* | y, ω) being :meth:`LinearizedGP.average_hyperparameters` on J scaled by √ω_b per block, and W_ω its evidence
+integrated over the (s, σ²) grid (:func:`lingp_core._averaging.log_mass`) under a uniform prior over the ω grid.
+
+The ω grid is over relative contributions: ω_b = r_b / mean diag(J_b J_bᵀ), r_b ∈ {10^(−decades), …, 1} (``levels``
+values), with max_b r_b = 1 (an overall factor is s's job, and every child's (s, σ²) grid is centred at its own
+data-scaled guess). So r_b = 1 for every block is the ordinary Jacobian kernel up to a per-layer normalization, and
+r = (1, 10⁻³, …) all but switches the other layers off. There are levels^B − (levels−1)^B points for B blocks with a
+non-zero kernel: ``max_components`` bounds them (export fewer parameter blocks with ``params=`` when there are many).
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Any
+
+import numpy as np
+
+from lingp_core import _averaging as averaging
+from lingp_core import _validate as v
+from lingp_core import io
+from lingp_core._estimator import Estimator, float_errors_checked
+from lingp_core._hyperparameters import Hyperprior
+from lingp_core._progress import progress_bar
+from lingp_core.gp import LinearizedGP
+from lingp_core.jacobian import JacobianBlocks
+from lingp_core.sharded import is_sharded
+
+__all__ = ["BlockWeightAverage"]
+
+#: LinearizedGP settings that are the averaging's own (it fixes them or grids over them)
+_NOT_SETTINGS = ("prior_scale", "noise")
+
+
+class BlockWeightAverage(Estimator):
+    """A :class:`LinearizedGP` averaged over per-block (per-layer) prior weights and over (s, σ²) (module docstring).
+
+    Parameters
+    ----------
+    levels : int
+        Values of each block's relative weight r_b, log-spaced from 10^(−decades) to 1 (≥ 1; 1: every r_b = 1, which
+        is one LinearizedGP averaged over (s, σ²) with per-layer-normalized blocks).
+    decades : float
+        How far below the largest block weight the smallest grid value lies (> 0).
+    grid_size, span, hyperprior, keep_mass
+        Each component's :meth:`LinearizedGP.average_hyperparameters` (hyperprior default "data": log-normal priors
+        at the data's scale; None for uniform). ``keep_mass`` also drops the ω points that together hold less than
+        1 − keep_mass of the weight.
+    max_components : int
+        The most ω points allowed (each costs one LinearizedGP fit and one eigendecomposition).
+    progress : bool
+        A progress bar over the ω points (needs tqdm).
+    **settings
+        Further :class:`LinearizedGP` settings for every component (mean, output_mode, method, memory_budget,
+        kernel_dtype, ...); not prior_scale or noise, which are averaged over.
+
+    Attributes (after fit)
+    ----------------------
+    block_names_ : tuple of tuple of str
+        The parameters of each block.
+    relative_weights_ : ndarray (G, B)
+        r of each kept ω point (blocks whose kernel is zero keep r = 1: they add nothing).
+    block_weights_ : ndarray (G, B)
+        The ω each kept component's Jacobian was scaled by (ω_b = r_b / mean diag J_b J_bᵀ).
+    weights_ : ndarray (G,)
+        W_ω of the kept points, summing to 1.
+    log_masses_ : ndarray (G,)
+        Their log evidence integrated over (s, σ²).
+    models_ : list of LinearizedGP
+        The kept components, each fitted on its scaled Jacobian and averaged over (s, σ²).
+    """
+
+    _KIND = "BlockWeightAverage"
+
+    def __init__(self, levels: int = 4, decades: float = 3.0, *, grid_size: int = 41,
+                 span: float = averaging.SPAN_DECADES, hyperprior: Any = "data", keep_mass: float = 1 - 1e-9,
+                 max_components: int = 256, progress: bool = False, **settings: Any) -> None:
+        self.levels = v.check_int(levels, "levels", minimum=1)
+        self.decades = v.check_positive(decades, "decades")
+        self.grid_size = v.check_int(grid_size, "grid_size", minimum=3)
+        self.span = v.check_positive(span, "span")
+        self.keep_mass = v.check_positive(keep_mass, "keep_mass")
+        if self.keep_mass > 1:
+            raise v.ValueRangeError(f"keep_mass must lie in (0, 1], got {keep_mass}")
+        if not (hyperprior is None or hyperprior == "data" or isinstance(hyperprior, Hyperprior)):
+            raise v.InvalidOptionError(f"hyperprior must be None, 'data' or a Hyperprior, got {v.describe(hyperprior)}")
+        self.hyperprior = hyperprior
+        self.max_components = v.check_int(max_components, "max_components", minimum=1)
+        self.progress = v.check_bool(progress, "progress")
+        for name in _NOT_SETTINGS:
+            if name in settings:
+                raise v.InvalidOptionError(f"BlockWeightAverage averages over {name}; do not pass it")
+        try:
+            LinearizedGP(**settings)  # the settings' own checks, now rather than at fit
+        except TypeError as exc:
+            raise v.ArgumentTypeError(f"unknown LinearizedGP setting: {exc}") from None
+        self.settings = dict(settings)
+
+    def __repr__(self) -> str:
+        fitted = f", components={len(self.models_)}" if self.is_fitted else ""
+        return f"BlockWeightAverage(levels={self.levels}, decades={self.decades:g}{fitted})"
+
+    # ----- fit ------------------------------------------------------------------------------------------------------
+    def fit(self, J: JacobianBlocks, y: Any) -> BlockWeightAverage:
+        """Fit one averaged LinearizedGP per ω point on J scaled per block, and weight the points by their evidence.
+
+        Parameters
+        ----------
+        J : JacobianBlocks
+            The training Jacobian (in memory), as for :meth:`LinearizedGP.fit`.
+        y : array of shape (n, c), or (n,) when c = 1
+            The targets, as for :meth:`LinearizedGP.fit`.
+
+        Like every fit, it builds the new state aside: if it fails the model is unchanged.
+        """
+        if is_sharded(J):
+            raise v.MissingCapabilityError("BlockWeightAverage fits one eigendecomposition per ω point in memory; "
+                                           "this Jacobian is sharded on a Dask cluster: average on an in-memory subset")
+        J = self._check_jacobian(J)
+        scale = _block_kernel_sizes(J)
+        relative = self._relative_grid(J, scale)
+        models, log_masses, edge_warnings = [], [], []
+        with progress_bar(len(relative), enabled=self.progress, desc="block weights", unit="fit") as bar:
+            for r in relative:
+                model, edge = self._component(J, y, r / np.where(scale > 0, scale, 1.0))
+                models.append(model)
+                log_masses.append(model.averaging_["log_mass"])
+                edge_warnings.append(edge)
+                bar.update()
+        log_masses = np.asarray(log_masses)
+        kept, weights = averaging.posterior_weights(log_masses, np.zeros_like(log_masses), self.keep_mass)
+        draft = self._draft()
+        draft.models_ = [models[i] for i in kept]
+        draft.relative_weights_ = relative[kept]
+        draft.block_weights_ = relative[kept] / np.where(scale > 0, scale, 1.0)
+        draft.weights_, draft.log_masses_ = weights, log_masses[kept]
+        draft._log_evidence = float(_logsumexp(log_masses) - np.log(log_masses.size))
+        draft.block_names_ = J.block_names
+        draft._backend, draft._signature = J.backend, draft.models_[0]._signature
+        self._commit(draft)
+        self._warn_grid_edges([edge_warnings[i] for i in kept], weights)
+        return self
+
+    def _relative_grid(self, J: JacobianBlocks, scale: np.ndarray) -> np.ndarray:
+        """The r points (G, B): every combination of the levels over blocks with a non-zero kernel, max r_b = 1."""
+        active = np.flatnonzero(scale > 0)
+        if active.size == 0:
+            raise v.ValueRangeError("every block of J is zero (its kernel J Jᵀ vanishes): there is nothing to weight")
+        count = self.levels ** active.size - (self.levels - 1) ** active.size
+        if count > self.max_components:
+            raise v.InvalidOptionError(f"{self.levels} levels over {active.size} blocks make {count} ω points, more "
+                                       f"than max_components = {self.max_components}: use fewer levels, raise "
+                                       "max_components, or export fewer parameter blocks (export_jacobian(params=...))")
+        values = np.logspace(-self.decades, 0.0, self.levels) if self.levels > 1 else np.ones(1)
+        points = [c for c in itertools.product(values, repeat=active.size) if max(c) == 1.0]
+        relative = np.ones((len(points), len(J.blocks)))
+        relative[:, active] = np.asarray(points)
+        return relative
+
+    def _component(self, J: JacobianBlocks, y: Any, block_weights: np.ndarray) -> tuple[LinearizedGP, list]:
+        """One LinearizedGP on J scaled by √ω, averaged over (s, σ²); its grid-edge warnings are collected, not
+        emitted (only the points that keep weight are worth a warning)."""
+        model = LinearizedGP(**self.settings).fit(J.scale_blocks(block_weights), y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", v.NumericalWarning)
+            model.average_hyperparameters(grid_size=self.grid_size, span=self.span, hyperprior=self.hyperprior,
+                                          keep_mass=self.keep_mass)
+        others = [w for w in caught if not issubclass(w.category, v.NumericalWarning)]
+        for w in others:  # not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return model, [str(w.message) for w in caught if issubclass(w.category, v.NumericalWarning)]
+
+    def _warn_grid_edges(self, messages: list[list[str]], weights: np.ndarray) -> None:
+        heavy = [(float(w), m[0]) for w, m in zip(weights, messages) if m and w > 0.01]
+        if heavy:
+            share = sum(w for w, _ in heavy)
+            warnings.warn(f"components holding {share:.1%} of the block-weight posterior warned: {heavy[0][1]}",
+                          v.NumericalWarning, stacklevel=3)
+
+    # ----- predictions ------------------------------------------------------------------------------------------------
+    def predict(self, J_star: JacobianBlocks, return_var: bool = False) -> Any:
+        """The mixture's mean (n*, c) and, with ``return_var``, its latent variances (n*, c): mean = Σ W_ω mean_ω,
+        var = Σ W_ω (var_ω + (mean_ω − mean)²), each component itself a mixture over (s, σ²)."""
+        return_var = v.check_bool(return_var, "return_var")
+        J_star = self._check_star(J_star)
+
+        def component(g: int) -> tuple[Any, Any]:
+            star = J_star.scale_blocks(self.block_weights_[g])
+            if return_var:
+                return self.models_[g].predict(star, return_var=True)
+            return self.models_[g].predict(star), 0.0
+        with float_errors_checked():
+            mean, var = averaging.mixture_moments(component, self.weights_)
+        return (mean, var) if return_var else mean
+
+    @property
+    def predictive_noise_(self) -> float:
+        """The posterior mean of σ² over both grids: add it to ``var`` for an observation's variance."""
+        self._check_fitted()
+        return float(sum(w * float(np.dot(m.mixture_.weights, m.mixture_.noises))
+                         for w, m in zip(self.weights_, self.models_)))
+
+    def log_marginal_likelihood(self) -> float:
+        """log p(y) of the whole average: the components' integrated evidence, averaged over the ω grid (uniform)."""
+        self._check_fitted()
+        return self._log_evidence
+
+    # ----- persistence ------------------------------------------------------------------------------------------------
+    def _archive(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        arrays: dict[str, Any] = {"weights": self.weights_, "log_masses": self.log_masses_,
+                                  "relative_weights": self.relative_weights_, "block_weights": self.block_weights_}
+        children = []
+        for g, model in enumerate(self.models_):
+            child_arrays, child_config = model._archive()
+            arrays.update({f"m{g}_{name}": a for name, a in child_arrays.items()})
+            children.append(child_config)
+        config = {"options": {"levels": self.levels, "decades": self.decades, "grid_size": self.grid_size,
+                              "span": self.span, "keep_mass": self.keep_mass, "max_components": self.max_components,
+                              "hyperprior": _hyperprior_json(self.hyperprior)},
+                  "settings": self.settings, "block_names": [list(b) for b in self.block_names_],
+                  "log_evidence": self._log_evidence, "components": children}
+        return arrays, config
+
+    @classmethod
+    def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
+        G, B = len(config["components"]), len(config["block_names"])
+        expected: dict[str, Any] = {"weights": (G,), "log_masses": (G,), "relative_weights": (G, B),
+                                    "block_weights": (G, B)}
+        for g, child in enumerate(config["components"]):
+            expected.update({f"m{g}_{name}": shape for name, shape in LinearizedGP._expected_arrays(child).items()})
+        return expected
+
+    @classmethod
+    def _from_archive(cls, arrays: dict[str, np.ndarray], config: dict[str, Any], be: Any) -> BlockWeightAverage:
+        options = dict(config["options"])
+        options["hyperprior"] = _hyperprior_from_json(options["hyperprior"])
+        model = cls(**options, **config["settings"])
+        weights = np.asarray(arrays["weights"], dtype=np.float64)
+        block_weights = np.asarray(arrays["block_weights"], dtype=np.float64)
+        if (weights < 0).any() or not np.isclose(weights.sum(), 1.0, rtol=1e-9) or not \
+                (np.isfinite(block_weights).all() and (block_weights > 0).all()):
+            raise io.ArchiveError("the saved block-weight mixture is not valid (weights must be ≥ 0 and sum to 1, "
+                                  "block weights finite and > 0); the file was modified")
+        model.models_ = []
+        for g, child in enumerate(config["components"]):
+            prefix = f"m{g}_"
+            model.models_.append(LinearizedGP._from_archive(
+                {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}, child, be))
+        model.weights_, model.block_weights_ = weights, block_weights
+        model.log_masses_ = np.asarray(arrays["log_masses"], dtype=np.float64)
+        model.relative_weights_ = np.asarray(arrays["relative_weights"], dtype=np.float64)
+        model.block_names_ = tuple(tuple(b) for b in config["block_names"])
+        model._log_evidence = float(config["log_evidence"])
+        model._backend, model._signature = be, model.models_[0]._signature
+        return model
+
+
+def _block_kernel_sizes(J: JacobianBlocks) -> np.ndarray:
+    """mean diag(J_b J_bᵀ) per block, float64 on the host (0 for a block whose Jacobian is zero)."""
+    be = J.backend
+    return np.array([float(be.to_numpy(b.gram_diagonal()).astype(np.float64).mean()) for b in J.blocks])
+
+
+def _logsumexp(values: np.ndarray) -> float:
+    top = float(np.max(values))
+    return top + float(np.log(np.sum(np.exp(values - top))))
+
+
+def _hyperprior_json(hyperprior: Any) -> Any:
+    if hyperprior is None or isinstance(hyperprior, str):
+        return hyperprior
+    return {"Hyperprior": hyperprior.as_dict()}
+
+
+def _hyperprior_from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Hyperprior(**value["Hyperprior"])
+    return value
