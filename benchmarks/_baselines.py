@@ -337,7 +337,8 @@ def ablr(model: Any, x: Any, y: Any, x_test: Any) -> tuple[np.ndarray, np.ndarra
 # ----- lingp ------------------------------------------------------------------------------------------------------
 
 #: How lingp's rows choose (s, σ²): the option of LinearizedGP each name runs (see :func:`choose_hyperparameters`).
-HYPERPARAMETER_CHOICES = ("evidence", "loo", "map", "average", "average-map", "layerwise-average-map")
+HYPERPARAMETER_CHOICES = ("evidence", "loo", "map", "average", "average-map", "layerwise-average",
+                          "layerwise-average-map")
 #: The choice the reproduction scripts use unless --lingp-hyperparameters says otherwise. Measured on the regression
 #: reproductions (issue 15, on their own test sets): the evidence's maximum collapses s → 0 for networks that already
 #: fit (ReLU toy) and loses to last-layer retraining at 10 tabular patients; averaging weighted by evidence × the
@@ -411,8 +412,8 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
     be = backends.get_backend(backend)
     jac, jac_test = jacobians if jacobians is not None else export_pair(model, x, x_test, be.name)
     targets = be.asarray(y.detach())
-    if hyperparameters == "layerwise-average-map":
-        return _layerwise_gp(jac, targets, jac_test, be)
+    if hyperparameters is not None and hyperparameters.startswith("layerwise"):
+        return _layerwise_gp(jac, targets, jac_test, be, hyperparameters)
     if fixed is None:
         gp = lg.LinearizedGP(mean="network").fit(jac, targets)
         choose_hyperparameters(gp, hyperparameters)
@@ -431,19 +432,21 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
             "plan": str(gp.plan_), "p": int(jac.p)}
 
 
-def _layerwise_gp(jac: Any, targets: Any, jac_test: Any, be: Any) -> dict:
-    """:func:`linearized_gp`'s result for "layerwise-average-map": a :class:`lingp_core.BlockWeightAverage` (per-block
-    prior weights and (s, σ²) averaged, the "data" hyperprior); s and σ² reported at the heaviest component's
-    heaviest grid point, ``averaging`` None (the block-weight mixture is summarized under ``layerwise``)."""
+def _layerwise_gp(jac: Any, targets: Any, jac_test: Any, be: Any, choice: str) -> dict:
+    """:func:`linearized_gp`'s result for "layerwise-average[-map]": a :class:`lingp_core.BlockWeightAverage`
+    (per-block prior weights and (s, σ²) averaged; "-map": with the "data" hyperprior, else uniform); s and σ²
+    reported at the heaviest component's heaviest grid point, ``averaging`` None (the block-weight mixture is
+    summarized under ``layerwise``)."""
     import lingp_core as lg
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lg.NumericalWarning)  # grid-edge warnings are recorded, not repeated per task
-        avg = lg.BlockWeightAverage(mean="network").fit(jac, targets)
+        avg = lg.BlockWeightAverage(mean="network", hyperprior="data" if choice.endswith("-map") else None)
+        avg.fit(jac, targets)
     mean, var = avg.predict(jac_test, return_var=True)
     top = avg.models_[int(np.argmax(avg.weights_))]
     return {"mean": be.to_numpy(mean).astype(np.float64), "var": be.to_numpy(var).astype(np.float64),
-            "hyperparameters": "layerwise-average-map", "prior_scale": float(top.prior_scale),
+            "hyperparameters": choice, "prior_scale": float(top.prior_scale),
             "noise": float(top.noise), "predictive_noise": avg.predictive_noise_,
             "log_marginal_likelihood": avg.log_marginal_likelihood(), "at_bound": [], "averaging": None,
             "layerwise": {"relative_weights": avg.relative_weights_[int(np.argmax(avg.weights_))].tolist(),
@@ -552,6 +555,8 @@ def lingp_record(result: dict) -> dict:
                                      "log_marginal_likelihood", "at_bound", "plan")}
     if result["averaging"] is not None:
         record.update({k: result["averaging"][k] for k in ("effective_points", "weight_on_grid_edge")})
+    if "layerwise" in result:
+        record["layerwise"] = result["layerwise"]
     return record
 
 
@@ -561,7 +566,8 @@ def add_hyperparameters_option(parser: Any) -> None:
                         help="how lingp chooses its prior scale s and noise σ²: evidence = marginal likelihood, loo = "
                              "leave-one-out predictive density, map = evidence × a log-normal hyperprior at the "
                              "data's scale, average / average-map = predictions averaged over a log grid of (s, σ²) "
-                             "weighted by evidence (× that hyperprior) (default %(default)s)")
+                             "weighted by evidence (× that hyperprior); layerwise-average[-map] = the same averaged "
+                             "over per-layer prior weights too (lingp_core.BlockWeightAverage) (default %(default)s)")
 
 
 def torch_device(backend: str) -> str:

@@ -11,6 +11,7 @@ dense mixture of its grid (weights against dense evidence ratios).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +362,25 @@ def test_linearized_gp_average_is_the_dense_mixture_of_its_grid(small_problem, c
     if choice == "average-map":
         log_w += dense_log_data_prior(d["j"], d["residual"], scales, noises)
     np.testing.assert_allclose(np.log(weights) - np.log(weights[heaviest]), log_w - log_w[heaviest], atol=1e-6)
+
+
+@pytest.mark.parametrize("choice", ["layerwise-average", "layerwise-average-map"])
+def test_linearized_gp_layerwise_is_the_block_weight_average(small_problem, choice):
+    import lingp_core as lg
+
+    d = small_problem
+    out = bl.linearized_gp(d["model"], d["x"], d["y"], d["x_star"], hyperparameters=choice)
+    J, J_star = bl.export_pair(d["model"], d["x"], d["x_star"], "numpy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.NumericalWarning)
+        avg = lg.BlockWeightAverage(mean="network", hyperprior="data" if choice.endswith("map") else None)
+        avg.fit(J, d["y"].numpy())
+    mean, var = avg.predict(J_star, return_var=True)
+    np.testing.assert_array_equal(out["mean"], mean)
+    np.testing.assert_array_equal(out["var"], var)
+    assert out["hyperparameters"] == choice and out["averaging"] is None
+    assert out["predictive_noise"] == avg.predictive_noise_
+    assert bl.lingp_record(out)["layerwise"]["components"] == len(avg.models_)
 
 
 def test_linearized_gp_reports_a_collapsed_prior_scale_instead_of_warning():
