@@ -14,8 +14,9 @@ weights) and predicts on a grid over [−12, 12], with two choices of the prior 
   σ² maximizing the marginal likelihood — for trained networks whose residuals are already pure noise it drives s
   towards 0: the evidence then says the network needs no correction, and the bands vanish; "loo" maximizes the
   leave-one-out predictive density, "map" the evidence times a data-scaled log-normal hyperprior, "average" /
-  "average-map" (default) average the GP over a log grid of (s, σ²) weighted by evidence (× that hyperprior); the
-  averaged rows keep the grid points and weights ("mixture").
+  "average-map" average the GP over a log grid of (s, σ²) weighted by evidence (× that hyperprior); the averaged rows
+  keep the grid points and weights ("mixture"); "layerwise-average[-map]" (default "layerwise-average-map") average
+  over per-layer prior weights too (lingp_core.BlockWeightAverage; the rows keep every component: "layerwise").
 The table reports test RMSE of the network and of the GP mean, the GP's test negative log predictive density (latent
 variance plus σ² — for averaging the mixture's variance plus its mean σ², a Gaussian with the mixture's moments —
 per point), and the GP's mean latent standard deviation in three regions: on the data
@@ -124,6 +125,7 @@ def run(args) -> dict:
                              "train_mse_end": losses[-1], "prior_scale": gp["prior_scale"], "noise": gp["noise"],
                              "predictive_noise": gp["predictive_noise"],
                              "mixture": gp["averaging"]["mixture"] if gp["averaging"] else None,
+                             "layerwise": gp.get("layerwise"),
                              "log_marginal_likelihood": gp["log_marginal_likelihood"], "plan": gp["plan"],
                              "net_test_rmse": float(np.sqrt(np.mean((net[:n_test] - y_test) ** 2))),
                              "gp_test_rmse": float(np.sqrt(np.mean((mean[:n_test] - y_test) ** 2))),
