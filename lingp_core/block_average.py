@@ -130,16 +130,24 @@ class BlockWeightAverage(Estimator):
         J = self._check_jacobian(J)
         scale = _block_kernel_sizes(J)
         relative = self._relative_grid(J, scale)
-        models, log_masses, edge_warnings = [], [], []
+        # a point whose mass lies this far below the heaviest so far can never hold keep_mass's share: drop it now
+        negligible = np.inf if self.keep_mass == 1 else np.log(len(relative) / (1 - self.keep_mass)) + 1.0
+        models, log_masses, edge_warnings = {}, np.full(len(relative), -np.inf), {}
         with progress_bar(len(relative), enabled=self.progress, desc="block weights", unit="fit") as bar:
-            for r in relative:
+            for i, r in enumerate(relative):
                 model, edge = self._component(J, y, r / np.where(scale > 0, scale, 1.0))
-                models.append(model)
-                log_masses.append(model.averaging_["log_mass"])
-                edge_warnings.append(edge)
+                if i == 0:
+                    self._check_memory(model, len(relative))
+                log_masses[i] = model.averaging_["log_mass"]
+                models[i], edge_warnings[i] = model, edge
+                top = float(log_masses.max())
+                for j in [j for j in models if log_masses[j] < top - negligible]:
+                    del models[j], edge_warnings[j]
                 bar.update()
-        log_masses = np.asarray(log_masses)
-        kept, weights = averaging.posterior_weights(log_masses, np.zeros_like(log_masses), self.keep_mass)
+        available = np.where(np.isin(np.arange(log_masses.size), list(models)), log_masses, -np.inf)
+        kept, weights = averaging.posterior_weights(available, np.zeros_like(log_masses), self.keep_mass)
+        kept, weights = kept[weights > 0], weights[weights > 0]  # rounding can let zero weights in at keep_mass ≈ 1
+        weights = weights / weights.sum()
         draft = self._draft()
         draft.models_ = [models[i] for i in kept]
         draft.relative_weights_ = relative[kept]
@@ -151,6 +159,17 @@ class BlockWeightAverage(Estimator):
         self._commit(draft)
         self._warn_grid_edges([edge_warnings[i] for i in kept], weights)
         return self
+
+    def _check_memory(self, model: LinearizedGP, count: int) -> None:
+        """MemoryBudgetError when ``count`` components of this one's size (its state and scaled Jacobian) could
+        exceed the budget: each holds its own eigendecomposition and, in function space, its J."""
+        be = model._backend
+        state = sum(int(a.nbytes) for engine in model._engines for a in engine.state().values())
+        one = state + (int(model._J.nbytes) if model.plan_.space == "function" else 0)
+        v.check_memory(one * count, v.resolve_memory_budget(self.settings.get("memory_budget"), be),
+                       what=f"{count} block-weight components of {v.format_bytes(one)} each",
+                       alternative="use fewer levels, export fewer parameter blocks (params=), or average over "
+                                   "(s, σ²) alone (LinearizedGP.average_hyperparameters)")
 
     def _relative_grid(self, J: JacobianBlocks, scale: np.ndarray) -> np.ndarray:
         """The r points (G, B): every combination of the levels over blocks with a non-zero kernel, max r_b = 1."""

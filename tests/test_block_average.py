@@ -172,3 +172,22 @@ def test_a_zero_block_is_left_out_of_the_grid(backend):
     avg = lg.BlockWeightAverage(levels=2, grid_size=5).fit(J0, y)
     assert len(avg.models_) == 2**3 - 1
     np.testing.assert_array_equal(avg.relative_weights_[:, -1], 1.0)
+
+
+@narrow_grid
+def test_components_that_cannot_matter_are_dropped_and_memory_is_checked(backend):
+    J, Js, _, o = problem(backend, np.random.default_rng(8), c=1)
+    rng = np.random.default_rng(1)  # targets from the first layer alone: points that switch it off lose by far
+    first = o["J"][:, : J.block_sizes[0]] @ rng.standard_normal(J.block_sizes[0])
+    y = backend.asarray(o["f"] + first[:, None] + 1e-3 * rng.standard_normal(o["f"].shape))
+    everything = lg.BlockWeightAverage(levels=3, grid_size=5, keep_mass=1.0).fit(J, y)
+    pruned = lg.BlockWeightAverage(levels=3, grid_size=5, keep_mass=1 - 1e-6).fit(J, y)
+    assert len(pruned.models_) < len(everything.models_) == 3**3 - 2**3
+    for got, ref in zip(pruned.predict(Js, return_var=True), everything.predict(Js, return_var=True)):
+        np.testing.assert_allclose(backend.to_numpy(got), backend.to_numpy(ref), rtol=1e-5,
+                                   atol=1e-5 * float(np.abs(backend.to_numpy(ref)).max()))
+    assert pruned.log_marginal_likelihood() == pytest.approx(everything.log_marginal_likelihood(), rel=1e-12)
+    model = everything.models_[0]
+    one = sum(int(a.nbytes) for e in model._engines for a in e.state().values()) + int(model._J.nbytes)
+    with pytest.raises(lg.MemoryBudgetError, match="19 block-weight components"):
+        lg.BlockWeightAverage(levels=3, grid_size=5, memory_budget=4 * one).fit(J, y)
