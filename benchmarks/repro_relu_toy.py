@@ -167,7 +167,7 @@ def plot(result: dict, path: Path) -> bool:
         ax.fill_between(grid, mean - 2 * std, mean + 2 * std, color="C0", alpha=0.3, label="GP ± 2σ (latent)")
         ax.plot(grid, mean, "C0", label="GP mean")
         ax.plot(grid, curve["network"], "C3--", label="network")
-        ax.set_title(f"width {curve['width']}, {curve['state']}, {curve['setting']} s, σ²", fontsize=9)
+        ax.set_title(f"width {curve['width']}, {curve['state']}\n{curve['setting']} s, σ²", fontsize=9)
         ax.set_ylim(-10, 30)
     for ax in axes[-1]:
         ax.set_xlabel("x")
