@@ -290,8 +290,12 @@ def _probe_model(model: Any, x1: Any) -> _Probe:
     except LingpError:
         raise
     except Exception as exc:  # the model's own error, whatever its type: say what went in
-        raise ShapeError(f"the model failed on inputs of shape {tuple(x1.shape)} (one example) and dtype {x1.dtype}: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        message = (f"the model failed on inputs of shape {tuple(x1.shape)} (one example) and dtype {x1.dtype}: "
+                   f"{type(exc).__name__}: {exc}")
+        if not (x1.dtype.is_floating_point or x1.dtype.is_complex):  # a float network given integer or bool inputs
+            raise DTypeError(f"{message}; a network with floating parameters usually needs floating inputs: convert "
+                             "them explicitly, e.g. inputs.float()") from exc
+        raise ShapeError(message) from exc
     finally:
         for h in handles:
             h.remove()

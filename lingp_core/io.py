@@ -82,9 +82,9 @@ class ArchiveNotFoundError(ArchivePathError, FileNotFoundError):
 def _archive_path(path: Any) -> tuple[str, str]:
     """The one rule, shared by save and load, from a user's path to the archive file.
 
-    ``path`` is a str or os.PathLike; ``~`` is expanded and ``.npz`` appended when missing (as numpy.savez does, so
-    ``save("m")`` and ``load("m")`` both mean ``m.npz``). A folder (a path ending with a separator, or an existing
-    folder) is refused: numpy would write a hidden ``folder/.npz``. Returns (the file, the path as the user wrote it).
+    ``path`` is a str or os.PathLike; ``~`` is expanded and ``.npz`` appended when missing (any case: ``m.NPZ`` is
+    kept as it is), so ``save("m")`` and ``load("m")`` both mean ``m.npz``. A folder (a path ending with a separator,
+    or an existing folder) is refused: numpy would write a hidden ``folder/.npz``. Returns (the file, the path as the user wrote it).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentTypeError(f"path must be a str or os.PathLike (e.g. pathlib.Path), got {type(path).__name__} "
@@ -99,7 +99,7 @@ def _archive_path(path: Any) -> tuple[str, str]:
     if expanded.endswith(separators) or os.path.isdir(expanded):
         raise ArchivePathError(f"path {given!r} is a folder, not a file; name the archive file in it, e.g. "
                                f"{os.path.join(expanded, 'model.npz')!r}")
-    target = expanded if expanded.endswith(".npz") else expanded + ".npz"
+    target = expanded if expanded.lower().endswith(".npz") else expanded + ".npz"  # "m.NPZ" is an archive name too
     if os.path.isdir(target):
         raise ArchivePathError(f"path {given!r} means the archive {target!r}, which is an existing folder; choose "
                                "another name")

@@ -109,6 +109,14 @@ def test_save_and_load_apply_one_path_rule(tmp_path, monkeypatch, kind_of_path, 
         np.testing.assert_array_equal(loaded[name], a)
 
 
+def test_an_upper_case_suffix_names_the_archive_itself(tmp_path):
+    arrays, config = synthetic()
+    written = save_archive(tmp_path / "m.NPZ", KIND, arrays, config)
+    assert written == str(tmp_path / "m.NPZ") and listing(tmp_path) == ["m.NPZ"]
+    loaded, _ = load_archive(tmp_path / "m.NPZ", KIND)
+    assert list(loaded) == list(arrays)
+
+
 def test_model_save_and_load_accept_the_same_path(tmp_path):
     arrays, config = synthetic()
     save_archive(tmp_path / "model", KIND, arrays, config)
