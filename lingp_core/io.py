@@ -84,7 +84,8 @@ def _archive_path(path: Any) -> tuple[str, str]:
 
     ``path`` is a str or os.PathLike; ``~`` is expanded and ``.npz`` appended when missing (any case: ``m.NPZ`` is
     kept as it is), so ``save("m")`` and ``load("m")`` both mean ``m.npz``. A folder (a path ending with a separator,
-    or an existing folder) is refused: numpy would write a hidden ``folder/.npz``. Returns (the file, the path as the user wrote it).
+    or an existing folder) is refused: numpy would write a hidden ``folder/.npz``. Returns (the file, the path as the
+    user wrote it).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentTypeError(f"path must be a str or os.PathLike (e.g. pathlib.Path), got {type(path).__name__} "
