@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from backends import Backend
+from backends._triangles import clear_upper, fill_lower
 from lingp_core import _validate as v
 from lingp_core._ggn import WORK_ELEMENTS, chunks, dense_ggn, example_grams
 from lingp_core._precision import eps
@@ -17,6 +18,7 @@ from lingp_core.kernels import kernel
 from lingp_core.likelihoods import Likelihood
 from lingp_core.operators import LinearOperator
 from lingp_core.solvers import cg, safe_cholesky
+from lingp_core.solvers.cholesky import _with_jitter
 from lingp_core.solvers.preconditioners import _DiagonalInverse
 
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
@@ -24,6 +26,7 @@ _MAX_HALVINGS = 40
 # Hutchinson probes for γ and dγ/d log s while the prior-scale steps are far from the fixed point (the last steps use
 # the exact γ): ~0.3 % on γ for the digits benchmark's p = 4,810
 _SLOPE_PROBES = 128
+_PREDICT_COLUMNS = 128  # columns of R⁻ᵀ per chunk of the predictive covariance (see predict_weight)
 
 
 # ----- likelihood pieces in float64 ---------------------------------------------------------------------------------
@@ -135,6 +138,42 @@ def _triangular_inverse(factor: Any, backend: Backend) -> Any:
     return backend.solve_triangular(factor, backend.xp.eye(factor.shape[0]), lower=True)
 
 
+def _symmetric_cholesky_in_place(a: Any, backend: Backend) -> Any:
+    """The lower Cholesky factor of the symmetric positive definite ``a`` ((n, n) float64, C-ordered, both triangles
+    filled), written over ``a`` (its strict upper triangle then cleared), with :func:`safe_cholesky`'s jitter policy.
+
+    Unlike ``safe_cholesky(a, overwrite_a=True)`` there are no passes over all of ``a`` to check its symmetry and
+    finiteness before LAPACK runs (0.3 s next to LAPACK's 0.9 s at p = 4,810 on one core), and no copy on CuPy: the
+    callers build ``a`` symmetric. LAPACK reads the lower triangle only; a failed attempt is retried from the upper
+    one, which it leaves untouched, plus jitter; NaN or Inf raise NonFiniteError.
+    """
+    xp, n = backend.xp, a.shape[0]
+    index = xp.arange(n)
+    diagonal = a[index, index]  # a copy (advanced indexing)
+
+    def attempt(jitter: float, first: bool) -> Any:
+        if not first:  # LAPACK left the lower triangle half-factored: rebuild it from the upper one
+            fill_lower(a, a, 1.0, xp)
+            a[index, index] = diagonal + jitter
+        backend.cholesky_lower_in_place(a)
+        # a NaN or Inf in row i of the lower triangle reaches L_ii, and not every LAPACK stops on it
+        if not bool(xp.isfinite(xp.diagonal(a)).all()):
+            raise v.NonFiniteError(f"the Hessian ({n} × {n}) holds NaN or Inf, so it has no Cholesky factor")
+        return a
+
+    def finite() -> bool:
+        return bool(xp.isfinite(diagonal).all()) and all(
+            bool(xp.isfinite(xp.triu(a[rows], rows.start + 1)).all()) for rows in chunks(n, max(1, WORK_ELEMENTS // n)))
+
+    mean_diag = float(diagonal.mean()) if n else 1.0
+    if not math.isfinite(mean_diag):
+        raise v.NonFiniteError(f"the Hessian ({n} × {n}) has NaN or Inf on its diagonal")
+    _with_jitter(attempt, "LaplaceClassifier", f"the Hessian ({n} × {n}, float64)", mean_diag, eps(np.float64), 5,
+                 True, finite)
+    clear_upper(a, xp)
+    return a
+
+
 def _example_chunks(n: int, per_example: int) -> list[slice]:
     return list(chunks(n, WORK_ELEMENTS // max(1, per_example)))
 
@@ -199,8 +238,17 @@ class WeightEngine(_ProbeSolves):
         self.dimension = J.p  # of the posterior's matrices
         self.blocks = block_groups(J)
         self.factor: Any = None  # the lower Cholesky factor R of H at the last MAP
+        self._owns_factor = False  # whether no other engine (a copy) shares ``factor``: a refit may write over it
         self._inverse_factor: Any = None  # R⁻¹, computed when first needed
         self._direction: Any = None  # H⁻¹ (ŵ − m), computed when first needed
+
+    def __copy__(self) -> WeightEngine:
+        """A shallow copy (the engine of a refit's draft): it shares the factor with this engine, so from now on
+        neither writes over it."""
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        self._owns_factor = twin._owns_factor = False
+        return twin
 
     def set_prior(self, scales: np.ndarray) -> None:
         """Prior variances: one for all columns (``scales`` of length 1) or one per block of J. Called by ``fit``;
@@ -254,9 +302,13 @@ class WeightEngine(_ProbeSolves):
                 break
             w, g, objective = moved
         self.w, self.g = w, g
-        F = dense_ggn(J, _square_factors(self.likelihood, g), self.budget)
+        # Newton is done with the last factor: its memory takes the new F unless another engine shares it
+        recycled = self.factor if self._owns_factor else None
+        self.factor = None
+        F = dense_ggn(J, _square_factors(self.likelihood, g), self.budget, out=recycled)
         self.factor, self._inverse_factor, self._probes, self._direction = self._factorize(F), None, None, None
-        del F
+        self._owns_factor = True
+        del F, recycled
         self.objective = objective
         return {"newton_iterations": info.iterations, "cg_iterations": info.cg_iterations,
                 "converged": info.converged, "gradient_ratio": info.gradient_ratio}
@@ -266,7 +318,7 @@ class WeightEngine(_ProbeSolves):
         idx = self.backend.xp.arange(F.shape[0])
         F[idx, idx] += self.precision
         # positive definite by construction (≥ S⁻¹): jitter only for rounding; F is factored in place
-        return safe_cholesky(F, overwrite_a=True).factor
+        return _symmetric_cholesky_in_place(F, self.backend)
 
     def _line_search(self, w: Any, g: Any, objective: float, grad: Any, step: Any) -> tuple | None:
         J = self.J
@@ -488,16 +540,28 @@ class FunctionEngine(_ProbeSolves):
 def predict_weight(state: dict, J_star: JacobianBlocks, cov: str | None) -> tuple:
     """Mean f0* + J* ŵ and, per example, the c × c blocks (or diagonals) of J* Σ J*ᵀ = Z Zᵀ with Z = J* R⁻ᵀ
     computed through the blocks, summed over chunks of Z's columns (each column of R⁻ᵀ is rearranged for the blocks
-    once, whatever the number of test examples)."""
+    once, whatever the number of test examples).
+
+    R⁻ᵀ is upper triangular: its columns ``cols`` vanish below row cols.stop, so the blocks of J* whose parameters
+    all come later add nothing there and are skipped. Chunks of at most ``_PREDICT_COLUMNS`` columns keep a factored
+    block's intermediate (n*·out·k) small enough to stay near the cache (1.5× faster than 2,810-column chunks for the
+    digits MLP's 597 test examples).
+    """
     xp = J_star.xp
     n, c, p = J_star.n, J_star.n_outputs, J_star.p
     mean = J_star.f0.astype(np.float64) + _J_times(J_star, state["w"]).reshape(n, c)
     if cov is None:
         return mean, None
     out = xp.zeros((n, c, c) if cov == "full" else (n, c), dtype=np.float64)
-    for cols in chunks(p, max(1, WORK_ELEMENTS // (n * c))):
-        right = xp.ascontiguousarray(state["inverse_factor"][cols].T, dtype=J_star.dtype)  # R⁻ᵀ[:, cols]
-        z = _J_times(J_star, right).reshape(n, c, -1)
+    starts = np.cumsum([0] + list(J_star.block_sizes))
+    for cols in chunks(p, max(1, min(_PREDICT_COLUMNS, WORK_ELEMENTS // (n * c)))):
+        live = int(np.searchsorted(starts, cols.stop))  # blocks starting before cols.stop: the others meet zeros
+        # R⁻ᵀ[:end, cols] in J*'s dtype, rows up to the end of the last live block
+        right = xp.ascontiguousarray(state["inverse_factor"][cols, : starts[live]].T, dtype=J_star.dtype)
+        z = xp.zeros((n * c, cols.stop - cols.start), dtype=J_star.dtype)
+        for block, start in zip(J_star.blocks[:live], starts[:live]):
+            z += block.matmat(right[start: start + block.p])
+        z = z.astype(np.float64).reshape(n, c, -1)
         out += z @ z.transpose(0, 2, 1) if cov == "full" else (z * z).sum(axis=2)
     return mean, out
 

@@ -216,6 +216,107 @@ def test_dense_ggn_on_weight_only_and_bias_only_blocks(backend, params):
     assert_matches(cov, ref["cov"], backend, dtype=np.float64, rtol=F64)
 
 
+@pytest.mark.parametrize("params", [None, ["0.weight", "2.weight", "2.bias"], ["0.bias", "2.bias"]])
+def test_dense_ggn_matches_the_dense_oracle_and_is_symmetric(backend, params):
+    """dense_ggn against Jᵀ Λ J from jacrev (float64), for factored blocks with a weight and a bias (two parameter
+    segments: the symmetric unpacking of a block with itself mixes them), only one of them, and several blocks
+    (the mirrored cross pairs); F is exactly symmetric, and ``out`` receives the same F in a given buffer."""
+    from lingp_core._ggn import dense_ggn
+    from lingp_core.likelihoods import CategoricalLikelihood
+
+    torch.manual_seed(0)
+    model = mlp(torch.nn.Tanh, (4, 7, 3))
+    x = torch.randn(25, 4, generator=torch.Generator().manual_seed(1))
+    model, x = on_backend(model, x, backend, np.float64)
+    J = lg.export_jacobian(model, x, params=params, backend=backend)
+    names = [k for k, _ in model.named_parameters() if params is None or k in params]
+    d = dense_arrays(model, x, x[:1], J, names)
+    factors = CategoricalLikelihood().sqrt_curvature(J.f0)
+    n, c = d["f0"].shape
+    Jb = d["J"].reshape(n, c, -1)
+    expected = np.einsum("ikp,ikl,ilq->pq", Jb, _curvature_blocks(d["f0"], "categorical"), Jb)
+    F = dense_ggn(J, factors, None)
+    assert_matches(F, expected, backend, dtype=np.float64, rtol=tolerance(np.float64, 1e3))
+    F_host = backend.to_numpy(F)
+    assert np.array_equal(F_host, F_host.T)
+    buffer = backend.xp.full((J.p, J.p), np.nan)
+    assert dense_ggn(J, factors, None, out=buffer) is buffer
+    assert np.array_equal(backend.to_numpy(buffer), F_host)
+    with pytest.raises(lg.ShapeError, match="C-contiguous float64"):
+        dense_ggn(J, factors, None, out=backend.xp.zeros((J.p, J.p)).T[:, : J.p - 1])
+
+
+def test_weight_space_cholesky_in_place_jitter_and_errors(backend):
+    """The weight-space engine's in-place Cholesky: the factor of an SPD matrix with its strict upper triangle
+    cleared; a singular PSD matrix retried from its untouched upper triangle with jitter (and a warning); NaN and
+    an indefinite matrix raise."""
+    from lingp_core._laplace_engines import _symmetric_cholesky_in_place
+
+    xp = backend.xp
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((6, 9))
+    A = X @ X.T
+    a = xp.array(A)  # a copy: factored in place
+    factor = _symmetric_cholesky_in_place(a, backend)
+    assert factor is a
+    assert_matches(factor, np.linalg.cholesky(A), backend, dtype=np.float64)
+    singular = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # the second pivot is exactly 0
+    with pytest.warns(lg.NumericalWarning, match="jitter"):
+        factor = backend.to_numpy(_symmetric_cholesky_in_place(xp.array(singular), backend))
+    assert np.array_equal(factor, np.tril(factor))
+    jitter = factor @ factor.T - singular
+    assert np.allclose(jitter, jitter[0, 0] * np.eye(3), rtol=0, atol=1e-14) and 0 < jitter[0, 0] < 1e-6
+    for at in ((2, 2), (4, 1)):  # a NaN in the diagonal, and one off it (in both triangles)
+        bad = A.copy()
+        bad[at], bad[at[::-1]] = np.nan, np.nan
+        with pytest.raises(lg.NonFiniteError):
+            _symmetric_cholesky_in_place(xp.array(bad), backend)
+    with pytest.raises(lg.NotPositiveDefiniteError):
+        _symmetric_cholesky_in_place(xp.asarray(np.array([[1.0, 2.0], [2.0, 1.0]])), backend)
+
+
+def test_predictive_covariance_in_column_chunks_skips_blocks_that_meet_zeros(backend, monkeypatch):
+    """Z = J* R⁻ᵀ in chunks of a few columns: chunks that end before the last block starts skip it (R⁻ᵀ is upper
+    triangular); the covariances must still be the oracle's."""
+    import lingp_core._laplace_engines as engines
+
+    monkeypatch.setattr(engines, "_PREDICT_COLUMNS", 4)
+    J, Js, y, y_np, d = problem(backend, n=30, widths=(3, 6, 3))
+    assert J.p > 4 * 3 and J.block_sizes[0] > 4  # several chunks, the first ones before the last block
+    ref = dense_laplace(d, y_np, 0.7, "categorical")
+    clf = LaplaceClassifier(0.7, method="parameter", rtol=1e-12).fit(J, y)
+    mean, cov = clf.predict_logits(Js, return_var="full")
+    assert_matches(mean, ref["mean"], backend, dtype=np.float64, rtol=F64)
+    assert_matches(cov, ref["cov"], backend, dtype=np.float64, rtol=F64)
+
+
+def test_refits_write_over_their_own_factor_never_the_committed_one(backend, monkeypatch):
+    """optimize_prior_scale's refits build each Hessian in the memory of the draft's previous factor once the
+    draft has its own (not in the committed model's, which a copy shares): a search that fails on its third refit
+    leaves the fitted model's factor as it was, and its predictions (computed from it afterwards) those of an
+    identical fit."""
+    import lingp_core._laplace_engines as engines
+
+    J, Js, y, _, _ = problem(backend, n=30)
+    clf, same = (LaplaceClassifier(1e-3, method="parameter", rtol=1e-12).fit(J, y) for _ in range(2))
+    factor = backend.to_numpy(clf._engine.factor).copy()
+    buffers, real = [], engines.dense_ggn
+
+    def fails_third(J, factors, budget, out=None):
+        buffers.append(out)
+        if len(buffers) == 3:
+            raise RuntimeError("stop")
+        return real(J, factors, budget, out=out)
+
+    monkeypatch.setattr(engines, "dense_ggn", fails_third)
+    with pytest.raises(RuntimeError, match="stop"):
+        clf.optimize_prior_scale(tol=1e-12)
+    assert buffers[0] is None and buffers[1] is not None  # the first refit's factor was the draft's own
+    assert np.array_equal(backend.to_numpy(clf._engine.factor), factor)
+    for x, z in zip(clf.predict_logits(Js, return_var="full"), same.predict_logits(Js, return_var="full")):
+        assert_matches(x, backend.to_numpy(z), backend, dtype=np.float64, rtol=F64)
+
+
 def test_float32_jacobians_give_float64_results_near_the_float64_answer(backend):
     J, Js, y, y_np, d = problem(backend, dtype=np.float32)
     ref = dense_laplace(d, y_np, 0.8, "categorical")
