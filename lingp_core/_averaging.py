@@ -154,10 +154,18 @@ def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.nda
                       "widen span or add a hyperprior", v.NumericalWarning, stacklevel=3)
 
 
+def uniform_log_prior(span: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The log density of a prior uniform in (log s, log σ²) over the grid's area (natural logs), for averaging
+    without a hyperprior: a constant, so it leaves the weights as they are and makes :func:`log_mass` log p(y)."""
+    ten = np.log(10.0)
+    log_area = float(np.log(2 * span * ten) + np.log((span + NOISE_DECADES_ABOVE) * ten))
+    return lambda log_s, log_noise: np.full(np.shape(log_s), -log_area)
+
+
 def log_mass(log_joint: np.ndarray, grid_size: int, span: float) -> float:
     """log ∫ p(y | θ) p(θ) dθ by the grid's quadrature (cell area in natural-log units): the evidence of the whole
-    averaged model, comparable between models averaged on grids of the same size and span (the Jacobian kernels of
-    :class:`lingp_core.BlockWeightAverage`). An unnormalized (uniform) hyperprior adds the same constant to all."""
+    averaged model (log p(y) for a normalized hyperprior), comparable between models averaged on grids of the same
+    size and span (the Jacobian kernels of :class:`lingp_core.BlockWeightAverage`)."""
     from scipy.special import logsumexp
 
     ten = np.log(10.0)

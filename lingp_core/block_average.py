@@ -70,7 +70,11 @@ class BlockWeightAverage(Estimator):
     block_names_ : tuple of tuple of str
         The parameters of each block.
     relative_weights_ : ndarray (G, B)
-        r of each kept ω point (blocks whose kernel is zero keep r = 1: they add nothing).
+        r of each kept ω point. A block whose training kernel is zero keeps r = ω = 1: the training data say nothing
+        about it, so it keeps LinearizedGP's plain prior (variance s, in its parameters' own units) and adds that
+        prior variance wherever its test Jacobian is not zero.
+    block_scales_ : ndarray (B,)
+        mean diag(J_b J_bᵀ) of the training Jacobian per block (1 for a block whose kernel is zero).
     block_weights_ : ndarray (G, B)
         The ω each kept component's Jacobian was scaled by (ω_b = r_b / mean diag J_b J_bᵀ).
     weights_ : ndarray (G,)
@@ -102,10 +106,12 @@ class BlockWeightAverage(Estimator):
             if name in settings:
                 raise v.InvalidOptionError(f"BlockWeightAverage averages over {name}; do not pass it")
         try:
-            LinearizedGP(**settings)  # the settings' own checks, now rather than at fit
+            probe = LinearizedGP(**settings)  # the settings' own checks, now rather than at fit
+        except v.LingpError:
+            raise
         except TypeError as exc:
             raise v.ArgumentTypeError(f"unknown LinearizedGP setting: {exc}") from None
-        self.settings = dict(settings)
+        self.settings = {name: getattr(probe, name) for name in settings}  # as LinearizedGP keeps them: JSON-ready
 
     def __repr__(self) -> str:
         fitted = f", components={len(self.models_)}" if self.is_fitted else ""
@@ -151,7 +157,8 @@ class BlockWeightAverage(Estimator):
         draft = self._draft()
         draft.models_ = [models[i] for i in kept]
         draft.relative_weights_ = relative[kept]
-        draft.block_weights_ = relative[kept] / np.where(scale > 0, scale, 1.0)
+        draft.block_scales_ = np.where(scale > 0, scale, 1.0)
+        draft.block_weights_ = relative[kept] / draft.block_scales_
         draft.weights_, draft.log_masses_ = weights, log_masses[kept]
         draft._log_evidence = float(_logsumexp(log_masses) - np.log(log_masses.size))
         draft.block_names_ = J.block_names
@@ -176,12 +183,15 @@ class BlockWeightAverage(Estimator):
         active = np.flatnonzero(scale > 0)
         if active.size == 0:
             raise v.ValueRangeError("every block of J is zero (its kernel J Jᵀ vanishes): there is nothing to weight")
+        values = np.unique(np.logspace(-self.decades, 0.0, self.levels)) if self.levels > 1 else np.ones(1)
+        if values.size < self.levels:
+            raise v.ValueRangeError(f"decades = {self.decades:g} is too small: its {self.levels} levels are not "
+                                    "distinct float64 numbers; use fewer levels or more decades")
         count = self.levels ** active.size - (self.levels - 1) ** active.size
         if count > self.max_components:
             raise v.InvalidOptionError(f"{self.levels} levels over {active.size} blocks make {count} ω points, more "
                                        f"than max_components = {self.max_components}: use fewer levels, raise "
                                        "max_components, or export fewer parameter blocks (export_jacobian(params=...))")
-        values = np.logspace(-self.decades, 0.0, self.levels) if self.levels > 1 else np.ones(1)
         points = [c for c in itertools.product(values, repeat=active.size) if max(c) == 1.0]
         relative = np.ones((len(points), len(J.blocks)))
         relative[:, active] = np.asarray(points)
@@ -238,7 +248,7 @@ class BlockWeightAverage(Estimator):
     # ----- persistence ------------------------------------------------------------------------------------------------
     def _archive(self) -> tuple[dict[str, Any], dict[str, Any]]:
         arrays: dict[str, Any] = {"weights": self.weights_, "log_masses": self.log_masses_,
-                                  "relative_weights": self.relative_weights_, "block_weights": self.block_weights_}
+                                  "relative_weights": self.relative_weights_, "block_scales": self.block_scales_}
         children = []
         for g, model in enumerate(self.models_):
             child_arrays, child_config = model._archive()
@@ -255,7 +265,7 @@ class BlockWeightAverage(Estimator):
     def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
         G, B = len(config["components"]), len(config["block_names"])
         expected: dict[str, Any] = {"weights": (G,), "log_masses": (G,), "relative_weights": (G, B),
-                                    "block_weights": (G, B)}
+                                    "block_scales": (B,)}
         for g, child in enumerate(config["components"]):
             expected.update({f"m{g}_{name}": shape for name, shape in LinearizedGP._expected_arrays(child).items()})
         return expected
@@ -266,19 +276,29 @@ class BlockWeightAverage(Estimator):
         options["hyperprior"] = _hyperprior_from_json(options["hyperprior"])
         model = cls(**options, **config["settings"])
         weights = np.asarray(arrays["weights"], dtype=np.float64)
-        block_weights = np.asarray(arrays["block_weights"], dtype=np.float64)
-        if (weights < 0).any() or not np.isclose(weights.sum(), 1.0, rtol=1e-9) or not \
-                (np.isfinite(block_weights).all() and (block_weights > 0).all()):
-            raise io.ArchiveError("the saved block-weight mixture is not valid (weights must be ≥ 0 and sum to 1, "
-                                  "block weights finite and > 0); the file was modified")
+        scales = np.asarray(arrays["block_scales"], dtype=np.float64)
+        relative = np.asarray(arrays["relative_weights"], dtype=np.float64)
+        log_masses = np.asarray(arrays["log_masses"], dtype=np.float64)
+        if not (np.isfinite(scales).all() and (scales > 0).all() and np.isfinite(relative).all()
+                and (relative > 0).all() and (relative.max(axis=1) == 1.0).all() and np.isfinite(log_masses).all()
+                and (weights >= 0).all() and np.isclose(weights.sum(), 1.0, rtol=1e-9)
+                and np.allclose(weights, np.exp(log_masses - _logsumexp(log_masses)), rtol=1e-9, atol=0)):
+            raise io.ArchiveError("the saved block-weight mixture is not valid (block scales and relative weights "
+                                  "finite and > 0, the largest relative weight 1, weights ∝ exp(log_masses) summing "
+                                  "to 1); the file was modified")
         model.models_ = []
         for g, child in enumerate(config["components"]):
             prefix = f"m{g}_"
-            model.models_.append(LinearizedGP._from_archive(
-                {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}, child, be))
-        model.weights_, model.block_weights_ = weights, block_weights
-        model.log_masses_ = np.asarray(arrays["log_masses"], dtype=np.float64)
-        model.relative_weights_ = np.asarray(arrays["relative_weights"], dtype=np.float64)
+            member = LinearizedGP._from_archive(
+                {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}, child, be)
+            if getattr(member, "_J", None) is not None:  # a function-space member keeps J scaled by ω: its sizes are r
+                sizes = _block_kernel_sizes(member._J)
+                if not np.allclose(sizes[sizes > 0], relative[g][sizes > 0], rtol=1e-4, atol=0):
+                    raise io.ArchiveError(f"the saved relative weights of block-weight point {g} do not match its "
+                                          "saved Jacobian; the file was modified")
+            model.models_.append(member)
+        model.block_scales_, model.weights_, model.block_weights_ = scales, weights, relative / scales
+        model.log_masses_, model.relative_weights_ = log_masses, relative
         model.block_names_ = tuple(tuple(b) for b in config["block_names"])
         model._log_evidence = float(config["log_evidence"])
         model._backend, model._signature = be, model.models_[0]._signature

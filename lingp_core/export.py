@@ -229,6 +229,19 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
     return args[0] if args else kwargs.get("input")
 
 
+def _runs_as_float(model: Any, x1: Any) -> bool:
+    """Whether the model runs on the integer or bool example ``x1`` converted to its parameters' dtype (then the
+    failure was the dtype's, not the shape's or the values')."""
+    torch = _torch()
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.get_default_dtype())
+    try:
+        with torch.no_grad():
+            model(x1.to(dtype))
+    except Exception:  # the model's own error, whatever its type: it fails on floats too
+        return False
+    return True
+
+
 def _probe_model(model: Any, x1: Any) -> _Probe:
     """Run ``model`` on one example (no grad, eval mode assumed) and record what export needs to plan its blocks."""
     torch = _torch()
@@ -280,7 +293,7 @@ def _probe_model(model: Any, x1: Any) -> _Probe:
             activations[0] += sum(int(t.numel()) for t in _tensors(output))
         return hook
 
-    handles = []
+    handles, failure = [], None
     try:
         for name, m in modules.items():
             handles.append(m.register_forward_pre_hook(pre_hook(name)))
@@ -289,16 +302,18 @@ def _probe_model(model: Any, x1: Any) -> _Probe:
             out = model(x1)
     except LingpError:
         raise
-    except Exception as exc:  # the model's own error, whatever its type: say what went in
-        message = (f"the model failed on inputs of shape {tuple(x1.shape)} (one example) and dtype {x1.dtype}: "
-                   f"{type(exc).__name__}: {exc}")
-        if not (x1.dtype.is_floating_point or x1.dtype.is_complex):  # a float network given integer or bool inputs
-            raise DTypeError(f"{message}; a network with floating parameters usually needs floating inputs: convert "
-                             "them explicitly, e.g. inputs.float()") from exc
-        raise ShapeError(message) from exc
+    except Exception as exc:  # the model's own error, whatever its type: said below, with what went in
+        failure = exc
     finally:
         for h in handles:
             h.remove()
+    if failure is not None:
+        message = (f"the model failed on inputs of shape {tuple(x1.shape)} (one example) and dtype {x1.dtype}: "
+                   f"{type(failure).__name__}: {failure}")
+        if not (x1.dtype.is_floating_point or x1.dtype.is_complex) and _runs_as_float(model, x1):
+            raise DTypeError(f"{message}; the network runs on these inputs converted to floats: convert them "
+                             "explicitly, e.g. inputs.float()") from failure
+        raise ShapeError(message) from failure
     if not isinstance(out, torch.Tensor):
         raise ArgumentTypeError(f"the model must return one tensor of outputs, got {type(out).__name__}")
     if out.ndim < 1 or out.shape[0] != 1:

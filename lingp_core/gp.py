@@ -532,7 +532,8 @@ class LinearizedGP(Estimator):
             raise v.InvalidOptionError("averaging needs a spectral method (one eigendecomposition for every grid "
                                        "point); the iterative path has none: average on a subset, or force "
                                        "method='function-spectral' / 'parameter-spectral' if it fits")
-        log_prior = hyper.log_hyperprior(self, hyperprior)
+        # without a hyperprior: uniform over the grid's (log s, log σ²) area, so averaging_["log_mass"] is log p(y)
+        log_prior = averaging.uniform_log_prior(span) if hyperprior is None else hyper.log_hyperprior(self, hyperprior)
         draft = self._draft()
         for stale in ("optimization_", *_AVERAGING_STATE):
             draft.__dict__.pop(stale, None)

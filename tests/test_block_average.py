@@ -12,6 +12,7 @@ import itertools
 
 import numpy as np
 import pytest
+import scipy.special
 import torch
 
 import lingp_core as lg
@@ -64,7 +65,12 @@ def brute_force(o, J, levels, decades, grid_size, span):
     w /= w.sum()
     mean = sum(wi * c[1] for wi, c in zip(w, components))
     var = sum(wi * (c[2] + c[1] ** 2) for wi, c in zip(w, components)) - mean**2
-    return mean, var
+    # log p(y): the mean over ω points of ∫ p(y | θ) dθ / area on the grid (uniform prior), by the same quadrature
+    ten = np.log(10)
+    cell = (2 * span * ten / (grid_size - 1)) * ((span + 1.0) * ten / (grid_size - 1))
+    per_point = scipy.special.logsumexp(lml.reshape(-1, grid_size**2), axis=1) + np.log(cell)
+    evidence = scipy.special.logsumexp(per_point) - np.log(per_point.size) - np.log(2 * span * ten * (span + 1) * ten)
+    return mean, var, evidence
 
 
 @pytest.mark.parametrize("structure", ["auto", "dense"])
@@ -100,7 +106,10 @@ def test_block_weight_average_equals_the_brute_force_mixture(backend):
                                 output_mode="full").fit(J, y)
     assert len(avg.models_) == 2**3 - 1
     mean, var = (backend.to_numpy(a) for a in avg.predict(Js, return_var=True))
-    want_mean, want_var = brute_force(o, J, 2, 2.0, 5, 1.5)
+    want_mean, want_var, want_evidence = brute_force(o, J, 2, 2.0, 5, 1.5)
+    assert avg.log_marginal_likelihood() == pytest.approx(want_evidence, rel=1e-10)
+    # a marginal likelihood never exceeds its largest integrand
+    assert avg.log_marginal_likelihood() < max(m.log_marginal_likelihood() for m in avg.models_)
     np.testing.assert_allclose(mean, want_mean, rtol=1e-8, atol=1e-9 * np.abs(want_mean).max())
     np.testing.assert_allclose(var, want_var, rtol=1e-7, atol=1e-9 * np.abs(want_var).max())
     np.testing.assert_allclose(avg.weights_.sum(), 1.0, rtol=1e-12)
@@ -123,17 +132,23 @@ def test_one_level_is_one_averaged_gp_on_normalized_blocks(backend):
 @narrow_grid
 def test_round_trip_and_tampering(backend, tmp_path):
     J, Js, y, _ = problem(backend, np.random.default_rng(5), c=1)
-    avg = lg.BlockWeightAverage(levels=2, grid_size=5).fit(J, y)
+    avg = lg.BlockWeightAverage(levels=2, grid_size=5, kernel_dtype=np.float64).fit(J, y)  # kept as "float64"
     path = avg.save(tmp_path / "avg")
     back = lg.BlockWeightAverage.load(path, backend=backend.name)
     for got, ref in zip(back.predict(Js, return_var=True), avg.predict(Js, return_var=True)):
         np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(ref))
     assert back.log_marginal_likelihood() == avg.log_marginal_likelihood()
     arrays, config = io.load_archive(path, "BlockWeightAverage")
-    arrays["weights"] = arrays["weights"] * 2
-    io.save_archive(tmp_path / "bad", "BlockWeightAverage", arrays, config)
-    with pytest.raises(lg.ArchiveError, match="block-weight mixture"):
-        lg.BlockWeightAverage.load(tmp_path / "bad")
+    edits = {"weights": lambda a: a * 2, "block_scales": lambda a: -a,
+             "relative_weights": lambda a: a * 0 + 7.0, "log_masses": lambda a: a + np.arange(a.size)}
+    swapped = arrays["relative_weights"].copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # consistent on its own, but not with the saved Jacobians
+    edits["relative_weights (swapped)"] = lambda a: swapped
+    for name, edit in edits.items():
+        key = name.split(" ")[0]
+        io.save_archive(tmp_path / "bad", "BlockWeightAverage", {**arrays, key: edit(arrays[key])}, config)
+        with pytest.raises(lg.ArchiveError, match="block-weight"):
+            lg.BlockWeightAverage.load(tmp_path / "bad")
 
 
 @narrow_grid
@@ -147,6 +162,10 @@ def test_bad_input_fails_clearly_and_leaves_the_model(backend):
         lg.BlockWeightAverage(hyperprior="flat")
     with pytest.raises(lg.InvalidOptionError, match="max_components = 5"):
         lg.BlockWeightAverage(levels=3, max_components=5).fit(J, y)
+    with pytest.raises(lg.ValueRangeError, match="not distinct"):
+        lg.BlockWeightAverage(levels=3, decades=1e-17).fit(J, y)
+    with pytest.raises(lg.ValueRangeError, match="memory_budget"):  # a known setting's own error, not "unknown"
+        lg.BlockWeightAverage(memory_budget=-1.0)
     with pytest.raises(lg.ArgumentTypeError):
         lg.BlockWeightAverage().fit(np.zeros((3, 3)), y)
     with pytest.raises(lg.NotFittedError):

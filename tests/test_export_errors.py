@@ -71,8 +71,12 @@ def test_inputs_of_wrong_type_shape_or_dtype(backend):
         export_jacobian(model, [[1.0, 2.0, 3.0]], backend=backend.name)
     with pytest.raises(ShapeError, match=r"the model failed on inputs of shape \(1, 4\).*mat1 and mat2"):
         export_jacobian(model, torch.randn(3, 4, dtype=x.dtype, device=x.device), backend=backend.name)
-    with pytest.raises(DTypeError, match=r"failed on inputs .* dtype torch.int64.*inputs.float\(\)"):
+    with pytest.raises(DTypeError, match=r"failed on inputs .* dtype torch.int64.*runs on these inputs converted"):
         export_jacobian(model, torch.ones(3, 3, dtype=torch.int64, device=x.device), backend=backend.name)
+    # a network made for integer inputs: a bad token is the values' fault, not the dtype's
+    tokens = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 1)).to(dtype=x.dtype, device=x.device)
+    with pytest.raises(ShapeError, match="IndexError"):
+        export_jacobian(tokens, torch.tensor([[1, 7]] * 3, device=x.device), backend=backend.name)
     with pytest.raises(ShapeError, match=r"leading example dimension.*shape \(\)"):
         export_jacobian(model, x[0, 0], backend=backend.name)
     with pytest.raises(DTypeError, match=r"inputs have dtype torch.float32 .* torch.float64"):
