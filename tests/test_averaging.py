@@ -123,6 +123,8 @@ def test_averaging_refuses_what_it_cannot_do_and_leaves_the_model(backend):
             lg.LinearizedGP().fit(J, y).average_hyperparameters(**bad)
     with pytest.raises(v.ValueRangeError, match="smaller span"):  # s and σ²/s would leave float64
         lg.LinearizedGP().fit(J, y).average_hyperparameters(span=300.0)
+    with pytest.raises(v.MemoryBudgetError, match="smaller grid_size"):  # before any grid array is allocated
+        lg.LinearizedGP().fit(J, y).average_hyperparameters(grid_size=10**9)
     np.testing.assert_array_equal(backend.to_numpy(gp.predict(Js)), before)
     with pytest.raises(v.InvalidOptionError, match="spectral"):
         lg.LinearizedGP(method="iterative").fit(J, y).average_hyperparameters()
