@@ -252,6 +252,8 @@ class LaplaceClassifier(Estimator):
         draft = super()._draft()
         draft._engine = copy.copy(self._engine)
         draft.prior_scale_history_ = list(self.prior_scale_history_)
+        for stale in ("_mixture", "averaging_"):  # a refit or an optimization ends an average over s
+            draft.__dict__.pop(stale, None)
         return draft
 
     def _choose(self, nc: int, p: int, backend: Any, grouped: bool, sharded: bool) -> tuple[str, str]:
@@ -400,6 +402,75 @@ class LaplaceClassifier(Estimator):
         self._commit(draft)
         return self
 
+    def average_prior_scale(self, *, grid_size: int = 9, span: float = 1.0, hyperprior: Any = None,
+                            keep_mass: float = 1 - 1e-6) -> LaplaceClassifier:
+        """Average the predictions over the prior scale s (Bayesian model averaging over s).
+
+        A log grid of ``grid_size`` values within ±``span`` decades of the current s (e.g. after
+        :meth:`optimize_prior_scale`); at each the MAP and Laplace posterior are refitted (warm-started) and weighted
+        by the Laplace evidence × the hyperprior: None, uniform in log s over the grid; "data" or a Hyperprior, the
+        log-normal prior of :meth:`optimize_prior_scale`. Points holding less than 1 − ``keep_mass`` of the weight
+        together are dropped. Predictions are then the mixture: :meth:`predict_proba` averages the points' class
+        probabilities, :meth:`predict_logits` returns the mixture's mean and (co)variance. The model is refitted at
+        the heaviest point, which ``prior_scale`` and :meth:`log_evidence` report; ``averaging_`` describes the grid
+        and ``mixture_scales_`` / ``mixture_weights_`` hold the kept points. A refit or an optimization ends the
+        average. Each kept point keeps its posterior state (weight space p × p, function space (n·c)²), checked
+        against the memory budget. One prior scale only. Like fit, it runs aside: if it fails the model is unchanged.
+        """
+        self._check_fitted()
+        if self._engine is None:
+            raise NotFittedError("average_prior_scale refits on the training data, which a loaded model does not "
+                                 "keep: call fit(J, y) first")
+        grid_size = v.check_int(grid_size, "grid_size", minimum=3)
+        span = v.check_positive(span, "span")
+        keep_mass = v.check_positive(keep_mass, "keep_mass")
+        if keep_mass > 1:
+            raise v.ValueRangeError(f"keep_mass must lie in (0, 1], got {keep_mass}")
+        hyperprior = check_hyperprior(hyperprior)
+        if isinstance(self.prior_scale, tuple):
+            raise v.InvalidOptionError(f"the model has per-block prior scales {_format_scale(self.prior_scale)}: "
+                                       "averaging is over one prior scale; refit with one prior_scale")
+        if is_sharded(self._J_train):
+            raise v.MissingCapabilityError("average_prior_scale keeps one posterior per grid point in memory; this "
+                                           "model was fitted on a Jacobian sharded on a Dask cluster")
+        centre = math.log(self._one_scale())
+        log_s = centre + np.linspace(-span, span, grid_size) * math.log(10.0)
+        if abs(log_s).max() > 700:
+            raise v.ValueRangeError(f"span = {span} decades around s = {self._one_scale():.3g} leaves float64")
+        if hyperprior is None:
+            log_prior = np.full(grid_size, -math.log(2 * span * math.log(10.0)))
+        else:
+            mu, width = self._hyperprior_centre(hyperprior)
+            log_prior = -0.5 * ((log_s - mu) / width) ** 2 - math.log(width * math.sqrt(2 * math.pi))
+        draft = self._draft()
+        xp = draft._engine.backend.xp
+        budget = v.resolve_memory_budget(self.memory_budget, draft._engine.backend)
+        states, log_joint = [], np.empty(grid_size)
+        for g, t in enumerate(log_s):
+            draft._fit_at(math.exp(t), warm=True)
+            log_joint[g] = draft._evidence + log_prior[g]
+            states.append({k: xp.array(a, copy=True) for k, a in draft._prediction_state().items()})
+            if g == 0:
+                v.check_memory(grid_size * sum(int(a.nbytes) for a in states[0].values()), budget,
+                               what=f"{grid_size} posterior states for averaging over s",
+                               alternative="use a smaller grid_size")
+        from lingp_core._averaging import posterior_weights
+
+        kept, weights = posterior_weights(log_joint, np.zeros(grid_size), keep_mass)
+        top = int(kept[int(np.argmax(weights))])
+        draft._fit_at(math.exp(log_s[top]), warm=True)
+        draft._mixture = [(float(math.exp(log_s[g])), states[g]) for g in kept]
+        draft.mixture_scales_, draft.mixture_weights_ = np.exp(log_s[kept]), weights
+        edge = float(weights[(kept == 0) | (kept == grid_size - 1)].sum())
+        draft.averaging_ = {"grid_size": grid_size, "span_decades": span, "centre": math.exp(centre),
+                            "points_kept": int(kept.size), "weight_on_grid_edge": edge,
+                            "log_evidence": [float(x) for x in log_joint - log_prior]}
+        self._commit(draft)
+        if edge > 0.01:
+            warnings.warn(f"{edge:.1%} of the posterior of s lies on the edge of the averaging grid (±{span} decades "
+                          f"around s = {math.exp(centre):.3g}): widen span", v.NumericalWarning, stacklevel=2)
+        return self
+
     def _hyperprior_centre(self, hyperprior: Any) -> tuple[float, float]:
         """(μ, w) of the log-normal hyperprior on s: its centre, from the data when not given, and width."""
         if hyperprior.log_prior_scale is not None:
@@ -517,21 +588,31 @@ class LaplaceClassifier(Estimator):
             raise v.InvalidOptionError(f"return_var must be False, True, 'diag' or 'full'; got {return_var!r}")
         J_star = self._check_star(J_star)
         cov = None if return_var is False else ("full" if return_var == "full" else "diag")
-        state = self._prediction_state()
+        parts = [self._checked_logits(state, scale, J_star, cov) for scale, state in self._components()]
+        mean, var = parts[0] if len(parts) == 1 else _mixture_logits(parts, self.mixture_weights_, cov)
+        return mean if cov is None else (mean, var)
+
+    def _checked_logits(self, state: dict, scale: float | None, J_star: JacobianBlocks, cov: str | None) -> tuple:
+        """One posterior's logits at J_star (mean, var or None), NaN/Inf refused, variances clamped at 0."""
         with float_errors_checked():
-            if self.plan_.space == "parameter":
-                mean, var = predict_weight(state, J_star, cov)
-            else:
-                mean, var = predict_function(state, self._J_train, J_star, self._one_scale(), cov,
-                                             self.memory_budget)
+            mean, var = self._component_logits(state, scale, J_star, cov)
         xp = J_star.xp
         if not (bool(xp.isfinite(mean).all()) and (var is None or bool(xp.isfinite(var).all()))):
             raise v.NonFiniteError("the predicted logits at J_star overflow float64 (NaN/Inf) although J_star is "
                                    "finite: the test inputs are far outside the training range or the exported "
                                    "Jacobian is far too large; rescale the inputs")
-        if var is not None:
-            var = self._clamp(var, cov)
-        return mean if cov is None else (mean, var)
+        return mean, None if var is None else self._clamp(var, cov)
+
+    def _components(self) -> list[tuple[float | None, dict]]:
+        """(s, state) of each point of an average over s, or of the one fitted posterior (s None: the model's)."""
+        mixture = getattr(self, "_mixture", None)
+        return mixture if mixture is not None else [(None, self._prediction_state())]
+
+    def _component_logits(self, state: dict, scale: float | None, J_star: JacobianBlocks, cov: str | None) -> tuple:
+        if self.plan_.space == "parameter":
+            return predict_weight(state, J_star, cov)
+        return predict_function(state, self._J_train, J_star, self._one_scale() if scale is None else scale, cov,
+                                self.memory_budget)
 
     @staticmethod
     def _clamp(var: Any, cov: str) -> Any:
@@ -568,14 +649,25 @@ class LaplaceClassifier(Estimator):
         n_samples = v.check_int(n_samples, "n_samples", minimum=1)
         seed = v.check_int(seed, "seed", minimum=0)
         lik = self._lik()
-        if method == "probit":
-            mean, var = self.predict_logits(J_star, return_var="diag")
-            xp = v.backend_of(mean).xp
-            proba = lik.mean(mean / xp.sqrt(1.0 + (math.pi / 8.0) * var))
-        else:
-            mean, cov = self.predict_logits(J_star, return_var="full")
-            proba = _monte_carlo(mean, cov, lik, n_samples, seed)
+        mixture = getattr(self, "_mixture", None)
+        if mixture is None:
+            return lik.class_probabilities(self._proba(J_star, None, method, n_samples, seed))
+        J_star = self._check_star(J_star)
+        proba = sum(w * self._proba(J_star, state_and_scale, method, n_samples, seed)
+                    for w, state_and_scale in zip(self.mixture_weights_, mixture))
         return lik.class_probabilities(proba)
+
+    def _proba(self, J_star: JacobianBlocks, point: tuple | None, method: str, n_samples: int, seed: int) -> Any:
+        """Class probabilities (before class_probabilities) of the fitted posterior, or of one point of an average."""
+        lik = self._lik()
+        if point is None:
+            mean, var = self.predict_logits(J_star, return_var="diag" if method == "probit" else "full")
+        else:
+            scale, state = point
+            mean, var = self._checked_logits(state, scale, J_star, "diag" if method == "probit" else "full")
+        if method == "probit":
+            return lik.mean(mean / v.backend_of(mean).xp.sqrt(1.0 + (math.pi / 8.0) * var))
+        return _monte_carlo(mean, var, lik, n_samples, seed)
 
     # ----- persistence -------------------------------------------------------------------------------------------
     def _archive(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -596,6 +688,12 @@ class LaplaceClassifier(Estimator):
         if self.plan_.space == "function":
             J_arrays, config["jacobian"] = jacobian_to_arrays(self._J_train)
             arrays.update(J_arrays)
+        mixture = getattr(self, "_mixture", None)
+        if mixture is not None:  # an average over s: every kept point's state, its s and weight
+            for g, (_, state) in enumerate(mixture):
+                arrays.update({f"point{g}_state_{k}": a for k, a in state.items()})
+            arrays.update({"mixture_scales": self.mixture_scales_, "mixture_weights": self.mixture_weights_})
+            config["averaging"] = {"points": len(mixture), "summary": self.averaging_}
         return arrays, config
 
     @classmethod
@@ -609,10 +707,18 @@ class LaplaceClassifier(Estimator):
                                    f"{config['plan']['space']}-space fit of {blocks} blocks (per-block scales need "
                                    "weight space and one value per block); the file was modified")
         if config["plan"]["space"] == "parameter":
-            return {"state_w": (p,), "state_inverse_factor": (p, p)}
-        c = 1 if config["likelihood"] == "bernoulli" else None
-        return {"state_a": (nc,), "state_factors": (None, c, c), "state_factor": (nc, nc), "state_prior_mean": (p,),
-                "w_map": (p,), "J_f0": (None, c)}
+            state = {"w": (p,), "inverse_factor": (p, p)}
+            expected: dict[str, Any] = {}
+        else:
+            c = 1 if config["likelihood"] == "bernoulli" else None
+            state = {"a": (nc,), "factors": (None, c, c), "factor": (nc, nc), "prior_mean": (p,)}
+            expected = {"w_map": (p,), "J_f0": (None, c)}
+        expected.update({f"state_{k}": shape for k, shape in state.items()})
+        if "averaging" in config:
+            points = int(config["averaging"]["points"])
+            expected.update({"mixture_scales": (points,), "mixture_weights": (points,)})
+            expected.update({f"point{g}_state_{k}": shape for g in range(points) for k, shape in state.items()})
+        return expected
 
     @classmethod
     def _from_archive(cls, arrays: dict[str, np.ndarray], config: dict[str, Any], be: Any) -> LaplaceClassifier:
@@ -627,11 +733,35 @@ class LaplaceClassifier(Estimator):
             if model._J_train.n * model._J_train.n_outputs != model.plan_.rows:
                 raise ArchiveError(f"the saved training Jacobian has {model._J_train.n} × {model._J_train.n_outputs} "
                                    f"rows, the saved plan {model.plan_.rows}; the file was modified")
+        if "averaging" in config:
+            scales = np.asarray(arrays["mixture_scales"], dtype=np.float64)
+            weights = np.asarray(arrays["mixture_weights"], dtype=np.float64)
+            if not (np.isfinite(scales).all() and (scales > 0).all() and (weights >= 0).all()
+                    and np.isclose(weights.sum(), 1.0, rtol=1e-9)):
+                raise ArchiveError("the saved average over s is not valid (scales finite and > 0, weights ≥ 0 "
+                                   "summing to 1); the file was modified")
+            model._mixture = [(float(scale), {k[len(f"point{g}_state_"):]: be.asarray(a) for k, a in arrays.items()
+                                              if k.startswith(f"point{g}_state_")}) for g, scale in enumerate(scales)]
+            model.mixture_scales_, model.mixture_weights_ = scales, weights
+            model.averaging_ = config["averaging"]["summary"]
         model._signature = config["signature"]
         return model
 
 
 _ENGINES = {"parameter": WeightEngine, "function": FunctionEngine}
+
+
+def _mixture_logits(parts: list[tuple], weights: np.ndarray, cov: str | None) -> tuple:
+    """Mean Σ w m_g and (co)variance Σ w (C_g + (m_g − mean)(m_g − mean)ᵀ) per example of a mixture of Gaussian
+    logits ``parts`` = [(mean (n*, c), var (n*, c) or cov (n*, c, c) or None)]."""
+    mean = sum(w * m for w, (m, _) in zip(weights, parts))
+    if cov is None:
+        return mean, None
+    spread = 0.0
+    for w, (m, var) in zip(weights, parts):
+        d = m - mean
+        spread = spread + w * (var + (d * d if cov == "diag" else d[:, :, None] * d[:, None, :]))
+    return mean, spread
 
 
 def _newton_step(engine: Any, t: float, gamma: float, slopes: tuple[float, float], lo: float, hi: float,

@@ -595,3 +595,65 @@ def test_newton_that_runs_out_of_iterations_warns(backend):
     J, _, y, _, _ = problem(backend)
     with pytest.warns(lg.ConvergenceWarning, match="Newton stopped after 1 iterations"):
         LaplaceClassifier(0.8, maxiter=1, rtol=1e-12).fit(J, y)
+
+
+# ----- averaging over the prior scale -------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:.*edge of the averaging grid:lingp_core.NumericalWarning")
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("hyperprior", [None, lg.Hyperprior(log_prior_scale=0.0, prior_scale_width=0.5)])
+def test_average_over_s_is_the_dense_mixture_of_its_grid(backend, method, hyperprior, tmp_path):
+    J, Js, y, y_np, d = problem(backend)
+    clf = LaplaceClassifier(0.8, method=method, rtol=1e-12).fit(J, y)
+    clf.average_prior_scale(grid_size=5, span=1.0, hyperprior=hyperprior, keep_mass=1.0)
+    grid = 0.8 * 10.0 ** np.linspace(-1, 1, 5)
+    np.testing.assert_allclose(clf.mixture_scales_, grid, rtol=1e-12)
+    refs = [dense_laplace(d, y_np, s, "categorical") for s in grid]
+    log_w = np.array([r["evidence"] for r in refs])
+    if hyperprior is not None:  # log s ~ N(0, 0.5²)
+        log_w += -0.5 * (np.log(grid) / 0.5) ** 2
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    np.testing.assert_allclose(clf.mixture_weights_, w, rtol=1e-8)
+    heaviest = int(np.argmax(w))
+    assert clf.prior_scale == pytest.approx(grid[heaviest], rel=1e-12)
+    assert abs(clf.log_evidence() - refs[heaviest]["evidence"]) <= F64 * max(1.0, abs(refs[heaviest]["evidence"]))
+    mean = sum(wi * r["mean"] for wi, r in zip(w, refs))
+    cov = sum(wi * (r["cov"] + np.einsum("ik,il->ikl", r["mean"] - mean, r["mean"] - mean)) for wi, r in zip(w, refs))
+    got_mean, got_cov = clf.predict_logits(Js, return_var="full")
+    assert_matches(got_mean, mean, backend, dtype=np.float64, rtol=F64)
+    assert_matches(got_cov, cov, backend, dtype=np.float64, rtol=F64)
+    _, got_var = clf.predict_logits(Js, return_var=True)
+    assert_matches(got_var, np.diagonal(cov, axis1=1, axis2=2).copy(), backend, dtype=np.float64, rtol=F64)
+    # class probabilities: the mixture of the points' probit probabilities
+    probit = sum(wi * _probs(r["mean"] / np.sqrt(1 + np.pi / 8 * np.diagonal(r["cov"], axis1=1, axis2=2)),
+                             "categorical") for wi, r in zip(w, refs))
+    assert_matches(clf.predict_proba(Js), probit, backend, dtype=np.float64, rtol=F64)
+    back = LaplaceClassifier.load(clf.save(tmp_path / "avg"), backend=backend.name)
+    for method_ in ("probit", "mc"):
+        np.testing.assert_array_equal(backend.to_numpy(back.predict_proba(Js, method=method_, n_samples=50)),
+                                      backend.to_numpy(clf.predict_proba(Js, method=method_, n_samples=50)))
+    clf.fit(J, y)  # a refit ends the average
+    assert not hasattr(clf, "mixture_weights_") or clf.__dict__.get("_mixture") is None
+    assert_matches(clf.predict_logits(Js), refs[heaviest]["mean"], backend, dtype=np.float64, rtol=F64)
+
+
+@pytest.mark.filterwarnings("ignore:.*edge of the averaging grid:lingp_core.NumericalWarning")
+def test_average_over_s_refuses_bad_options_and_leaves_the_model(backend, tmp_path):
+    J, Js, y, _, _ = problem(backend)
+    clf = LaplaceClassifier(0.8, rtol=1e-12).fit(J, y)
+    before = backend.to_numpy(clf.predict_proba(Js))
+    for bad in ({"grid_size": 2}, {"span": 0.0}, {"keep_mass": 1.5}, {"span": 400.0}, {"hyperprior": "flat"}):
+        with pytest.raises(lg.LingpError):
+            clf.average_prior_scale(**bad)
+    with pytest.raises(lg.MemoryBudgetError, match="posterior states"):
+        LaplaceClassifier(0.8, memory_budget=1e5).fit(J, y).average_prior_scale(grid_size=50)
+    np.testing.assert_array_equal(backend.to_numpy(clf.predict_proba(Js)), before)
+    with pytest.raises(NotFittedError, match="does not keep"):
+        LaplaceClassifier.load(clf.save(tmp_path / "m"), backend=backend.name).average_prior_scale()
+    clf.average_prior_scale(grid_size=3, span=0.5)
+    arrays, config = lg.io.load_archive(clf.save(tmp_path / "avg"), "LaplaceClassifier")
+    arrays["mixture_weights"] = arrays["mixture_weights"] * 2
+    lg.io.save_archive(tmp_path / "bad", "LaplaceClassifier", arrays, config)
+    with pytest.raises(ArchiveError, match="average over s"):
+        LaplaceClassifier.load(tmp_path / "bad")
