@@ -371,10 +371,7 @@ class LaplaceClassifier(Estimator):
         self
             Refit at the chosen s; the path is in :attr:`prior_scale_history_`.
         """
-        self._check_fitted()
-        if self._engine is None:
-            raise NotFittedError("optimize_prior_scale refits on the training data, which a loaded model does not "
-                                 "keep: call fit(J, y) first")
+        self._check_refittable("optimize_prior_scale")
         max_iter = v.check_int(max_iter, "max_iter", minimum=1)
         tol = v.check_positive(tol, "tol")
         if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
@@ -417,10 +414,7 @@ class LaplaceClassifier(Estimator):
         average. Each kept point keeps its posterior state (weight space p × p, function space (n·c)²), checked
         against the memory budget. One prior scale only. Like fit, it runs aside: if it fails the model is unchanged.
         """
-        self._check_fitted()
-        if self._engine is None:
-            raise NotFittedError("average_prior_scale refits on the training data, which a loaded model does not "
-                                 "keep: call fit(J, y) first")
+        self._check_refittable("average_prior_scale")
         grid_size = v.check_int(grid_size, "grid_size", minimum=3)
         span = v.check_positive(span, "span")
         keep_mass = v.check_positive(keep_mass, "keep_mass")
@@ -470,6 +464,13 @@ class LaplaceClassifier(Estimator):
             warnings.warn(f"{edge:.1%} of the posterior of s lies on the edge of the averaging grid (±{span} decades "
                           f"around s = {math.exp(centre):.3g}): widen span", v.NumericalWarning, stacklevel=2)
         return self
+
+    def _check_refittable(self, what: str) -> None:
+        """NotFittedError unless the model holds its training data (a fit, not a load): ``what`` refits on them."""
+        self._check_fitted()
+        if self._engine is None:
+            raise NotFittedError(f"{what} refits on the training data, which a loaded model does not keep: call "
+                                 "fit(J, y) first")
 
     def _hyperprior_centre(self, hyperprior: Any) -> tuple[float, float]:
         """(μ, w) of the log-normal hyperprior on s: its centre, from the data when not given, and width."""
