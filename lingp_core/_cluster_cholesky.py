@@ -20,7 +20,7 @@ import numpy as np
 import backends
 from lingp_core import _validate as v
 from lingp_core._layout import noise_groups
-from lingp_core.solvers.cholesky import _with_jitter as with_jitter
+from lingp_core.solvers.cholesky import with_jitter
 
 _LOG_2PI = math.log(2 * math.pi)
 

@@ -97,13 +97,13 @@ class Hyperprior:
 
     def log_density(self, log_s: Any, log_noise: Any) -> Any:
         """log p(log s) + log p(log σ²) for one noise variance, elementwise over arrays (centres must be set)."""
-        return (_log_normal(np.asarray(log_s, dtype=float), self.log_prior_scale, self.prior_scale_width)[0]
-                + _log_normal(np.asarray(log_noise, dtype=float), self.log_noise, self.noise_width)[0])
+        return (log_normal(np.asarray(log_s, dtype=float), self.log_prior_scale, self.prior_scale_width)[0]
+                + log_normal(np.asarray(log_noise, dtype=float), self.log_noise, self.noise_width)[0])
 
     def log_density_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """log prior of θ = (log s, log σ²_1, ..., log σ²_K) (K may be 0: fixed noise) and its gradient in θ."""
-        value, grad = _log_normal(theta, self.log_noise, self.noise_width)
-        value_s, grad_s = _log_normal(theta[:1], self.log_prior_scale, self.prior_scale_width)
+        value, grad = log_normal(theta, self.log_noise, self.noise_width)
+        value_s, grad_s = log_normal(theta[:1], self.log_prior_scale, self.prior_scale_width)
         value[:1], grad[:1] = value_s, grad_s
         return float(value.sum()), grad
 
@@ -119,7 +119,7 @@ def _finite_real(value: Any, name: str) -> float:
     return float(value)
 
 
-def _log_normal(x: np.ndarray, centre: float | None, width: float) -> tuple[np.ndarray, np.ndarray]:
+def log_normal(x: np.ndarray, centre: float | None, width: float) -> tuple[np.ndarray, np.ndarray]:
     """log N(x | centre, width²) elementwise and its derivative in x."""
     if centre is None:
         raise v.InvalidOptionError("this Hyperprior's centre is the data-scaled guess, which needs a fitted model: "

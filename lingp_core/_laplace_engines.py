@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from backends import Backend
-from backends._triangles import clear_upper, fill_lower
+from backends._triangles import clear_upper
 from lingp_core import _validate as v
 from lingp_core._ggn import WORK_ELEMENTS, chunks, dense_ggn, example_grams
 from lingp_core._precision import eps
@@ -17,8 +17,7 @@ from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import kernel
 from lingp_core.likelihoods import Likelihood
 from lingp_core.operators import LinearOperator
-from lingp_core.solvers import cg, safe_cholesky
-from lingp_core.solvers.cholesky import _with_jitter
+from lingp_core.solvers import cg, cholesky_from_upper, safe_cholesky
 from lingp_core.solvers.preconditioners import _DiagonalInverse
 
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
@@ -142,35 +141,13 @@ def _symmetric_cholesky_in_place(a: Any, backend: Backend) -> Any:
     """The lower Cholesky factor of the symmetric positive definite ``a`` ((n, n) float64, C-ordered, both triangles
     filled), written over ``a`` (its strict upper triangle then cleared), with :func:`safe_cholesky`'s jitter policy.
 
-    Unlike ``safe_cholesky(a, overwrite_a=True)`` there are no passes over all of ``a`` to check its symmetry and
-    finiteness before LAPACK runs (0.3 s next to LAPACK's 0.9 s at p = 4,810 on one core), and no copy on CuPy: the
-    callers build ``a`` symmetric. LAPACK reads the lower triangle only; a failed attempt is retried from the upper
-    one, which it leaves untouched, plus jitter; NaN or Inf raise NonFiniteError.
+    ``cholesky_from_upper(lower_filled=True)``: no passes over all of ``a`` to check its symmetry and finiteness
+    before LAPACK runs (0.3 s next to LAPACK's 0.9 s at p = 4,810 on one core) and no copy on CuPy — the callers build
+    ``a`` symmetric; a failed attempt is retried from the upper triangle, which LAPACK leaves untouched.
     """
-    xp, n = backend.xp, a.shape[0]
-    index = xp.arange(n)
-    diagonal = a[index, index]  # a copy (advanced indexing)
-
-    def attempt(jitter: float, first: bool) -> Any:
-        if not first:  # LAPACK left the lower triangle half-factored: rebuild it from the upper one
-            fill_lower(a, a, 1.0, xp)
-            a[index, index] = diagonal + jitter
-        backend.cholesky_lower_in_place(a)
-        # a NaN or Inf in row i of the lower triangle reaches L_ii, and not every LAPACK stops on it
-        if not bool(xp.isfinite(xp.diagonal(a)).all()):
-            raise v.NonFiniteError(f"the Hessian ({n} × {n}) holds NaN or Inf, so it has no Cholesky factor")
-        return a
-
-    def finite() -> bool:
-        return bool(xp.isfinite(diagonal).all()) and all(
-            bool(xp.isfinite(xp.triu(a[rows], rows.start + 1)).all()) for rows in chunks(n, max(1, WORK_ELEMENTS // n)))
-
-    mean_diag = float(diagonal.mean()) if n else 1.0
-    if not math.isfinite(mean_diag):
-        raise v.NonFiniteError(f"the Hessian ({n} × {n}) has NaN or Inf on its diagonal")
-    _with_jitter(attempt, "LaplaceClassifier", f"the Hessian ({n} × {n}, float64)", mean_diag, eps(np.float64), 5,
-                 True, finite)
-    clear_upper(a, xp)
+    index = backend.xp.arange(a.shape[0])
+    cholesky_from_upper(a, a[index, index], out=a, lower_filled=True)  # the diagonal: a copy (advanced indexing)
+    clear_upper(a, backend.xp)
     return a
 
 

@@ -138,33 +138,35 @@ class BlockWeightAverage(Estimator):
         relative = self._relative_grid(J, scale)
         # a point whose mass lies this far below the heaviest so far can never hold keep_mass's share: drop it now
         negligible = np.inf if self.keep_mass == 1 else np.log(len(relative) / (1 - self.keep_mass)) + 1.0
-        models, log_masses, edge_warnings = {}, np.full(len(relative), -np.inf), {}
+        scales = np.where(scale > 0, scale, 1.0)
+        fitted, log_masses = {}, np.full(len(relative), -np.inf)  # point → (model, its grid-edge warnings)
         with progress_bar(len(relative), enabled=self.progress, desc="block weights", unit="fit") as bar:
             for i, r in enumerate(relative):
-                model, edge = self._component(J, y, r / np.where(scale > 0, scale, 1.0))
+                fitted[i] = self._component(J, y, r / scales)
                 if i == 0:
-                    self._check_memory(model, len(relative))
-                log_masses[i] = model.averaging_["log_mass"]
-                models[i], edge_warnings[i] = model, edge
+                    self._check_memory(fitted[i][0], len(relative))
+                log_masses[i] = fitted[i][0].averaging_["log_mass"]
                 top = float(log_masses.max())
-                for j in [j for j in models if log_masses[j] < top - negligible]:
-                    del models[j], edge_warnings[j]
+                for j in [j for j in fitted if log_masses[j] < top - negligible]:
+                    del fitted[j]
                 bar.update()
-        available = np.where(np.isin(np.arange(log_masses.size), list(models)), log_masses, -np.inf)
+        available = np.where(np.isin(np.arange(log_masses.size), list(fitted)), log_masses, -np.inf)
         kept, weights = averaging.posterior_weights(available, np.zeros_like(log_masses), self.keep_mass)
         kept, weights = kept[weights > 0], weights[weights > 0]  # rounding can let zero weights in at keep_mass ≈ 1
         weights = weights / weights.sum()
         draft = self._draft()
-        draft.models_ = [models[i] for i in kept]
+        draft.models_ = [fitted[i][0] for i in kept]
         draft.relative_weights_ = relative[kept]
-        draft.block_scales_ = np.where(scale > 0, scale, 1.0)
-        draft.block_weights_ = relative[kept] / draft.block_scales_
+        draft.block_scales_ = scales
+        draft.block_weights_ = relative[kept] / scales
         draft.weights_, draft.log_masses_ = weights, log_masses[kept]
-        draft._log_evidence = float(_logsumexp(log_masses) - np.log(log_masses.size))
+        from scipy.special import logsumexp  # scipy loads on use, not when lingp_core is imported
+
+        draft._log_evidence = float(logsumexp(log_masses) - np.log(log_masses.size))
         draft.block_names_ = J.block_names
         draft._backend, draft._signature = J.backend, draft.models_[0]._signature
         self._commit(draft)
-        self._warn_grid_edges([edge_warnings[i] for i in kept], weights)
+        self._warn_grid_edges([fitted[i][1] for i in kept], weights)
         return self
 
     def _check_memory(self, model: LinearizedGP, count: int) -> None:
@@ -275,6 +277,8 @@ class BlockWeightAverage(Estimator):
         options = dict(config["options"])
         options["hyperprior"] = _hyperprior_from_json(options["hyperprior"])
         model = cls(**options, **config["settings"])
+        from scipy.special import logsumexp
+
         weights = np.asarray(arrays["weights"], dtype=np.float64)
         scales = np.asarray(arrays["block_scales"], dtype=np.float64)
         relative = np.asarray(arrays["relative_weights"], dtype=np.float64)
@@ -282,7 +286,7 @@ class BlockWeightAverage(Estimator):
         if not (np.isfinite(scales).all() and (scales > 0).all() and np.isfinite(relative).all()
                 and (relative > 0).all() and (relative.max(axis=1) == 1.0).all() and np.isfinite(log_masses).all()
                 and (weights >= 0).all() and np.isclose(weights.sum(), 1.0, rtol=1e-9)
-                and np.allclose(weights, np.exp(log_masses - _logsumexp(log_masses)), rtol=1e-9, atol=0)):
+                and np.allclose(weights, np.exp(log_masses - logsumexp(log_masses)), rtol=1e-9, atol=0)):
             raise io.ArchiveError("the saved block-weight mixture is not valid (block scales and relative weights "
                                   "finite and > 0, the largest relative weight 1, weights ∝ exp(log_masses) summing "
                                   "to 1); the file was modified")
@@ -309,11 +313,6 @@ def _block_kernel_sizes(J: JacobianBlocks) -> np.ndarray:
     """mean diag(J_b J_bᵀ) per block, float64 on the host (0 for a block whose Jacobian is zero)."""
     be = J.backend
     return np.array([float(be.to_numpy(b.gram_diagonal()).astype(np.float64).mean()) for b in J.blocks])
-
-
-def _logsumexp(values: np.ndarray) -> float:
-    top = float(np.max(values))
-    return top + float(np.log(np.sum(np.exp(values - top))))
 
 
 def _hyperprior_json(hyperprior: Any) -> Any:

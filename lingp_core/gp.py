@@ -520,7 +520,8 @@ class LinearizedGP(Estimator):
         if not hasattr(self, "_R"):
             raise v.NotFittedError("a loaded model holds no training targets: refit it with fit(J, y) to average")
         grid_size = v.check_int(grid_size, "grid_size", minimum=3)
-        v.check_memory(8 * 8 * grid_size**2, v.resolve_memory_budget(self.memory_budget, backends.get_backend("numpy")),
+        v.check_memory(v.nbytes_of((8, grid_size, grid_size), np.float64),  # ~8 host arrays over the grid
+                       v.resolve_memory_budget(self.memory_budget, backends.get_backend("numpy")),
                        what=f"the averaging grid of {grid_size} × {grid_size} points (a few host arrays of that size)",
                        alternative="use a smaller grid_size (41 resolves the posterior of (s, σ²) well)")
         span = v.check_positive(span, "span")

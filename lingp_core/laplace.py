@@ -62,7 +62,7 @@ import numpy as np
 from lingp_core import _validate as v
 from lingp_core._estimator import Estimator, float_errors_checked, jacobian_from_archive
 from lingp_core._ggn import WORK_ELEMENTS, chunks
-from lingp_core._hyperparameters import check_hyperprior
+from lingp_core._hyperparameters import check_hyperprior, log_normal
 from lingp_core._laplace_engines import (
     FunctionEngine,
     Targets,
@@ -252,7 +252,7 @@ class LaplaceClassifier(Estimator):
         draft = super()._draft()
         draft._engine = copy.copy(self._engine)
         draft.prior_scale_history_ = list(self.prior_scale_history_)
-        for stale in ("_mixture", "averaging_"):  # a refit or an optimization ends an average over s
+        for stale in ("_mixture", "mixture_scales_", "mixture_weights_", "averaging_"):  # a refit ends an average
             draft.__dict__.pop(stale, None)
         return draft
 
@@ -434,8 +434,7 @@ class LaplaceClassifier(Estimator):
         if hyperprior is None:
             log_prior = np.full(grid_size, -math.log(2 * span * math.log(10.0)))
         else:
-            mu, width = self._hyperprior_centre(hyperprior)
-            log_prior = -0.5 * ((log_s - mu) / width) ** 2 - math.log(width * math.sqrt(2 * math.pi))
+            log_prior = log_normal(log_s, *self._hyperprior_centre(hyperprior))[0]
         draft = self._draft()
         xp = draft._engine.backend.xp
         budget = v.resolve_memory_budget(self.memory_budget, draft._engine.backend)
@@ -453,7 +452,7 @@ class LaplaceClassifier(Estimator):
         kept, weights = posterior_weights(log_joint, np.zeros(grid_size), keep_mass)
         top = int(kept[int(np.argmax(weights))])
         draft._fit_at(math.exp(log_s[top]), warm=True)
-        draft._mixture = [(float(math.exp(log_s[g])), states[g]) for g in kept]
+        draft._mixture = [states[g] for g in kept]
         draft.mixture_scales_, draft.mixture_weights_ = np.exp(log_s[kept]), weights
         edge = float(weights[(kept == 0) | (kept == grid_size - 1)].sum())
         draft.averaging_ = {"grid_size": grid_size, "span_decades": span, "centre": math.exp(centre),
@@ -589,7 +588,7 @@ class LaplaceClassifier(Estimator):
             raise v.InvalidOptionError(f"return_var must be False, True, 'diag' or 'full'; got {return_var!r}")
         J_star = self._check_star(J_star)
         cov = None if return_var is False else ("full" if return_var == "full" else "diag")
-        parts = [self._checked_logits(state, scale, J_star, cov) for scale, state in self._components()]
+        parts = [self._checked_logits(state, scale, J_star, cov) for _, scale, state in self._components()]
         mean, var = parts[0] if len(parts) == 1 else _mixture_logits(parts, self.mixture_weights_, cov)
         return mean if cov is None else (mean, var)
 
@@ -604,10 +603,14 @@ class LaplaceClassifier(Estimator):
                                    "Jacobian is far too large; rescale the inputs")
         return mean, None if var is None else self._clamp(var, cov)
 
-    def _components(self) -> list[tuple[float | None, dict]]:
-        """(s, state) of each point of an average over s, or of the one fitted posterior (s None: the model's)."""
+    def _components(self) -> list[tuple[float, float | None, dict]]:
+        """(weight, s, state) of each point of an average over s, or of the one fitted posterior (s None: the
+        model's)."""
         mixture = getattr(self, "_mixture", None)
-        return mixture if mixture is not None else [(None, self._prediction_state())]
+        if mixture is None:
+            return [(1.0, None, self._prediction_state())]
+        return [(float(w), float(s), state) for w, s, state in zip(self.mixture_weights_, self.mixture_scales_,
+                                                                    mixture)]
 
     def _component_logits(self, state: dict, scale: float | None, J_star: JacobianBlocks, cov: str | None) -> tuple:
         if self.plan_.space == "parameter":
@@ -650,25 +653,17 @@ class LaplaceClassifier(Estimator):
         n_samples = v.check_int(n_samples, "n_samples", minimum=1)
         seed = v.check_int(seed, "seed", minimum=0)
         lik = self._lik()
-        mixture = getattr(self, "_mixture", None)
-        if mixture is None:
-            return lik.class_probabilities(self._proba(J_star, None, method, n_samples, seed))
         J_star = self._check_star(J_star)
-        proba = sum(w * self._proba(J_star, state_and_scale, method, n_samples, seed)
-                    for w, state_and_scale in zip(self.mixture_weights_, mixture))
+        cov = "diag" if method == "probit" else "full"
+        proba = 0.0  # an average over s: the points' probabilities, weighted
+        for weight, scale, state in self._components():
+            mean, var = self._checked_logits(state, scale, J_star, cov)
+            if method == "probit":
+                part = lik.mean(mean / v.backend_of(mean).xp.sqrt(1.0 + (math.pi / 8.0) * var))
+            else:
+                part = _monte_carlo(mean, var, lik, n_samples, seed)
+            proba = proba + weight * part
         return lik.class_probabilities(proba)
-
-    def _proba(self, J_star: JacobianBlocks, point: tuple | None, method: str, n_samples: int, seed: int) -> Any:
-        """Class probabilities (before class_probabilities) of the fitted posterior, or of one point of an average."""
-        lik = self._lik()
-        if point is None:
-            mean, var = self.predict_logits(J_star, return_var="diag" if method == "probit" else "full")
-        else:
-            scale, state = point
-            mean, var = self._checked_logits(state, scale, J_star, "diag" if method == "probit" else "full")
-        if method == "probit":
-            return lik.mean(mean / v.backend_of(mean).xp.sqrt(1.0 + (math.pi / 8.0) * var))
-        return _monte_carlo(mean, var, lik, n_samples, seed)
 
     # ----- persistence -------------------------------------------------------------------------------------------
     def _archive(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -691,7 +686,7 @@ class LaplaceClassifier(Estimator):
             arrays.update(J_arrays)
         mixture = getattr(self, "_mixture", None)
         if mixture is not None:  # an average over s: every kept point's state, its s and weight
-            for g, (_, state) in enumerate(mixture):
+            for g, state in enumerate(mixture):
                 arrays.update({f"point{g}_state_{k}": a for k, a in state.items()})
             arrays.update({"mixture_scales": self.mixture_scales_, "mixture_weights": self.mixture_weights_})
             config["averaging"] = {"points": len(mixture), "summary": self.averaging_}
@@ -741,8 +736,8 @@ class LaplaceClassifier(Estimator):
                     and np.isclose(weights.sum(), 1.0, rtol=1e-9)):
                 raise ArchiveError("the saved average over s is not valid (scales finite and > 0, weights ≥ 0 "
                                    "summing to 1); the file was modified")
-            model._mixture = [(float(scale), {k[len(f"point{g}_state_"):]: be.asarray(a) for k, a in arrays.items()
-                                              if k.startswith(f"point{g}_state_")}) for g, scale in enumerate(scales)]
+            model._mixture = [{k[len(f"point{g}_state_"):]: be.asarray(a) for k, a in arrays.items()
+                               if k.startswith(f"point{g}_state_")} for g in range(scales.size)]
             model.mixture_scales_, model.mixture_weights_ = scales, weights
             model.averaging_ = config["averaging"]["summary"]
         model._signature = config["signature"]

@@ -295,6 +295,20 @@ def test_cholesky_from_upper_retries_with_jitter_from_the_kept_triangle(backend,
     assert np.array_equal(np.triu(backend.to_numpy(src), 1), np.triu(S, 1))
 
 
+def test_cholesky_from_upper_factors_a_filled_matrix_where_it_lies(backend, rng):
+    j = rng.standard_normal((N, N + 3))
+    S = j @ j.T
+    S = np.triu(S) + np.triu(S, 1).T  # exactly symmetric, as lower_filled requires
+    filled = backend.asarray(S.copy())
+    result = lg.cholesky_from_upper(filled, backend.asarray(np.diag(S).copy()), out=filled, lower_filled=True)
+    assert result.factor is filled and result.tries == 1
+    np.testing.assert_allclose(np.tril(backend.to_numpy(filled)), np.linalg.cholesky(S), rtol=1e-10,
+                               atol=1e-12 * np.abs(S).max())
+    assert np.array_equal(np.triu(backend.to_numpy(filled), 1), np.triu(S, 1))  # S kept for a retry
+    with pytest.raises(lg.InvalidOptionError, match="out=source"):
+        lg.cholesky_from_upper(backend.asarray(S), backend.asarray(np.diag(S).copy()), lower_filled=True)
+
+
 def test_cholesky_from_upper_errors(backend, rng):
     S, source = _upper_source(rng, 20)
     d = np.diag(S).copy()

@@ -89,10 +89,10 @@ def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64
             work[xp.arange(n), xp.arange(n)] += jitter
         return backend.cholesky(work, overwrite=True)
 
-    return _with_jitter(attempt, "safe_cholesky", f"A ({n} × {n}, {a.dtype})", mean_diag, eps(a.dtype), max_tries, warn)
+    return with_jitter(attempt, "safe_cholesky", f"A ({n} × {n}, {a.dtype})", mean_diag, eps(a.dtype), max_tries, warn)
 
 
-def _with_jitter(attempt: Callable[[float, bool], Any], caller: str, what: str, mean_diag: float, dtype_eps: float,
+def with_jitter(attempt: Callable[[float, bool], Any], caller: str, what: str, mean_diag: float, dtype_eps: float,
                  max_tries: int, warn: bool, finite_check: Callable[[], bool] | None = None) -> CholeskyResult:
     """Run ``attempt(jitter, first)`` (a factorization of the matrix plus jitter·I that raises LinAlgError when it
     fails) with jitter 0, then with escalating jitter relative to the mean diagonal; the retry policy of
@@ -123,7 +123,7 @@ def _with_jitter(attempt: Callable[[float, bool], Any], caller: str, what: str, 
 
 
 def cholesky_from_upper(source: Any, diagonal: Any, *, scale: float = 1.0, out: Any = None, max_tries: int = 5,
-                        warn: bool = True) -> CholeskyResult:
+                        warn: bool = True, lower_filled: bool = False) -> CholeskyResult:
     """Lower Cholesky factor of A = scale·S with diagonal ``diagonal``, where S is the symmetric matrix whose strict
     upper triangle ``source`` holds, written over ``out``'s lower triangle: the factorization of a kernel that keeps
     the kernel.
@@ -143,6 +143,9 @@ def cholesky_from_upper(source: Any, diagonal: Any, *, scale: float = 1.0, out: 
     out : array (n, n), optional
         C-ordered float64 array on source's backend for the factor; may be ``source`` itself (then source must be a
         C-ordered float64 array). Default: a new array.
+    lower_filled : bool
+        ``out`` is ``source`` and already holds A whole (S in both triangles, ``diagonal`` on its diagonal, scale 1):
+        the first attempt factors it as it is, without rewriting the lower triangle (retries still rebuild it from S).
 
     Returns
     -------
@@ -171,11 +174,15 @@ def cholesky_from_upper(source: Any, diagonal: Any, *, scale: float = 1.0, out: 
         out = v.as_float_array(out, "out", backend, shape=(n, n), dtypes=(np.float64,), finite=False)
         if not out.flags.c_contiguous:
             raise v.ValueRangeError("out must be C-ordered (it is factored in place)")
+    if lower_filled and (out is not s_arr or scale != 1.0):
+        raise v.InvalidOptionError("lower_filled=True means A already lies in source, factored there: pass "
+                                   "out=source and scale=1")
     index = xp.arange(n)
 
     def attempt(jitter: float, first: bool) -> Any:
-        fill_lower(out, s_arr, scale, xp)
-        out[index, index] = d + jitter if jitter else d
+        if not (first and lower_filled):
+            fill_lower(out, s_arr, scale, xp)
+            out[index, index] = d + jitter if jitter else d
         backend.cholesky_lower_in_place(out)
         # a NaN or Inf anywhere in row i of A's lower triangle reaches L_ii, and not every LAPACK stops on it
         if not bool(xp.isfinite(xp.diagonal(out)).all()):
@@ -187,5 +194,5 @@ def cholesky_from_upper(source: Any, diagonal: Any, *, scale: float = 1.0, out: 
                    for rows in (slice(i, i + _triangles.TILE) for i in range(0, n, _triangles.TILE)))
 
     mean_diag = float(d.mean()) if n else 1.0
-    return _with_jitter(attempt, "cholesky_from_upper", f"A ({n} × {n})", mean_diag, eps(np.float64), max_tries, warn,
+    return with_jitter(attempt, "cholesky_from_upper", f"A ({n} × {n})", mean_diag, eps(np.float64), max_tries, warn,
                         finite)
