@@ -8,6 +8,8 @@ inputs; the source network is never modified (the trained baselines work on a de
   averaging over a grid).
 - ``retrain_last_layer``: Adam on the last ``nn.Linear`` only, from the source weights, MSE loss.
 - ``fine_tune``: Adam on every parameter, from the source weights, MSE loss.
+- ``linearized_fine_tune``: the same recipe on the network's first-order Taylor expansion f(x; θ̂) + J(x)(θ − θ̂)
+  (:class:`Linearized`): what a model linear in θ reaches with fine-tuning's own training.
 - ``BayesianLinearRegression``: an ABLR-style Bayesian last layer (Perrone et al., 2018): Bayesian linear regression
   on the source network's last hidden features (plus a constant), w ~ N(0, α⁻¹I), noise precision β, with α and β
   maximizing the evidence.
@@ -173,6 +175,39 @@ def retrain_last_layer(model: Any, x: Any, y: Any, *, steps: int = 500, lr: floa
 def fine_tune(model: Any, x: Any, y: Any, *, steps: int = 200, lr: float = 1e-3, seed: int = 0) -> Any:
     """A copy of ``model`` with every parameter trained on (x, y) from its source values. Returns it in eval mode."""
     adapted = copy.deepcopy(model)
+    train_mse(adapted, x, y, steps=steps, lr=lr, seed=seed)
+    return adapted.eval()
+
+
+def linearized(model: Any) -> Any:
+    """:class:`Linearized` (defined on first use: this module imports torch only when a method runs)."""
+    import torch
+    from torch.func import functional_call, jvp
+
+    class Linearized(torch.nn.Module):
+        """f(x; θ̂) + J(x) δ as a module whose only parameters are δ (zero at the start), by torch.func.jvp: the
+        first-order Taylor expansion of ``model`` around its weights θ̂ (a frozen copy), independent of lingp."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            # a plain attribute, not a submodule: its weights θ̂ are constants here, never parameters to train
+            object.__setattr__(self, "source", copy.deepcopy(model).eval())
+            self.names = [name for name, _ in self.source.named_parameters()]
+            self.theta = {name: p.detach() for name, p in self.source.named_parameters()}
+            self.delta = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros_like(t)) for t in self.theta.values()])
+
+        def forward(self, x: Any) -> Any:
+            def network(params: dict) -> Any:
+                return functional_call(self.source, params, (x,))
+            out, change = jvp(network, (self.theta,), (dict(zip(self.names, self.delta)),))
+            return out + change
+
+    return Linearized()
+
+
+def linearized_fine_tune(model: Any, x: Any, y: Any, *, steps: int = 200, lr: float = 1e-3, seed: int = 0) -> Any:
+    """:func:`fine_tune`'s recipe (Adam on every parameter, MSE) on the linearized network; returns it (eval mode)."""
+    adapted = linearized(model)
     train_mse(adapted, x, y, steps=steps, lr=lr, seed=seed)
     return adapted.eval()
 
@@ -347,6 +382,12 @@ HYPERPARAMETER_CHOICES = ("evidence", "loo", "map", "average", "average-map", "l
 #: on the other cases (benchmarks/README.md, "Choosing the default").
 DEFAULT_HYPERPARAMETERS = "layerwise-average-map"
 
+PRIOR_CHOICES = ("network", "weights")
+"""Where lingp's prior on the weights is centred: "network" — w = θ − θ̂ ~ N(0, s·I), the GP's mean is the trained
+network (the paper's prior, for adapting it to new data); "weights" — θ ~ N(0, s·I), prior_mean = −θ̂ (laplace-torch's
+and Immer et al.'s, for the data the network was trained on: there the residuals are noise, and with the prior at the
+network the evidence shrinks s and the bands with it)."""
+
 
 def check_hyperparameters(choice: Any) -> str:
     """``choice`` if it is one of :data:`HYPERPARAMETER_CHOICES`; InvalidOptionError naming them otherwise."""
@@ -380,7 +421,7 @@ def choose_hyperparameters(gp: Any, choice: str) -> None:
 
 def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "numpy",
                   fixed: tuple[float, float] | None = None, jacobians: tuple | None = None,
-                  hyperparameters: str | None = None) -> dict:
+                  hyperparameters: str | None = None, prior: str = "network") -> dict:
     """lingp's adaptation: the Jacobian-kernel GP of ``model`` with mean f(x; θ̂), fitted on (x, y).
 
     The Jacobians are exported on ``backend`` (the model must live on its device). The prior scale s and noise σ²
@@ -389,7 +430,7 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
     must then be None):
     s = signal_variance / mean diag(JJᵀ), so the prior variance of f at the training inputs is signal_variance on
     average, and σ² = noise. ``jacobians=(J, J_test)`` reuses Jacobians already exported at x and x_test (several
-    fits of one network).
+    fits of one network). ``prior``: one of :data:`PRIOR_CHOICES`.
 
     Returns
     -------
@@ -411,17 +452,20 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
                                  "choose them: pass one of the two")
     if fixed is None:
         hyperparameters = check_hyperparameters(DEFAULT_HYPERPARAMETERS if hyperparameters is None else hyperparameters)
+    prior = check_choice(prior, "prior", PRIOR_CHOICES)
     be = backends.get_backend(backend)
     jac, jac_test = jacobians if jacobians is not None else export_pair(model, x, x_test, be.name)
     targets = be.asarray(y.detach())
+    prior_mean = -lg.parameter_vector(model, jac) if prior == "weights" else None
     if hyperparameters is not None and hyperparameters.startswith("layerwise"):
-        return _layerwise_gp(jac, targets, jac_test, be, hyperparameters)
+        return {**_layerwise_gp(jac, targets, jac_test, be, hyperparameters, prior_mean), "prior": prior}
     if fixed is None:
-        gp = lg.LinearizedGP(mean="network").fit(jac, targets)
+        gp = lg.LinearizedGP(mean="network").fit(jac, targets, prior_mean=prior_mean)
         choose_hyperparameters(gp, hyperparameters)
     else:
         kernel_size = float(be.to_numpy(lg.kernel_diag(jac)).mean())
-        gp = lg.LinearizedGP(prior_scale=fixed[0] / kernel_size, noise=fixed[1], mean="network").fit(jac, targets)
+        gp = lg.LinearizedGP(prior_scale=fixed[0] / kernel_size, noise=fixed[1], mean="network").fit(
+            jac, targets, prior_mean=prior_mean)
     mean, var = gp.predict(jac_test, return_var=True)
     averaging = _averaging_summary(gp)
     predictive_noise = float(gp.noise) if averaging is None else \
@@ -431,10 +475,10 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
             "prior_scale": float(gp.prior_scale), "noise": float(gp.noise), "predictive_noise": predictive_noise,
             "log_marginal_likelihood": gp.log_marginal_likelihood(),
             "at_bound": list(getattr(gp, "optimization_", {}).get("at_bound", [])), "averaging": averaging,
-            "plan": str(gp.plan_), "p": int(jac.p)}
+            "plan": str(gp.plan_), "p": int(jac.p), "prior": prior}
 
 
-def _layerwise_gp(jac: Any, targets: Any, jac_test: Any, be: Any, choice: str) -> dict:
+def _layerwise_gp(jac: Any, targets: Any, jac_test: Any, be: Any, choice: str, prior_mean: Any) -> dict:
     """:func:`linearized_gp`'s result for "layerwise-average[-map]": a :class:`lingp_core.BlockWeightAverage`
     (per-block prior weights and (s, σ²) averaged; "-map": with the "data" hyperprior, else uniform); s and σ²
     reported at the heaviest component's heaviest grid point, ``averaging`` None (the block-weight mixture is
@@ -444,7 +488,7 @@ def _layerwise_gp(jac: Any, targets: Any, jac_test: Any, be: Any, choice: str) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lg.NumericalWarning)  # grid-edge warnings are recorded, not repeated per task
         avg = lg.BlockWeightAverage(mean="network", hyperprior="data" if choice.endswith("-map") else None)
-        avg.fit(jac, targets)
+        avg.fit(jac, targets, prior_mean=prior_mean)
     mean, var = avg.predict(jac_test, return_var=True)
     top = avg.models_[int(np.argmax(avg.weights_))]
     return {"mean": be.to_numpy(mean).astype(np.float64), "var": be.to_numpy(var).astype(np.float64),
@@ -482,14 +526,14 @@ def export_pair(model: Any, x: Any, x_test: Any, backend: str) -> tuple:
 
 # ----- every method on one adaptation set -------------------------------------------------------------------------
 
-METHODS = ("source", "lingp", "last_layer", "fine_tune", "ablr")
+METHODS = ("source", "lingp", "last_layer", "fine_tune", "linearized_fine_tune", "ablr")
 """The methods :func:`adapt_and_predict` knows: the unadapted source network, lingp, last-layer retraining,
-fine-tuning and the ABLR-style Bayesian last layer."""
+fine-tuning, fine-tuning's recipe on the linearized network and the ABLR-style Bayesian last layer."""
 
 
 def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any = METHODS, backend: str = "numpy",
                       last_layer: dict | None = None, fine_tuning: dict | None = None, seed: int = 0,
-                      lingp_hyperparameters: str = DEFAULT_HYPERPARAMETERS) -> dict:
+                      lingp_hyperparameters: str = DEFAULT_HYPERPARAMETERS, lingp_prior: str = "network") -> dict:
     """Adapt ``model`` to (x, y) with each method and predict at ``x_test``.
 
     Parameters
@@ -507,6 +551,8 @@ def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any =
     seed : int
     lingp_hyperparameters : str
         How lingp chooses its prior scale and noise: one of :data:`HYPERPARAMETER_CHOICES`.
+    lingp_prior : str
+        Where lingp's prior is centred: one of :data:`PRIOR_CHOICES`.
 
     Returns
     -------
@@ -522,6 +568,7 @@ def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any =
     if unknown:
         raise ValueRangeError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
     lingp_hyperparameters = check_hyperparameters(lingp_hyperparameters)  # before any method runs
+    lingp_prior = check_choice(lingp_prior, "lingp_prior", PRIOR_CHOICES)
 
     def sync() -> None:
         if torch.cuda.is_available() and x.is_cuda:
@@ -536,12 +583,15 @@ def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any =
         if name == "source":
             mean = to_numpy(predict(model, x_test))
         elif name == "lingp":
-            extra = linearized_gp(model, x, y, x_test, backend=backend, hyperparameters=lingp_hyperparameters)
+            extra = linearized_gp(model, x, y, x_test, backend=backend, hyperparameters=lingp_hyperparameters,
+                                  prior=lingp_prior)
             mean, var = extra.pop("mean"), extra.pop("var")
         elif name == "last_layer":
             mean = to_numpy(predict(retrain_last_layer(model, x, y, seed=seed, **(last_layer or {})), x_test))
         elif name == "fine_tune":
             mean = to_numpy(predict(fine_tune(model, x, y, seed=seed, **(fine_tuning or {})), x_test))
+        elif name == "linearized_fine_tune":
+            mean = to_numpy(predict(linearized_fine_tune(model, x, y, seed=seed, **(fine_tuning or {})), x_test))
         else:
             mean, var, blr = ablr(model, x, y, x_test)
             mean, var = mean[:, None], var[:, None]
@@ -557,7 +607,7 @@ def lingp_record(result: dict) -> dict:
     """What a reproduction's JSON keeps of one :func:`linearized_gp` result: the choice, s and σ², the predictive
     noise, the log marginal likelihood, the values at a bound and the plan, and for averaging the mixture's size and
     weight on the grid's edge (the grid points themselves are left out)."""
-    record = {k: result[k] for k in ("hyperparameters", "prior_scale", "noise", "predictive_noise",
+    record = {k: result[k] for k in ("hyperparameters", "prior", "prior_scale", "noise", "predictive_noise",
                                      "log_marginal_likelihood", "at_bound", "plan")}
     if result["averaging"] is not None:
         record.update({k: result["averaging"][k] for k in ("effective_points", "weight_on_grid_edge")})
@@ -575,6 +625,14 @@ def add_hyperparameters_option(parser: Any) -> None:
                              "data's scale, average / average-map = predictions averaged over a log grid of (s, σ²) "
                              "weighted by evidence (× that hyperprior); layerwise-average[-map] = the same averaged "
                              "over per-layer prior weights too (lingp_core.BlockWeightAverage) (default %(default)s)")
+
+
+def add_prior_option(parser: Any, default: str = "network") -> None:
+    """Add the reproduction scripts' ``--lingp-prior`` (one of :data:`PRIOR_CHOICES`)."""
+    parser.add_argument("--lingp-prior", choices=PRIOR_CHOICES, default=default,
+                        help="where lingp's prior on the weights is centred: network = θ − θ̂ ~ N(0, s·I), the GP's "
+                             "mean is the trained network; weights = θ ~ N(0, s·I) (prior_mean = −θ̂, laplace-torch's "
+                             "model) (default %(default)s)")
 
 
 def torch_device(backend: str) -> str:

@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--n", type=int, help="training points (default 300, quick 100)")
     parser.add_argument("--steps", type=int, help="Adam steps (default 2000, quick 200)")
     bl.add_hyperparameters_option(parser)
+    bl.add_prior_option(parser, default="weights")
     args = parser.parse_args(argv)
     args.widths = args.widths or ([5, 50] if args.quick else [5, 50, 500, 5000])
     args.n = args.n or (100 if args.quick else 300)
@@ -117,7 +118,8 @@ def run(args) -> dict:
                 gp = bl.linearized_gp(model, column(x, device), column(y, device), column(inputs, device),
                                       backend=args.backend, jacobians=jacobians,
                                       fixed=(float(np.var(y)), NOISE_STD**2) if matched else None,
-                                      hyperparameters=None if matched else setting)
+                                      hyperparameters=None if matched else setting,
+                                      prior="network" if matched else args.lingp_prior)
                 mean, var = gp["mean"][:, 0], gp["var"][:, 0]
                 predictive = var[:n_test] + gp["predictive_noise"]
                 nlpd = 0.5 * np.mean(np.log(2 * np.pi * predictive) + (y_test - mean[:n_test]) ** 2 / predictive)
@@ -135,7 +137,8 @@ def run(args) -> dict:
                                "gp_mean": mean[n_test:].tolist(), "gp_std": np.sqrt(var[n_test:]).tolist(),
                                "network": net[n_test:].tolist()})
     return {"name": NAME, "quick": args.quick, "seed": args.seed, "backend": args.backend, "command": args.command,
-            "lingp_hyperparameters": args.lingp_hyperparameters, "machine": machine_info(args.backend),
+            "lingp_hyperparameters": args.lingp_hyperparameters,
+            "lingp_prior": args.lingp_prior, "machine": machine_info(args.backend),
             "description": __doc__,
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rows": rows, "data": {"x": x.tolist(), "y": y.tolist(), "grid": grid.tolist()}, "curves": curves}

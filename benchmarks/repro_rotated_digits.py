@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--source-angle", type=float, default=45.0, help="source angles in ±this, degrees")
     parser.add_argument("--target-angle", type=float, default=60.0, help="target angles in ±this, degrees")
     bl.add_hyperparameters_option(parser)
+    bl.add_prior_option(parser)
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([10, 20] if args.quick else [10, 20, 50, 100, 200])
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -133,7 +134,8 @@ def run(args) -> dict:
                                          backend=args.backend, seed=args.seed + repeat,
                                          last_layer={"steps": 100 if args.quick else 500, "lr": 1e-2},
                                          fine_tuning={"steps": 50 if args.quick else 200, "lr": 1e-3},
-                                         lingp_hyperparameters=args.lingp_hyperparameters)
+                                         lingp_hyperparameters=args.lingp_hyperparameters,
+                                         lingp_prior=args.lingp_prior)
             rmse = {m: float(MAX_ANGLE * np.sqrt(np.mean((preds[m]["mean"][:, 0] - y_test) ** 2))) for m in methods}
             runs.append({"repeat": repeat, "size": size, "rmse_degrees": rmse,
                          "seconds": {m: preds[m]["seconds"] for m in methods},
@@ -147,7 +149,8 @@ def run(args) -> dict:
             row[m]["seconds"] = float(np.mean([r["seconds"][m] for r in at]))
         summary.append(row)
     return {"name": NAME, "quick": args.quick, "seed": args.seed, "backend": args.backend, "command": args.command,
-            "lingp_hyperparameters": args.lingp_hyperparameters, "machine": machine_info(args.backend),
+            "lingp_hyperparameters": args.lingp_hyperparameters,
+            "lingp_prior": args.lingp_prior, "machine": machine_info(args.backend),
             "description": __doc__, "p": bl.count_parameters(model),
             "source_images": int(len(y_src)), "test_images": int(len(y_test)), "pool_images": int(len(y_pool)),
             "source_final_batch_mse": losses[-1],

@@ -19,7 +19,9 @@ Protocol (ours; the paper's source-training details are not reproduced):
   1761 parameters, mean = the network, prior scale and noise by --lingp-hyperparameters, default averaged over a
   log grid weighted by marginal likelihood × a data-scaled hyperprior);
   last-layer retraining (Adam, 500 steps, lr 1e-2, cosine); fine-tuning of all weights (Adam, 300 steps, lr 1e-2,
-  cosine); ABLR-style Bayesian linear regression on the 40 last hidden features plus a constant, α and β by the
+  cosine); the same fine-tuning recipe on the network's first-order Taylor expansion f(x; θ̂) + J(x)(θ − θ̂)
+  ("linearized fine-tune": what fine-tuning's training reaches on lingp's linear model); ABLR-style Bayesian linear
+  regression on the 40 last hidden features plus a constant, α and β by the
   evidence.
 --quick (a smoke run, not a result): 10 source tasks, 300 source steps, 2 new tasks, 100 last-layer and 50
 fine-tuning steps.
@@ -49,7 +51,7 @@ from benchmarks._common import (  # noqa: E402
 NAME = "repro_sinusoid"
 SOURCE_TASK = {"amplitude": 2.55, "frequency": 1.25, "phase": math.pi}
 LABELS = {"source": "source net", "lingp": "lingp", "last_layer": "last layer", "fine_tune": "fine-tune",
-          "ablr": "ABLR"}
+          "linearized_fine_tune": "linearized fine-tune", "ablr": "ABLR"}
 
 
 def parse_args(argv: list[str] | None = None):
@@ -66,6 +68,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--fine-tune-steps", type=int, help="default 300, quick 50")
     parser.add_argument("--fine-tune-lr", type=float, default=1e-2)
     bl.add_hyperparameters_option(parser)
+    bl.add_prior_option(parser)
     args = parser.parse_args(argv)
     args.tasks = args.tasks or (2 if args.quick else 100)
     args.last_layer_steps = args.last_layer_steps or (100 if args.quick else 500)
@@ -160,7 +163,8 @@ def run(args) -> dict:
                                      methods=methods, backend=args.backend, seed=args.seed + t,
                                      last_layer={"steps": args.last_layer_steps, "lr": args.last_layer_lr},
                                      fine_tuning={"steps": args.fine_tune_steps, "lr": args.fine_tune_lr},
-                                     lingp_hyperparameters=args.lingp_hyperparameters)
+                                     lingp_hyperparameters=args.lingp_hyperparameters,
+                                     lingp_prior=args.lingp_prior)
         truth = sinusoid(x_test, task)
         covered = {m: float(np.mean(np.abs(preds[m]["mean"][:, 0] - truth) <= 2 * np.sqrt(preds[m]["var"][:, 0])))
                    for m in methods if preds[m]["var"] is not None}
@@ -186,6 +190,7 @@ def run(args) -> dict:
     wins = {m: int(sum(r["mse"]["lingp"] < r["mse"][m] for r in tasks)) for m in methods if m != "lingp"}
     return {"name": NAME, "quick": args.quick, "seed": args.seed, "backend": args.backend,
             "command": args.command, "lingp_hyperparameters": args.lingp_hyperparameters,
+                                     "lingp_prior": args.lingp_prior,
             "machine": machine_info(args.backend), "protocol": __doc__.split("Protocol", 1)[1].strip(),
             "source": args.source, "source_task": SOURCE_TASK if args.source == "single" else None,
             "source_final_train_mse": source_loss, "p": bl.count_parameters(model),

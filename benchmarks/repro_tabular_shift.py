@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--repeats", type=int, help="random target splits (default 20, quick 2)")
     parser.add_argument("--source-steps", type=int, help="Adam steps on the source (default 1500, quick 300)")
     bl.add_hyperparameters_option(parser)
+    bl.add_prior_option(parser)
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([10, 20] if args.quick else [10, 20, 50, 100])
     args.repeats = args.repeats or (2 if args.quick else 20)
@@ -121,7 +122,8 @@ def run(args) -> dict:
                                          seed=args.seed + repeat,
                                          last_layer={"steps": 100 if args.quick else 500, "lr": 1e-2},
                                          fine_tuning={"steps": 50 if args.quick else 200, "lr": 1e-3},
-                                         lingp_hyperparameters=args.lingp_hyperparameters)
+                                         lingp_hyperparameters=args.lingp_hyperparameters,
+                                         lingp_prior=args.lingp_prior)
             errors = {m: rmse(preds[m]["mean"][:, 0], y_tgt[test]) for m in NETWORK_METHODS}
             linear = bl.BayesianLinearRegression().fit(x_tgt[chosen], y_tgt[chosen])
             errors["target_linear"] = rmse(linear.predict(x_tgt[test])[0], y_tgt[test])
@@ -140,7 +142,8 @@ def run(args) -> dict:
                                                              for r in at]))
         summary.append(row)
     return {"name": NAME, "quick": args.quick, "seed": args.seed, "backend": args.backend, "command": args.command,
-            "lingp_hyperparameters": args.lingp_hyperparameters, "machine": machine_info(args.backend),
+            "lingp_hyperparameters": args.lingp_hyperparameters,
+            "lingp_prior": args.lingp_prior, "machine": machine_info(args.backend),
             "description": __doc__, "p": bl.count_parameters(model),
             "split": {"feature": "bmi", "median": data["bmi_median"], "source_train": int(len(data["train"][1])),
                       "source_validation": int(len(y_val)), "target": int(len(y_tgt)),

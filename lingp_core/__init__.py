@@ -30,7 +30,7 @@ from lingp_core.autograd_operator import AutogradJacobian
 from lingp_core.block_average import BlockWeightAverage
 from lingp_core.class_probabilities import probability_of_largest
 from lingp_core.dirichlet import DirichletClassifier, dirichlet_targets
-from lingp_core.export import LAST_LAYER, STRUCTURES, export_jacobian
+from lingp_core.export import LAST_LAYER, STRUCTURES, export_jacobian, parameter_vector
 from lingp_core.fisher import LOWRANK_METHODS, FisherOperator, LowRankResult, fisher, fisher_lowrank, kernel_lowrank
 from lingp_core.gp import GP_METHODS, MEANS, LinearizedGP, Plan
 from lingp_core.io import ArchiveError, ArchiveNotFoundError, ArchivePathError
@@ -135,6 +135,7 @@ __all__ = [
     "cholesky_from_upper",
     "dirichlet_targets",
     "export_jacobian",
+    "parameter_vector",
     "fisher",
     "fisher_lowrank",
     "get_backend",

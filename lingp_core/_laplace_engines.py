@@ -13,7 +13,7 @@ from lingp_core import _validate as v
 from lingp_core._ggn import WORK_ELEMENTS, chunks, dense_ggn, example_grams
 from lingp_core._precision import eps
 from lingp_core.fisher import apply_factors, fisher
-from lingp_core.jacobian import JacobianBlocks
+from lingp_core.jacobian import J_times_float64, JacobianBlocks
 from lingp_core.kernels import kernel
 from lingp_core.likelihoods import Likelihood
 from lingp_core.operators import LinearOperator
@@ -86,11 +86,6 @@ def _hutchinson(left: Any, right: Any) -> float:
 def _sq(x: Any) -> float:
     """‖x‖² as a float."""
     return float(x @ x)
-
-
-def _J_times(J: JacobianBlocks, w: Any) -> Any:
-    """J w in J's dtype, returned as float64 (n·c,) or (n·c, k)."""
-    return J.matmat(w.astype(J.dtype, copy=False)).astype(np.float64, copy=False)
 
 
 def _Jt_times(J: JacobianBlocks, u: Any) -> Any:
@@ -249,7 +244,7 @@ class WeightEngine(_ProbeSolves):
         self.set_prior(scales)
         w = xp.zeros(p, dtype=np.float64) if w0 is None else w0.copy()
         f0 = J.f0.astype(np.float64)
-        g = f0 + _J_times(J, w).reshape(f0.shape)
+        g = f0 + J_times_float64(J, w).reshape(f0.shape)
         objective = self.targets.nll(g) + self._prior_term(w)
         # an earlier Hessian (another s or the previous fit) is a far better preconditioner than Jacobi
         precond = None if self.factor is None else _CholeskyInverse(self.factor, self.backend)
@@ -302,7 +297,7 @@ class WeightEngine(_ProbeSolves):
         slope = float(grad @ step)
         if slope >= 0:  # an inexact inner solve can only fail this way by rounding: fall back to steepest descent
             step, slope = -grad, -float(grad @ grad)
-        dg = _J_times(J, step).reshape(g.shape)
+        dg = J_times_float64(J, step).reshape(g.shape)
         alpha = 1.0
         for _ in range(_MAX_HALVINGS):
             w_new, g_new = w + alpha * step, g + alpha * dg
@@ -378,8 +373,8 @@ class WeightEngine(_ProbeSolves):
         s = self._one_scale()
         probes, _, inverse = self._probe_solves()  # z and H⁻¹ z
         held = _hutchinson(probes - inverse / s, inverse / s)
-        moved = _J_times(self.J, self._map_direction() / s)  # J dŵ/dt
-        projected = _J_times(self.J, inverse)  # J H⁻¹ z: tr(H⁻¹ Jᵀ Λ' J H⁻¹) is Hutchinson's mean of its Λ' form
+        moved = J_times_float64(self.J, self._map_direction() / s)  # J dŵ/dt
+        projected = J_times_float64(self.J, inverse)  # J H⁻¹ z: tr(H⁻¹ Jᵀ Λ' J H⁻¹) is Hutchinson's mean of its Λ' form
         return held + _curvature_term(self.likelihood, self.g, moved, projected, projected) / s
 
     def state(self) -> dict:
@@ -396,7 +391,7 @@ class FunctionEngine(_ProbeSolves):
         self.J, self.targets, self.likelihood, self.budget = J, targets, likelihood, memory_budget
         self.m = prior_mean
         # the prior mean J m of h moves into the offset: h − J m ~ N(0, K) around logits f0 + J m
-        self.offset = J.f0.astype(np.float64) + _J_times(J, prior_mean).reshape(J.f0.shape)
+        self.offset = J.f0.astype(np.float64) + J_times_float64(J, prior_mean).reshape(J.f0.shape)
         self.backend = J.backend
         self.K0 = kernel(J, memory_budget=memory_budget)  # J Jᵀ in float64, computed once for every s
         self.dimension = self.K0.shape[0]  # n·c, of the posterior's matrices
@@ -526,7 +521,7 @@ def predict_weight(state: dict, J_star: JacobianBlocks, cov: str | None) -> tupl
     """
     xp = J_star.xp
     n, c, p = J_star.n, J_star.n_outputs, J_star.p
-    mean = J_star.f0.astype(np.float64) + _J_times(J_star, state["w"]).reshape(n, c)
+    mean = J_star.f0.astype(np.float64) + J_times_float64(J_star, state["w"]).reshape(n, c)
     if cov is None:
         return mean, None
     out = xp.zeros((n, c, c) if cov == "full" else (n, c), dtype=np.float64)
@@ -555,7 +550,7 @@ def predict_function(state: dict, J_train: JacobianBlocks, J_star: JacobianBlock
     for rows in _example_chunks(n, 2 * c * m):
         part = J_star.examples(rows)
         K_cross = kernel(part, J_train, prior_scale=s, memory_budget=budget)  # (k·c, n·c)
-        mean[rows] = part.f0.astype(np.float64) + (_J_times(part, state["prior_mean"]) +
+        mean[rows] = part.f0.astype(np.float64) + (J_times_float64(part, state["prior_mean"]) +
                                                     K_cross @ state["a"]).reshape(-1, c)
         if cov is None:
             continue

@@ -118,7 +118,7 @@ class BlockWeightAverage(Estimator):
         return f"BlockWeightAverage(levels={self.levels}, decades={self.decades:g}{fitted})"
 
     # ----- fit ------------------------------------------------------------------------------------------------------
-    def fit(self, J: JacobianBlocks, y: Any) -> BlockWeightAverage:
+    def fit(self, J: JacobianBlocks, y: Any, *, prior_mean: Any = None) -> BlockWeightAverage:
         """Fit one averaged LinearizedGP per ω point on J scaled per block, and weight the points by their evidence.
 
         Parameters
@@ -127,6 +127,9 @@ class BlockWeightAverage(Estimator):
             The training Jacobian (in memory), as for :meth:`LinearizedGP.fit`.
         y : array of shape (n, c), or (n,) when c = 1
             The targets, as for :meth:`LinearizedGP.fit`.
+        prior_mean : array of shape (p,), optional
+            The prior mean of θ − θ̂, as for :meth:`LinearizedGP.fit` (−θ̂: the prior N(0, s·ω_b·I) on each block's
+            weights themselves). Each component sees it in its scaled coordinates, m_b / √ω_b.
 
         Like every fit, it builds the new state aside: if it fails the model is unchanged.
         """
@@ -134,6 +137,8 @@ class BlockWeightAverage(Estimator):
             raise v.MissingCapabilityError("BlockWeightAverage fits one eigendecomposition per ω point in memory; "
                                            "this Jacobian is sharded on a Dask cluster: average on an in-memory subset")
         J = self._check_jacobian(J)
+        if prior_mean is not None:
+            prior_mean = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(J.p,)).astype(np.float64)
         scale = _block_kernel_sizes(J)
         relative = self._relative_grid(J, scale)
         # a point whose mass lies this far below the heaviest so far can never hold keep_mass's share: drop it now
@@ -142,7 +147,7 @@ class BlockWeightAverage(Estimator):
         fitted, log_masses = {}, np.full(len(relative), -np.inf)  # point → (model, its grid-edge warnings)
         with progress_bar(len(relative), enabled=self.progress, desc="block weights", unit="fit") as bar:
             for i, r in enumerate(relative):
-                fitted[i] = self._component(J, y, r / scales)
+                fitted[i] = self._component(J, y, r / scales, prior_mean)
                 if i == 0:
                     self._check_memory(fitted[i][0], len(relative))
                 log_masses[i] = fitted[i][0].averaging_["log_mass"]
@@ -199,10 +204,15 @@ class BlockWeightAverage(Estimator):
         relative[:, active] = np.asarray(points)
         return relative
 
-    def _component(self, J: JacobianBlocks, y: Any, block_weights: np.ndarray) -> tuple[LinearizedGP, list]:
-        """One LinearizedGP on J scaled by √ω, averaged over (s, σ²); its grid-edge warnings are collected, not
-        emitted (only the points that keep weight are worth a warning)."""
-        model = LinearizedGP(**self.settings).fit(J.scale_blocks(block_weights), y)
+    def _component(self, J: JacobianBlocks, y: Any, block_weights: np.ndarray,
+                   prior_mean: Any) -> tuple[LinearizedGP, list]:
+        """One LinearizedGP on J scaled by √ω (the prior mean of θ − θ̂, if any, divided by √ω: the same prior in
+        the scaled coordinates), averaged over (s, σ²); its grid-edge warnings are collected, not emitted (only the
+        points that keep weight are worth a warning)."""
+        if prior_mean is not None:
+            roots = J.backend.xp.asarray(np.repeat(np.sqrt(block_weights), J.block_sizes))
+            prior_mean = prior_mean / roots
+        model = LinearizedGP(**self.settings).fit(J.scale_blocks(block_weights), y, prior_mean=prior_mean)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", v.NumericalWarning)
             model.average_hyperparameters(grid_size=self.grid_size, span=self.span, hyperprior=self.hyperprior,

@@ -46,17 +46,19 @@ from lingp_core._validate import (
     MissingDependencyError,
     NonFiniteError,
     ShapeError,
+    SignatureError,
     ValueRangeError,
     check_choice,
     check_int,
     check_memory,
+    describe,
     format_bytes,
     resolve_memory_budget,
 )
-from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks
+from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks, JacobianShape
 from lingp_core.sharded import export_sharded, is_dask_array
 
-__all__ = ["LAST_LAYER", "STRUCTURES", "export_jacobian"]
+__all__ = ["LAST_LAYER", "STRUCTURES", "export_jacobian", "parameter_vector"]
 
 LAST_LAYER = "last_layer"
 """``params=LAST_LAYER`` selects the trainable parameters of the module that finishes its forward last."""
@@ -661,6 +663,48 @@ def _weights_fingerprint(model: Any, selected: list[tuple[str, Any]]) -> str:
         h.update(f"{name}:{flat.dtype}:{tuple(t.shape)}:{total};".encode())
         h.update(_words(flat[::stride].contiguous().cpu()).numpy())
     return h.hexdigest()
+
+
+def parameter_vector(model: Any, J: Any) -> Any:
+    """θ̂: the network's parameters that are J's columns, flattened in J's column order, in J's dtype and on J's
+    backend — for a prior on θ itself (``prior_mean=-parameter_vector(model, J)`` in :meth:`LinearizedGP.fit`,
+    :meth:`BlockWeightAverage.fit` and :meth:`LaplaceClassifier.fit`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network J was exported from, with the same weights.
+    J : JacobianBlocks or ShardedJacobian
+        A Jacobian exported from ``model`` (:func:`export_jacobian`).
+
+    Returns
+    -------
+    array of shape (p,)
+
+    Raises
+    ------
+    ArgumentTypeError
+        ``model`` is not a torch module, or J is not a Jacobian.
+    SignatureError
+        ``model`` lacks one of J's parameters or has it in another shape, or its weights are not those J was
+        exported at (J's weights fingerprint differs): θ̂ must be the point J linearizes around.
+    """
+    _check_model(model)
+    if not isinstance(J, JacobianShape):
+        raise ArgumentTypeError(f"J must be a Jacobian from export_jacobian, got {describe(J)}")
+    named = dict(model.named_parameters())
+    for name, shape in zip(J.param_names, J.param_shapes):
+        if name not in named or tuple(named[name].shape) != tuple(shape):
+            found = "missing" if name not in named else f"of shape {tuple(named[name].shape)}"
+            raise SignatureError(f"J has parameter {name!r} of shape {tuple(shape)} but the model's is {found}: "
+                                 "pass the network J was exported from")
+    selected = [(name, named[name]) for name in J.param_names]
+    fingerprint = getattr(J, "weights_fingerprint", None)
+    if fingerprint is not None and _weights_fingerprint(model, selected) != fingerprint:
+        raise SignatureError("the model's weights are not those J was exported at (its weights fingerprint differs): "
+                             "θ̂ must be the point J linearizes around; export J again or restore the weights")
+    theta = _torch().cat([p.detach().reshape(-1) for _, p in selected]).cpu().numpy()
+    return J.backend.asarray(theta.astype(J.dtype, copy=False))
 
 
 # ----- the public entry point ---------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from lingp_core import _validate as v
 from lingp_core._estimator import Estimator, float_errors_checked, jacobian_from_archive
 from lingp_core._layout import OUTPUT_MODES, OutputLayout, Task, per_observation
 from lingp_core._plan import Plan
-from lingp_core.jacobian import JacobianBlocks
+from lingp_core.jacobian import J_times_float64, JacobianBlocks
 from lingp_core.kernels import kernel_diag
 from lingp_core.likelihoods import check_noise
 from lingp_core.sharded import is_sharded, training_pair
@@ -129,7 +129,7 @@ class LinearizedGP(Estimator):
                 f"output_mode={self.output_mode!r}, method={self.method!r}{fitted})")
 
     # ----- fitting -------------------------------------------------------------------------------------------------
-    def fit(self, J: JacobianBlocks, y: Any) -> LinearizedGP:
+    def fit(self, J: JacobianBlocks, y: Any, *, prior_mean: Any = None) -> LinearizedGP:
         """Condition on targets y at the training inputs.
 
         The new posterior is built aside and replaces the old one only when complete: a fit that fails or is
@@ -142,6 +142,13 @@ class LinearizedGP(Estimator):
             prior mean when mean="network".
         y : array of shape (n, c), or (n,) when c = 1
             Float targets on J's backend (computed in float64).
+        prior_mean : array of shape (p,), optional
+            The prior mean m of w = θ − θ̂ (J's column order, J's backend, float32/float64), which adds J(x)·m to the
+            prior mean function. Default 0: the prior is centred at the trained network, natural for adapting it to
+            new data. Pass −θ̂ (the network's parameters, negated) for a prior N(0, s·I) on θ itself, as in
+            laplace-torch and Immer et al. (2021): the one to use on the network's own training data, where the
+            residuals are noise and with m = 0 the evidence sends s towards 0 (bands that vanish), while with m = −θ̂
+            s must also explain the weights.
 
         Returns
         -------
@@ -162,20 +169,24 @@ class LinearizedGP(Estimator):
                                f"(n, c) = {(n, c)}")
         if not isinstance(self.noise, float) and self.noise.ndim == 1 and self.noise.size != c:
             raise v.ShapeError(f"noise has {self.noise.size} per-output variances but J has c = {c} outputs")
+        weight_mean = None if prior_mean is None else \
+            v.as_float_array(prior_mean, "prior_mean", be, shape=(J.p,)).astype(np.float64)
         draft = self._draft()
         with float_errors_checked():
-            draft._condition(J, y.astype(np.float64))
+            draft._condition(J, y.astype(np.float64), weight_mean)
         self._commit(draft)
         return self
 
-    def _condition(self, J: JacobianBlocks, y: Any) -> None:
-        """Fit this (draft) model to validated float64 targets y (n, c)."""
+    def _condition(self, J: JacobianBlocks, y: Any, weight_mean: Any = None) -> None:
+        """Fit this (draft) model to validated float64 targets y (n, c), with the prior mean m of θ − θ̂ (p,) or None
+        (zero)."""
         for stale in ("optimization_", "clamped_variances_", "lml_std_error_", "_saved_lml", *_AVERAGING_STATE):
             self.__dict__.pop(stale, None)
         be, n, c = J.backend, J.n, J.n_outputs
         self._backend, self.n_, self.c_, self.p_ = be, n, c, J.p
         self._signature = J.signature()
         self._constant = be.to_numpy(y.mean(axis=0)) if self.mean == "constant" else np.zeros(c)
+        self._weight_mean = weight_mean
         residual = y - self._prior_mean(J)
         _check_finite_result(residual, "y − prior mean (the targets minus the network's outputs)",
                              "the targets and the network's outputs are finite but their difference overflows "
@@ -183,7 +194,7 @@ class LinearizedGP(Estimator):
         self._J = J
         self._tasks = self._layout.tasks(J, c)
         self._R = [self._layout.task_values(task, residual) for task in self._tasks]
-        self.data_hash_ = io.fingerprint(y, J.f0)
+        self.data_hash_ = io.fingerprint(y, J.f0) if weight_mean is None else io.fingerprint(y, J.f0, weight_mean)
         self.plan_ = self._choose_plan(J)
         self._first_reason = self.plan_.reason
         self._engines = [post.build(self.plan_.method, task.J, task.mode, self) for task in self._tasks]
@@ -195,10 +206,15 @@ class LinearizedGP(Estimator):
         return OutputLayout(self.output_mode)
 
     def _prior_mean(self, J: JacobianBlocks) -> Any:
+        """The prior mean function at J's inputs (n, c), float64: f₀, zero or the constant, plus J·m."""
         xp = J.backend.xp
         if self.mean == "network":
-            return J.f0.astype(np.float64)
-        return xp.broadcast_to(xp.asarray(self._constant)[None, :], (J.n, J.n_outputs)).copy()
+            base = J.f0.astype(np.float64)
+        else:
+            base = xp.broadcast_to(xp.asarray(self._constant)[None, :], (J.n, J.n_outputs)).copy()
+        if self._weight_mean is not None:
+            base += J_times_float64(J, self._weight_mean).reshape(J.n, J.n_outputs)
+        return base
 
     def _problem(self, J: JacobianBlocks) -> _plan.Problem:
         return _plan.problem_of(J, self._layout, self.noise, self)
@@ -594,6 +610,8 @@ class LinearizedGP(Estimator):
         """Hyperparameters, the fitted solver state, and — for function-space methods — the training Jacobian blocks
         (kernels with test points need them); no training targets."""
         arrays: dict[str, Any] = {"constant": self._constant}
+        if self._weight_mean is not None:
+            arrays["prior_mean"] = self._weight_mean
         if per_observation(self.noise):
             arrays["noise"] = self.noise
         mixture = getattr(self, "_mixture", None)
@@ -610,7 +628,8 @@ class LinearizedGP(Estimator):
         config = {**hyper_json, "settings": {name: getattr(self, name) for name in _SETTINGS},
                   "plan": {**self.plan_.__dict__}, "n": self.n_, "c": self.c_, "p": self.p_,
                   "signature": self._signature, "jacobian": jac_config, "lml": self.log_marginal_likelihood(),
-                  "data_hash": self.data_hash_, "hyper_hash": io.fingerprint_json(hyper_json)}
+                  "data_hash": self.data_hash_, "hyper_hash": io.fingerprint_json(hyper_json),
+                  "prior_mean": self._weight_mean is not None}
         if mixture is not None:
             config["averaging"] = {"points": int(mixture.weights.size), "summary": self.averaging_}
         if per_observation(self.noise):  # the factors per task, which the archive's shapes are checked against
@@ -627,7 +646,8 @@ class LinearizedGP(Estimator):
             np.asarray(config["noise"], dtype=float)
         m, q = layout.rows(n, c), layout.columns(c)
         engine = post.engine_class(config["plan"]["method"])
-        expected: dict[str, Any] = {"constant": (c,), **({"noise": (n, c)} if per_observation else {})}
+        expected: dict[str, Any] = {"constant": (c,), **({"noise": (n, c)} if per_observation else {}),
+                                    **({"prior_mean": (p,)} if config.get("prior_mean") else {})}
         if "averaging" in config:
             points = int(config["averaging"]["points"])
             expected.update({name: (points,) for name in ("averaging_prior_scales", "averaging_noises",
@@ -648,6 +668,7 @@ class LinearizedGP(Estimator):
         model._backend, model.n_, model.c_, model.p_ = be, config["n"], config["c"], config["p"]
         model._signature = config["signature"]
         model._constant, model.data_hash_, model._saved_lml = arrays["constant"], config["data_hash"], config["lml"]
+        model._weight_mean = be.asarray(arrays["prior_mean"]) if config.get("prior_mean") else None
         model.plan_ = Plan(**config["plan"])
         model._first_reason = model.plan_.reason
         if "averaging" in config:

@@ -59,6 +59,11 @@ def product_work(rows: int, cols: int, blocks: Sequence[Any]) -> int:
     return min(_WORK_ELEMENTS, rows * cols * positions * positions)
 
 
+def J_times_float64(J: Any, w: Any) -> Any:
+    """J w computed in J's dtype (in-memory or sharded J), returned as float64 (n·c,) or (n·c, k)."""
+    return J.matmat(w.astype(J.dtype, copy=False)).astype(np.float64, copy=False)
+
+
 def _chunks(total: int, size: int) -> Iterator[slice]:
     """Consecutive slices of at most ``size`` (≥ 1) covering range(total)."""
     size = max(1, int(size))

@@ -208,6 +208,39 @@ def test_fine_tune_of_a_linear_model_reaches_least_squares(rng):
     assert not torch.equal(model[0].weight, adapted[0].weight)
 
 
+def test_linearized_network_is_the_first_order_taylor_expansion(rng):
+    # oracle: f(x; θ̂) + J(x) δ with J from torch.func.jacrev (tests.helpers.torch_jacobian), δ set by hand
+    from tests.helpers import torch_jacobian
+
+    model = mlp(4)
+    x = torch.from_numpy(rng.standard_normal((9, 6)))
+    lin = bl.linearized(model)
+    assert [name for name, _ in lin.named_parameters()] == [f"delta.{i}" for i in range(len(lin.names))]
+    J, f0 = torch_jacobian(model, x)
+    delta = rng.standard_normal(J.shape[1])
+    with torch.no_grad():
+        start = 0
+        for d in lin.delta:
+            d.copy_(torch.from_numpy(delta[start:start + d.numel()]).reshape(d.shape))
+            start += d.numel()
+    got = bl.predict(lin, x).numpy()
+    want = f0 + (J @ delta).reshape(f0.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), lin.source.parameters()))  # source untouched
+
+
+def test_linearized_fine_tune_of_a_linear_model_is_fine_tuning(rng):
+    # a network linear in its parameters is its own Taylor expansion: the same Adam steps give the same predictions
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 1)).double()
+    x = torch.from_numpy(rng.standard_normal((20, 4)))
+    y = torch.from_numpy(rng.standard_normal((20, 1)))
+    tuned = bl.predict(bl.fine_tune(model, x, y, steps=40, lr=0.05), x).numpy()
+    linear = bl.predict(bl.linearized_fine_tune(model, x, y, steps=40, lr=0.05), x).numpy()
+    np.testing.assert_allclose(linear, tuned, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(tuned, bl.predict(model, x).numpy())  # it did train
+
+
 def test_train_mse_lowers_the_loss_with_minibatches_and_is_seeded(rng):
     x = torch.from_numpy(rng.standard_normal((64, 6)))
     y = 0.5 * x[:, :1] - 0.3 * x[:, 1:2]                     # representable by the network

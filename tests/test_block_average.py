@@ -100,6 +100,25 @@ def test_scale_blocks_refuses_bad_weights(backend):
 
 
 @narrow_grid
+def test_block_weight_average_with_a_prior_on_the_weights(backend, tmp_path):
+    # prior mean m on θ − θ̂ (here −θ̂-like): every component has the mean function f₀ + J m, whatever its ω
+    J, Js, y, o = problem(backend, np.random.default_rng(4), c=1)
+    m = -0.3 * np.random.default_rng(5).standard_normal(J.p)
+    avg = lg.BlockWeightAverage(levels=2, decades=2.0, grid_size=5, span=1.5, hyperprior=None, keep_mass=1.0,
+                                output_mode="full").fit(J, y, prior_mean=backend.asarray(m))
+    shifted = dict(o, f=o["f"] + (o["J"] @ m)[:, None], fs=o["fs"] + (o["Js"] @ m)[:, None])
+    want_mean, want_var, want_evidence = brute_force(shifted, J, 2, 2.0, 5, 1.5)
+    mean, var = (backend.to_numpy(a) for a in avg.predict(Js, return_var=True))
+    assert avg.log_marginal_likelihood() == pytest.approx(want_evidence, rel=1e-10)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-8, atol=1e-9 * np.abs(want_mean).max())
+    np.testing.assert_allclose(var, want_var, rtol=1e-7, atol=1e-9 * np.abs(want_var).max())
+    avg.save(tmp_path / "avg.npz")  # each component keeps its prior mean (in its own scaled coordinates)
+    back = lg.BlockWeightAverage.load(tmp_path / "avg.npz", backend=backend.name)
+    for a, b in zip(back.predict(Js, return_var=True), (mean, var)):
+        np.testing.assert_allclose(backend.to_numpy(a), b, rtol=1e-14, atol=0)
+
+
+@narrow_grid
 def test_block_weight_average_equals_the_brute_force_mixture(backend):
     J, Js, y, o = problem(backend, np.random.default_rng(3), c=1)
     avg = lg.BlockWeightAverage(levels=2, decades=2.0, grid_size=5, span=1.5, hyperprior=None, keep_mass=1.0,

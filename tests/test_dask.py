@@ -252,6 +252,21 @@ def test_auto_on_a_cluster_factors_exactly_and_says_so(client, data, J_sharded):
     np.testing.assert_allclose(gp.log_marginal_likelihood(), d_lml, rtol=F64_RTOL)
 
 
+def test_a_prior_on_the_weights_on_a_cluster(client, data, J_sharded):
+    # prior_mean = −θ̂ (θ ~ N(0, s·I)): the prior mean function f₀ − J θ̂ evaluated where the shards live
+    theta = lg.parameter_vector(data["net"], J_sharded)
+    gp = lg.LinearizedGP(S, NOISES["scalar"], method="function-cholesky").fit(J_sharded, rows(data["y"]),
+                                                                              prior_mean=-theta)
+    o = data["o"]
+    shifted = dict(o, f=o["f"] - (o["J"] @ theta).reshape(o["f"].shape), fs=o["fs"] - (o["Js"] @ theta).reshape(
+        o["fs"].shape))
+    d_mean, d_var, _, d_lml = dense_posterior(shifted, S, NOISES["scalar"], "full")
+    mean, var = gp.predict(data["Js"], return_var=True)
+    assert_close(mean, d_mean, F64_RTOL)
+    assert_close(var, d_var, F64_RTOL)
+    np.testing.assert_allclose(gp.log_marginal_likelihood(), d_lml, rtol=F64_RTOL)
+
+
 def test_iterative_variances_in_the_cancellation_regime(client):
     """A float32 Jacobian, σ² = 1e-3 and test inputs 1e-3 from training ones: posterior variances far below the
     prior's, where prior − reduction in float32 loses every digit. The cluster's iterative path against the exact

@@ -15,6 +15,7 @@ import torch
 nn = torch.nn
 F = torch.nn.functional
 
+import lingp_core as lg  # noqa: E402
 from lingp_core._validate import ValueRangeError  # noqa: E402
 from lingp_core.autograd_operator import AutogradJacobian  # noqa: E402
 from lingp_core.export import LAST_LAYER, export_jacobian  # noqa: E402
@@ -413,3 +414,37 @@ def test_model_mode_parameters_and_grads_unchanged_and_deterministic(backend):
         assert torch.equal(b, buffers[n]), n  # eval mode: batch norm statistics untouched
     assert np.array_equal(backend.to_numpy(J1.gram()), backend.to_numpy(J2.gram()))
     assert np.array_equal(backend.to_numpy(J1.f0), backend.to_numpy(J2.f0))
+
+
+# ----- parameter_vector: θ̂ in J's column order ----------------------------------------------------------------------
+
+def _bias_free_relu(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6, bias=False), torch.nn.ReLU(),
+                               torch.nn.Linear(6, 3, bias=False)).double()
+
+
+@pytest.mark.parametrize("params", [None, LAST_LAYER])
+def test_parameter_vector_is_the_linearization_point(backend, params):
+    # Euler: a network homogeneous of degree k in the exported parameters has J(x) θ̂ = k·f(x), which pins the order
+    x = torch.randn(7, 4, dtype=torch.float64)
+    expected = _bias_free_relu(0)(x).detach().numpy()
+    model, xb = on_backend(_bias_free_relu(0), x, backend)
+    J = export_jacobian(model, xb, params=params, backend=backend.name)
+    theta = lg.parameter_vector(model, J)
+    assert theta.shape == (J.p,) and theta.dtype == J.dtype
+    degree = 2 if params is None else 1
+    assert_matches(J.matmat(theta).reshape(J.n, J.n_outputs), degree * expected, backend, dtype=np.float64)
+
+
+def test_parameter_vector_refuses_another_network():
+    model = _bias_free_relu(0)
+    J = export_jacobian(model, torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(lg.SignatureError, match="weights are not those J was exported at"):
+        lg.parameter_vector(_bias_free_relu(1), J)  # same architecture, other weights
+    with pytest.raises(lg.SignatureError, match="'0.weight'"):
+        lg.parameter_vector(torch.nn.Sequential(torch.nn.Linear(3, 6, bias=False)).double(), J)
+    with pytest.raises(lg.ArgumentTypeError, match="torch.nn.Module"):
+        lg.parameter_vector(np.zeros(3), J)
+    with pytest.raises(lg.ArgumentTypeError, match="J must be a Jacobian"):
+        lg.parameter_vector(model, np.zeros((3, 4)))

@@ -106,6 +106,45 @@ def test_prior_means(backend, rng, mean, method):
     check_against_dense(gp, Js, o, backend, "full", mean=mean)
 
 
+def shifted_by_weight_mean(o, m):
+    """The oracle problem with the prior mean function moved by J·m (train) and J*·m (test): a prior mean m on
+    θ − θ̂ written out densely."""
+    c = o["f"].shape[1]
+    return dict(o, f=o["f"] + (o["J"] @ m).reshape(-1, c), fs=o["fs"] + (o["Js"] @ m).reshape(-1, c))
+
+
+@pytest.mark.parametrize("mode,method", [("full", "function-cholesky"), ("full", "parameter-spectral"),
+                                         ("trace", "function-spectral"), ("independent", "parameter-cholesky")])
+def test_weight_space_prior_mean(backend, rng, mode, method):
+    J, Js, y, o = problem(backend, rng)
+    m = -0.5 * rng.standard_normal(J.p)  # e.g. −θ̂: the prior on θ itself
+    gp = lg.LinearizedGP(0.7, 0.05, output_mode=mode, method=method).fit(J, y, prior_mean=backend.asarray(m))
+    check_against_dense(gp, Js, shifted_by_weight_mean(o, m), backend, mode)
+    # averaging and the evidence optimizer see the same residuals y − f₀ − J m
+    gp.optimize_hyperparameters()
+    check_against_dense(gp, Js, shifted_by_weight_mean(o, m), backend, mode)
+
+
+def test_weight_space_prior_mean_is_checked_and_saved(backend, rng, tmp_path):
+    J, Js, y, o = problem(backend, rng)
+    m = backend.asarray(rng.standard_normal(J.p))
+    gp = lg.LinearizedGP(0.7, 0.05).fit(J, y, prior_mean=m)
+    before = gp.predict(Js, return_var=True)
+    for bad, error in ((backend.asarray(np.ones(J.p + 1)), lg.ShapeError),
+                       (backend.asarray(np.full(J.p, np.nan)), lg.NonFiniteError),
+                       (backend.asarray(np.arange(J.p)), lg.DTypeError)):
+        with pytest.raises(error, match="prior_mean"):
+            gp.fit(J, y, prior_mean=bad)
+    for a, b in zip(gp.predict(Js, return_var=True), before):  # the failed fits left the model as it was
+        assert_matches(a, backend.to_numpy(b), backend, dtype=np.float64, rtol=0)
+    gp.save(tmp_path / "m.npz")
+    loaded = lg.LinearizedGP.load(tmp_path / "m.npz", backend=backend.name)
+    for a, b in zip(loaded.predict(Js, return_var=True), before):
+        assert_matches(a, backend.to_numpy(b), backend, dtype=np.float64, rtol=1e-15)
+    plain = lg.LinearizedGP(0.7, 0.05).fit(J, y)  # without it: a different model, and its archive has no prior mean
+    assert not np.allclose(backend.to_numpy(plain.predict(Js)), backend.to_numpy(before[0]))
+
+
 @pytest.mark.parametrize("method", ["function-cholesky", "parameter-cholesky", "iterative"])
 @pytest.mark.parametrize("mode", ["full", "independent"])
 def test_per_output_noise(backend, rng, method, mode):

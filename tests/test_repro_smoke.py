@@ -155,6 +155,9 @@ def check_relu_toy_against_dense(report: dict, networks: dict, train: np.ndarray
         model = networks[(row["width"], row["state"])]
         jac = torch_jacobian(model, x[:, None])
         jac_star = torch_jacobian(model, np.concatenate([test[0], grid])[:, None])
+        if row["setting"] != "matched" and report["lingp_prior"] == "weights":  # θ ~ N(0, s·I): mean f − J θ̂
+            theta = np.concatenate([p.detach().double().reshape(-1).numpy() for p in model.parameters()])
+            jac, jac_star = ((J, f - (J @ theta)[:, None]) for J, f in (jac, jac_star))
         mean, var, lml, noise = dense_row(row, jac, jac_star, y)
         if row["setting"] == "matched":
             J = jac[0]
@@ -189,7 +192,7 @@ def test_relu_toy_quick_through_run_all(tmp_path):
     report = check_report("repro_relu_toy", tmp_path / "repro_relu_toy", stdout)
     rows = report["rows"]
     chosen = bl.DEFAULT_HYPERPARAMETERS
-    assert report["lingp_hyperparameters"] == chosen
+    assert report["lingp_hyperparameters"] == chosen and report["lingp_prior"] == "weights"  # the toy's default
     assert [(r["width"], r["state"], r["setting"]) for r in rows] == [
         (w, state, setting) for w in (5, 50) for state in ("untrained", "trained") for setting in ("matched", chosen)]
     for r in rows:
@@ -225,7 +228,7 @@ def test_sinusoid_quick(tmp_path):
     assert report["lingp_hyperparameters"] == bl.DEFAULT_HYPERPARAMETERS
     assert len(report["tasks"]) == 2
     for task in report["tasks"]:
-        assert set(task["mse"]) == {"source", "lingp", "last_layer", "fine_tune", "ablr"}
+        assert set(task["mse"]) == {"source", "lingp", "last_layer", "fine_tune", "linearized_fine_tune", "ablr"}
         assert finite(*task["mse"].values()) and min(task["mse"].values()) > 0
         assert set(task["coverage_2sd"]) == {"lingp", "ablr"}
         assert all(0.0 <= c <= 1.0 for c in task["coverage_2sd"].values())
