@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import lingp_core as lg  # noqa: E402
+from benchmarks._baselines import linearized  # noqa: E402
 from lingp_core.demo import baselines, data, network, transfer  # noqa: E402
 from lingp_core.demo.experiment import _score  # noqa: E402
 
@@ -85,23 +86,10 @@ VARIANTS = {
 
 def linearized_fine_tuning(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, *,
                            lr: float = baselines.FINE_TUNE_LR, steps: int = baselines.FINE_TUNE_STEPS) -> np.ndarray:
-    """Class probabilities on ``test_x`` of f(·; θ̂) + J(·)δ, δ trained from 0 by full-batch Adam on cross-entropy."""
-    from torch.func import functional_call, jvp
-
-    theta = {name: p.detach() for name, p in model.named_parameters()}
-    delta = {name: torch.zeros_like(p, requires_grad=True) for name, p in theta.items()}
-
-    def linearized(inputs: torch.Tensor) -> torch.Tensor:
-        f0, change = jvp(lambda params: functional_call(model, params, (inputs,)), (theta,), (delta,))
-        return f0 + change
-
-    optimizer = torch.optim.Adam(delta.values(), lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(linearized(x), y).backward()
-        optimizer.step()
-    with torch.no_grad():
-        return torch.softmax(linearized(test_x).double(), dim=1).numpy()
+    """Class probabilities on ``test_x`` of f(·; θ̂) + J(·)δ (benchmarks._baselines.linearized), δ trained from 0 by
+    the demo's fine-tuning loop: full-batch Adam on cross-entropy."""
+    tuned = network.fine_tune(linearized(model), x, y, steps=steps, lr=lr)
+    return network.predict_proba(tuned, test_x)
 
 
 def run_seed(seed: int, budgets: list[int], repeats: int) -> list[dict]:

@@ -24,7 +24,7 @@ def test_study_few_labels_quick(tmp_path):
     report = json.loads((tmp_path / "study_few_labels_quick.json").read_text())
     assert report["seeds"] == [0] and report["budgets"] == [1] and report["repeats"] == 1
     variants = {e["variant"]: e for e in report["summary"]}
-    assert set(variants) == {"fine-tune", *VARIANTS}
+    assert set(variants) == {"fine-tune", "linearized-fine-tune", "linearized-fine-tune-lr0.001", *VARIANTS}
     for name, entry in variants.items():
         assert entry["runs"] == 1 and entry["labels_per_class"] == 1
         assert 0.0 <= entry["accuracy"] <= 1.0 and 0.0 <= entry["ece"] <= 1.0 and entry["nll"] > 0.0, entry
