@@ -145,7 +145,8 @@ class LinearizedGP(Estimator):
         prior_mean : array of shape (p,), optional
             The prior mean m of w = θ − θ̂ (J's column order, J's backend, float32/float64), which adds J(x)·m to the
             prior mean function. Default 0: the prior is centred at the trained network, natural for adapting it to
-            new data. Pass −θ̂ (the network's parameters, negated) for a prior N(0, s·I) on θ itself, as in
+            new data. J·m is computed in J's dtype. With ``mean="constant"`` the constant is the targets' mean (not
+            that of y − J·m). Pass −θ̂ (the network's parameters, negated) for a prior N(0, s·I) on θ itself, as in
             laplace-torch and Immer et al. (2021): the one to use on the network's own training data, where the
             residuals are noise and with m = 0 the evidence sends s towards 0 (bands that vanish), while with m = −θ̂
             s must also explain the weights.
@@ -169,8 +170,7 @@ class LinearizedGP(Estimator):
                                f"(n, c) = {(n, c)}")
         if not isinstance(self.noise, float) and self.noise.ndim == 1 and self.noise.size != c:
             raise v.ShapeError(f"noise has {self.noise.size} per-output variances but J has c = {c} outputs")
-        weight_mean = None if prior_mean is None else \
-            v.as_float_array(prior_mean, "prior_mean", be, shape=(J.p,)).astype(np.float64)
+        weight_mean = None if prior_mean is None else _checked_weight_mean(prior_mean, J)
         draft = self._draft()
         with float_errors_checked():
             draft._condition(J, y.astype(np.float64), weight_mean)
@@ -188,9 +188,10 @@ class LinearizedGP(Estimator):
         self._constant = be.to_numpy(y.mean(axis=0)) if self.mean == "constant" else np.zeros(c)
         self._weight_mean = weight_mean
         residual = y - self._prior_mean(J)
-        _check_finite_result(residual, "y − prior mean (the targets minus the network's outputs)",
+        _check_finite_result(residual, "y − prior mean (the targets minus the prior mean function)",
                              "the targets and the network's outputs are finite but their difference overflows "
-                             "float64: rescale the targets")
+                             "float64: rescale the targets" + ("" if weight_mean is None else
+                                                              ", or the prior mean J·prior_mean is too large"))
         self._J = J
         self._tasks = self._layout.tasks(J, c)
         self._R = [self._layout.task_values(task, residual) for task in self._tasks]
@@ -668,7 +669,7 @@ class LinearizedGP(Estimator):
         model._backend, model.n_, model.c_, model.p_ = be, config["n"], config["c"], config["p"]
         model._signature = config["signature"]
         model._constant, model.data_hash_, model._saved_lml = arrays["constant"], config["data_hash"], config["lml"]
-        model._weight_mean = be.asarray(arrays["prior_mean"]) if config.get("prior_mean") else None
+        model._weight_mean = _archived_weight_mean(arrays, config, be)
         model.plan_ = Plan(**config["plan"])
         model._first_reason = model.plan_.reason
         if "averaging" in config:
@@ -712,6 +713,33 @@ def _kernel_dtype_name(kernel_dtype: Any) -> str:
     except TypeError:
         name = repr(kernel_dtype)
     return v.check_choice(name, "kernel_dtype", ("float64", "float32"))
+
+
+def _checked_weight_mean(prior_mean: Any, J: JacobianBlocks) -> Any:
+    """``fit``'s prior_mean as a float64 (p,) array on J's backend; ValueRangeError when J's dtype cannot hold it
+    (J·m is computed in J's dtype)."""
+    m = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(J.p,)).astype(np.float64)
+    largest = float(J.xp.abs(m).max()) if m.size else 0.0
+    if largest > float(np.finfo(J.dtype).max):
+        raise v.ValueRangeError(f"prior_mean reaches {largest:.3g}, beyond the largest {np.dtype(J.dtype).name} number "
+                                f"({np.finfo(J.dtype).max:.3g}) J·prior_mean is computed in; rescale it or export J "
+                                "in float64")
+    return m
+
+
+def _archived_weight_mean(arrays: dict[str, Any], config: dict[str, Any], be: Any) -> Any:
+    """The saved prior mean of θ − θ̂, or None; ArchiveError when the flag and the arrays disagree."""
+    flag = config.get("prior_mean", False)
+    if not isinstance(flag, bool) or flag != ("prior_mean" in arrays):
+        raise io.ArchiveError(f"the archive's prior_mean flag ({flag!r}) does not match its arrays (a prior_mean array "
+                              f"is {'present' if 'prior_mean' in arrays else 'absent'}): the file was modified")
+    if not flag:
+        return None
+    m = arrays["prior_mean"]
+    if m.dtype != np.float64 or not np.isfinite(m).all():
+        raise io.ArchiveError(f"the archive's prior_mean must be finite float64, got dtype {m.dtype}: the file was "
+                              "modified")
+    return be.asarray(m)
 
 
 def _noise_summary(noise: Any) -> Any:

@@ -132,7 +132,8 @@ def test_weight_space_prior_mean_is_checked_and_saved(backend, rng, tmp_path):
     before = gp.predict(Js, return_var=True)
     for bad, error in ((backend.asarray(np.ones(J.p + 1)), lg.ShapeError),
                        (backend.asarray(np.full(J.p, np.nan)), lg.NonFiniteError),
-                       (backend.asarray(np.arange(J.p)), lg.DTypeError)):
+                       (backend.asarray(np.arange(J.p)), lg.DTypeError),
+                       (backend.asarray(np.full(J.p, 1e308)), lg.NonFiniteError)):  # J·m overflows float64
         with pytest.raises(error, match="prior_mean"):
             gp.fit(J, y, prior_mean=bad)
     for a, b in zip(gp.predict(Js, return_var=True), before):  # the failed fits left the model as it was
@@ -141,6 +142,10 @@ def test_weight_space_prior_mean_is_checked_and_saved(backend, rng, tmp_path):
     loaded = lg.LinearizedGP.load(tmp_path / "m.npz", backend=backend.name)
     for a, b in zip(loaded.predict(Js, return_var=True), before):
         assert_matches(a, backend.to_numpy(b), backend, dtype=np.float64, rtol=1e-15)
+    J32 = lg.export_jacobian(*on_backend(mlp(nn.Tanh, (3, 4, 2)), torch.randn(5, 3), backend, dtype=np.float32),
+                             backend=backend.name)
+    with pytest.raises(lg.ValueRangeError, match="prior_mean reaches 1e.39, beyond the largest float32"):
+        lg.LinearizedGP(0.7, 0.05).fit(J32, J32.f0, prior_mean=backend.asarray(np.full(J32.p, 1e39)))
     plain = lg.LinearizedGP(0.7, 0.05).fit(J, y)  # without it: a different model, and its archive has no prior mean
     assert not np.allclose(backend.to_numpy(plain.predict(Js)), backend.to_numpy(before[0]))
 

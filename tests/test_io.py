@@ -527,3 +527,30 @@ def test_laplace_archive_with_impossible_per_block_scales_is_refused(tmp_path):
         config["prior_scale"] = scales  # function space takes one scale; this network has 3 blocks
         with pytest.raises(io.ArchiveError, match="per-block"):
             lg.LaplaceClassifier.load(rewrite(path, tmp_path / f"edited_{method}.npz", config=config))
+
+
+@pytest.mark.parametrize("edit", ["flag_false", "flag_removed", "flag_a_string", "array_removed", "array_int",
+                                  "array_nan"])
+def test_a_weight_space_prior_mean_cannot_be_edited_out(tmp_path, edit):
+    """LinearizedGP.fit(..., prior_mean=m) saves m and a flag; an archive whose flag and arrays disagree (checksums
+    recomputed) is refused rather than loaded as another model that predicts differently."""
+    from tests.test_gp import problem
+
+    backend = lg.get_backend("numpy")
+    J, Js, y, _ = problem(backend, np.random.default_rng(0))
+    m = np.random.default_rng(1).standard_normal(J.p)
+    path = lg.LinearizedGP(0.7, 0.05).fit(J, y, prior_mean=m).save(tmp_path / "model")
+    config, arrays = _edited_config(path), None
+    if edit in ("flag_false", "flag_a_string"):
+        config["prior_mean"] = False if edit == "flag_false" else "yes"
+    elif edit == "flag_removed":
+        del config["prior_mean"]
+    else:
+        config = KEEP
+        arrays = {"prior_mean": {"array_removed": None, "array_int": np.arange(J.p),
+                                 "array_nan": np.full(J.p, np.nan)}[edit]}
+    edited = rewrite(path, tmp_path / "edited.npz", arrays=arrays, config=config)
+    with pytest.raises(ArchiveError):
+        lg.LinearizedGP.load(edited)
+    np.testing.assert_array_equal(lg.LinearizedGP.load(path).predict(Js),  # the untouched archive still loads
+                                  lg.LinearizedGP(0.7, 0.05).fit(J, y, prior_mean=m).predict(Js))
