@@ -92,12 +92,16 @@ class BlockWeightAverage(Estimator):
                  max_components: int = 256, progress: bool = False, **settings: Any) -> None:
         self.levels = v.check_int(levels, "levels", minimum=1)
         self.decades = v.check_positive(decades, "decades")
+        if not 10.0 ** -self.decades >= np.finfo(np.float64).tiny:  # the smallest weight must be a normal float64
+            raise v.ValueRangeError(f"decades must be at most {-np.log10(np.finfo(np.float64).tiny):.1f} (10^-decades, "
+                                    f"the smallest relative block weight, a normal float64), got {decades!r}")
         self.grid_size = v.check_int(grid_size, "grid_size", minimum=3)
         self.span = v.check_positive(span, "span")
         self.keep_mass = v.check_positive(keep_mass, "keep_mass")
         if self.keep_mass > 1:
             raise v.ValueRangeError(f"keep_mass must lie in (0, 1], got {keep_mass}")
-        if not (hyperprior is None or hyperprior == "data" or isinstance(hyperprior, Hyperprior)):
+        if not (hyperprior is None or isinstance(hyperprior, Hyperprior)
+                or (isinstance(hyperprior, str) and hyperprior == "data")):
             raise v.InvalidOptionError(f"hyperprior must be None, 'data' or a Hyperprior, got {v.describe(hyperprior)}")
         self.hyperprior = hyperprior
         self.max_components = v.check_int(max_components, "max_components", minimum=1)
@@ -170,16 +174,20 @@ class BlockWeightAverage(Estimator):
         draft._log_evidence = float(logsumexp(log_masses) - np.log(log_masses.size))
         draft.block_names_ = J.block_names
         draft._backend, draft._signature = J.backend, draft.models_[0]._signature
-        self._commit(draft)
+        # warned before the commit: a warning raised as an error leaves the model unchanged
         self._warn_grid_edges([fitted[i][1] for i in kept], weights)
+        self._commit(draft)
         return self
 
     def _check_memory(self, model: LinearizedGP, count: int) -> None:
-        """MemoryBudgetError when ``count`` components of this one's size (its state and scaled Jacobian) could
-        exceed the budget: each holds its own eigendecomposition and, in function space, its J."""
+        """MemoryBudgetError when ``count`` components of this one's size (its state, scaled Jacobian and prior mean)
+        could exceed the budget: each holds its own eigendecomposition, in function space its J, and with a prior
+        mean its own copy m / √ω (p floats)."""
         be = model._backend
         state = sum(int(a.nbytes) for engine in model._engines for a in engine.state().values())
         one = state + (int(model._J.nbytes) if model.plan_.space == "function" else 0)
+        if model._weight_mean is not None:
+            one += int(model._weight_mean.nbytes)
         v.check_memory(one * count, v.resolve_memory_budget(self.settings.get("memory_budget"), be),
                        what=f"{count} block-weight components of {v.format_bytes(one)} each",
                        alternative="use fewer levels, export fewer parameter blocks (params=), or average over "
@@ -194,6 +202,7 @@ class BlockWeightAverage(Estimator):
         if values.size < self.levels:
             raise v.ValueRangeError(f"decades = {self.decades:g} is too small: its {self.levels} levels are not "
                                     "distinct float64 numbers; use fewer levels or more decades")
+        self._check_smallest_weight(J, values[0] / scale[active])
         count = self.levels ** active.size - (self.levels - 1) ** active.size
         if count > self.max_components:
             raise v.InvalidOptionError(f"{self.levels} levels over {active.size} blocks make {count} ω points, more "
@@ -203,6 +212,18 @@ class BlockWeightAverage(Estimator):
         relative = np.ones((len(points), len(J.blocks)))
         relative[:, active] = np.asarray(points)
         return relative
+
+    def _check_smallest_weight(self, J: JacobianBlocks, smallest: np.ndarray) -> None:
+        """ValueRangeError naming decades when the smallest weight of a block, 10^-decades / mean diag(J_b J_bᵀ), or
+        its square root in J's dtype (J.scale_blocks multiplies the block by it) is not a normal number."""
+        info = np.finfo(J.dtype)
+        with np.errstate(under="ignore"):
+            roots = np.sqrt(smallest).astype(J.dtype)
+        if not ((smallest >= np.finfo(np.float64).tiny).all() and (roots >= info.tiny).all()):
+            raise v.ValueRangeError(f"decades = {self.decades:g} makes the smallest block weight 10^-decades / mean "
+                                    f"diag(J_b J_bᵀ) = {smallest.min():.3g}, whose square root scales J "
+                                    f"({J.dtype}) and must be a normal {J.dtype} number (≥ {info.tiny:.3g}); use "
+                                    "fewer decades")
 
     def _component(self, J: JacobianBlocks, y: Any, block_weights: np.ndarray,
                    prior_mean: Any) -> tuple[LinearizedGP, list]:

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import numpy as np
 
+import backends
 from lingp_core import _validate as v
 from lingp_core._validate import NonFiniteError, ShapeError, ValueRangeError
 
 __all__ = ["probability_of_largest"]
 
 _CHUNK = 256  # examples per block: the work array is (chunk, c, c, nodes)
+_WORK_ARRAYS = 3  # (chunk, c, c, nodes) float64 arrays alive at once: z, log Φ(z) and the masked copy
+# NumPy's Gauss–Hermite rule overflows (NaN weights) from 371 nodes on; far more than a smooth integrand needs
+_MAX_NODES = 360
 _POINT_MASS_VARIANCE = 1e-300  # sd 1e-150: below one ulp of any mean difference, so point masses give exact steps
 
 
@@ -37,18 +41,25 @@ def probability_of_largest(mean: np.ndarray, var: np.ndarray, *, n_nodes: int = 
         with zero and positive variances mixed is refused (ValueRangeError): its integrand is a step function the
         quadrature cannot resolve.
     n_nodes : int
-        Gauss–Hermite nodes (≥ 1). The integrand steepens as one class's variance shrinks relative to another's; 128
-        nodes are exact to ~1e-14 when the variances of an example's classes differ by at most 4× and to ~1e-4
-        absolute at 60× (measured ratios: ≤ 2.3 for DirichletClassifier on the demo).
+        Gauss–Hermite nodes, 1 to 360 (NumPy's rule overflows beyond 370). The integrand steepens as one class's
+        variance shrinks relative to another's; 128 nodes are exact to ~1e-14 when the variances of an example's
+        classes differ by at most 4× and to ~1e-4 absolute at 60× (measured ratios: ≤ 2.3 for DirichletClassifier on
+        the demo).
 
     Returns
     -------
     ndarray of shape (n, c), float64
         Rows on the simplex (normalised to remove the quadrature's rounding).
+
+    Raises
+    ------
+    MemoryBudgetError
+        When one example's work, c² · n_nodes float64 numbers (three arrays of them), exceeds half the host's free
+        memory; examples are otherwise taken in chunks that fit.
     """
     from scipy.special import log_ndtr, logsumexp  # scipy loads on use, not when lingp_core is imported
 
-    n_nodes = v.check_int(n_nodes, "n_nodes", minimum=1)
+    n_nodes = v.check_int(n_nodes, "n_nodes", minimum=1, maximum=_MAX_NODES)
     mean, var = np.asarray(mean), np.asarray(var)
     for name, arr in (("mean", mean), ("var", var)):
         if arr.dtype.kind not in "iuf":
@@ -70,17 +81,31 @@ def probability_of_largest(mean: np.ndarray, var: np.ndarray, *, n_nodes: int = 
                               f"{mixed.size} examples in all. Give every class of an example a positive variance, or "
                               "none")
     var = np.where(zero, _POINT_MASS_VARIANCE, var)
+    chunk = _chunk_rows(mean.shape[1], n_nodes)
     nodes, weights = np.polynomial.hermite_e.hermegauss(n_nodes)  # ∫ g(z) exp(-z²/2) dz
     log_weights = np.log(weights / np.sqrt(2.0 * np.pi))         # → E_{z ~ N(0,1)} g(z)
     c = mean.shape[1]
     off_diagonal = ~np.eye(c, dtype=bool)[None, :, :, None]
     out = np.empty_like(mean)
-    for start in range(0, mean.shape[0], _CHUNK):
-        m, sd = mean[start:start + _CHUNK], np.sqrt(var[start:start + _CHUNK])
+    for start in range(0, mean.shape[0], chunk):
+        m, sd = mean[start:start + chunk], np.sqrt(var[start:start + chunk])
         score_k = m[:, :, None] + sd[:, :, None] * nodes               # (b, k, q): y_k at each node
         with np.errstate(over="ignore"):  # ±inf where a point mass's step is certain: log_ndtr takes it exactly
             z = (score_k[:, :, None, :] - m[:, None, :, None]) / sd[:, None, :, None]  # (b, k, j, q)
         log_terms = np.where(off_diagonal, log_ndtr(z), 0.0).sum(axis=2)  # log Π_{j≠k} Φ(·)
-        out[start:start + _CHUNK] = logsumexp(log_terms + log_weights, axis=2)
+        out[start:start + chunk] = logsumexp(log_terms + log_weights, axis=2)
     probs = np.exp(out - logsumexp(out, axis=1, keepdims=True))
     return probs
+
+
+def _chunk_rows(c: int, n_nodes: int) -> int:
+    """Examples per chunk: _CHUNK, or fewer when their work arrays would exceed the host's memory budget;
+    MemoryBudgetError when one example's do."""
+    per_example = _WORK_ARRAYS * v.nbytes_of((c, c, n_nodes), np.float64)
+    budget = v.resolve_memory_budget(None, backends.get_backend("numpy"))
+    if per_example > budget:
+        raise v.MemoryBudgetError(f"probability_of_largest needs {v.format_bytes(per_example)} of work per example "
+                                  f"for c = {c} classes and n_nodes = {n_nodes} (three c × c × n_nodes float64 "
+                                  f"arrays) but the host's memory budget (half its free memory) is "
+                                  f"{v.format_bytes(budget)}; use fewer n_nodes")
+    return max(1, min(_CHUNK, budget // per_example))

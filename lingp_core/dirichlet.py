@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+import backends
 from lingp_core import _validate as v
 from lingp_core._estimator import float_errors_checked
 from lingp_core.class_probabilities import probability_of_largest
@@ -36,16 +37,73 @@ from lingp_core.sharded import training_pair
 __all__ = ["DirichletClassifier", "dirichlet_targets"]
 
 
-def dirichlet_targets(labels: np.ndarray, c: int, alpha_epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+def dirichlet_targets(labels: Any, c: int, alpha_epsilon: float) -> tuple[np.ndarray, np.ndarray]:
     """Transformed targets ỹ and their noise σ̃², both float64 (n, c), from integer labels (n,) in [0, c).
 
     σ̃² = log(1/α + 1), ỹ = log α − σ̃²/2 with α = onehot(labels) + α_ε (log-normal moment matching of Gamma(α, 1)).
+
+    Parameters
+    ----------
+    labels : array_like of int, shape (n,)
+        Class labels in [0, c) (NumPy, CuPy, torch or a list).
+    c : int
+        The number of classes, ≥ 2.
+    alpha_epsilon : float
+        α_ε > 0, finite.
+
+    Returns
+    -------
+    targets, noise : ndarray of shape (n, c), float64, on the host
+
+    Raises
+    ------
+    ArgumentTypeError, ShapeError, DTypeError, ValueRangeError
+        Labels that are not 1-D integers in [0, c); c not an integer ≥ 2; α_ε not finite and > 0, or so extreme that
+        the targets or their noise overflow float64.
+    MemoryBudgetError
+        When the (n, c) arrays would not fit in half the host's free memory.
     """
+    c = v.check_int(c, "c", minimum=2)
+    alpha_epsilon = v.check_positive(alpha_epsilon, "alpha_epsilon")
+    return _targets(_check_labels(labels, c), c, alpha_epsilon)
+
+
+def _check_labels(labels: Any, c: int) -> np.ndarray:
+    """Labels checked as CategoricalLikelihood checks them against c logits: int64 (n,) on the host."""
+    if labels is None:
+        raise v.ArgumentTypeError("labels is required, got None")
+    backend = v.backend_of(labels)
+    try:
+        y = backend.asarray(labels)
+    except ValueError:  # a ragged nesting of lists
+        raise v.ShapeError(f"labels must have shape (n,), got a ragged sequence ({v.describe(labels)})") from None
+    if y.ndim != 1:
+        raise v.ShapeError(f"labels must have shape (n,), got {v.describe(y)}")
+    # α, the targets and the noise: three float64 (n, c) arrays on the host
+    need = 3 * v.nbytes_of((y.shape[0], c), np.float64)
+    budget = v.resolve_memory_budget(None, backends.get_backend("numpy"))
+    if need > budget:
+        raise v.MemoryBudgetError(f"the Dirichlet targets of {y.shape[0]} labels over c = {c} classes need "
+                                  f"{v.format_bytes(need)} but the host's memory budget (half its free memory) is "
+                                  f"{v.format_bytes(budget)}; check c, or transform fewer labels at a time")
+    # the likelihood reads only f's shape: a broadcast zero stands in for the (n, c) outputs without allocating them
+    f_shape = backend.xp.broadcast_to(backend.xp.zeros((), dtype=np.float64), (y.shape[0], c))
+    checked = CategoricalLikelihood().check_labels(y, f_shape)
+    return backend.to_numpy(checked).astype(np.int64)
+
+
+def _targets(labels: np.ndarray, c: int, alpha_epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """dirichlet_targets on checked arguments; ValueRangeError when α_ε makes a target or its noise overflow."""
     alpha = np.full((labels.shape[0], c), alpha_epsilon)
     alpha[np.arange(labels.shape[0]), labels] += 1.0
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # callers check the results are finite
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # checked just below
         noise = np.log1p(1.0 / alpha)
-        return np.log(alpha) - noise / 2, noise
+        targets = np.log(alpha) - noise / 2
+    if not (np.isfinite(targets).all() and np.isfinite(noise).all()):
+        raise v.ValueRangeError(f"alpha_epsilon = {alpha_epsilon:.3g} makes the transformed targets or their noise "
+                                "overflow float64 (log(1/α_ε + 1) and log α_ε must be finite); use a value between "
+                                "1e-300 and 1e300 (0.01 is the usual choice)")
+    return targets, noise
 
 
 class DirichletClassifier(LinearizedGP):
@@ -98,12 +156,7 @@ class DirichletClassifier(LinearizedGP):
         """
         J = self._check_jacobian(J)
         labels = CategoricalLikelihood().check_labels(training_pair(J, y), J.f0)
-        targets, noise = dirichlet_targets(J.backend.to_numpy(labels).astype(np.int64), J.n_outputs,
-                                           self.alpha_epsilon)
-        if not (np.isfinite(targets).all() and np.isfinite(noise).all()):
-            raise v.ValueRangeError(f"alpha_epsilon = {self.alpha_epsilon:.3g} makes the transformed targets or their "
-                                    "noise overflow float64 (log(1/α_ε + 1) and log α_ε must be finite); use a value "
-                                    "between 1e-300 and 1e300 (0.01 is the usual choice)")
+        targets, noise = _targets(J.backend.to_numpy(labels).astype(np.int64), J.n_outputs, self.alpha_epsilon)
         draft = self._draft()
         draft.noise = noise
         draft.classes_ = J.n_outputs

@@ -40,6 +40,21 @@ def _check_mode(output_mode: Any, c: int) -> Any:
     return v.check_int(output_mode, "output_mode (an output index)", minimum=0, maximum=c - 1)
 
 
+def _check_dtype(dtype: Any, backend: Any) -> np.dtype:
+    """The accumulation dtype: float32 or float64 given as a NumPy dtype, its name or a torch dtype (as
+    export_jacobian's dtype=); DTypeError naming the accepted values otherwise."""
+    name = str(dtype).removeprefix("torch.") if type(dtype).__module__ == "torch" else dtype
+    try:
+        resolved = np.dtype(name)
+    except (TypeError, ValueError):
+        resolved = None
+    # `is None` first: a dtype compares equal to None (np.dtype(None) is float64), so `None in float_dtypes` holds
+    if resolved is None or resolved not in backend.float_dtypes:
+        raise v.DTypeError(f"dtype must be float32 or float64 (a NumPy dtype, its name or torch.float32/float64), "
+                           f"got {dtype!r}")
+    return resolved
+
+
 def _check_jacobians(J1: Any, J2: Any) -> JacobianBlocks:
     if is_sharded(J1) or is_sharded(J2):
         raise v.MissingCapabilityError("this kernel operation needs the Jacobian in memory; for a ShardedJacobian use "
@@ -116,7 +131,8 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     output_mode : {"full", "independent", "trace"} or int
         See the module docstring. Shapes: (n1·c, n2·c), (c, n1, n2), (n1, n2), (n1, n2).
     dtype : float32 or float64
-        Accumulation and result dtype (default float64, whatever the blocks' dtype).
+        Accumulation and result dtype (default float64, whatever the blocks' dtype): a NumPy dtype, its name, or
+        torch.float32 / torch.float64. Other dtypes raise DTypeError.
     memory_budget : float, optional
         Bytes allowed for K plus its work space (default: half the free memory where the backend allocates).
     progress : bool
@@ -135,9 +151,7 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
         other = _check_jacobians(J1, J2)
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J1.n_outputs)
-    dtype = np.dtype(dtype)
-    if dtype not in J1.backend.float_dtypes:
-        raise v.DTypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = _check_dtype(dtype, J1.backend)
     if sharded:
         return _sharded_kernel(J1, J2, s, mode, dtype, memory_budget)
     c, n1, n2 = J1.n_outputs, J1.n, other.n
@@ -206,7 +220,7 @@ def work_bytes(J1: JacobianBlocks, n2: int, dtype: Any, *, symmetric: bool) -> i
     """Bytes :func:`kernel` needs beside K (n1·c × n2·c, any mode): a tile of J's blocks in the accumulation dtype
     (two when converted), one chunk of tile products, and, when J's dtype differs and right tiles are reused, J2's
     blocks converted once."""
-    dtype = np.dtype(dtype)
+    dtype = _check_dtype(dtype, J1.backend)
     c, n1 = J1.n_outputs, J1.n
     tile_rows = min(_TILE_ROWS, max(n1, n2) * c)
     chunk = product_work(min(_TILE_ROWS, n1 * c), min(_TILE_ROWS, n2 * c), J1.blocks)
@@ -242,9 +256,7 @@ def kernel_diag(J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str
         _check_jacobians(J, None)
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J.n_outputs)
-    dtype = np.dtype(dtype)
-    if dtype not in J.backend.float_dtypes:
-        raise v.DTypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = _check_dtype(dtype, J.backend)
     if is_sharded(J):  # each shard checks its own part for overflow
         with np.errstate(over="ignore", invalid="ignore"):
             return J.kernel_diag(mode, dtype) * dtype.type(s)

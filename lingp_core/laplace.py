@@ -458,10 +458,10 @@ class LaplaceClassifier(Estimator):
         draft.averaging_ = {"grid_size": grid_size, "span_decades": span, "centre": math.exp(centre),
                             "points_kept": int(kept.size), "weight_on_grid_edge": edge,
                             "log_evidence": [float(x) for x in log_joint - log_prior]}
-        self._commit(draft)
-        if edge > 0.01:
+        if edge > 0.01:  # warned before the commit: a warning raised as an error leaves the model unchanged
             warnings.warn(f"{edge:.1%} of the posterior of s lies on the edge of the averaging grid (±{span} decades "
                           f"around s = {math.exp(centre):.3g}): widen span", v.NumericalWarning, stacklevel=2)
+        self._commit(draft)
         return self
 
     def _check_refittable(self, what: str) -> None:
