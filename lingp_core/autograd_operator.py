@@ -14,6 +14,7 @@ from lingp_core.export import (
     _as_input_tensor,
     _check_model,
     _eval_mode,
+    _functional_call,
     _probe_model,
     _resolve_backend,
     _select_outputs,
@@ -85,10 +86,8 @@ class AutogradJacobian(JacobianShape):
 
     # ----- products ----------------------------------------------------------------------------------------------
     def _f(self, params: dict, xb: Any) -> Any:
-        """Selected outputs of a batch, flattened example-major: (b·c,)."""
-        from torch.func import functional_call
-
-        out = functional_call(self._model, params, (xb,))
+        """Selected outputs of a batch, flattened example-major: (b·c,); the model keeps its own Parameter objects."""
+        out = _functional_call(self._model, params, (xb,))
         return out.reshape(out.shape[0], -1)[:, self._index].reshape(-1)
 
     def _operand(self, x: Any, name: str, rows: int) -> tuple[Any, bool]:

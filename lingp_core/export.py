@@ -9,8 +9,9 @@ selected outputs (so examples never mix, even in models that would mix them in a
   perturbation ε to the layer output, and the Jacobian with respect to ε is the output sensitivity δ = ∂f/∂y (→ Δ).
   A layer called several times (weight sharing) or on inputs with extra dimensions (sequences) simply contributes
   several positions t per example; its weight Jacobian is Σ_t δ_t a_tᵀ, which the factored block sums exactly.
-- every other selected parameter (convolutions, norms, embeddings, custom modules, and Linear weights that are also
-  used outside their layer's own forward, e.g. tied weights) gets a dense per-example Jacobian block from jacrev.
+- every other selected parameter (convolutions, norms, embeddings, custom modules, Linear weights that are also
+  used outside their layer's own forward, e.g. tied weights, and Linear layers with forward hooks, which may change
+  the layer's output) gets a dense per-example Jacobian block from jacrev.
 
 A first forward pass on one example (the probe) finds each Linear layer's calls and shapes, and checks with a
 ``TorchFunctionMode`` that its weight and bias are used only by ``F.linear`` inside that layer's own forward; any other
@@ -56,7 +57,7 @@ from lingp_core._validate import (
     resolve_memory_budget,
 )
 from lingp_core.jacobian import DenseBlock, FactoredLinearBlock, JacobianBlocks, JacobianShape
-from lingp_core.sharded import export_sharded, is_dask_array
+from lingp_core.sharded import ShardedJacobian, export_sharded, is_dask_array
 
 __all__ = ["LAST_LAYER", "STRUCTURES", "export_jacobian", "parameter_vector"]
 
@@ -98,6 +99,11 @@ def _check_model(model: Any) -> tuple[Any, Any]:
     if not isinstance(model, torch.nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, got "
                                 f"{type(model).__module__}.{type(model).__qualname__}")
+    lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if torch.nn.parameter.is_lazy(t)]
+    if lazy:
+        raise ExportError(f"the model has uninitialized (lazy) parameters or buffers ({_preview(lazy)}), e.g. of "
+                          "nn.LazyLinear, whose shapes are not known yet: run one forward pass on a batch of inputs "
+                          "first (model(inputs[:1])), then export")
     parameters = list(model.parameters())
     if not parameters:
         raise ValueRangeError(f"no parameters selected: the model ({type(model).__name__}) has no parameters")
@@ -114,6 +120,33 @@ def _check_model(model: Any) -> tuple[Any, Any]:
         raise DTypeError(f"the model's parameters have dtype {dtype}; lingp exports float32 or float64 networks: "
                          "convert explicitly with model.float() or model.double()")
     return parameters[0].device, dtype
+
+
+@contextlib.contextmanager
+def _own_tensors_kept(model: Any) -> Iterator[None]:
+    """Put the model's own Parameter and buffer objects back on exit, even after an error.
+
+    ``torch.func.functional_call`` swaps tensors into the modules and back; for a module reached under two names (one
+    Linear used twice in a Sequential) it swaps the same slot twice and leaves one of its own tensors there (inside
+    jacrev, a functorch wrapper): an optimizer built before would no longer train the model, and the weights
+    fingerprint would no longer find the model's parameters.
+    """
+    saved = [(store, dict(store)) for m in model.modules() for store in (m._parameters, m._buffers)]
+    try:
+        yield
+    finally:
+        for store, items in saved:
+            for key, tensor in items.items():
+                if store.get(key) is not tensor:
+                    store[key] = tensor
+
+
+def _functional_call(model: Any, params: dict, args: tuple) -> Any:
+    """``torch.func.functional_call`` that leaves the model holding its own tensors (see :func:`_own_tensors_kept`)."""
+    from torch.func import functional_call as call
+
+    with _own_tensors_kept(model):
+        return call(model, params, args)
 
 
 def _same_device(a: Any, b: Any) -> bool:
@@ -149,12 +182,20 @@ def _as_input_tensor(inputs: Any, device: Any, model_dtype: Any) -> Any:
     if isinstance(inputs, torch.Tensor):
         x = inputs.detach()
     elif isinstance(inputs, np.ndarray):
-        x = torch.from_numpy(inputs)
+        x = _from_numpy(inputs)
     elif is_cupy_array(inputs):
         x = torch.from_dlpack(inputs)
     else:
         raise ArgumentTypeError(f"inputs must be a torch.Tensor (or a NumPy/CuPy array), got "
                                 f"{type(inputs).__module__}.{type(inputs).__qualname__}")
+    if x.is_nested or x.layout != torch.strided:
+        kind = "a nested tensor" if x.is_nested else f"a tensor with layout {x.layout}"
+        raise ArgumentTypeError(f"inputs must be a dense (strided) tensor, got {kind}; convert explicitly, e.g. "
+                                "inputs.to_dense() for a sparse tensor, or pad a nested tensor to one shape")
+    if x.is_complex():
+        raise DTypeError(f"inputs have complex dtype {x.dtype} (shape {tuple(x.shape)}) but the model's parameters "
+                         f"are real ({model_dtype}); lingp does not drop imaginary parts silently: pass real inputs, "
+                         "e.g. torch.view_as_real(inputs) or inputs.real")
     if x.ndim < 1 or x.shape[0] < 1:
         raise ShapeError(f"inputs must have a leading example dimension holding at least one example, got shape "
                          f"{tuple(x.shape)}")
@@ -171,6 +212,27 @@ def _as_input_tensor(inputs: Any, device: Any, model_dtype: Any) -> Any:
             raise NonFiniteError(f"inputs (shape {tuple(x.shape)}) hold NaN or Inf, the first at example {bad}; "
                                  "lingp never replaces them, clean the inputs first")
     return x
+
+
+def _from_numpy(a: np.ndarray) -> Any:
+    """A NumPy array as a torch tensor: shared memory where torch allows it, a copy only for negative strides."""
+    torch = _torch()
+    if isinstance(a, np.ma.MaskedArray):
+        raise ArgumentTypeError(f"inputs are a numpy.ma.MaskedArray of shape {a.shape}: export would ignore its mask; "
+                                "pass inputs.filled(value) or drop the masked examples explicitly")
+    if a.dtype.kind not in "biuf":
+        raise DTypeError(f"inputs have NumPy dtype {a.dtype} (shape {a.shape}); lingp takes numeric (float, int or "
+                         "bool) inputs: convert explicitly, e.g. inputs.astype(np.float64)")
+    if any(step < 0 for step in a.strides):
+        a = np.ascontiguousarray(a)  # torch has no negative strides: the one case that needs a copy
+    try:
+        with warnings.catch_warnings():
+            # torch warns that a read-only array becomes a writable tensor; export never writes its inputs
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            return torch.from_numpy(a)
+    except TypeError as exc:  # a dtype torch does not take (e.g. float128)
+        raise DTypeError(f"inputs have NumPy dtype {a.dtype} (shape {a.shape}), which torch cannot take: {exc}; "
+                         "convert explicitly, e.g. inputs.astype(np.float64)") from None
 
 
 def _resolve_dtype(dtype: Any, model_dtype: Any) -> np.dtype:
@@ -210,8 +272,15 @@ class _Probe:
 
 
 def _is_plain_linear(module: Any) -> bool:
+    """An ``nn.Linear`` running torch's own forward with no forward hook: its output is exactly W a + b.
+
+    A forward hook (the module's own or a global one) may change the output after the layer (a scale, an adapter),
+    and the factored block's Δ is taken after every hook, so such a layer is exported dense, which is exact. Forward
+    pre-hooks are fine: A is the input the layer's forward receives, after them.
+    """
     torch = _torch()
-    return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+    return (isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+            and not module._forward_hooks and not torch.nn.modules.module._global_forward_hooks)
 
 
 def _tensors(obj: Any) -> Iterator[Any]:
@@ -382,8 +451,14 @@ def _select_parameters(model: Any, params: Any, probe: _Probe) -> list[tuple[str
                 break
     else:
         single = isinstance(params, (str, torch.nn.Module, torch.Tensor)) or callable(params)
+        try:
+            specs = [params] if single else list(params)
+        except TypeError:
+            raise ArgumentTypeError(f"params must be None, {LAST_LAYER!r}, a parameter or module name, a module, a "
+                                    "parameter, a predicate (name, param) -> bool, or a list of these; got "
+                                    f"{describe(params)}") from None
         chosen = set()
-        for spec in ([params] if single else list(params)):
+        for spec in specs:
             chosen |= _match(spec, named, model)
     selected = [(n, p) for n, p in named if n in chosen]
     if not selected:
@@ -583,7 +658,7 @@ def _make_batch_fn(model: Any, plans: list[_Plan], index: tuple[int, ...] | None
                    dtype: Any) -> tuple[Callable, _Capture]:
     """A function of an example batch → (f (b, c), dense jacobians {name: (b, c, *shape)}, Δ per call, A per call)."""
     torch = _torch()
-    from torch.func import functional_call, jacrev, vmap
+    from torch.func import jacrev, vmap
 
     capture = _Capture(plans)
     named = dict(model.named_parameters())
@@ -594,7 +669,7 @@ def _make_batch_fn(model: Any, plans: list[_Plan], index: tuple[int, ...] | None
 
     def per_example(dense_params: dict, eps_: tuple, x: Any) -> tuple:
         capture.reset(eps_)
-        out = functional_call(model, dense_params, (x.unsqueeze(0),)).reshape(-1)
+        out = _functional_call(model, dense_params, (x.unsqueeze(0),)).reshape(-1)
         if select is not None:
             out = out[select]
         if any(a is None for a in capture.inputs):
@@ -650,12 +725,12 @@ def _weights_fingerprint(model: Any, selected: list[tuple[str, Any]]) -> str:
     """
     torch = _torch()
     h = hashlib.sha256()
-    chosen = {id(p) for _, p in selected}
+    chosen = {name for name, _ in selected}  # by name: a Parameter object may be swapped (see _own_tensors_kept)
     for name, p in selected:
         flat = p.detach().reshape(-1).contiguous().cpu()
         h.update(f"{name}:{flat.dtype}:{tuple(p.shape)};".encode())
         h.update(_words(flat).numpy())
-    others = [(n, t) for n, t in model.named_parameters() if id(t) not in chosen] + list(model.named_buffers())
+    others = [(n, t) for n, t in model.named_parameters() if n not in chosen] + list(model.named_buffers())
     for name, t in others:
         flat = t.detach().reshape(-1).contiguous()
         stride = max(1, -(-flat.numel() // _SAMPLE))
@@ -675,7 +750,7 @@ def parameter_vector(model: Any, J: Any) -> Any:
     model : torch.nn.Module
         The network J was exported from, with the same weights.
     J : JacobianBlocks or ShardedJacobian
-        A Jacobian exported from ``model`` (:func:`export_jacobian`).
+        A Jacobian exported from ``model`` (:func:`export_jacobian`), carrying its weights fingerprint.
 
     Returns
     -------
@@ -684,14 +759,23 @@ def parameter_vector(model: Any, J: Any) -> Any:
     Raises
     ------
     ArgumentTypeError
-        ``model`` is not a torch module, or J is not a Jacobian.
+        ``model`` is not a torch module, or J is not a JacobianBlocks or ShardedJacobian (e.g. an AutogradJacobian).
     SignatureError
-        ``model`` lacks one of J's parameters or has it in another shape, or its weights are not those J was
-        exported at (J's weights fingerprint differs): θ̂ must be the point J linearizes around.
+        J has no weights fingerprint (built by hand, or loaded from an old archive), ``model`` lacks one of J's
+        parameters or has it in another shape, or its weights are not those J was exported at (J's weights
+        fingerprint differs): θ̂ must be the point J linearizes around.
     """
     _check_model(model)
-    if not isinstance(J, JacobianShape):
-        raise ArgumentTypeError(f"J must be a Jacobian from export_jacobian, got {describe(J)}")
+    if not isinstance(J, (JacobianBlocks, ShardedJacobian)):
+        found = ("an AutogradJacobian, which reads the model's current weights at every product and records none"
+                 if isinstance(J, JacobianShape) else describe(J))
+        raise ArgumentTypeError(f"J must be a JacobianBlocks or ShardedJacobian from export_jacobian, got {found}; "
+                                "build θ̂ yourself in J.param_names order if you need it for another operator")
+    if J.weights_fingerprint is None:
+        raise SignatureError("θ̂ cannot be checked against J: J has no weights fingerprint (it was built by hand or "
+                             "loaded from an archive written before fingerprints, not returned by export_jacobian); "
+                             "export J again with export_jacobian, or build θ̂ yourself by concatenating the flattened "
+                             "parameters in J.param_names order")
     named = dict(model.named_parameters())
     for name, shape in zip(J.param_names, J.param_shapes):
         if name not in named or tuple(named[name].shape) != tuple(shape):
@@ -699,8 +783,7 @@ def parameter_vector(model: Any, J: Any) -> Any:
             raise SignatureError(f"J has parameter {name!r} of shape {tuple(shape)} but the model's is {found}: "
                                  "pass the network J was exported from")
     selected = [(name, named[name]) for name in J.param_names]
-    fingerprint = getattr(J, "weights_fingerprint", None)
-    if fingerprint is not None and _weights_fingerprint(model, selected) != fingerprint:
+    if _weights_fingerprint(model, selected) != J.weights_fingerprint:
         raise SignatureError("the model's weights are not those J was exported at (its weights fingerprint differs): "
                              "θ̂ must be the point J linearizes around; export J again or restore the weights")
     theta = _torch().cat([p.detach().reshape(-1) for _, p in selected]).cpu().numpy()
@@ -719,11 +802,12 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
     ----------
     model : torch.nn.Module
         The trained network, mapping inputs of shape (b, ...) to outputs of shape (b, ...) (flattened per example to
-        c_total outputs). It runs in eval mode; its training flags are restored afterwards, its parameters and their
-        ``.grad`` are left untouched. Examples are treated independently (each is its own batch of one inside
-        ``torch.func.vmap``).
+        c_total outputs). It runs in eval mode; its training flags are restored afterwards; its Parameter objects
+        (tied ones too), their values and ``.grad`` are left untouched. Examples are treated independently (each is
+        its own batch of one inside ``torch.func.vmap``).
     inputs : torch.Tensor of shape (n, ...), or a dask array
-        On the model's device; a floating tensor must have the model's dtype (NumPy/CuPy arrays are taken via DLPack).
+        On the model's device; a floating tensor must have the model's dtype (NumPy/CuPy arrays share their memory;
+        a NumPy array with negative strides is copied). Complex inputs are refused.
         A dask array (chunked by rows; other axes are rechunked whole) gives a
         :class:`~lingp_core.sharded.ShardedJacobian`: with a running ``dask.distributed`` Client, each row chunk is
         exported on a worker and kept there (one shard per chunk); without one, dask's default scheduler computes the
@@ -748,7 +832,8 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
     structure : {"auto", "factored", "dense"}
         ``"auto"``: plain ``nn.Linear`` layers become :class:`FactoredLinearBlock` (layer inputs A and output
         sensitivities Δ, never the n·c × in·out block) when that is exact and smaller; ``"factored"``: whenever
-        exact; ``"dense"``: every block dense (the cross-check). Other layers are always dense.
+        exact; ``"dense"``: every block dense (the cross-check). Other layers are always dense, and so is a Linear
+        layer with a forward hook of its own or a global one (the hook may change its output).
     memory_budget : float, optional
         Bytes the export may allocate (stored blocks plus per-batch work space). Default: a safe fraction of the
         free memory where the backend keeps its arrays. Everything is estimated before anything is allocated.
@@ -769,8 +854,11 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
     ------
     ValueRangeError
         No parameters selected, or an output index out of range.
-    TypeError, ShapeError, DTypeError
-        Inputs of the wrong type, shape or dtype for the model; an unsupported dtype.
+    ArgumentTypeError, ShapeError, DTypeError
+        Inputs of the wrong type (also masked, sparse or nested arrays), shape or dtype (also complex or non-numeric)
+        for the model; an unsupported dtype; ``params`` of the wrong type.
+    ExportError
+        A model with uninitialized lazy parameters (run one forward pass first), or one torch.func.vmap cannot run.
     BackendMismatchError
         Model and backend (or inputs) on different devices.
     NonFiniteError

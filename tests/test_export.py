@@ -318,6 +318,57 @@ def test_weight_used_outside_its_layer_falls_back_to_dense(backend, rng):
     check_against_oracle(J, J64, f64, backend, np.float64, rng)
 
 
+def _scale_output(module, args, output):
+    return 2.0 * output
+
+
+def _scale_output_in_place(module, args, output):
+    output.mul_(2.0)
+
+
+def _scale_linear_outputs(module, args, output):
+    return 2.0 * output if isinstance(module, nn.Linear) else None
+
+
+@pytest.mark.parametrize("hook", ["module", "prepend", "in-place", "global"])
+def test_linear_with_a_forward_hook_is_exported_dense_and_exact(backend, rng, hook):
+    # a hook that changes a Linear's output after the layer: Δ of a factored block would be taken after the hook, off
+    # by its factor; the hooked layer goes dense
+    model, x = on_backend(mlp(nn.Tanh, (3, 5, 2)), torch.randn(5, 3), backend)
+    if hook == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(_scale_linear_outputs)
+    else:
+        handle = model[0].register_forward_hook(_scale_output_in_place if hook == "in-place" else _scale_output,
+                                                prepend=hook == "prepend")
+    try:
+        J = export_jacobian(model, x, structure="factored", backend=backend.name)
+        J64, f64 = oracle(model, x)  # jacrev through the same hooks
+    finally:
+        handle.remove()
+    assert kinds(J) == (["dense", "dense"] if hook == "global" else ["dense", "factored"])
+    check_against_oracle(J, J64, f64, backend, np.float64, rng)
+
+
+@pytest.mark.parametrize("hook", ["module", "global"])
+def test_linear_with_a_forward_pre_hook_stays_factored_and_exact(backend, rng, hook):
+    # a pre-hook changes the layer's input, and A is the input its forward receives: the factored block stays exact
+    def triple_input(module, args):
+        return (3.0 * args[0],) if isinstance(module, nn.Linear) else None
+
+    model, x = on_backend(mlp(nn.Tanh, (3, 5, 2)), torch.randn(5, 3), backend)
+    if hook == "global":
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(triple_input)
+    else:
+        handle = model[2].register_forward_pre_hook(triple_input)
+    try:
+        J = export_jacobian(model, x, structure="factored", backend=backend.name)
+        J64, f64 = oracle(model, x)
+    finally:
+        handle.remove()
+    assert kinds(J) == ["factored", "factored"]
+    check_against_oracle(J, J64, f64, backend, np.float64, rng)
+
+
 def test_embedding_and_custom_parameter(backend, rng):
     model, _ = on_backend(EmbeddingNet(), torch.zeros(1), backend)
     idx = torch.as_tensor(rng.integers(0, 10, size=(6, 3))).to(next(model.parameters()).device)
@@ -448,3 +499,69 @@ def test_parameter_vector_refuses_another_network():
         lg.parameter_vector(np.zeros(3), J)
     with pytest.raises(lg.ArgumentTypeError, match="J must be a Jacobian"):
         lg.parameter_vector(model, np.zeros((3, 4)))
+
+
+def test_parameter_vector_needs_an_exported_jacobian(backend):
+    model, x = on_backend(_bias_free_relu(0), torch.randn(3, 4), backend)
+    J = export_jacobian(model, x, backend=backend.name)
+    by_hand = JacobianBlocks(J.f0, J.blocks, backend=J.backend, outputs=J.outputs)  # no weights fingerprint
+    with pytest.raises(lg.SignatureError, match=r"θ̂ cannot be checked against J: J has no weights fingerprint .*"
+                                                r"by hand.*J\.param_names order"):
+        lg.parameter_vector(model, by_hand)
+    with pytest.raises(lg.ArgumentTypeError, match=r"JacobianBlocks or ShardedJacobian .* got an AutogradJacobian"):
+        lg.parameter_vector(model, AutogradJacobian(model, x, backend=backend.name))
+
+
+# ----- tied weights: the model keeps its own Parameter objects --------------------------------------------------------
+
+def _tied_relu(kind: str) -> nn.Sequential:
+    """Bias-free ReLU net f = H relu(W relu(W x)): one Linear used twice ("reused") or two sharing W ("tied")."""
+    first = nn.Linear(4, 4, bias=False)
+    second = first if kind == "reused" else nn.Linear(4, 4, bias=False)
+    second.weight = first.weight
+    return nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), nn.Linear(4, 2, bias=False))
+
+
+@pytest.mark.parametrize("kind", ["reused", "tied"])
+def test_tied_weights_keep_their_parameter_objects(backend, rng, kind):
+    # torch.func.functional_call leaves its own tensors in a module reached under two names (or a slot tied to another
+    # module's): an optimizer built before the export would stop training the model
+    model, x = on_backend(_tied_relu(kind), torch.randn(6, 4), backend)
+    before = list(model.named_parameters(remove_duplicate=False))
+    values = [p.detach().clone() for _, p in before]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    J = export_jacobian(model, x, backend=backend.name)
+    AutogradJacobian(model, x, backend=backend.name).gram_matmat(backend.xp.ones(J.shape[0]))
+    after = list(model.named_parameters(remove_duplicate=False))
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(q is p for (_, p), (_, q) in zip(before, after))
+    assert all(torch.equal(q.detach(), v) for (_, q), v in zip(after, values))
+    J64, f64 = oracle(model, x)
+    check_against_oracle(J, J64, f64, backend, np.float64, rng)
+    # f is homogeneous of degree 3 in θ = (W, H) (W enters twice): Euler gives J θ̂ = 3 f
+    theta = lg.parameter_vector(model, J)
+    assert_matches(J.matmat(theta).reshape(J.n, J.n_outputs), 3 * f64, backend, dtype=np.float64)
+    other = export_jacobian(model, torch.randn(3, 4, dtype=x.dtype, device=x.device), backend=backend.name)
+    assert other.weights_fingerprint == J.weights_fingerprint  # train and test exports of one model agree
+    model(x).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[0].weight.detach(), values[0])  # the optimizer still trains the shared weight
+
+
+def test_tied_weights_kept_when_export_fails(backend):
+    class ReusedBranchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = self.a  # one module under two names
+
+        def forward(self, x):
+            h = self.b(torch.tanh(self.a(x)))
+            return 2 * h if h.sum() > 0 else h  # fails inside torch.func.vmap, within functional_call
+
+    model, x = on_backend(ReusedBranchy(), torch.randn(4, 3), backend)
+    before = list(model.named_parameters(remove_duplicate=False))
+    with pytest.raises(lg.ExportError, match="data-dependent Python control flow"):
+        export_jacobian(model, x, backend=backend.name)
+    after = list(model.named_parameters(remove_duplicate=False))
+    assert len(after) == len(before) and all(q is p for (_, p), (_, q) in zip(before, after))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 nn = torch.nn
 
 from lingp_core._validate import (  # noqa: E402
+    ArgumentTypeError,
     BackendMismatchError,
     DTypeError,
     ExportError,
@@ -85,6 +87,73 @@ def test_inputs_of_wrong_type_shape_or_dtype(backend):
     bad[2, 1] = float("nan")
     with pytest.raises(NonFiniteError, match="inputs .* NaN or Inf, the first at example 2"):
         export_jacobian(model, bad, backend=backend.name)
+
+
+def test_params_of_the_wrong_type():
+    with pytest.raises(ArgumentTypeError, match=r"params must be None, 'last_layer', .* or a list of these; got "
+                                                r"builtins.int 3"):
+        export_jacobian(MeanVarNet(), torch.randn(3, 3), params=3)
+
+
+def test_numpy_inputs_with_negative_strides_or_read_only_are_taken():
+    model = MeanVarNet().double()
+    a = np.random.default_rng(0).standard_normal((5, 3))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(a[::-1].copy())).numpy()
+    read_only = a[::-1].copy()
+    read_only.setflags(write=False)
+    # torch refuses negative strides and warns about read-only arrays (an error under filterwarnings=error)
+    for inputs in (a[::-1], a[::-1, ::-1][:, ::-1], read_only):
+        J = export_jacobian(model, inputs)
+        np.testing.assert_allclose(J.f0, expected, rtol=1e-14, atol=1e-14 * np.abs(expected).max())
+    assert not read_only.flags.writeable and a.flags.writeable
+
+
+@pytest.mark.parametrize("kind", [object, str, np.complex128])
+def test_numpy_inputs_of_a_non_real_dtype(kind):
+    a = np.random.default_rng(0).standard_normal((4, 3)).astype(kind)
+    with pytest.raises(DTypeError, match=rf"inputs have NumPy dtype {re.escape(str(a.dtype))} \(shape \(4, 3\)\); "
+                                         r"lingp takes numeric \(float, int or bool\) inputs"):
+        export_jacobian(MeanVarNet().double(), a)
+
+
+def test_masked_sparse_and_nested_inputs_are_refused():
+    model = MeanVarNet().double()
+    a = np.random.default_rng(0).standard_normal((4, 3))
+    with pytest.raises(ArgumentTypeError, match=r"MaskedArray of shape \(4, 3\): export would ignore its mask"):
+        export_jacobian(model, np.ma.masked_array(a, mask=a > 0))
+    with pytest.raises(ArgumentTypeError, match=r"dense \(strided\) tensor, got a tensor with layout torch.sparse_coo"):
+        export_jacobian(model, torch.from_numpy(a).to_sparse())
+    nested = torch.nested.nested_tensor([torch.from_numpy(a[0]), torch.from_numpy(a[1, :2])], layout=torch.jagged)
+    with pytest.raises(ArgumentTypeError, match=r"dense \(strided\) tensor, got a nested tensor"):
+        export_jacobian(model, nested)
+
+
+def test_complex_inputs_are_refused():
+    class RealPart(nn.Module):  # runs on complex inputs, silently dropping their imaginary parts
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x.real)
+
+    x = torch.randn(4, 3, dtype=torch.complex128)
+    with pytest.raises(DTypeError, match=r"inputs have complex dtype torch.complex128 .*real \(torch.float64\)"):
+        export_jacobian(RealPart().double(), x)
+    with pytest.raises(DTypeError, match=r"complex dtype torch.complex128"):
+        AutogradJacobian(RealPart().double(), x)
+
+
+def test_lazy_model_must_run_once_first():
+    model = nn.Sequential(nn.LazyLinear(2))
+    x = torch.randn(3, 4)
+    with pytest.raises(ExportError, match=r"uninitialized \(lazy\) parameters .*'0.weight'.*run one forward pass"):
+        export_jacobian(model, x)
+    with pytest.raises(ExportError, match="run one forward pass"):
+        AutogradJacobian(model, x)
+    model(x[:1])
+    assert export_jacobian(model, x).p == 10
 
 
 def test_model_must_return_a_tensor_with_an_example_dimension():
