@@ -132,10 +132,11 @@ def choose(method: str, pb: Problem, budget: int, *, parameter_ok: bool, per_row
         raise v.InvalidOptionError("output_mode='trace' has no parameter-space form (its kernel averages the "
                                    "outputs' Jacobians); use a function-space method or output_mode='independent'")
     if method.endswith("spectral") and per_row_noise:
-        raise v.InvalidOptionError("spectral methods need one noise variance per target column; this noise differs "
-                                   "along the rows (per-observation noise, or per-output noise in output_mode='full'): "
-                                   "use method='function-cholesky' or 'parameter-cholesky' (or, for per-output noise, "
-                                   "output_mode='independent')")
+        raise v.InvalidOptionError("spectral methods need one noise variance per target column; this noise is given "
+                                   "per row of the system (per-observation noise, or per-output noise in "
+                                   "output_mode='full', where each example's c rows are one column): use "
+                                   "method='function-cholesky' or 'parameter-cholesky' (or, for per-output noise, "
+                                   "output_mode='independent'; with one output or equal values, pass one float)")
     check_fits(method, pb, budget)
     space, solver = split_method(method)
     return Plan(method, space, solver, pb.tasks, m, p, why)

@@ -183,6 +183,8 @@ class LinearizedGP(Estimator):
         for stale in ("optimization_", "clamped_variances_", "lml_std_error_", "_saved_lml", *_AVERAGING_STATE):
             self.__dict__.pop(stale, None)
         be, n, c = J.backend, J.n, J.n_outputs
+        if n == 0:
+            raise v.ShapeError(f"J has no examples (n = 0, c = {c}): a GP needs at least one training observation")
         self._backend, self.n_, self.c_, self.p_ = be, n, c, J.p
         self._signature = J.signature()
         self._constant = be.to_numpy(y.mean(axis=0)) if self.mean == "constant" else np.zeros(c)
@@ -319,8 +321,8 @@ class LinearizedGP(Estimator):
             self._check_prediction(var, "posterior variances", J_star)
             prior_scale = self.prior_scale * xp.maximum(self._prior_diag(stars, n_star, c), 0.0)
             var, negative, significant = post.clamp_variances(var, prior_scale, xp)
+            post.warn_clamped(negative, significant, var.size)  # first: a warning raised as an error changes nothing
             self.clamped_variances_ = negative
-            post.warn_clamped(negative, significant, var.size)
             results.append(var)
         if return_cov:
             cov = self._covariance(stars, n_star, c)
@@ -363,7 +365,8 @@ class LinearizedGP(Estimator):
         shape = (n_star * c, n_star * c) if self.output_mode == "full" else (c, n_star, n_star)
         v.check_memory(v.nbytes_of(shape, np.float64) * 3,
                        v.resolve_memory_budget(self.memory_budget, self._backend),
-                       what=f"the posterior covariance of shape {shape}", alternative="use return_var=True")
+                       what=f"the posterior covariance of shape {shape}",
+                       alternative="use return_var=True (sample(): draw at fewer test inputs per call)")
         if self.output_mode == "full":
             return self._engines[0].cov(stars[0])[0]
         out = xp.empty(shape)
@@ -433,7 +436,7 @@ class LinearizedGP(Estimator):
         return self._lml_cache[0]
 
     def optimize_hyperparameters(self, *, criterion: str = "evidence", hyperprior: Any = None,
-                                 per_output_noise: bool | None = None, max_iter: int = 200,
+                                 per_output_noise: bool | None = None, max_iter: int | None = None,
                                  maxiter: int | None = None) -> LinearizedGP:
         """Fit the prior scale s and the noise σ² by a criterion (L-BFGS on their logs, exact gradients).
 
@@ -462,8 +465,10 @@ class LinearizedGP(Estimator):
         per_output_noise : bool, optional
             One σ² per output instead of one shared (default: as the model's noise is now). Must be None with
             per-observation noise (n, c), which stays fixed.
-        max_iter : int
-            L-BFGS iterations at most (``maxiter`` is accepted as its older name).
+        max_iter : int, optional
+            L-BFGS iterations at most per search (default 200; ``maxiter`` is accepted as its older name). The
+            search may run twice (a restart from the best point), so ``optimization_["iterations"]`` can reach
+            twice this.
 
         Returns
         -------
@@ -475,7 +480,8 @@ class LinearizedGP(Estimator):
         """
         self._check_fitted()
         if not hasattr(self, "_R"):
-            raise v.NotFittedError("a loaded model holds no training targets: refit it with fit(J, y) to optimize")
+            raise v.MissingCapabilityError("a loaded model holds no training targets: refit it with fit(J, y) to "
+                                           "optimize")
         self._check_in_memory("optimize_hyperparameters")
         if self.plan_.method == "iterative":
             raise v.InvalidOptionError(
@@ -484,9 +490,10 @@ class LinearizedGP(Estimator):
                 "method='function-spectral' / 'parameter-spectral' if it fits")
         criterion = v.check_choice(criterion, "criterion", hyper.CRITERIA)
         hyperprior = hyper.check_hyperprior(hyperprior)
-        if maxiter is not None and max_iter != 200 and maxiter != max_iter:
+        if maxiter is not None and max_iter is not None and maxiter != max_iter:
             raise v.InvalidOptionError(f"max_iter={max_iter} and its older name maxiter={maxiter} disagree; pass one")
-        max_iter = v.check_int(max_iter if maxiter is None else maxiter, "max_iter", minimum=1)
+        chosen_iter = max_iter if max_iter is not None else maxiter if maxiter is not None else 200
+        max_iter = v.check_int(chosen_iter, "max_iter", minimum=1)
         if per_observation(self.noise):
             if per_output_noise is not None:
                 raise v.InvalidOptionError(f"per_output_noise={per_output_noise!r}: this model's noise is given per "
@@ -500,6 +507,10 @@ class LinearizedGP(Estimator):
                 raise v.InvalidOptionError("per-output noise in output_mode='full' is optimized in function space: "
                                            "fit with method='function-cholesky', or use output_mode='independent' "
                                            "(spectral, much faster)")
+            if per_output_noise and self.output_mode == "full" and self.c_ > 1 and self.method.endswith("spectral"):
+                raise v.InvalidOptionError(f"per-output noise in output_mode='full' varies along the rows of the "
+                                           f"system, which method={self.method!r} cannot hold (one noise per column): "
+                                           "use method='function-cholesky' or 'auto', or output_mode='independent'")
         draft = self._draft()
         for stale in _AVERAGING_STATE:  # the search ends any averaging
             draft.__dict__.pop(stale, None)
@@ -535,7 +546,8 @@ class LinearizedGP(Estimator):
         """
         self._check_fitted()
         if not hasattr(self, "_R"):
-            raise v.NotFittedError("a loaded model holds no training targets: refit it with fit(J, y) to average")
+            raise v.MissingCapabilityError("a loaded model holds no training targets: refit it with fit(J, y) to "
+                                           "average")
         grid_size = v.check_int(grid_size, "grid_size", minimum=3)
         v.check_memory(v.nbytes_of((8, grid_size, grid_size), np.float64),  # ~8 host arrays over the grid
                        v.resolve_memory_budget(self.memory_budget, backends.get_backend("numpy")),

@@ -1053,11 +1053,12 @@ class JacobianBlocks(JacobianShape):
                                     f"{describe(signature)}")
         mine = self.signature()
         if mine["blocks"] != signature["blocks"] or mine["outputs"] != signature["outputs"]:
-            names = [n for names, _ in signature["blocks"] for n in names]
-            raise SignatureShapeError(f"J_star was exported with parameters {list(self.param_names)} and outputs "
-                                      f"{list(self.outputs)}: other parameters or outputs than {what}'s {names} and "
-                                      f"outputs {signature['outputs']}; export both with the same params= and "
-                                      "outputs=")
+            def described(blocks: Any) -> list[str]:  # names with shapes: a reshaped layer keeps its name
+                return [f"{n}{tuple(shape)}" for names, shapes in blocks for n, shape in zip(names, shapes)]
+            raise SignatureShapeError(f"J_star was exported with parameters {described(mine['blocks'])} and outputs "
+                                      f"{list(self.outputs)}: other parameters or outputs than {what}'s "
+                                      f"{described(signature['blocks'])} and outputs {signature['outputs']}; export "
+                                      "both from the same network with the same params= and outputs=")
         if mine["dtype"] != signature["dtype"]:
             raise SignatureDTypeError(f"J_star has dtype {mine['dtype']} but {what} {signature['dtype']}; export both "
                                       "in one dtype")

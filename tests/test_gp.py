@@ -5,6 +5,8 @@ var* = diag(s·J* J*ᵀ − s² J* Jᵀ C⁻¹ J J*ᵀ), log p(y) = log N(r | 0,
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -456,3 +458,49 @@ def test_float32_kernel_accumulation_is_close_to_the_float64_answer(backend, rng
         assert np.abs(backend.to_numpy(mu) - expected[0]).max() > 0  # it is a different computation
     with pytest.raises(ValueError, match="kernel_dtype"):
         lg.LinearizedGP(kernel_dtype="float16")
+
+
+# ----- contract edges found by an audit ------------------------------------------------------------------------------
+
+def dense_jacobian(backend, values, c=1):
+    """A hand-built JacobianBlocks of one dense block (n·c, p) with f₀ = 0."""
+    values = np.asarray(values, dtype=np.float64)
+    block = lg.DenseBlock(["w"], [(values.shape[1],)], backend.asarray(values), c, backend.xp)
+    return lg.JacobianBlocks(backend.asarray(np.zeros((values.shape[0] // c, c))), [block], backend=backend,
+                             outputs=list(range(c)))
+
+
+def test_a_predict_whose_clamping_warning_is_an_error_changes_nothing(backend):
+    # a float32 kernel with σ² = 1e-8 makes some variances negative beyond rounding: predict warns, and under
+    # warnings-as-errors it raises before recording the count
+    rng = np.random.default_rng(0)
+    J0 = rng.standard_normal((40, 20))
+    J, Js = dense_jacobian(backend, J0), dense_jacobian(backend, J0[:10])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.NumericalWarning)
+        gp = lg.LinearizedGP(1.0, 1e-8, method="function-spectral", kernel_dtype="float32").fit(
+            J, backend.asarray(rng.standard_normal((40, 1))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lg.NumericalWarning)
+        with pytest.raises(lg.NumericalWarning, match="negative"):
+            gp.predict(Js, return_var=True)
+    assert not hasattr(gp, "clamped_variances_")
+
+
+def test_fit_needs_an_observation(backend):
+    with pytest.raises(lg.ShapeError, match="no examples"):
+        lg.LinearizedGP().fit(dense_jacobian(backend, np.zeros((0, 3))), backend.asarray(np.zeros((0, 1))))
+
+
+def test_hyperparameter_search_arguments_are_checked_up_front(backend, rng, tmp_path):
+    J, _, y, _ = problem(backend, rng)
+    gp = lg.LinearizedGP(0.5, np.array([0.1, 0.2]), method="function-spectral", output_mode="independent").fit(J, y)
+    with pytest.raises(lg.InvalidOptionError, match="disagree"):
+        gp.optimize_hyperparameters(max_iter=200, maxiter=7)  # an explicit 200 is not "not passed"
+    full = lg.LinearizedGP(0.5, 0.1, method="function-spectral").fit(J, y)
+    with pytest.raises(lg.InvalidOptionError, match="cannot hold"):  # before the search, not after it
+        full.optimize_hyperparameters(per_output_noise=True)
+    loaded = lg.LinearizedGP.load(full.save(tmp_path / "m"))
+    for call in (loaded.optimize_hyperparameters, loaded.average_hyperparameters):
+        with pytest.raises(lg.MissingCapabilityError, match="no training targets"):
+            call()
