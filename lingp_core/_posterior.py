@@ -171,6 +171,15 @@ class _GroupedCholesky:
         return out
 
 
+def cholesky_condition_bound(diagonal: Any, factor: Any, xp: Any) -> float:
+    """A lower bound, in O(m), on the condition number of the diagonally scaled S = D^-½ C D^-½ (D = diag C), which
+    is what limits a Cholesky solve's accuracy (van der Sluis) whatever the rows' scales: S has a unit diagonal, so
+    λmax(S) ≥ 1, and its pivots L_ii²/C_ii = 1/((S_{≤i})⁻¹)_ii ≥ λmin(S_{≤i}) ≥ λmin(S) (interlacing), so
+    1 / min(L_ii²/C_ii) ≤ κ(S): it never raises a false alarm."""
+    ratios = xp.diagonal(factor).astype(np.float64) ** 2 / diagonal
+    return 1.0 / max(float(ratios.min()), np.finfo(np.float64).tiny)
+
+
 class FunctionCholesky(_GroupedCholesky):
     """Exact: L Lᵀ = s·K0 + D per noise group; α = (s·K0 + D)⁻¹ R.
 
@@ -206,12 +215,13 @@ class FunctionCholesky(_GroupedCholesky):
         self.s, self.q = s, int(R.shape[1])
         self.alpha = xp.zeros(R.shape, dtype=np.float64)
         self.groups, self.factors, self.jitter = noise_groups(noise, self.q), [], 0.0
-        self._lml, self._fit_terms = 0.0, np.zeros(self.q)
+        self._lml, self._fit_terms, self.condition = 0.0, np.zeros(self.q), 1.0
         for g, (cols, d) in enumerate(self.groups):
             diagonal = s * self._kernel_diagonal + xp.asarray(np.broadcast_to(d, (self.m,)))
             out = self._kernel if (g == 0 and self._in_place) else None
             chol = cholesky_from_upper(self._kernel, diagonal, scale=s, out=out)
             self.jitter = max(self.jitter, chol.jitter)
+            self.condition = max(self.condition, cholesky_condition_bound(diagonal, chol.factor, xp))
             alpha = be.cho_solve(chol.factor, R[:, cols])
             self.alpha[:, cols] = alpha
             self.factors.append(chol.factor)
@@ -291,6 +301,7 @@ class FunctionSpectral:
         self.Z = self.U.T @ R
         self.d = s * self.lam[:, None] + xp.asarray(self.noise)[None, :]
         self.alpha = self.U @ (self.Z / self.d)
+        self.condition = float((self.d.max(axis=0) / self.d.min(axis=0)).max())
 
     def spectrum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(λ (k,), weights (k, q), rest (q,), m) for :func:`spectral_lml`."""
@@ -373,12 +384,15 @@ class ParameterCholesky(_GroupedCholesky):
         self.s, self.q = s, int(R.shape[1])
         self.mu = xp.zeros((self.p, self.q))
         self.groups, self.factors, self.jitter, self._lml = noise_groups(noise, self.q), [], 0.0, 0.0
+        self.condition = 1.0
         for cols, d in self.groups:
             dinv = xp.asarray(1.0 / np.broadcast_to(d, (self.m,)))
             A = self.Jd.T @ (self.Jd * dinv[:, None])
             A[xp.arange(self.p), xp.arange(self.p)] += 1.0 / s
+            diagonal = xp.diagonal(A).copy()
             chol = safe_cholesky(A)
             self.jitter = max(self.jitter, chol.jitter)
+            self.condition = max(self.condition, cholesky_condition_bound(diagonal, chol.factor, xp))
             r = R[:, cols]
             b = self.Jd.T @ (r * dinv[:, None])
             mu = be.cho_solve(chol.factor, b)
@@ -433,6 +447,7 @@ class ParameterSpectral:
         self.weights = self.Qc[self.keep] * kept  # (uᵀ r)² = (vᵀ Jᵀ r)² / λ
         self.shrink = 1.0 / (self.lam[:, None] + xp.asarray(self.noise)[None, :] / s)
         self.mu = self.V @ (self.Qc * self.shrink)
+        self.condition = float((self.shrink.max(axis=0) / self.shrink.min(axis=0)).max())
 
     def spectrum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         be = self.backend

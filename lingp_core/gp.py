@@ -239,6 +239,13 @@ class LinearizedGP(Estimator):
             weights = engine.alpha if engine.space == "function" else engine.mu  # (state() would copy factors)
             _check_finite_result(weights, "the posterior weights", "the targets are too large for the noise: "
                                  f"rescale them (noise σ² = {self._hyperparameters()['noise']})")
+        condition = max((getattr(engine, "condition", 1.0) for engine in self._engines), default=1.0)
+        if condition > ILL_CONDITIONED:
+            warnings.warn(f"the exact {self.plan_.method} system s·K + σ²I is ill-conditioned (condition number ≥ "
+                          f"{condition:.2g}): float64 leaves about {max(0.0, 16 - np.log10(condition)):.0f} correct "
+                          f"digits of the posterior. Duplicated or nearly collinear training inputs with a noise σ² = "
+                          f"{self._hyperparameters()['noise']} this small do this; raise the noise or remove the "
+                          "duplicates", v.NumericalWarning, stacklevel=4)
 
     def _float32_kernel_error(self, engine: Any) -> float:
         """Estimated relative error of the posterior from a float32 kernel: its rounding ≈ 2·u₃₂·s·λmax(K0), amplified
@@ -262,10 +269,12 @@ class LinearizedGP(Estimator):
     def diagnostics_(self) -> list[dict[str, Any]]:
         """Per task: jitter added by a Cholesky path; CG iterations and relative residuals, preconditioner rank,
         Lanczos cache rank and the estimated variance truncation error of the iterative path; with a float32 kernel
-        the estimated relative error it causes (``kernel_float32_error``)."""
+        the estimated relative error it causes (``kernel_float32_error``); for the exact methods a lower bound on
+        the condition number of the system solved (``condition_bound``; fit warns above 1e-3/ε ≈ 4.5e12)."""
         self._check_fitted()
         errors = getattr(self, "_kernel_float32_errors", [0.0] * len(self._engines))
-        return [dict(getattr(e, "info", {}), jitter=getattr(e, "jitter", 0.0), kernel_float32_error=err)
+        return [dict(getattr(e, "info", {}), jitter=getattr(e, "jitter", 0.0), kernel_float32_error=err,
+                     **({"condition_bound": e.condition} if hasattr(e, "condition") else {}))
                 for e, err in zip(self._engines, errors)]
 
     # ----- predictions ---------------------------------------------------------------------------------------------
@@ -709,6 +718,9 @@ class LinearizedGP(Estimator):
         """A new, unfitted model from archived hyperparameters and settings."""
         return cls(prior_scale, noise, **settings)
 
+
+#: Condition number of an exact system above which fit warns: float64 then keeps fewer than ~3 digits (1e-3 / eps)
+ILL_CONDITIONED = 1e-3 / float(np.finfo(np.float64).eps)
 
 #: What average_hyperparameters adds to a model; a refit or an optimization removes it
 _AVERAGING_STATE = ("_mixture", "averaging_")

@@ -504,3 +504,25 @@ def test_hyperparameter_search_arguments_are_checked_up_front(backend, rng, tmp_
     for call in (loaded.optimize_hyperparameters, loaded.average_hyperparameters):
         with pytest.raises(lg.MissingCapabilityError, match="no training targets"):
             call()
+
+
+@pytest.mark.parametrize("method", ["function-cholesky", "function-spectral", "parameter-cholesky",
+                                    "parameter-spectral"])
+def test_an_ill_conditioned_exact_fit_warns(backend, method):
+    # 5 inputs each repeated 3 times, p = 30: K has rank 5, so κ(s·K + σ²I) ≈ s·λmax/σ²
+    rng = np.random.default_rng(1)
+    J0 = np.repeat(rng.standard_normal((5, 30)), 3, axis=0)
+    J, y = dense_jacobian(backend, J0), backend.asarray(rng.standard_normal((15, 1)))
+    K = J0 @ J0.T
+    fine = lg.LinearizedGP(1.0, 1e-2, method=method).fit(J, y)  # κ ≈ 1e4: no warning
+    kappa = np.linalg.cond(K + 1e-2 * np.eye(15)) if method.startswith("function") else \
+        np.linalg.cond(J0.T @ J0 / 1e-2 + np.eye(30))
+    bound = fine.diagnostics_[0]["condition_bound"]
+    if method.endswith("spectral"):  # the eigenvalues' ratio: κ itself
+        np.testing.assert_allclose(bound, kappa, rtol=1e-8)
+    else:  # a lower bound on κ of the diagonally scaled system, itself ≤ κ · max/min diagonal
+        C = K + 1e-2 * np.eye(15) if method.startswith("function") else J0.T @ J0 / 1e-2 + np.eye(30)
+        scaled = C / np.sqrt(np.outer(np.diag(C), np.diag(C)))
+        assert 1.0 <= bound <= np.linalg.cond(scaled) * (1 + 1e-10)
+    with pytest.warns(lg.NumericalWarning, match="ill-conditioned"):
+        lg.LinearizedGP(1.0, 1e-13, method=method).fit(J, y)
