@@ -162,7 +162,7 @@ def as_float_array(x: Any, name: str, backend: Backend, *, ndim: int | Sequence[
     if arr.dtype not in allowed:
         raise DTypeError(f"{name} has dtype {arr.dtype} (shape {tuple(arr.shape)}); expected one of "
                          f"{', '.join(str(d) for d in allowed)}. lingp does not cast silently: convert it explicitly, "
-                         f"e.g. {name}.astype('float64')")
+                         f"e.g. {name}.astype('{allowed[-1]}')")
     if shape is not None:
         check_shape(arr, name, shape)
     elif ndim is not None:

@@ -101,6 +101,10 @@ class LinearizedGP(Estimator):
                  kernel_dtype: Any = "float64", memory_budget: float | None = None, seed: int = 0,
                  progress: bool = False) -> None:
         self.prior_scale = v.check_positive(prior_scale, "prior_scale")
+        if not _NORMAL_SCALE <= self.prior_scale <= 1 / _NORMAL_SCALE:  # s, 1/s and s·K must stay normal numbers
+            raise v.ValueRangeError(f"prior_scale = {self.prior_scale:.3g} is outside [{_NORMAL_SCALE:.0e}, "
+                                    f"{1 / _NORMAL_SCALE:.0e}], where s, 1/s and s·K stay ordinary float64 numbers: "
+                                    "rescale the targets or the network's outputs instead")
         self.noise = check_noise(noise, per_observation=True)
         self.mean = v.check_choice(mean, "mean", MEANS)
         self.output_mode = v.check_choice(output_mode, "output_mode", OUTPUT_MODES)
@@ -718,6 +722,9 @@ class LinearizedGP(Estimator):
         """A new, unfitted model from archived hyperparameters and settings."""
         return cls(prior_scale, noise, **settings)
 
+
+#: The prior scale's range: far inside float64's (1e±308), so 1/s and s·K·(targets²) do not overflow or underflow
+_NORMAL_SCALE = 1e-150
 
 #: Condition number of an exact system above which fit warns: float64 then keeps fewer than ~3 digits (1e-3 / eps)
 ILL_CONDITIONED = 1e-3 / float(np.finfo(np.float64).eps)

@@ -526,3 +526,9 @@ def test_an_ill_conditioned_exact_fit_warns(backend, method):
         assert 1.0 <= bound <= np.linalg.cond(scaled) * (1 + 1e-10)
     with pytest.warns(lg.NumericalWarning, match="ill-conditioned"):
         lg.LinearizedGP(1.0, 1e-13, method=method).fit(J, y)
+
+
+@pytest.mark.parametrize("scale", [1e-320, 1e-200, 1e200, 1e300])
+def test_a_prior_scale_float64_cannot_carry_is_refused(scale):
+    with pytest.raises(lg.ValueRangeError, match="prior_scale = .* is outside"):
+        lg.LinearizedGP(scale)
