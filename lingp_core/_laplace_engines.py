@@ -103,7 +103,7 @@ class _Float64Operator(LinearOperator):
         self.added = diagonal  # (p,) float64
 
     def _matmat(self, x: Any) -> Any:
-        out = self.op.matmat(x.astype(self.op.dtype, copy=False)).astype(np.float64, copy=False)
+        out = self.op._matmat(x.astype(self.op.dtype, copy=False)).astype(np.float64, copy=False)
         return out + self.added[:, None] * x
 
 

@@ -20,7 +20,7 @@ from lingp_core.kernels import KernelOperator
 from lingp_core.likelihoods import Likelihood, as_likelihood
 from lingp_core.operators import LinearOperator, LowRankPlusDiagonal
 from lingp_core.sharded import ShardedJacobian
-from lingp_core.solvers._common import seeded_normal
+from lingp_core.solvers._common import check_seed, seeded_normal
 from lingp_core.solvers.lanczos import lanczos_eigsh
 
 __all__ = ["FisherOperator", "LowRankResult", "fisher", "fisher_lowrank", "kernel_lowrank", "LOWRANK_METHODS"]
@@ -203,8 +203,18 @@ class LowRankResult:
         return self._operator
 
     def matmat(self, x: Any) -> Any:
-        """(U diag(λ) Uᵀ + shift·I) X for X (d, k) or (d,), also when shift is 0."""
+        """(U diag(λ) Uᵀ + shift·I) X for X (d, k) or (d,) of the vectors' dtype and backend, also when shift is 0.
+
+        Raises
+        ------
+        ShapeError, DTypeError, BackendMismatchError, NonFiniteError
+        """
         u = self.vectors
+        x = v.as_float_array(x, "x", self.backend, ndim=(1, 2), dtypes=(u.dtype,), finite=False)
+        if x.shape[0] != u.shape[0]:
+            raise v.ShapeError(f"x has shape {tuple(x.shape)} but the low-rank operator is {u.shape[0]} × "
+                               f"{u.shape[0]}: x needs {u.shape[0]} rows")
+        v.check_finite(x, "x", self.backend)
         lam = self.values.astype(u.dtype)
         col = x[:, None] if x.ndim == 1 else x
         out = u @ (lam[:, None] * (u.T @ col)) + self.shift * col
@@ -232,7 +242,7 @@ def fisher_lowrank(J: JacobianBlocks, likelihood: Any, k: int, *, method: str = 
     damping : float
         ≥ 0; the operator's diagonal (must be > 0 to solve with it).
     seed : int
-        Seed of the random start vector / test matrix (the same numbers on every backend).
+        Seed of the random start vector / test matrix, ≥ 0 (the same numbers on every backend).
 
     Returns
     -------
@@ -243,7 +253,8 @@ def fisher_lowrank(J: JacobianBlocks, likelihood: Any, k: int, *, method: str = 
     if op.G is None:
         raise v.ArgumentTypeError(f"fisher_lowrank needs exported blocks (JacobianBlocks), got {type(J).__name__}")
     damping = v.check_positive(damping, "damping", allow_zero=True)
-    k, method, oversample, power_iters = _check_lowrank_args(k, method, oversample, power_iters, min(op.G.shape))
+    k, method, oversample, power_iters, seed = _check_lowrank_args(k, method, oversample, power_iters, seed,
+                                                                   min(op.G.shape))
     trace = float(op.diagonal().astype(np.float64).sum())
     if method == "lanczos":
         values, vectors, res = _lanczos_pairs(op, k, steps, seed)
@@ -280,7 +291,8 @@ def kernel_lowrank(J: JacobianBlocks, k: int, *, prior_scale: float = 1.0, shift
         raise v.ArgumentTypeError(f"kernel_lowrank needs exported blocks (JacobianBlocks), got {type(J).__name__}")
     s = v.check_positive(prior_scale, "prior_scale")
     shift = v.check_positive(shift, "shift", allow_zero=True)
-    k, method, oversample, power_iters = _check_lowrank_args(k, method, oversample, power_iters, min(J.shape))
+    k, method, oversample, power_iters, seed = _check_lowrank_args(k, method, oversample, power_iters, seed,
+                                                                   min(J.shape))
     trace = s * float(J.gram_diagonal().astype(np.float64).sum())
     if method == "lanczos":
         values, vectors, res = _lanczos_pairs(KernelOperator(J, prior_scale=s), k, steps, seed)
@@ -291,12 +303,12 @@ def kernel_lowrank(J: JacobianBlocks, k: int, *, prior_scale: float = 1.0, shift
     return LowRankResult(values, vectors, shift, trace, method, res, J.backend)
 
 
-def _check_lowrank_args(k: Any, method: Any, oversample: Any, power_iters: Any, max_rank: int) -> tuple:
+def _check_lowrank_args(k: Any, method: Any, oversample: Any, power_iters: Any, seed: Any, max_rank: int) -> tuple:
     k = v.check_int(k, "k", minimum=1, maximum=max_rank)
     v.check_choice(method, "method", LOWRANK_METHODS)
     oversample = v.check_int(oversample, "oversample", minimum=0)
     power_iters = v.check_int(power_iters, "power_iters", minimum=0)
-    return k, method, oversample, power_iters
+    return k, method, oversample, power_iters, check_seed(seed)
 
 
 def _lanczos_pairs(op: LinearOperator, k: int, steps: int | None, seed: int) -> tuple[Any, Any, Any]:

@@ -171,10 +171,37 @@ class GaussianLikelihood(Likelihood):
             raise v.ShapeError(f"noise has {self.noise.size} per-output variances (shape {self.noise.shape}) but f "
                                f"has shape {tuple(f.shape)}, i.e. c = {f.shape[1]} outputs")
 
+    def curvature(self, f: Any) -> Any:
+        """Λ_i = diag(1/σ²) per example: (n, c, c) in f's dtype.
+
+        Raises
+        ------
+        ValueRangeError
+            When 1/σ² (or 1/σ) is not a normal number of f's dtype (e.g. σ² < 3e-39 for float32 f).
+        """
+        f = self.check_outputs(f)
+        self._check_fits(1.0 / np.asarray(self.noise, dtype=np.float64), "1/σ²", f.dtype)
+        return super().curvature(f)
+
     def _sqrt_curvature(self, f: Any) -> Any:
         xp = v.backend_of(f).xp
-        inv_sd = np.broadcast_to(1.0 / np.sqrt(self.noise), (f.shape[1],)).astype(f.dtype)
+        inv_sd = np.broadcast_to(1.0 / np.sqrt(self.noise), (f.shape[1],))
+        self._check_fits(inv_sd, "1/σ", f.dtype)
+        inv_sd = inv_sd.astype(f.dtype)
         return xp.broadcast_to(xp.asarray(inv_sd)[None, :], f.shape).copy()
+
+    def _check_fits(self, values: Any, what: str, dtype: Any) -> None:
+        """ValueRangeError unless every value (float64, from the noise) is a normal number of ``dtype``: the cast
+        would otherwise give Inf or lose every digit to underflow, silently."""
+        info = np.finfo(dtype)
+        values = np.asarray(values, dtype=np.float64)
+        bad = (values > info.max) | (values < info.tiny)
+        if bad.any():
+            j = int(np.flatnonzero(bad.reshape(-1))[0])
+            noise = float(np.broadcast_to(np.asarray(self.noise, dtype=np.float64), values.shape).reshape(-1)[j])
+            raise v.ValueRangeError(f"noise σ² = {noise:.3g} gives {what} = {values.reshape(-1)[j]:.3g}, outside the "
+                                    f"normal range [{info.tiny:.3g}, {info.max:.3g}] of the outputs' dtype "
+                                    f"{np.dtype(dtype)}; use float64 outputs (and Jacobian) or a noise in range")
 
     def _check_labels(self, y: Any, f: Any, backend: Any) -> Any:
         y = v.as_float_array(y, "y", backend, ndim=(1, 2), dtypes=(f.dtype,))

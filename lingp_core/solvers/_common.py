@@ -8,7 +8,10 @@ import numpy as np
 
 from backends import Backend
 from lingp_core import _validate as v
-from lingp_core.operators import LinearOperator, as_operator
+from lingp_core.operators import DenseOperator, LinearOperator, as_operator
+from lingp_core.solvers.cholesky import check_symmetric
+
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 class System(NamedTuple):
@@ -25,7 +28,7 @@ def linear_system(a: Any, b: Any, *, b_name: str = "B") -> System:
     else:
         backend = v.backend_of(a, b)
     op = as_operator(a, "A", backend=backend)
-    rhs = v.as_float_array(b, b_name, backend, ndim=(1, 2))
+    rhs = v.as_float_array(b, b_name, op.backend, ndim=(1, 2))
     if rhs.shape[0] != op.shape[0]:
         raise v.ShapeError(f"A has shape {op.shape} but {b_name} has shape {tuple(rhs.shape)}: "
                            f"{b_name} needs {op.shape[0]} rows")
@@ -33,13 +36,53 @@ def linear_system(a: Any, b: Any, *, b_name: str = "B") -> System:
         raise v.DTypeError(f"A has dtype {op.dtype} but {b_name} has dtype {rhs.dtype}; lingp does not cast silently, "
                            "convert one of them explicitly")
     single = rhs.ndim == 1
-    return System(op, rhs[:, None] if single else rhs, single, backend)
+    return System(op, rhs[:, None] if single else rhs, single, op.backend)
 
 
-def column_norms(x: Any, backend: Backend) -> Any:
-    """Euclidean norm of each column of an (n, k) array, accumulated in float64 (still on the backend)."""
+def check_dense_symmetric(op: LinearOperator, name: str = "A") -> None:
+    """ValueRangeError when a dense operator is not symmetric to rounding (the test :func:`safe_cholesky` makes);
+    matrix-free operators cannot be checked without n products and are trusted."""
+    if isinstance(op, DenseOperator):
+        n = op.shape[0]
+        check_symmetric(op.matrix, op.backend.xp, f"{name} ({n} × {n}, {op.dtype})")
+
+
+def check_seed(seed: Any) -> int:
+    """A seed for NumPy's generator: an integer ≥ 0."""
+    return v.check_int(seed, "seed", minimum=0)
+
+
+def column_norms(x: Any, backend: Backend) -> np.ndarray:
+    """Euclidean norm of each column of an (n, k) array, accumulated in float64, as a host float64 array (k,)."""
     x64 = x.astype(np.float64, copy=False)
-    return backend.xp.sqrt((x64 * x64).sum(axis=0))
+    with np.errstate(over="ignore"):  # overflowed columns are recomputed scaled
+        plain = backend.to_numpy(backend.xp.sqrt((x64 * x64).sum(axis=0)))
+    return rescued_norms(plain, x, backend)
+
+
+def rescued_norms(norms: np.ndarray, x: Any, backend: Backend) -> np.ndarray:
+    """``norms`` (host, (k,)), the plain sqrt(Σ x²) of the columns of x (n, k), with the columns whose squares
+    overflowed or underflowed in float64 recomputed scaled by their largest entry.
+
+    The plain sum is exact to rounding when it is finite and at least n·tiny (each underflowing square loses at most
+    2⁻¹⁰⁷⁵); only columns outside that (entries beyond ~1e154, or all below ~1e-154) pay for a second pass, so
+    ordinary columns keep their value bit for bit.
+    """
+    bad = ~(np.isfinite(norms) & (norms >= np.sqrt(x.shape[0] * _TINY)))
+    if not bad.any():
+        return norms
+    xp = backend.xp
+    idx = np.flatnonzero(bad)
+    cols = x[:, xp.asarray(idx)].astype(np.float64)
+    top = backend.to_numpy(xp.abs(cols).max(axis=0))
+    out = norms.copy()
+    out[idx[top == 0]] = 0.0
+    good = np.isfinite(top) & (top > 0)  # NaN or Inf entries keep their NaN or Inf norm
+    if good.any():
+        scaled = cols[:, xp.asarray(np.flatnonzero(good))] / backend.asarray(top[good])
+        with np.errstate(over="ignore"):  # a norm beyond float64's range is Inf, honestly
+            out[idx[good]] = top[good] * np.sqrt(backend.to_numpy((scaled * scaled).sum(axis=0)))
+    return out
 
 
 def seeded_normal(shape: tuple[int, ...], seed: int | Sequence[int], dtype: Any, backend: Backend) -> Any:

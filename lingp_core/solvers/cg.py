@@ -95,14 +95,34 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
     Returns
     -------
     CGResult
+
+    Raises
+    ------
+    ShapeError, DTypeError, BackendMismatchError, NonFiniteError
+        For A, B, M or x0 that do not fit together (also an empty system, n = 0), and for products of a duck-typed
+        operator of the wrong shape or dtype.
+    ArgumentTypeError
+        For a callback that is not callable, or flags that are not bools.
+    ValueRangeError
+        For tolerances out of range, or a B whose scale CG's inner products cannot hold.
     """
     system = linear_system(A, B)
     op, rhs, backend = system.op, system.rhs, system.backend
     xp, n, k = backend.xp, rhs.shape[0], rhs.shape[1]
+    if n == 0:
+        raise v.ShapeError(f"A has shape {op.shape}: CG needs a system of at least one unknown")
     dtype = np.dtype(rhs.dtype)
     precond = None if M is None else as_operator(M, "M", backend=backend)
-    if precond is not None and (precond.shape != op.shape or precond.dtype != dtype):
-        raise v.ShapeError(f"M has shape {precond.shape} and dtype {precond.dtype}; expected {op.shape} and {dtype}")
+    if precond is not None and precond.shape != op.shape:
+        raise v.ShapeError(f"M has shape {precond.shape}; expected {op.shape} (A's)")
+    if precond is not None and precond.dtype != dtype:
+        raise v.DTypeError(f"M has dtype {precond.dtype} but A and B have dtype {dtype}; lingp does not cast "
+                           "silently")
+    if callback is not None and not callable(callback):
+        raise v.ArgumentTypeError(f"callback must be callable or None, got {type(callback).__name__} {callback!r}")
+    return_history = v.check_bool(return_history, "return_history")
+    return_tridiagonal = v.check_bool(return_tridiagonal, "return_tridiagonal")
+    warn = v.check_bool(warn, "warn")
     rtol = default_rtol(dtype) if rtol is None else v.check_positive(rtol, "rtol", allow_zero=True)
     atol = v.check_positive(atol, "atol", allow_zero=True)
     maxiter = 10 * n if maxiter is None else v.check_int(maxiter, "maxiter", minimum=1)
@@ -115,9 +135,9 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
     else:
         x = v.as_float_array(x0, "x0", backend, shape=tuple(rhs.shape) if not system.single else (n,), dtypes=[dtype])
         x = (x[:, None] if system.single else x).copy()
-        residual = rhs - op.matmat(x)
+        residual = rhs - op._matmat(x)
     _check_scale(rhs, dtype, backend)
-    b_norms = backend.to_numpy(column_norms(rhs, backend))
+    b_norms = column_norms(rhs, backend)
     thresholds = np.maximum(rtol * b_norms, atol)
 
     state = _CGState(op, precond, rhs, x, residual, backend)
@@ -128,7 +148,7 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
     tridiag_log: list[tuple[np.ndarray, Any, Any]] = []
 
     # columns already solved by x0 (or with b = 0) never iterate
-    start_norms = backend.to_numpy(column_norms(residual, backend))
+    start_norms = column_norms(residual, backend)
     done = start_norms <= thresholds
     for j in np.flatnonzero(done):
         status[j] = "converged"
@@ -143,7 +163,7 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
         if it % check_every and it != maxiter:
             continue
         act = state.active
-        norms = backend.to_numpy(column_norms(state.residual, backend))
+        norms = column_norms(state.residual, backend)
         iterations[act] = it
         finished = np.zeros(act.size, dtype=bool)
         indefinite = backend.to_numpy(state.indefinite)
@@ -177,7 +197,7 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
             state.keep(~finished)
 
     x = state.solution()
-    final_norms = backend.to_numpy(column_norms(rhs - op.matmat(x), backend))
+    final_norms = column_norms(rhs - op._matmat(x), backend)
     for j in np.flatnonzero(~np.isfinite(final_norms)):  # overflow in A's products: never "converged"
         status[j] = "diverged"
     converged = np.array([s == "converged" for s in status])
@@ -214,7 +234,7 @@ class _CGState:
         self._reset_direction()
 
     def _apply_precond(self, r: Any) -> Any:
-        return r if self.precond is None else self.precond.matmat(r)
+        return r if self.precond is None else self.precond._matmat(r)
 
     def _reset_direction(self) -> None:
         xp = self.backend.xp
@@ -227,7 +247,7 @@ class _CGState:
     def step(self) -> tuple[Any, Any]:
         """One CG iteration on all active columns, without a host synchronization."""
         xp = self.backend.xp
-        ap = self.op.matmat(self.direction)
+        ap = self.op._matmat(self.direction)  # unchecked: the inputs were checked once, at the boundary
         curvature = (self.direction * ap).sum(axis=0)
         positive = curvature > 0
         self.indefinite |= ~positive & (self.rz != 0)  # rz = 0: the residual is exactly zero, nothing to do
@@ -244,9 +264,9 @@ class _CGState:
     def true_residual_norms(self, positions: np.ndarray) -> np.ndarray:
         """‖b − A x‖ for the active columns at these positions (one product with those columns)."""
         cols = self.backend.xp.asarray(positions)
-        true = self.rhs[:, self.backend.xp.asarray(self.active[positions])] - self.op.matmat(self.x_active[:, cols])
+        true = self.rhs[:, self.backend.xp.asarray(self.active[positions])] - self.op._matmat(self.x_active[:, cols])
         self._true = (positions, true)
-        return self.backend.to_numpy(column_norms(true, self.backend))
+        return column_norms(true, self.backend)
 
     def restart(self, positions: np.ndarray) -> None:
         """Replace the residual of these columns by the true one just computed and restart their directions."""

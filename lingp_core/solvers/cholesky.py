@@ -37,6 +37,25 @@ def _scale_and_asymmetry(a: Any, xp: Any) -> tuple[float, float]:
     return scale, worst
 
 
+def check_symmetric(a: Any, xp: Any, what: str) -> None:
+    """ValueRangeError unless max |A − Aᵀ| ≤ 1e3·eps·max |A| (symmetric to rounding); ``what`` names A."""
+    scale, asymmetry = _scale_and_asymmetry(a, xp)
+    if asymmetry > 1e3 * eps(a.dtype) * scale:
+        raise v.ValueRangeError(f"{what} is not symmetric: max |A − Aᵀ| = {asymmetry:.3g} against "
+                                f"max |A| = {scale:.3g}")
+
+
+def _compute_dtype(dtype: Any, backend: Any) -> np.dtype:
+    """``compute_dtype`` as a NumPy dtype, float32 or float64; DTypeError otherwise."""
+    try:
+        wanted = np.dtype(dtype)
+    except TypeError:
+        raise v.DTypeError(f"compute_dtype must be float32 or float64, got {dtype!r}") from None
+    if wanted not in backend.float_dtypes:
+        raise v.DTypeError(f"compute_dtype must be float32 or float64, got {wanted}")
+    return wanted
+
+
 def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64, warn: bool = True,
                   overwrite_a: bool = False) -> CholeskyResult:
     """Lower Cholesky factor of a symmetric positive (semi-)definite (n, n) array, with escalating jitter.
@@ -54,7 +73,8 @@ def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64
     compute_dtype : dtype
         Dtype of the factorization: float64 by default even for float32 input, since a float32 Cholesky of a kernel
         with condition number beyond ~1e4 loses every digit; pass float32 to trade that for speed and memory.
-
+    warn : bool
+        Announce added jitter with a NumericalWarning (default True).
     overwrite_a : bool
         Let the first attempt factor A in place when it is already of ``compute_dtype`` (the factor then shares A's
         memory; NumPy only): saves the n × n copy. A failed attempt restores A from its upper triangle and diagonal
@@ -64,6 +84,10 @@ def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64
     ------
     NotPositiveDefiniteError
         When A is not positive definite even with the largest jitter, or its diagonal is not positive.
+    ValueRangeError
+        When A is not symmetric to rounding.
+    DTypeError
+        When ``compute_dtype`` is not float32 or float64.
     """
     backend = v.backend_of(A)
     a = v.as_float_array(A, "A", backend, ndim=2)
@@ -71,14 +95,11 @@ def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64
     if a.shape != (n, n):
         raise v.ShapeError(f"A must be square, got shape {tuple(a.shape)}")
     max_tries = v.check_int(max_tries, "max_tries", minimum=0)
-    compute_dtype = np.dtype(compute_dtype)
-    if compute_dtype not in backend.float_dtypes:
-        raise v.DTypeError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
+    compute_dtype = _compute_dtype(compute_dtype, backend)
+    warn = v.check_bool(warn, "warn")
+    overwrite_a = v.check_bool(overwrite_a, "overwrite_a")
     xp = backend.xp
-    scale, asymmetry = _scale_and_asymmetry(a, xp)
-    if asymmetry > 1e3 * eps(a.dtype) * scale:
-        raise v.ValueRangeError(f"A ({n} × {n}, {a.dtype}) is not symmetric: max |A − Aᵀ| = {asymmetry:.3g} against "
-                                f"max |A| = {scale:.3g}")
+    check_symmetric(a, xp, f"A ({n} × {n}, {a.dtype})")
     mean_diag = float(xp.diagonal(a).astype(np.float64).mean()) if n else 1.0
     in_place = overwrite_a and a.dtype == compute_dtype and backend.name == "numpy"
 
@@ -167,6 +188,8 @@ def cholesky_from_upper(source: Any, diagonal: Any, *, scale: float = 1.0, out: 
     d = v.as_float_array(diagonal, "diagonal", backend, shape=(n,), dtypes=(np.float64,))
     scale = v.check_positive(scale, "scale")
     max_tries = v.check_int(max_tries, "max_tries", minimum=0)
+    warn = v.check_bool(warn, "warn")
+    lower_filled = v.check_bool(lower_filled, "lower_filled")
     xp = backend.xp
     if out is None:
         out = xp.empty((n, n), dtype=np.float64)

@@ -10,7 +10,13 @@ from backends import Backend
 from lingp_core import _validate as v
 from lingp_core._precision import default_rtol
 from lingp_core.operators import LinearOperator, as_operator
-from lingp_core.solvers._common import column_norms, seeded_normal
+from lingp_core.solvers._common import (
+    check_dense_symmetric,
+    check_seed,
+    column_norms,
+    rescued_norms,
+    seeded_normal,
+)
 
 REORTHOGONALIZE = ("full", "none")
 
@@ -76,15 +82,23 @@ def lanczos(A: Any, k: int, *, v0: Any = None, reorthogonalize: str = "full", se
         "full" orthogonalizes every new vector against the whole basis twice (classical Gram–Schmidt, run twice:
         GEMMs, GPU-friendly), which keeps Qᵀ Q = I to ~n·eps; "none" is the plain three-term recurrence.
     seed : int
-        Seed of the default start vector.
+        Seed of the default start vector, ≥ 0.
     memory_budget : float, optional
         Bytes allowed for the basis and its returned copy, 2·k·n values of A's dtype (default: half the free memory
         where the backend allocates); more raises MemoryBudgetError before anything is allocated.
+
+    Raises
+    ------
+    ValueRangeError
+        When a dense A is not symmetric, or A's scale lies outside the range where Lanczos's inner products stay
+        finite and normal in its dtype (see :func:`lanczos_columns`).
     """
     op = as_operator(A, "A")
     n = op.shape[0]
     k = v.check_int(k, "k", minimum=1, maximum=n)
     v.check_choice(reorthogonalize, "reorthogonalize", REORTHOGONALIZE)
+    seed = check_seed(seed)
+    check_dense_symmetric(op)
     if v0 is None:
         start = seeded_normal((n, 1), seed, op.dtype, op.backend)
     else:
@@ -110,14 +124,39 @@ def lanczos_columns(op: LinearOperator, start: Any, k: int, *, reorthogonalize: 
     ``deflate`` (n, l), orthonormal columns (e.g. converged eigenvectors), is projected out of every new vector
     with full reorthogonalization: the runs then see A restricted to the complement of its span (``start`` must
     already be orthogonal to it). The caller checks the memory: k·n·m values for the basis.
+
+    β is sqrt(Σ w²) in float64 with no per-step rescaling, so A's scale must keep the entries of the Lanczos vectors,
+    down to the breakdown level, normal and their squares finite: ValueRangeError (after the run, from the
+    tridiagonals) otherwise, with the advice to rescale A.
     """
     backend: Backend = op.backend
     xp = backend.xp
     n, m = start.shape
-    q = start / xp.sqrt((start.astype(np.float64) ** 2).sum(axis=0)).astype(start.dtype)
-    keep = keep_basis or reorthogonalize == "full"
+    # the start vector's norm is taken once, so it can afford the rescue of tiny or huge entries
+    with np.errstate(over="ignore"):
+        plain = backend.to_numpy(xp.sqrt((start.astype(np.float64) ** 2).sum(axis=0)))
+    q = start / backend.asarray(rescued_norms(plain, start, backend)).astype(start.dtype)
+    # an overflow shows as Inf in α or β, which _check_scale turns into an error that says what to do
+    with np.errstate(over="ignore", invalid="ignore"):
+        basis, alphas, betas = _recurrence(op, q, k, reorthogonalize, keep_basis or reorthogonalize == "full",
+                                           deflate)
+    alpha_host = np.stack([backend.to_numpy(a) for a in alphas]).astype(np.float64)
+    beta_host = (np.stack([backend.to_numpy(b) for b in betas]).astype(np.float64) if betas
+                 else np.zeros((0, m)))
+    _check_scale(alpha_host, beta_host, n, op.dtype)
+    steps = _valid_steps(alpha_host, beta_host, op.dtype)
+    return basis, alpha_host, beta_host, steps
+
+
+def _recurrence(op: LinearOperator, q: Any, k: int, reorthogonalize: str, keep: bool, deflate: Any
+                ) -> tuple[Any, list, list]:
+    """The Lanczos steps of :func:`lanczos_columns` from unit columns q (n, m): basis (or None), α's and β's (device
+    arrays (m,) each), with no host synchronization."""
+    xp = op.backend.xp
+    n, m = q.shape
     basis: Any = xp.zeros((k, n, m), dtype=op.dtype) if keep else None
-    alphas, betas = [], []
+    alphas: list = []
+    betas: list = []
     q_prev = xp.zeros_like(q)
     beta_prev = xp.zeros(m, dtype=op.dtype)
     # running size of T per column: a β at rounding level against it means an invariant subspace (see _valid_steps)
@@ -126,7 +165,7 @@ def lanczos_columns(op: LinearOperator, start: Any, k: int, *, reorthogonalize: 
     for j in range(k):
         if keep:
             basis[j] = q
-        w = op.matmat(q)
+        w = op._matmat(q)  # unchecked: the inputs were checked once, at the boundary
         alpha = (q * w).sum(axis=0)
         w = w - alpha * q - beta_prev * q_prev
         if reorthogonalize == "full":
@@ -145,11 +184,44 @@ def lanczos_columns(op: LinearOperator, start: Any, k: int, *, reorthogonalize: 
         alive = beta > eps * scale
         q_next = xp.where(alive, w / xp.where(alive, beta, 1), 0)
         q_prev, q, beta_prev = q, q_next, xp.where(alive, beta, 0)
-    alpha_host = np.stack([backend.to_numpy(a) for a in alphas]).astype(np.float64)
-    beta_host = (np.stack([backend.to_numpy(b) for b in betas]).astype(np.float64) if betas
-                 else np.zeros((0, m)))
-    steps = _valid_steps(alpha_host, beta_host, op.dtype)
-    return basis, alpha_host, beta_host, steps
+    return basis, alphas, betas
+
+
+def scale_range(n: int, dtype: Any) -> tuple[float, float]:
+    """(low, high) bounds on the size of T (max |α|, β) for which Lanczos's products stay normal and finite.
+
+    Low: at the breakdown level β = 100·eps·scale, the largest entry of w (≥ β/√n) must still be a normal number of
+    the dtype and, for float64, have a normal square (β is summed from squares in float64). High: β² = Σ w² must
+    not overflow float64 nor the products the dtype (with a margin of 16 for ‖A‖ above the T seen so far).
+    """
+    info, info64 = np.finfo(dtype), np.finfo(np.float64)
+    entry_low = max(float(info.tiny), float(np.sqrt(info64.tiny)))
+    low = np.sqrt(max(n, 1)) * entry_low / (100 * float(info.eps))
+    high = min(float(info.max), float(np.sqrt(info64.max))) / 16
+    return float(low), float(high)
+
+
+def _check_scale(alpha: np.ndarray, beta: np.ndarray, n: int, dtype: Any) -> None:
+    """ValueRangeError (or NonFiniteError for NaN products) when a run's tridiagonal shows A outside
+    :func:`scale_range`: its β would have under- or overflowed, so eigenvalues and breakdowns would be wrong."""
+    low, high = scale_range(n, dtype)
+    values = np.concatenate([np.abs(alpha), beta])
+    finite = np.where(np.isfinite(values), values, 0.0)
+    scale = finite.max(axis=0, initial=0.0)  # per column (start vector)
+    advice = ("rescale A by a common factor (a power of 2 is exact): eigenvalues scale with it and log det A shifts "
+              "by n·log(factor)")
+    what = f"Lanczos on A (n = {n}, {np.dtype(dtype)})"
+    if np.isinf(values).any() or (scale > high).any():
+        raise v.ValueRangeError(f"{what} met |α|, β up to {float(np.max(finite)):.3g}"
+                                f"{' and Inf' if np.isinf(values).any() else ''}, beyond {high:.3g} where its inner "
+                                f"products stay finite; {advice}")
+    if np.isnan(values).any():
+        raise v.NonFiniteError(f"{what} met NaN: A's products are not finite")
+    tiny = (scale > 0) & (scale < low)
+    if tiny.any():
+        raise v.ValueRangeError(f"{what} met |α|, β only up to "
+                                f"{float(scale[tiny].max()):.3g}, below {low:.3g} where its inner products stay "
+                                f"normal; {advice}")
 
 
 def _valid_steps(alpha: np.ndarray, beta: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -196,7 +268,7 @@ def lanczos_eigsh(A: Any, k: int, *, steps: int | None = None, v0: Any = None, s
     v0 : array (n,), optional
         Start vector of the first run (default: seeded standard normal); later runs draw seeded vectors.
     seed : int
-        Seed of the start vectors (the same on every backend).
+        Seed of the start vectors, ≥ 0 (the same on every backend).
     tol : float, optional
         A pair is converged, and locked, when ‖A v − λ v‖ ≤ tol·max|λ| (default sqrt(eps) of A's dtype).
     memory_budget : float, optional
@@ -212,9 +284,11 @@ def lanczos_eigsh(A: Any, k: int, *, steps: int | None = None, v0: Any = None, s
     op = as_operator(A, "A")
     backend, n = op.backend, op.shape[0]
     k = v.check_int(k, "k", minimum=1, maximum=n)
+    seed = check_seed(seed)
     steps = min(n, max(2 * k + 20, 40)) if steps is None else v.check_int(steps, "steps", minimum=k, maximum=n)
     tol = default_rtol(op.dtype) if tol is None else v.check_positive(tol, "tol")
     first = None if v0 is None else _checked_start(v0, n, op)
+    check_dense_symmetric(op)
     v.check_memory(v.nbytes_of((steps + 6 * k + 4, n), op.dtype) + v.nbytes_of((2 * k, n), np.float64),
                    v.resolve_memory_budget(memory_budget, backend),
                    what=f"lanczos_eigsh with k = {k} pairs and {steps} steps on an operator of size n = {n} "
@@ -290,8 +364,8 @@ def _ritz_pairs(op: LinearOperator, basis: Any, alpha: np.ndarray, beta: np.ndar
     values = theta[order]
     vectors = basis[:m, :, 0].T @ op.backend.asarray(s[:, order].astype(op.dtype))
     # the true residual costs one product and, unlike the recurrence's |β s|, stays honest after rounding
-    residual = op.matmat(vectors) - vectors * op.backend.asarray(values.astype(op.dtype))
-    return _Pairs(values, vectors, op.backend.to_numpy(column_norms(residual, op.backend)))
+    residual = op._matmat(vectors) - vectors * op.backend.asarray(values.astype(op.dtype))
+    return _Pairs(values, vectors, column_norms(residual, op.backend))
 
 
 def _top(a: _Pairs, b: _Pairs, keep: int, xp: Any) -> _Pairs:

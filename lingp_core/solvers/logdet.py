@@ -8,7 +8,7 @@ import numpy as np
 import backends
 from lingp_core import _validate as v
 from lingp_core.operators import DenseOperator, as_operator
-from lingp_core.solvers._common import seeded_rademacher
+from lingp_core.solvers._common import check_dense_symmetric, check_seed, seeded_rademacher
 from lingp_core.solvers.cholesky import safe_cholesky
 from lingp_core.solvers.lanczos import lanczos_columns
 
@@ -47,15 +47,26 @@ def logdet(A: Any, *, method: str = "auto", num_probes: int = 30, lanczos_steps:
     lanczos_steps : int, optional
         SLQ quadrature nodes per probe (default min(n, 50)).
     seed : int
-        Seed of the probes: the same estimate on every run and backend (to rounding).
+        Seed of the probes, ≥ 0: the same estimate on every run and backend (to rounding).
     memory_budget : float, optional
         Bytes allowed (default: half the free memory where the backend allocates): for Cholesky the n × n float64
         factor (plus the dense matrix of an operator), for SLQ the Lanczos bases, (lanczos_steps + 6)·n·num_probes
         values of A's dtype. More raises MemoryBudgetError before anything is allocated.
+
+    Raises
+    ------
+    ShapeError
+        For a 0 × 0 A.
+    ValueRangeError
+        When a dense A is not symmetric, or (SLQ) A's scale is outside the range Lanczos can handle.
+    NotPositiveDefiniteError
+        When A is not positive definite.
     """
     v.check_choice(method, "method", METHODS)
     op = as_operator(A, "A")
     n = op.shape[0]
+    if n == 0:
+        raise v.ShapeError(f"A has shape {op.shape}: log det needs a matrix of size at least 1 × 1")
     if method == "auto":
         method = "cholesky" if isinstance(op, DenseOperator) and n <= AUTO_CHOLESKY_MAX_N else "slq"
     budget = v.resolve_memory_budget(memory_budget, op.backend)
@@ -68,6 +79,8 @@ def logdet(A: Any, *, method: str = "auto", num_probes: int = 30, lanczos_steps:
         return LogdetResult(value, 0.0, "cholesky", 0, 0, chol.jitter, np.zeros(0))
     num_probes = v.check_int(num_probes, "num_probes", minimum=2)
     steps = min(n, 50) if lanczos_steps is None else v.check_int(lanczos_steps, "lanczos_steps", minimum=1, maximum=n)
+    seed = check_seed(seed)
+    check_dense_symmetric(op)  # as Cholesky does: on a non-symmetric A, SLQ would estimate nothing
     v.check_memory(v.nbytes_of((steps + 6, n, num_probes), op.dtype), budget,
                    what=f"logdet by SLQ with {num_probes} probes of {steps} Lanczos steps, n = {n} ({op.dtype})",
                    alternative="use fewer num_probes or lanczos_steps")

@@ -8,7 +8,11 @@ import numpy as np
 from lingp_core import _validate as v
 from lingp_core._precision import eps
 from lingp_core.operators import LinearOperator, as_operator
-from lingp_core.solvers._common import seeded_normal
+from lingp_core.solvers._common import check_dense_symmetric, check_seed, seeded_normal
+
+# A residual diagonal d_i − Σ L_ij² below −NEGATIVE_RESIDUAL·eps·trace(A) is no rounding error: A is indefinite
+# (or not symmetric), and clamping it to 0 would report an exact factorization of a matrix that has none.
+NEGATIVE_RESIDUAL = 100.0
 
 
 class _DiagonalInverse(LinearOperator):
@@ -48,6 +52,14 @@ def pivoted_cholesky(A: Any, rank: int, *, rtol: float = 0.0, memory_budget: Any
     Needs A's diagonal and r of its columns: O(n r²) flops plus r column fetches. Stops early once the residual
     trace falls below rtol·trace(A). Computed in float64; the factor, (n, r) float64, is checked against
     ``memory_budget`` (bytes; default half the free memory where the backend allocates) before it is allocated.
+
+    Raises
+    ------
+    NotPositiveDefiniteError
+        When A's diagonal is not positive, or a residual diagonal falls below −100·eps·trace(A) (eps of A's dtype):
+        A is not positive semi-definite (or not symmetric).
+    ValueRangeError
+        When a dense A is not symmetric.
     """
     op = as_operator(A, "A")
     xp = op.backend.xp
@@ -55,6 +67,7 @@ def pivoted_cholesky(A: Any, rank: int, *, rtol: float = 0.0, memory_budget: Any
     rank = v.check_int(rank, "rank", minimum=1, maximum=n)
     rtol = v.check_positive(rtol, "rtol", allow_zero=True)
     _check_factor_memory(n, rank + 4, memory_budget, op, "pivoted_cholesky")
+    check_dense_symmetric(op)
     d = op.diagonal().astype(np.float64)
     if not bool((d > 0).all()):
         bad = op.backend.to_numpy(d <= 0)
@@ -62,6 +75,7 @@ def pivoted_cholesky(A: Any, rank: int, *, rtol: float = 0.0, memory_budget: Any
                                          f"{int(bad.sum())} entries ≤ 0 (the smallest {float(d.min()):.3g}); a "
                                          "pivoted Cholesky needs positive pivots")
     trace0 = float(d.sum())
+    floor = -NEGATIVE_RESIDUAL * eps(op.dtype) * trace0
     factor = xp.zeros((n, rank), dtype=np.float64)
     pivots: list[int] = []
     for m in range(rank):
@@ -72,11 +86,24 @@ def pivoted_cholesky(A: Any, rank: int, *, rtol: float = 0.0, memory_budget: Any
         column = op.columns([i])[:, 0].astype(np.float64)
         column = (column - factor[:, :m] @ factor[i, :m]) / np.sqrt(pivot)
         factor[:, m] = column
-        d = xp.maximum(d - column**2, 0.0)
+        residual = d - column**2
+        _check_residual(residual, floor, m + 1, trace0, op)
+        d = xp.maximum(residual, 0.0)
         d[xp.asarray(pivots + [i])] = 0.0  # pivoted rows are exact; rounding must not revive them
         pivots.append(i)
     r = len(pivots)
     return PivotedCholesky(factor[:, :r], np.asarray(pivots, dtype=np.int64), d, float(d.sum()))
+
+
+def _check_residual(residual: Any, floor: float, pivots: int, trace0: float, op: LinearOperator) -> None:
+    """NotPositiveDefiniteError when the residual diagonal of A − L Lᵀ fell below ``floor`` (beyond rounding)."""
+    lowest = int(op.backend.xp.argmin(residual))
+    value = float(residual[lowest])
+    if value < floor:
+        raise v.NotPositiveDefiniteError(
+            f"A ({op.shape}, {op.dtype}) is not positive semi-definite (or not symmetric): after {pivots} pivots of "
+            f"a pivoted Cholesky the residual diagonal at index {lowest} is {value:.3g}, below "
+            f"−{NEGATIVE_RESIDUAL:g}·eps·trace(A) = {floor:.3g} (trace {trace0:.3g})")
 
 
 class _SpectralInverse(LinearOperator):
@@ -120,23 +147,38 @@ def nystrom_preconditioner(A: Any, rank: int = 100, *, shift: float = 0.0, seed:
                            memory_budget: Any = None) -> LinearOperator:
     """Randomized Nyström preconditioner (Frangella, Tropp and Udell 2023) for A + shift·I, from r products with A.
 
-    A ≈ U Λ Uᵀ from a seeded Gaussian sketch (the same on every backend), computed in float64; eigenvalues that
-    the sketch cannot resolve (≤ its stabilizing shift) are dropped. P = U (Λ + shift) Uᵀ + (λ_r + shift)(I − UUᵀ).
+    A ≈ U Λ Uᵀ from a seeded Gaussian sketch (``seed`` ≥ 0; the same on every backend), computed in float64;
+    eigenvalues that the sketch cannot resolve (≤ its stabilizing shift) are dropped.
+    P = U (Λ + shift) Uᵀ + (λ_r + shift)(I − UUᵀ).
     The sketch and its factors, about 8·n·r float64, are checked against ``memory_budget`` (bytes; default half the
     free memory where the backend allocates) before they are allocated.
+
+    Raises
+    ------
+    NotPositiveDefiniteError
+        When the sketch's core Ωᵀ A Ω + νI is not positive definite: A is zero or not positive semi-definite.
+    ValueRangeError
+        When a dense A is not symmetric, or the sketch resolves no positive eigenvalue.
     """
     op = as_operator(A, "A")
     backend, xp = op.backend, op.backend.xp
     n = op.shape[0]
     rank = v.check_int(rank, "rank", minimum=1, maximum=n)
     shift = v.check_positive(shift, "shift", allow_zero=True)
+    seed = check_seed(seed)
     _check_factor_memory(n, 8 * rank, memory_budget, op, "nystrom_preconditioner")
+    check_dense_symmetric(op)
     omega, _ = backend.qr(seeded_normal((n, rank), seed, np.float64, backend))
-    y = op.matmat(omega.astype(op.dtype)).astype(np.float64)
+    y = op._matmat(omega.astype(op.dtype)).astype(np.float64)
     nu = np.sqrt(n) * eps(op.dtype) * float(xp.sqrt((y**2).sum()))  # stabilizing shift of the sketch
     y_nu = y + nu * omega
     core = omega.T @ y_nu
-    lower = backend.cholesky((core + core.T) / 2)
+    try:
+        lower = backend.cholesky((core + core.T) / 2)
+    except np.linalg.LinAlgError:
+        raise v.NotPositiveDefiniteError(f"the Nyström core Ωᵀ A Ω + νI ({rank} × {rank}, ν = {nu:.3g}) of A "
+                                         f"({op.shape}) is not positive definite: A is zero or not positive "
+                                         "semi-definite") from None
     b = backend.solve_triangular(lower, y_nu.T, lower=True).T  # B = Y_ν L⁻ᵀ
     u, sigma, _ = backend.svd(b)
     lam = sigma**2 - nu
