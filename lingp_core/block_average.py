@@ -228,12 +228,14 @@ class BlockWeightAverage(Estimator):
     def _component(self, J: JacobianBlocks, y: Any, block_weights: np.ndarray,
                    prior_mean: Any) -> tuple[LinearizedGP, list]:
         """One LinearizedGP on J scaled by √ω (the prior mean of θ − θ̂, if any, divided by √ω: the same prior in
-        the scaled coordinates), averaged over (s, σ²); its grid-edge warnings are collected, not emitted (only the
-        points that keep weight are worth a warning)."""
+        the scaled coordinates), averaged over (s, σ²); the average's warnings (grid edge, ill-conditioning at its
+        heaviest point) are collected, not emitted (only the points that keep weight are worth a warning)."""
         if prior_mean is not None:
             roots = J.backend.xp.asarray(np.repeat(np.sqrt(block_weights), J.block_sizes))
             prior_mean = prior_mean / roots
-        model = LinearizedGP(**self.settings).fit(J.scale_blocks(block_weights), y, prior_mean=prior_mean)
+        with warnings.catch_warnings():  # about the settings' (s, σ²), which the average below replaces
+            warnings.simplefilter("ignore", v.NumericalWarning)
+            model = LinearizedGP(**self.settings).fit(J.scale_blocks(block_weights), y, prior_mean=prior_mean)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", v.NumericalWarning)
             model.average_hyperparameters(grid_size=self.grid_size, span=self.span, hyperprior=self.hyperprior,

@@ -162,6 +162,7 @@ class DirichletClassifier(LinearizedGP):
         draft.classes_ = J.n_outputs
         with float_errors_checked():
             draft._condition(J, J.backend.asarray(targets))
+        draft._warn_if_ill_conditioned()
         self._commit(draft)
         return self
 

@@ -178,6 +178,7 @@ class LinearizedGP(Estimator):
         draft = self._draft()
         with float_errors_checked():
             draft._condition(J, y.astype(np.float64), weight_mean)
+        draft._warn_if_ill_conditioned()
         self._commit(draft)
         return self
 
@@ -243,13 +244,20 @@ class LinearizedGP(Estimator):
             weights = engine.alpha if engine.space == "function" else engine.mu  # (state() would copy factors)
             _check_finite_result(weights, "the posterior weights", "the targets are too large for the noise: "
                                  f"rescale them (noise σ² = {self._hyperparameters()['noise']})")
-        condition = max((getattr(engine, "condition", 1.0) for engine in self._engines), default=1.0)
+
+    def _warn_if_ill_conditioned(self) -> None:
+        """One NumericalWarning per public fit, search or average (never from their internal refits) when a
+        function-space system s·K + σ²I is ill-conditioned. Parameter-space methods only report their number in
+        diagnostics_: directions that no data reach (p > n·c, dead units) make JᵀJ/σ² + I/s ill-conditioned
+        without harming the answer."""
+        condition = max((engine.condition for engine in self._engines
+                         if engine.space == "function" and hasattr(engine, "condition")), default=1.0)
         if condition > ILL_CONDITIONED:
             warnings.warn(f"the exact {self.plan_.method} system s·K + σ²I is ill-conditioned (condition number ≥ "
-                          f"{condition:.2g}): float64 leaves about {max(0.0, 16 - np.log10(condition)):.0f} correct "
-                          f"digits of the posterior. Duplicated or nearly collinear training inputs with a noise σ² = "
+                          f"{condition:.2g}): the solve may lose up to about {min(16.0, np.log10(condition)):.0f} of "
+                          f"float64's 16 digits. Duplicated or nearly collinear training inputs with a noise σ² = "
                           f"{self._hyperparameters()['noise']} this small do this; raise the noise or remove the "
-                          "duplicates", v.NumericalWarning, stacklevel=4)
+                          "duplicates", v.NumericalWarning, stacklevel=3)
 
     def _float32_kernel_error(self, engine: Any) -> float:
         """Estimated relative error of the posterior from a float32 kernel: its rounding ≈ 2·u₃₂·s·λmax(K0), amplified
@@ -274,7 +282,8 @@ class LinearizedGP(Estimator):
         """Per task: jitter added by a Cholesky path; CG iterations and relative residuals, preconditioner rank,
         Lanczos cache rank and the estimated variance truncation error of the iterative path; with a float32 kernel
         the estimated relative error it causes (``kernel_float32_error``); for the exact methods a lower bound on
-        the condition number of the system solved (``condition_bound``; fit warns above 1e-3/ε ≈ 4.5e12)."""
+        the condition number of the system solved (``condition_bound``; a function-space fit warns above 1e-3/ε ≈
+        4.5e12)."""
         self._check_fitted()
         errors = getattr(self, "_kernel_float32_errors", [0.0] * len(self._engines))
         return [dict(getattr(e, "info", {}), jitter=getattr(e, "jitter", 0.0), kernel_float32_error=err,
@@ -528,6 +537,7 @@ class LinearizedGP(Estimator):
         for stale in _AVERAGING_STATE:  # the search ends any averaging
             draft.__dict__.pop(stale, None)
         hyper.optimize(draft, per_output_noise, max_iter, criterion, hyperprior)
+        draft._warn_if_ill_conditioned()
         self._commit(draft)
         return self
 
@@ -585,6 +595,7 @@ class LinearizedGP(Estimator):
             draft.__dict__.pop(stale, None)
         with float_errors_checked():
             averaging.average(draft, grid_size, span, log_prior, keep_mass)
+        draft._warn_if_ill_conditioned()
         self._commit(draft)
         return self
 
