@@ -93,7 +93,8 @@ class BlockWeightAverage(Estimator):
         self.levels = v.check_int(levels, "levels", minimum=1)
         self.decades = v.check_positive(decades, "decades")
         if not 10.0 ** -self.decades >= np.finfo(np.float64).tiny:  # the smallest weight must be a normal float64
-            raise v.ValueRangeError(f"decades must be at most {-np.log10(np.finfo(np.float64).tiny):.1f} (10^-decades, "
+            largest = np.floor(-np.log10(np.finfo(np.float64).tiny) * 100) / 100  # rounded down: itself allowed
+            raise v.ValueRangeError(f"decades must be at most {largest:.2f} (10^-decades, "
                                     f"the smallest relative block weight, a normal float64), got {decades!r}")
         self.grid_size = v.check_int(grid_size, "grid_size", minimum=3)
         self.span = v.check_positive(span, "span")

@@ -69,7 +69,7 @@ def dirichlet_targets(labels: Any, c: int, alpha_epsilon: float) -> tuple[np.nda
 
 
 def _check_labels(labels: Any, c: int) -> np.ndarray:
-    """Labels checked as CategoricalLikelihood checks them against c logits: int64 (n,) on the host."""
+    """Labels checked as 1-D integers in [0, c) (bool refused, as DirichletClassifier.fit does): int64 (n,), host."""
     if labels is None:
         raise v.ArgumentTypeError("labels is required, got None")
     backend = v.backend_of(labels)
@@ -86,10 +86,15 @@ def _check_labels(labels: Any, c: int) -> np.ndarray:
         raise v.MemoryBudgetError(f"the Dirichlet targets of {y.shape[0]} labels over c = {c} classes need "
                                   f"{v.format_bytes(need)} but the host's memory budget (half its free memory) is "
                                   f"{v.format_bytes(budget)}; check c, or transform fewer labels at a time")
-    # the likelihood reads only f's shape: a broadcast zero stands in for the (n, c) outputs without allocating them
-    f_shape = backend.xp.broadcast_to(backend.xp.zeros((), dtype=np.float64), (y.shape[0], c))
-    checked = CategoricalLikelihood().check_labels(y, f_shape)
-    return backend.to_numpy(checked).astype(np.int64)
+    host = backend.to_numpy(y)
+    if host.dtype.kind not in "iu":
+        raise v.DTypeError(f"labels must be integers in [0, {c}), got dtype {host.dtype} (shape {host.shape}); "
+                           "convert explicitly, e.g. labels.astype('int64')")
+    outside = (host < 0) | (host >= c)
+    if outside.any():
+        raise v.ValueRangeError(f"labels must lie in [0, {c}) for c = {c} classes; {int(outside.sum())} of them do "
+                                f"not, e.g. {host[outside][0]}")
+    return host.astype(np.int64)
 
 
 def _targets(labels: np.ndarray, c: int, alpha_epsilon: float) -> tuple[np.ndarray, np.ndarray]:

@@ -377,3 +377,8 @@ class _Wrapped(LinearOperator):
         if hasattr(self.inner, "diagonal"):
             return self.inner.diagonal()
         return super().diagonal()
+
+    def columns(self, indices: Any) -> Any:
+        if hasattr(self.inner, "columns"):  # the user's own column access (a pivoted Cholesky's, say) stays in use
+            return self.inner.columns(indices)
+        return super().columns(indices)
