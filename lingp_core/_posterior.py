@@ -40,6 +40,8 @@ _LOG_2PI = float(np.log(2 * np.pi))
 #: computes every test row's variance by CG instead
 VARIANCE_TOLERANCE = 0.01
 _ENERGY_CHUNK = 32  # test rows per parameter-space residual block (p × 32 float64)
+CANCELLED_RATIO = 1e-6  # var/prior below this: the exact paths recompute the variance in the energy form
+UNRESOLVED_RATIO = 1e3 * float(np.finfo(np.float64).eps) ** 2  # var/prior below this: rounding even there
 
 
 def _as_float64(J: JacobianBlocks) -> JacobianBlocks:
@@ -171,6 +173,71 @@ class _GroupedCholesky:
         return out
 
 
+def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: Any, rows: np.ndarray,
+                    memory_budget: Any) -> Any:
+    """Variances as sums of squares, var_i = s·‖j*_i − Jᵀ w_i‖² + w_iᵀ D w_i, for w_i ≈ C⁻¹ s·K0(X, x*_i),
+    C = s·K0 + D (D = diag(noise), noise broadcastable to J's m rows), at the test rows ``rows`` of ``star`` (w's
+    columns): (len(rows),), float64. J: the task's training Jacobian in float64. In output mode "trace" the kernel is
+    (1/c)·Σ_k J_k J_kᵀ, the kernel of the stacked Jacobian [J_1 … J_c]/√c, so the parameter-space residual is
+    stacked too: var_i = (s/c)·Σ_k ‖j*_ik − J_kᵀ w_i‖² + w_iᵀ D w_i.
+
+    At the exact w this is s·k** − s² k*ᵀ C⁻¹ k* (expand the square: the cross terms cancel algebraically, not in
+    floating point); it is the minimum over w of that quadratic, so an inexact ŵ (CG, the Lanczos cache) only adds
+    (ŵ − w)ᵀ C (ŵ − w) — squared in the solve's accuracy — and never goes below zero. The p-vectors j*_i − Jᵀ w_i are
+    formed explicitly in float64 (chunks of test rows), so no two nearly equal scalars are subtracted where the
+    posterior variance is far below the prior's."""
+    xp = J.backend.xp
+    J_star = star.J_star_float64
+    m = J.n * J.n_outputs if star.mode == "full" else J.n
+    d = xp.asarray(np.broadcast_to(noise, (m,)))
+    out = (d[:, None] * w * w).sum(axis=0)
+    chunk = min(len(rows), _ENERGY_CHUNK)
+    v.check_memory(2 * v.nbytes_of((J.p, chunk), np.float64), v.resolve_memory_budget(memory_budget, J.backend),
+                   what=f"the variances' parameter-space residuals ({J.p} × {chunk})",
+                   alternative="predict fewer test points per call")
+    if star.mode == "full":
+        pairs, weight = [(J, J_star)], s
+    else:  # "trace": one output's rows at a time
+        c = J.n_outputs
+        pairs, weight = [(J.select(output=k), J_star.select(output=k)) for k in range(c)], s / c
+    for start in range(0, len(rows), _ENERGY_CHUNK):
+        part = rows[start: start + _ENERGY_CHUNK]
+        for J_k, J_star_k in pairs:
+            unit = xp.zeros((J_star_k.n * J_star_k.n_outputs, len(part)))
+            unit[xp.asarray(part), xp.arange(len(part))] = 1.0
+            residual = J_star_k.rmatmat(unit) - J_k.rmatmat(w[:, start: start + len(part)])  # j*_i − Jᵀ w_i
+            out[start: start + len(part)] += weight * (residual * residual).sum(axis=0)
+    return out
+
+
+def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: Any) -> Any:
+    """``var`` (m*, q), a function-space engine's prior − reduction variances, with the entries that cancelled more
+    than six digits of the prior (var < :data:`CANCELLED_RATIO` · prior) recomputed by :func:`energy_variance`:
+    there the subtraction's rounding, amplified by the solve's, can exceed the variance itself (1% off at s/σ² = 1e9,
+    170% at 1e12 before). ``groups``: (columns, noise) pairs; ``solve(g, rhs)`` = C_g⁻¹ rhs. Only those rows pay for
+    the p-vectors, so a well-determined prediction costs nothing more."""
+    xp = star.J_star.backend.xp
+    prior = s * xp.maximum(star.prior_diag(), 0.0).reshape(-1)
+    flagged = star.J_star.backend.to_numpy(var < CANCELLED_RATIO * prior[:, None])
+    if not flagged.any():
+        return var
+    J64 = star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
+    for g, (cols, noise) in enumerate(groups):
+        rows = np.flatnonzero(flagged[:, cols].any(axis=1))
+        if rows.size:
+            w = solve(g, s * star.cross[xp.asarray(rows)].T.astype(np.float64))
+            fixed = energy_variance(J64, star, s, noise, w, rows, star.budget)
+            var[xp.asarray(rows)[:, None], xp.asarray(np.atleast_1d(cols))[None, :]] = fixed[:, None]
+            # the test rows' own rounding, s·(ε‖j*‖)² per entry, is the energy form's floor: below it nothing helps
+            unresolved = int(star.J_star.backend.to_numpy(fixed < UNRESOLVED_RATIO * prior[xp.asarray(rows)]).sum())
+            if unresolved:
+                warnings.warn(f"{unresolved} posterior variances lie below float64's resolution of their prior in "
+                              f"function space (var / prior < {UNRESOLVED_RATIO:.0e}, with s = {s:.3g}): they are "
+                              "rounding, not results; use a parameter-space method (method='parameter-cholesky') or "
+                              "a smaller prior scale", v.NumericalWarning, stacklevel=5)
+    return var
+
+
 def cholesky_condition_bound(diagonal: Any, factor: Any, xp: Any) -> float:
     """A lower bound, in O(m), on the condition number of the diagonally scaled S = D^-½ C D^-½ (D = diag C), which
     is what limits a Cholesky solve's accuracy (van der Sluis) whatever the rows' scales: S has a unit diagonal, so
@@ -229,6 +296,10 @@ class FunctionCholesky(_GroupedCholesky):
             fit = be.to_numpy((R[:, cols] * alpha).sum(axis=0))  # rᵀ C⁻¹ r per column
             self._fit_terms[cols] = fit
             self._lml += -0.5 * float(fit.sum()) - len(cols) * (half_logdet + 0.5 * self.m * _LOG_2PI)
+
+    def var(self, star: StarRows) -> Any:
+        return rescue_cancelled(super().var(star), star, self.s, self.groups,
+                                lambda g, rhs: self.backend.cho_solve(self.factors[g], rhs))
 
     def state(self) -> dict[str, Any]:
         # the factors' strict upper triangles hold K0 or nothing: an archive gets the triangular factors alone
@@ -330,7 +401,13 @@ class FunctionSpectral:
         """The latent variances at other hyperparameters: s·k** − s²·Σ_i w_i² / (sλ_i + σ²)."""
         d = s * self.lam[:, None] + self.backend.xp.asarray(noise)[None, :]
         w = self._projection(star)
-        return s * (star.prior_diag()[:, None] - s * ((w**2) @ (1.0 / d)))
+        var = s * (star.prior_diag()[:, None] - s * ((w**2) @ (1.0 / d)))
+        values = np.broadcast_to(np.asarray(noise, dtype=np.float64), (var.shape[1],))
+        groups = [(np.flatnonzero(values == value), float(value)) for value in np.unique(values)]
+
+        def solve(g: int, rhs: Any) -> Any:  # (s·K0 + σ_g²)⁻¹ rhs from the eigendecomposition
+            return self.U @ ((self.U.T @ rhs) / (s * self.lam + groups[g][1])[:, None])
+        return rescue_cancelled(var, star, s, groups, solve)
 
     def cov(self, star: StarRows) -> Any:
         w = self._projection(star)
@@ -605,38 +682,8 @@ class Iterative:
         return out
 
     def _energy_variance(self, g: int, star: StarRows, w: Any, rows: np.ndarray) -> Any:
-        """Variances as sums of squares, var_i = s·‖j*_i − Jᵀ w_i‖² + w_iᵀ D w_i, for w_i ≈ C⁻¹ s·K0(X, x*_i),
-        C = s·K0 + D, at test rows ``rows`` (w's columns): (len(rows),), float64. In output mode "trace" the kernel
-        is (1/c)·Σ_k J_k J_kᵀ, the kernel of the stacked Jacobian [J_1 … J_c]/√c, so the parameter-space residual is
-        stacked too: var_i = (s/c)·Σ_k ‖j*_ik − J_kᵀ w_i‖² + w_iᵀ D w_i.
-
-        At the exact w this is s·k** − s² k*ᵀ C⁻¹ k* (expand the square: the cross terms cancel algebraically, not
-        in floating point); it is the minimum over w of that quadratic, so an inexact ŵ (CG, the Lanczos cache) only
-        adds (ŵ − w)ᵀ C (ŵ − w) — the C-norm error CG minimizes, squared in the solve's accuracy — and never goes
-        below zero. The p-vectors j*_i − Jᵀ w_i are formed explicitly in float64 (chunks of test rows), so no two
-        nearly equal scalars are subtracted where the posterior variance is far below the prior's."""
-        xp = self.backend.xp
-        J, J_star = self.J, star.J_star_float64
-        d = xp.asarray(np.broadcast_to(self.groups[g][1], (self.m,)))
-        out = (d[:, None] * w * w).sum(axis=0)
-        chunk = min(len(rows), _ENERGY_CHUNK)
-        v.check_memory(2 * v.nbytes_of((J.p, chunk), np.float64), v.resolve_memory_budget(self.memory_budget,
-                                                                                            self.backend),
-                       what=f"the iterative variances' parameter-space residuals ({J.p} × {chunk})",
-                       alternative="predict fewer test points per call")
-        if self.mode == "full":
-            pairs, weight = [(J, J_star)], self.s
-        else:  # "trace": one output's rows at a time
-            c = J.n_outputs
-            pairs, weight = [(J.select(output=k), J_star.select(output=k)) for k in range(c)], self.s / c
-        for start in range(0, len(rows), _ENERGY_CHUNK):
-            part = rows[start: start + _ENERGY_CHUNK]
-            for J_k, J_star_k in pairs:
-                unit = xp.zeros((J_star_k.n * J_star_k.n_outputs, len(part)))
-                unit[xp.asarray(part), xp.arange(len(part))] = 1.0
-                residual = J_star_k.rmatmat(unit) - J_k.rmatmat(w[:, start: start + len(part)])  # j*_i − Jᵀ w_i
-                out[start: start + len(part)] += weight * (residual * residual).sum(axis=0)
-        return out
+        """:func:`energy_variance` for noise group g, with this engine's float64 training Jacobian."""
+        return energy_variance(self.J, star, self.s, self.groups[g][1], w, rows, self.memory_budget)
 
     def _love_solve(self, g: int, rhs: Any) -> Any:
         """C⁻¹ s·rhs ≈ cache (cacheᵀ s·rhs) from the Lanczos cache: (m, k)."""

@@ -470,9 +470,11 @@ def dense_jacobian(backend, values, c=1):
                              outputs=list(range(c)))
 
 
-def test_a_predict_whose_clamping_warning_is_an_error_changes_nothing(backend):
-    # a float32 kernel with σ² = 1e-8 makes some variances negative beyond rounding: predict warns, and under
+def test_a_predict_whose_clamping_warning_is_an_error_changes_nothing(backend, monkeypatch):
+    # a float32 kernel with σ² = 1e-8 makes some variances negative beyond rounding (with the energy-form rescue of
+    # cancelled variances switched off, as it would otherwise repair them): predict warns, and under
     # warnings-as-errors it raises before recording the count
+    monkeypatch.setattr(post, "CANCELLED_RATIO", -np.inf)
     rng = np.random.default_rng(0)
     J0 = rng.standard_normal((40, 20))
     J, Js = dense_jacobian(backend, J0), dense_jacobian(backend, J0[:10])
@@ -552,3 +554,38 @@ def test_the_ill_conditioning_warning_comes_once_per_call(backend):
 def test_a_prior_scale_float64_cannot_carry_is_refused(scale):
     with pytest.raises(lg.ValueRangeError, match="prior_scale = .* is outside"):
         lg.LinearizedGP(scale)
+
+
+@pytest.mark.parametrize("method", ["function-cholesky", "function-spectral"])
+@pytest.mark.parametrize("mode,c", [("full", 1), ("full", 2), ("trace", 2), ("independent", 2)])
+@pytest.mark.parametrize("scale", [1e9, 1e12])
+def test_function_space_variances_far_below_the_prior(backend, method, mode, c, scale):
+    # at the training inputs var_i = σ² − σ⁴ (C⁻¹)_ii exactly (s·K = C − σ²I), with C well-conditioned: an oracle
+    # free of the cancellation prior − reduction suffers where var / prior ≈ 1e-12 (it was 1–170% off here)
+    rng = np.random.default_rng(3)
+    n, p = 30, 120
+    J0 = 3 * rng.standard_normal((n * c, p))
+    J = dense_jacobian(backend, J0, c=c)
+    y = backend.asarray(rng.standard_normal((n, c)))
+    gp = lg.LinearizedGP(scale, 1.0, method=method, output_mode=mode).fit(J, y)
+    var = backend.to_numpy(gp.predict(J, return_var=True)[1])
+    rows = J0.reshape(n, c, p)
+    if mode == "full":
+        kernels = [J0 @ J0.T]
+    elif mode == "trace":
+        kernels = [sum(rows[:, k] @ rows[:, k].T for k in range(c)) / c]
+    else:
+        kernels = [rows[:, k] @ rows[:, k].T for k in range(c)]
+    expected = [1.0 - np.diag(np.linalg.inv(scale * K + np.eye(K.shape[0]))) for K in kernels]
+    want = expected[0].reshape(n, c) if mode == "full" else np.stack(
+        [expected[0]] * c if mode == "trace" else expected, axis=1)
+    np.testing.assert_allclose(var, want, rtol=1e-9)
+
+
+def test_function_space_variances_beyond_float64_say_so(backend):
+    rng = np.random.default_rng(4)
+    J0 = 3 * rng.standard_normal((20, 80))
+    J = dense_jacobian(backend, J0)
+    gp = lg.LinearizedGP(1e140, 1.0, method="function-cholesky").fit(J, backend.asarray(rng.standard_normal((20, 1))))
+    with pytest.warns(lg.NumericalWarning, match="below float64's resolution"):
+        gp.predict(J, return_var=True)
