@@ -272,22 +272,15 @@ class _Probe:
 
 
 def _is_plain_linear(module: Any) -> bool:
-    """An ``nn.Linear`` running torch's own forward: before any forward hook, its output is exactly W a + b.
+    """An ``nn.Linear`` running torch's own forward with no forward hook: its output is exactly W a + b.
 
     A forward hook (the module's own or a global one) may change the output after the layer (a scale, an adapter),
-    and the factored block's Δ is taken after every hook: the probe compares the output the hooks leave with W a + b
-    and exports a layer whose hooks changed it dense, which is exact (:func:`_has_forward_hooks`). Forward pre-hooks
-    are fine: A is the input the layer's forward receives, after them.
+    and the factored block's Δ is taken after every hook, so such a layer is exported dense, which is exact. Forward
+    pre-hooks are fine: A is the input the layer's forward receives, after them.
     """
     torch = _torch()
-    return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
-
-
-def _has_forward_hooks(module: Any) -> bool:
-    """Whether forward hooks other than lingp's own (none are registered yet when this is asked) run after
-    ``module``: its own or global ones."""
-    torch = _torch()
-    return bool(module._forward_hooks) or bool(torch.nn.modules.module._global_forward_hooks)
+    return (isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+            and not module._forward_hooks and not torch.nn.modules.module._global_forward_hooks)
 
 
 def _tensors(obj: Any) -> Iterator[Any]:
@@ -328,7 +321,6 @@ def _probe_model(model: Any, x1: Any) -> _Probe:
     linear = torch.nn.functional.linear
     modules = dict(model.named_modules())
     linears = {name: m for name, m in modules.items() if _is_plain_linear(m)}
-    hooked = {name for name, m in linears.items() if _has_forward_hooks(m)}
     watched: dict[int, tuple[str, Any]] = {}
     for name, m in linears.items():
         for p in (m.weight, m.bias):
@@ -364,11 +356,6 @@ def _probe_model(model: Any, x1: Any) -> _Probe:
 
     def post_hook(name: str) -> Callable:
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            if name in hooked:  # registered last, this sees the output every other hook left: is it still W a + b?
-                plain = linear(_first_input(args, kwargs), module.weight, module.bias)  # in its own frame: no taint
-                if not (isinstance(output, torch.Tensor) and output.shape == plain.shape
-                        and torch.equal(output, plain)):
-                    tainted.add(name)
             stack.pop()
             if name in linears:
                 calls[name].append((tuple(_first_input(args, kwargs).shape), tuple(output.shape)))
