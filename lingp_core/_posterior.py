@@ -40,7 +40,10 @@ _LOG_2PI = float(np.log(2 * np.pi))
 #: computes every test row's variance by CG instead
 VARIANCE_TOLERANCE = 0.01
 _ENERGY_CHUNK = 32  # test rows per parameter-space residual block (p × 32 float64)
-CANCELLED_RATIO = 1e-6  # var/prior below this: the exact paths recompute the variance in the energy form
+#: The relative error of a variance the exact function-space paths accept from prior − reduction, which errs by about
+#: m·ε·prior (m training rows, measured): below var/prior = m·ε / this they recompute it in the energy form; above,
+#: the rescue (p-vector products, far costlier than the factored kernel) would buy digits no one needs
+CANCELLED_TOLERANCE = 1e-4
 UNRESOLVED_RATIO = 1e3 * float(np.finfo(np.float64).eps) ** 2  # var/prior below this: rounding even there
 
 
@@ -191,17 +194,18 @@ def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: 
     m = J.n * J.n_outputs if star.mode == "full" else J.n
     d = xp.asarray(np.broadcast_to(noise, (m,)))
     out = (d[:, None] * w * w).sum(axis=0)
-    chunk = min(len(rows), _ENERGY_CHUNK)
-    v.check_memory(2 * v.nbytes_of((J.p, chunk), np.float64), v.resolve_memory_budget(memory_budget, J.backend),
-                   what=f"the variances' parameter-space residuals ({J.p} × {chunk})",
-                   alternative="predict fewer test points per call")
+    budget = v.resolve_memory_budget(memory_budget, J.backend)
+    per_row = 3 * v.nbytes_of((J.p,), np.float64)  # j*_i, Jᵀw_i and their difference, alive together
+    chunk = max(1, min(len(rows), _ENERGY_CHUNK, int(budget // per_row)))
+    v.check_memory(chunk * per_row, budget, what=f"the variances' parameter-space residuals ({J.p} × {chunk})",
+                   alternative="raise memory_budget")
     if star.mode == "full":
         pairs, weight = [(J, J_star)], s
     else:  # "trace": one output's rows at a time
         c = J.n_outputs
         pairs, weight = [(J.select(output=k), J_star.select(output=k)) for k in range(c)], s / c
-    for start in range(0, len(rows), _ENERGY_CHUNK):
-        part = rows[start: start + _ENERGY_CHUNK]
+    for start in range(0, len(rows), chunk):
+        part = rows[start: start + chunk]
         for J_k, J_star_k in pairs:
             unit = xp.zeros((J_star_k.n * J_star_k.n_outputs, len(part)))
             unit[xp.asarray(part), xp.arange(len(part))] = 1.0
@@ -211,15 +215,23 @@ def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: 
 
 
 def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: Any) -> Any:
-    """``var`` (m*, q), a function-space engine's prior − reduction variances, with the entries that cancelled more
-    than six digits of the prior (var < :data:`CANCELLED_RATIO` · prior) recomputed by :func:`energy_variance`:
-    there the subtraction's rounding, amplified by the solve's, can exceed the variance itself (1% off at s/σ² = 1e9,
-    170% at 1e12 before). ``groups``: (columns, noise) pairs; ``solve(g, rhs)`` = C_g⁻¹ rhs. Only those rows pay for
+    """``var`` (m*, q), a function-space engine's prior − reduction variances, with the entries whose estimated
+    error m·ε·prior/var exceeds :data:`CANCELLED_TOLERANCE` recomputed by :func:`energy_variance`: there the
+    subtraction's rounding, amplified by the solve's, can exceed the variance itself (1% off at s/σ² = 1e9, 170% at
+    1e12 before). ``groups``: (columns, noise) pairs; ``solve(g, rhs)`` = C_g⁻¹ rhs. Only those rows pay for
     the p-vectors, so a well-determined prediction costs nothing more."""
     xp = star.J_star.backend.xp
     prior = s * xp.maximum(star.prior_diag(), 0.0).reshape(-1)
-    flagged = star.J_star.backend.to_numpy(var < CANCELLED_RATIO * prior[:, None])
+    m = star.J.n * (star.J.n_outputs if star.mode == "full" else 1)
+    ratio = m * float(np.finfo(np.float64).eps) / CANCELLED_TOLERANCE
+    flagged = star.J_star.backend.to_numpy(var < ratio * prior[:, None])
     if not flagged.any():
+        return var
+    if 3 * v.nbytes_of((star.J.p,), np.float64) > v.resolve_memory_budget(star.budget, star.J_star.backend):
+        warnings.warn(f"{int(flagged.sum())} posterior variances lost more than {-np.log10(CANCELLED_TOLERANCE):.0f} "
+                      f"digits to cancellation, and recomputing them needs three p-vectors (p = {star.J.p}) beyond the "
+                      "memory budget: they keep the prior − reduction form's rounding; raise memory_budget or use a "
+                      "parameter-space method", v.NumericalWarning, stacklevel=5)
         return var
     J64 = star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
     for g, (cols, noise) in enumerate(groups):

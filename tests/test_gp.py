@@ -474,7 +474,7 @@ def test_a_predict_whose_clamping_warning_is_an_error_changes_nothing(backend, m
     # a float32 kernel with σ² = 1e-8 makes some variances negative beyond rounding (with the energy-form rescue of
     # cancelled variances switched off, as it would otherwise repair them): predict warns, and under
     # warnings-as-errors it raises before recording the count
-    monkeypatch.setattr(post, "CANCELLED_RATIO", -np.inf)
+    monkeypatch.setattr(post, "rescue_cancelled", lambda var, *args: var)
     rng = np.random.default_rng(0)
     J0 = rng.standard_normal((40, 20))
     J, Js = dense_jacobian(backend, J0), dense_jacobian(backend, J0[:10])
