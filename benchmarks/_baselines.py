@@ -172,9 +172,11 @@ def retrain_last_layer(model: Any, x: Any, y: Any, *, steps: int = 500, lr: floa
     return adapted.eval()
 
 
-def fine_tune(model: Any, x: Any, y: Any, *, steps: int = 200, lr: float = 1e-3, seed: int = 0) -> Any:
-    """A copy of ``model`` with every parameter trained on (x, y) from its source values. Returns it in eval mode."""
-    adapted = copy.deepcopy(model)
+def fine_tune(model: Any, x: Any, y: Any, *, steps: int = 200, lr: float = 1e-3, seed: int = 0,
+              linearize: bool = False) -> Any:
+    """A copy of ``model`` with every parameter trained on (x, y) from its source values (with ``linearize``, of its
+    first-order Taylor expansion, :func:`linearized`). Returns it in eval mode."""
+    adapted = linearized(model) if linearize else copy.deepcopy(model)
     train_mse(adapted, x, y, steps=steps, lr=lr, seed=seed)
     return adapted.eval()
 
@@ -207,9 +209,7 @@ def linearized(model: Any) -> Any:
 
 def linearized_fine_tune(model: Any, x: Any, y: Any, *, steps: int = 200, lr: float = 1e-3, seed: int = 0) -> Any:
     """:func:`fine_tune`'s recipe (Adam on every parameter, MSE) on the linearized network; returns it (eval mode)."""
-    adapted = linearized(model)
-    train_mse(adapted, x, y, steps=steps, lr=lr, seed=seed)
-    return adapted.eval()
+    return fine_tune(model, x, y, steps=steps, lr=lr, seed=seed, linearize=True)
 
 
 def predict(model: Any, x: Any) -> Any:

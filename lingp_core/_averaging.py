@@ -81,7 +81,16 @@ def posterior_weights(log_evidence: np.ndarray, log_prior: np.ndarray, keep_mass
     order = np.argsort(w)[::-1]
     count = int(np.searchsorted(np.cumsum(w[order]), keep_mass) + 1)
     kept = np.sort(order[: min(count, w.size)])
+    kept = kept[w[kept] > 0]  # rounding can keep the cumulative sum below keep_mass ≈ 1: zero weights stay out
     return kept, w[kept] / w[kept].sum()
+
+
+def check_keep_mass(keep_mass: Any) -> float:
+    """The posterior mass an average keeps: a number in (0, 1]."""
+    keep_mass = v.check_positive(keep_mass, "keep_mass")
+    if keep_mass > 1:
+        raise v.ValueRangeError(f"keep_mass must lie in (0, 1], got {keep_mass}")
+    return keep_mass
 
 
 def spectral_log_evidence(model: Any, log_s: np.ndarray, log_noise: np.ndarray) -> np.ndarray:
@@ -157,9 +166,15 @@ def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.nda
 def uniform_log_prior(span: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The log density of a prior uniform in (log s, log σ²) over the grid's area (natural logs), for averaging
     without a hyperprior: a constant, so it leaves the weights as they are and makes :func:`log_mass` log p(y)."""
-    ten = np.log(10.0)
-    log_area = float(np.log(2 * span * ten) + np.log((span + NOISE_DECADES_ABOVE) * ten))
+    log_area = float(np.log(_grid_area(span)))
     return lambda log_s, log_noise: np.full(np.shape(log_s), -log_area)
+
+
+def _grid_area(span: float) -> float:
+    """The averaging grid's area in (log s, log σ²), natural-log units: 2·span decades of s by
+    span + NOISE_DECADES_ABOVE of σ²."""
+    ten = np.log(10.0)
+    return 2 * span * ten * (span + NOISE_DECADES_ABOVE) * ten
 
 
 def log_mass(log_joint: np.ndarray, grid_size: int, span: float) -> float:
@@ -168,8 +183,7 @@ def log_mass(log_joint: np.ndarray, grid_size: int, span: float) -> float:
     size and span (the Jacobian kernels of :class:`lingp_core.BlockWeightAverage`)."""
     from scipy.special import logsumexp
 
-    ten = np.log(10.0)
-    cell = (2 * span * ten / (grid_size - 1)) * ((span + NOISE_DECADES_ABOVE) * ten / (grid_size - 1))
+    cell = _grid_area(span) / (grid_size - 1) ** 2
     return float(logsumexp(log_joint) + np.log(cell))
 
 

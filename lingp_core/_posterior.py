@@ -176,6 +176,11 @@ class _GroupedCholesky:
         return out
 
 
+def _energy_row_bytes(p: int) -> int:
+    """Bytes one test row of :func:`energy_variance` holds: j*_i, Jᵀw_i and their difference, alive together."""
+    return 3 * v.nbytes_of((p,), np.float64)
+
+
 def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: Any, rows: np.ndarray,
                     memory_budget: Any) -> Any:
     """Variances as sums of squares, var_i = s·‖j*_i − Jᵀ w_i‖² + w_iᵀ D w_i, for w_i ≈ C⁻¹ s·K0(X, x*_i),
@@ -195,7 +200,7 @@ def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: 
     d = xp.asarray(np.broadcast_to(noise, (m,)))
     out = (d[:, None] * w * w).sum(axis=0)
     budget = v.resolve_memory_budget(memory_budget, J.backend)
-    per_row = 3 * v.nbytes_of((J.p,), np.float64)  # j*_i, Jᵀw_i and their difference, alive together
+    per_row = _energy_row_bytes(J.p)
     chunk = max(1, min(len(rows), _ENERGY_CHUNK, int(budget // per_row)))
     v.check_memory(chunk * per_row, budget, what=f"the variances' parameter-space residuals ({J.p} × {chunk})",
                    alternative="raise memory_budget")
@@ -227,7 +232,7 @@ def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: An
     flagged = star.J_star.backend.to_numpy(var < ratio * prior[:, None])
     if not flagged.any():
         return var
-    if 3 * v.nbytes_of((star.J.p,), np.float64) > v.resolve_memory_budget(star.budget, star.J_star.backend):
+    if _energy_row_bytes(star.J.p) > v.resolve_memory_budget(star.budget, star.J_star.backend):
         warnings.warn(f"{int(flagged.sum())} posterior variances lost more than {-np.log10(CANCELLED_TOLERANCE):.0f} "
                       f"digits to cancellation, and recomputing them needs three p-vectors (p = {star.J.p}) beyond the "
                       "memory budget: they keep the prior − reduction form's rounding; raise memory_budget or use a "
@@ -414,11 +419,10 @@ class FunctionSpectral:
         d = s * self.lam[:, None] + self.backend.xp.asarray(noise)[None, :]
         w = self._projection(star)
         var = s * (star.prior_diag()[:, None] - s * ((w**2) @ (1.0 / d)))
-        values = np.broadcast_to(np.asarray(noise, dtype=np.float64), (var.shape[1],))
-        groups = [(np.flatnonzero(values == value), float(value)) for value in np.unique(values)]
+        groups = noise_groups(np.asarray(noise, dtype=np.float64)[None, :], var.shape[1])
 
         def solve(g: int, rhs: Any) -> Any:  # (s·K0 + σ_g²)⁻¹ rhs from the eigendecomposition
-            return self.U @ ((self.U.T @ rhs) / (s * self.lam + groups[g][1])[:, None])
+            return self.U @ ((self.U.T @ rhs) / (s * self.lam + float(groups[g][1][0]))[:, None])
         return rescue_cancelled(var, star, s, groups, solve)
 
     def cov(self, star: StarRows) -> Any:

@@ -33,7 +33,7 @@ from lingp_core import io
 from lingp_core._estimator import Estimator, float_errors_checked
 from lingp_core._hyperparameters import Hyperprior
 from lingp_core._progress import progress_bar
-from lingp_core.gp import LinearizedGP
+from lingp_core.gp import LinearizedGP, checked_weight_mean
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.sharded import is_sharded
 
@@ -98,9 +98,7 @@ class BlockWeightAverage(Estimator):
                                     f"the smallest relative block weight, a normal float64), got {decades!r}")
         self.grid_size = v.check_int(grid_size, "grid_size", minimum=3)
         self.span = v.check_positive(span, "span")
-        self.keep_mass = v.check_positive(keep_mass, "keep_mass")
-        if self.keep_mass > 1:
-            raise v.ValueRangeError(f"keep_mass must lie in (0, 1], got {keep_mass}")
+        self.keep_mass = averaging.check_keep_mass(keep_mass)
         if not (hyperprior is None or isinstance(hyperprior, Hyperprior)
                 or (isinstance(hyperprior, str) and hyperprior == "data")):
             raise v.InvalidOptionError(f"hyperprior must be None, 'data' or a Hyperprior, got {v.describe(hyperprior)}")
@@ -143,7 +141,7 @@ class BlockWeightAverage(Estimator):
                                            "this Jacobian is sharded on a Dask cluster: average on an in-memory subset")
         J = self._check_jacobian(J)
         if prior_mean is not None:
-            prior_mean = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(J.p,)).astype(np.float64)
+            prior_mean = checked_weight_mean(prior_mean, J)
         scale = _block_kernel_sizes(J)
         relative = self._relative_grid(J, scale)
         # a point whose mass lies this far below the heaviest so far can never hold keep_mass's share: drop it now
@@ -160,10 +158,9 @@ class BlockWeightAverage(Estimator):
                 for j in [j for j in fitted if log_masses[j] < top - negligible]:
                     del fitted[j]
                 bar.update()
-        available = np.where(np.isin(np.arange(log_masses.size), list(fitted)), log_masses, -np.inf)
+        available = np.full_like(log_masses, -np.inf)
+        available[list(fitted)] = log_masses[list(fitted)]
         kept, weights = averaging.posterior_weights(available, np.zeros_like(log_masses), self.keep_mass)
-        kept, weights = kept[weights > 0], weights[weights > 0]  # rounding can let zero weights in at keep_mass ≈ 1
-        weights = weights / weights.sum()
         draft = self._draft()
         draft.models_ = [fitted[i][0] for i in kept]
         draft.relative_weights_ = relative[kept]

@@ -196,10 +196,9 @@ class LowRankResult:
                                     "Fisher, shift for the kernel) to solve and take log-determinants, got "
                                     f"{self.shift}; the eigenpairs are in .values and .vectors")
         if self._operator is None:
-            xp = self.backend.xp
-            d, dtype = self.vectors.shape[0], self.vectors.dtype
-            self._operator = LowRankPlusDiagonal(self.vectors, self.values.astype(dtype),
-                                                 xp.full(d, self.shift, dtype=dtype), self.backend)
+            dtype = self.vectors.dtype
+            self._operator = LowRankPlusDiagonal(self.vectors, self.values.astype(dtype), float(self.shift),
+                                                 self.backend)
         return self._operator
 
     def matmat(self, x: Any) -> Any:

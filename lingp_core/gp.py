@@ -174,7 +174,7 @@ class LinearizedGP(Estimator):
                                f"(n, c) = {(n, c)}")
         if not isinstance(self.noise, float) and self.noise.ndim == 1 and self.noise.size != c:
             raise v.ShapeError(f"noise has {self.noise.size} per-output variances but J has c = {c} outputs")
-        weight_mean = None if prior_mean is None else _checked_weight_mean(prior_mean, J)
+        weight_mean = None if prior_mean is None else checked_weight_mean(prior_mean, J)
         draft = self._draft()
         with float_errors_checked():
             draft._condition(J, y.astype(np.float64), weight_mean)
@@ -525,14 +525,12 @@ class LinearizedGP(Estimator):
             if per_output_noise is None:
                 per_output_noise = not isinstance(self.noise, float)
             per_output_noise = v.check_bool(per_output_noise, "per_output_noise")
-            if per_output_noise and self.output_mode == "full" and self.plan_.space == "parameter":
-                raise v.InvalidOptionError("per-output noise in output_mode='full' is optimized in function space: "
-                                           "fit with method='function-cholesky', or use output_mode='independent' "
-                                           "(spectral, much faster)")
-            if per_output_noise and self.output_mode == "full" and self.c_ > 1 and self.method.endswith("spectral"):
+            if per_output_noise and self.output_mode == "full" and (
+                    self.plan_.space == "parameter" or (self.c_ > 1 and self.method.endswith("spectral"))):
                 raise v.InvalidOptionError(f"per-output noise in output_mode='full' varies along the rows of the "
-                                           f"system, which method={self.method!r} cannot hold (one noise per column): "
-                                           "use method='function-cholesky' or 'auto', or output_mode='independent'")
+                                           f"system, which method={self.plan_.method!r} cannot hold (it is optimized "
+                                           "in function space by Cholesky): fit with method='function-cholesky' or "
+                                           "'auto', or use output_mode='independent' (spectral, much faster)")
         draft = self._draft()
         for stale in _AVERAGING_STATE:  # the search ends any averaging
             draft.__dict__.pop(stale, None)
@@ -577,9 +575,7 @@ class LinearizedGP(Estimator):
                        what=f"the averaging grid of {grid_size} × {grid_size} points (a few host arrays of that size)",
                        alternative="use a smaller grid_size (41 resolves the posterior of (s, σ²) well)")
         span = v.check_positive(span, "span")
-        keep_mass = v.check_positive(keep_mass, "keep_mass")
-        if keep_mass > 1:
-            raise v.ValueRangeError(f"keep_mass must lie in (0, 1], got {keep_mass}")
+        keep_mass = averaging.check_keep_mass(keep_mass)
         if not isinstance(self.noise, float):
             raise v.InvalidOptionError("averaging needs one shared noise variance (the grid is over s and one σ²); "
                                        f"this model has noise of shape {self.noise.shape}")
@@ -757,7 +753,7 @@ def _kernel_dtype_name(kernel_dtype: Any) -> str:
     return v.check_choice(name, "kernel_dtype", ("float64", "float32"))
 
 
-def _checked_weight_mean(prior_mean: Any, J: JacobianBlocks) -> Any:
+def checked_weight_mean(prior_mean: Any, J: JacobianBlocks) -> Any:
     """``fit``'s prior_mean as a float64 (p,) array on J's backend; ValueRangeError when J's dtype cannot hold it
     (J·m is computed in J's dtype)."""
     m = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(J.p,)).astype(np.float64)

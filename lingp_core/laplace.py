@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from lingp_core import _validate as v
+from lingp_core._averaging import check_keep_mass, posterior_weights
 from lingp_core._estimator import Estimator, float_errors_checked, jacobian_from_archive
 from lingp_core._ggn import WORK_ELEMENTS, chunks
 from lingp_core._hyperparameters import check_hyperprior, log_normal
@@ -417,9 +418,7 @@ class LaplaceClassifier(Estimator):
         self._check_refittable("average_prior_scale")
         grid_size = v.check_int(grid_size, "grid_size", minimum=3)
         span = v.check_positive(span, "span")
-        keep_mass = v.check_positive(keep_mass, "keep_mass")
-        if keep_mass > 1:
-            raise v.ValueRangeError(f"keep_mass must lie in (0, 1], got {keep_mass}")
+        keep_mass = check_keep_mass(keep_mass)
         hyperprior = check_hyperprior(hyperprior)
         if isinstance(self.prior_scale, tuple):
             raise v.InvalidOptionError(f"the model has per-block prior scales {_format_scale(self.prior_scale)}: "
@@ -447,10 +446,8 @@ class LaplaceClassifier(Estimator):
                 v.check_memory(grid_size * sum(int(a.nbytes) for a in states[0].values()), budget,
                                what=f"{grid_size} posterior states for averaging over s",
                                alternative="use a smaller grid_size")
-        from lingp_core._averaging import posterior_weights
-
         kept, weights = posterior_weights(log_joint, np.zeros(grid_size), keep_mass)
-        top = int(kept[int(np.argmax(weights))])
+        top = int(np.argmax(log_joint))  # the heaviest point is always kept
         draft._fit_at(math.exp(log_s[top]), warm=True)
         draft._mixture = [states[g] for g in kept]
         draft.mixture_scales_, draft.mixture_weights_ = np.exp(log_s[kept]), weights

@@ -203,7 +203,7 @@ class LowRankPlusDiagonal(LinearOperator):
         # Woodbury: (D + U S Uᵀ)⁻¹ = D⁻¹ − D⁻¹ U C⁻¹ Uᵀ D⁻¹ with C = S⁻¹ + Uᵀ D⁻¹ U; written with W = U S^½ so that
         # zero values need no inverse: C' = I + Wᵀ D⁻¹ W.
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by _factor_core
-            w = factor.astype(np.float64) * xp.sqrt(xp.maximum(values.astype(np.float64), 0))[None, :]
+            w = factor.astype(np.float64) * xp.sqrt(values.astype(np.float64))[None, :]  # ≥ 0: checked at construction
             d64 = diag.astype(np.float64)
             core = xp.eye(w.shape[1]) + w.T @ (w / d64[:, None])
         self._w, self._d64 = w, d64

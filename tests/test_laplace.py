@@ -643,8 +643,12 @@ def test_average_over_s_refuses_bad_options_and_leaves_the_model(backend, tmp_pa
     J, Js, y, _, _ = problem(backend)
     clf = LaplaceClassifier(0.8, rtol=1e-12).fit(J, y)
     before = backend.to_numpy(clf.predict_proba(Js))
-    for bad in ({"grid_size": 2}, {"span": 0.0}, {"keep_mass": 1.5}, {"span": 400.0}, {"hyperprior": "flat"}):
-        with pytest.raises(lg.LingpError):
+    for bad, error, match in (({"grid_size": 2}, lg.ValueRangeError, "grid_size"),
+                              ({"span": 0.0}, lg.ValueRangeError, "span must be"),
+                              ({"keep_mass": 1.5}, lg.ValueRangeError, "keep_mass must lie"),
+                              ({"span": 400.0}, lg.ValueRangeError, "leaves float64"),
+                              ({"hyperprior": "flat"}, lg.InvalidOptionError, "hyperprior")):
+        with pytest.raises(error, match=match):
             clf.average_prior_scale(**bad)
     with pytest.raises(lg.MemoryBudgetError, match="posterior states"):
         LaplaceClassifier(0.8, memory_budget=1e5).fit(J, y).average_prior_scale(grid_size=50)
