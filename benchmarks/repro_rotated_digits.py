@@ -14,10 +14,12 @@ and rotated by an angle θ (scipy.ndimage.rotate, bilinear, same size, zero fill
 Network: a small CNN in float64, conv 3×3 (8) → ReLU → max-pool → conv 3×3 (16) → ReLU → max-pool → linear 256→64
 → ReLU → linear 64→1 (p = 17,761), trained on the source by Adam (mini-batches of 128, lr 1e-3, cosine-annealed).
 
-Methods on each adaptation set: the source network unadapted; lingp (Jacobian kernel GP of all parameters, mean =
-the network, prior scale and noise by --lingp-hyperparameters, default averaged over a log grid weighted by marginal
-likelihood × a data-scaled hyperprior); last-layer retraining (Adam, 500 steps, lr 1e-2); fine-tuning of all weights
-(Adam, 200 full-batch steps, lr 1e-3); ABLR-style Bayesian linear regression on the 64 last hidden features.
+Methods on each adaptation set: the source network unadapted; lingp (Jacobian kernel GP of all parameters; its prior
+centred by --lingp-prior, default the network and the network with its output layer at 0, averaged by marginal
+likelihood; prior scale and noise by --lingp-hyperparameters, default averaged over per-layer prior weights and a log
+grid of (s, σ²) weighted by marginal likelihood × a data-scaled hyperprior); last-layer retraining (Adam, 500 steps,
+lr 1e-2); fine-tuning of all weights (Adam, 200 full-batch steps, lr 1e-3); ABLR-style Bayesian linear
+regression on the 64 last hidden features.
 Reported: test RMSE in degrees, mean ± standard error over the repeats. (--quick: 100 source steps, 100 last-layer
 and 50 fine-tuning steps: a smoke run, not a result.)
 """

@@ -16,8 +16,9 @@ Protocol (ours; the paper's source-training details are not reproduced):
   function; MSE per task, then mean ± standard error over the tasks (100 full, 2 quick); for the two Bayesian
   methods also the fraction of the test grid where the true function lies within the latent mean ± 2σ;
 - methods, each on exactly the same context points: the source network unadapted; lingp (Jacobian kernel GP of all
-  1761 parameters, mean = the network, prior scale and noise by --lingp-hyperparameters, default averaged over a
-  log grid weighted by marginal likelihood × a data-scaled hyperprior);
+  1761 parameters; its prior centred by --lingp-prior, default the network and the network with its output layer at 0,
+  averaged by marginal likelihood; prior scale and noise by --lingp-hyperparameters, default averaged over per-layer
+  prior weights and a log grid of (s, σ²) weighted by marginal likelihood × a data-scaled hyperprior);
   last-layer retraining (Adam, 500 steps, lr 1e-2, cosine); fine-tuning of all weights (Adam, 300 steps, lr 1e-2,
   cosine); the same fine-tuning recipe on the network's first-order Taylor expansion f(x; θ̂) + J(x)(θ − θ̂)
   ("linearized fine-tune": what fine-tuning's training reaches on lingp's linear model); ABLR-style Bayesian linear

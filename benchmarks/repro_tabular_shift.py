@@ -11,14 +11,15 @@ the network to extrapolate). Covariates and target are standardized with the sou
 - target: each repeat shuffles the target patients into a test set of 100 and a pool; the adaptation sets are the
   pool's first 10, 20, 50, 100 patients (nested). 20 repeats (quick: 2 repeats, sizes 10 and 20).
 
-Methods on each adaptation set: the source network unadapted; lingp (Jacobian kernel GP of all parameters, mean =
-the network, prior scale and noise by --lingp-hyperparameters, default averaged over a log grid weighted by marginal
-likelihood × a data-scaled hyperprior); last-layer retraining (Adam, 500 steps, lr 1e-2); fine-tuning of all weights
-(Adam, 200 steps, lr 1e-3); ABLR-style Bayesian last layer (Bayesian linear regression on the 50 last hidden
-features, evidence-optimized); and, to show what the network adds at all, Bayesian linear regression on the 10
-covariates of the adaptation set alone ("target-only linear"). Reported: test RMSE in the target's own units, mean ±
-standard error over the repeats. (--quick: 300 source steps, 100 last-layer and 50 fine-tuning steps: a smoke run,
-not a result.)
+Methods on each adaptation set: the source network unadapted; lingp (Jacobian kernel GP of all parameters; its prior
+centred by --lingp-prior, default the network and the network with its output layer at 0, averaged by marginal
+likelihood; prior scale and noise by --lingp-hyperparameters, default averaged over per-layer prior weights and a log
+grid of (s, σ²) weighted by marginal likelihood × a data-scaled hyperprior); last-layer retraining (Adam, 500 steps,
+lr 1e-2); fine-tuning of all weights (Adam, 200 steps, lr 1e-3); ABLR-style Bayesian last layer (Bayesian
+linear regression on the 50 last hidden features, evidence-optimized); and, to show what the network adds at
+all, Bayesian linear regression on the 10 covariates of the adaptation set alone ("target-only linear").
+Reported: test RMSE in the target's own units, mean ± standard error over the repeats. (--quick: 300 source steps,
+100 last-layer and 50 fine-tuning steps: a smoke run, not a result.)
 """
 from __future__ import annotations
 

@@ -416,6 +416,72 @@ def test_linearized_gp_layerwise_is_the_block_weight_average(small_problem, choi
     assert bl.lingp_record(out)["layerwise"]["components"] == len(avg.models_)
 
 
+def flat_parameters(model: Any) -> np.ndarray:
+    return np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
+
+
+def test_linearized_gp_head_prior_is_the_dense_gp_with_the_output_layer_centred_at_zero(small_problem):
+    d = small_problem
+    out = bl.linearized_gp(d["model"], d["x"], d["y"], d["x_star"], hyperparameters="evidence", prior="head")
+    s, noise = out["prior_scale"], out["noise"]
+    assert out["prior"] == "head" and bl.output_layer_names(d["model"]) == ["2.weight", "2.bias"]
+    theta_head = flat_parameters(d["model"]) * (np.arange(d["j"].shape[1]) >= 2 * 5 + 5)  # 2.weight, 2.bias last
+    shift, shift_star = d["j"] @ theta_head, d["j_star"] @ theta_head  # prior mean: f0 − J θ̂_head (= 0 here)
+    correction, expected_var = dense_posterior(d["j"], d["j_star"], d["residual"] + shift, s, noise)
+    np.testing.assert_allclose(out["mean"][:, 0], d["f0_star"] - shift_star + correction, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(d["f0_star"] - shift_star, 0.0, atol=1e-12)  # a linear output layer with a bias
+    np.testing.assert_allclose(out["var"][:, 0], expected_var, rtol=1e-6, atol=1e-10 * expected_var.max())
+    lml = dense_lml(d["j"], d["residual"] + shift, s, noise)
+    np.testing.assert_allclose(out["log_marginal_likelihood"], lml, rtol=1e-8)
+    assert all(dense_lml(d["j"], d["residual"] + shift, *point) <= lml + 1e-7 for point in perturbed(s, noise))
+
+
+def test_linearized_gp_network_plus_head_is_the_evidence_weighted_mixture(small_problem):
+    d = small_problem
+    args = (d["model"], d["x"], d["y"], d["x_star"])
+    out = bl.linearized_gp(*args, hyperparameters="evidence", prior="network+head")
+    parts = {centre: bl.linearized_gp(*args, hyperparameters="evidence", prior=centre)
+             for centre in ("network", "head")}
+    theta_head = flat_parameters(d["model"]) * (np.arange(d["j"].shape[1]) >= 2 * 5 + 5)
+    shifts = {"network": (0.0, 0.0), "head": (d["j"] @ theta_head, d["j_star"] @ theta_head)}
+    log_ml, means, variances = [], [], []
+    for centre in ("network", "head"):  # each centre by the dense formulas at the hyperparameters it chose
+        shift, shift_star = shifts[centre]
+        s, noise = parts[centre]["prior_scale"], parts[centre]["noise"]
+        correction, var = dense_posterior(d["j"], d["j_star"], d["residual"] + shift, s, noise)
+        log_ml.append(dense_lml(d["j"], d["residual"] + shift, s, noise))
+        means.append(d["f0_star"] - shift_star + correction)
+        variances.append(var)
+    weights = np.exp(np.array(log_ml) - max(log_ml))
+    weights /= weights.sum()
+    assert 1e-6 < weights[0] < 1 - 1e-6  # both centres matter here: the mixture is tested, not one of its parts
+    mean = weights @ np.array(means)
+    var = weights @ (np.array(variances) + (np.array(means) - mean) ** 2)
+    np.testing.assert_allclose(out["mean"][:, 0], mean, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(out["var"][:, 0], var, rtol=1e-6, atol=1e-10 * var.max())
+    assert out["prior_weights"] == pytest.approx({"network": weights[0], "head": weights[1]}, rel=1e-6)
+    assert out["predictive_noise"] == pytest.approx(weights @ [parts[c]["noise"] for c in ("network", "head")])
+    assert bl.lingp_record(out)["prior_weights"] == out["prior_weights"] and out["prior"] == "network+head"
+
+
+def test_head_prior_needs_the_output_layer_among_the_columns(small_problem):
+    import lingp_core as lg
+
+    d = small_problem
+    J = lg.export_jacobian(d["model"], d["x"], params=["0.weight", "0.bias"])
+    assert bl.prior_mean_for(d["model"], J, "network") is None
+    np.testing.assert_array_equal(bl.prior_mean_for(d["model"], J, "weights"), -flat_parameters(d["model"])[:15])
+    with pytest.raises(InvalidOptionError, match="2.weight"):
+        bl.prior_mean_for(d["model"], J, "head")
+    with pytest.raises(InvalidOptionError, match="'middle'"):
+        bl.prior_mean_for(d["model"], J, "middle")
+    nested = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 3)), torch.nn.Tanh(),
+                                 torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False))).double()
+    assert bl.output_layer_names(nested) == ["2.0.weight"]
+    with pytest.raises(InvalidOptionError, match="no parameters"):
+        bl.output_layer_names(torch.nn.Tanh())
+
+
 def test_linearized_gp_reports_a_collapsed_prior_scale_instead_of_warning():
     # the network already fits: the residuals are white noise, and here the evidence drives s to its bound (e^-30)
     rng = np.random.default_rng(7)

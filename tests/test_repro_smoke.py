@@ -304,8 +304,15 @@ def test_tabular_shift_quick_with_another_hyperparameter_choice(tmp_path):
         assert lingp["hyperparameters"] == choice and isinstance(lingp["at_bound"], list)
         if choice == "average":
             assert lingp["effective_points"] >= 1 and 0 <= lingp["weight_on_grid_edge"] <= 1
-        else:  # one (s, σ²): an observation's noise is σ²
-            assert lingp["predictive_noise"] == lingp["noise"] and "effective_points" not in lingp
+        else:  # one (s, σ²) per prior centre: an observation's noise is σ² averaged over the centres
+            assert lingp["prior"] == "network+head" and "effective_points" not in lingp
+            centres, weights = lingp["centres"], lingp["prior_weights"]
+            assert all(c["predictive_noise"] == c["noise"] for c in centres.values())
+            assert sum(weights.values()) == pytest.approx(1.0, rel=1e-12)
+            assert lingp["predictive_noise"] == pytest.approx(sum(weights[k] * centres[k]["noise"] for k in centres),
+                                                              rel=1e-12)
+            top = max(weights, key=weights.get)
+            assert (lingp["prior_scale"], lingp["noise"]) == (centres[top]["prior_scale"], centres[top]["noise"])
     assert finite(report["source_validation_rmse"])
     assert "| 10 |" in stdout and "| 20 |" in stdout
 
