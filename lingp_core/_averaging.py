@@ -129,6 +129,41 @@ def mixture_moments(component: Callable[[int], tuple[Any, Any]], weights: np.nda
     return mean, spread / total
 
 
+#: Grid points evaluated together by :func:`batched_mixture_moments`: their (m*, q, points) means and variances stay
+#: within this many float64 values (32 MiB each), so the batching never needs more memory than a few test-row arrays.
+BATCH_VALUES = 2**22
+
+
+def batched_mixture_moments(moments_at: Callable[[np.ndarray], tuple[Any, Any]], weights: np.ndarray,
+                            values_per_point: int, xp: Any) -> tuple[Any, Any]:
+    """:func:`mixture_moments` with the points evaluated in batches: ``moments_at(indices)`` returns the means and
+    variances of those points stacked along a last axis, (…, k) each (variances None when not wanted), as ``xp``
+    arrays. Batches are merged by the parallel form of West's update (Chan, Golub & LeVeque 1979): the spread within
+    a batch about its own mean, plus the between-batch term delta²·W·W_b/(W + W_b), so nothing subtracts nearly equal
+    numbers. ``values_per_point``: the size of one point's mean array, which sizes the batches
+    (:data:`BATCH_VALUES`)."""
+    points = np.flatnonzero(weights > 0)  # underflowed weights add nothing
+    batch = max(1, BATCH_VALUES // max(1, int(values_per_point)))
+    total, mean, spread = 0.0, 0.0, 0.0
+    for start in range(0, points.size, batch):
+        index = points[start: start + batch]
+        w = np.asarray(weights[index], dtype=np.float64)
+        w_b = float(w.sum())
+        w_xp = xp.asarray(w)
+        means, variances = moments_at(index)
+        mean_b = (means @ w_xp) / w_b
+        deviation = means - mean_b[..., None]
+        spread_b = (deviation * deviation) @ w_xp
+        if variances is not None:
+            spread_b = spread_b + variances @ w_xp
+        delta = mean_b - mean
+        merged = total + w_b
+        mean = mean + delta * (w_b / merged)
+        spread = spread + spread_b + delta * delta * (total * w_b / merged)
+        total = merged
+    return mean, spread / total
+
+
 def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.ndarray, np.ndarray], np.ndarray],
             keep_mass: float) -> None:
     """Weight a log grid of (s, σ²) by evidence × hyperprior on the draft ``model``'s spectral engines, keep the

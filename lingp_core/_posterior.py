@@ -95,6 +95,11 @@ class StarRows:
         self._cross = self._dense = self._diag = self._float64 = None
         self._memo: dict[Any, Any] = {}
 
+    @property
+    def rows(self) -> int:
+        """m*, the test rows of the task: n*·c in output mode "full", n* otherwise."""
+        return self.J_star.n * (self.J_star.n_outputs if self.mode == "full" else 1)
+
     def memo(self, key: Any, compute: Any) -> Any:
         """``compute()`` once per predict call under ``key`` (an engine's projections of the test rows)."""
         if key not in self._memo:
@@ -219,6 +224,14 @@ def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: 
     return out
 
 
+def cancelled(var: Any, prior: Any, star: StarRows) -> Any:
+    """Where prior − reduction variances ``var`` may have lost more than CANCELLED_TOLERANCE of their value to
+    cancellation: the estimated error m·ε·prior/var above it (m training rows of the task; ``prior`` = s·k**,
+    broadcastable to ``var``). A boolean array of var's shape."""
+    m = star.J.n * (star.J.n_outputs if star.mode == "full" else 1)
+    return var < (m * float(np.finfo(np.float64).eps) / CANCELLED_TOLERANCE) * prior
+
+
 def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: Any) -> Any:
     """``var`` (m*, q), a function-space engine's prior − reduction variances, with the entries whose estimated
     error m·ε·prior/var exceeds :data:`CANCELLED_TOLERANCE` recomputed by :func:`energy_variance`: there the
@@ -227,9 +240,7 @@ def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: An
     the p-vectors, so a well-determined prediction costs nothing more."""
     xp = star.J_star.backend.xp
     prior = s * xp.maximum(star.prior_diag(), 0.0).reshape(-1)
-    m = star.J.n * (star.J.n_outputs if star.mode == "full" else 1)
-    ratio = m * float(np.finfo(np.float64).eps) / CANCELLED_TOLERANCE
-    flagged = star.J_star.backend.to_numpy(var < ratio * prior[:, None])
+    flagged = star.J_star.backend.to_numpy(cancelled(var, prior[:, None], star))
     if not flagged.any():
         return var
     if _energy_row_bytes(star.J.p) > v.resolve_memory_budget(star.budget, star.J_star.backend):
@@ -409,10 +420,28 @@ class FunctionSpectral:
         """K0(X*, X) U (m*, m), once per predict call."""
         return star.memo((id(self), "KU"), lambda: star.cross @ self.U)
 
-    def mean_at(self, star: StarRows, s: float, noise: np.ndarray) -> Any:
-        """The posterior mean at other hyperparameters (s, σ² per column), from the kept spectrum: O(m*·m·q)."""
-        d = s * self.lam[:, None] + self.backend.xp.asarray(noise)[None, :]
-        return s * (self._projection(star) @ (self.Z / d))
+    def moments_at(self, star: StarRows, scales: np.ndarray, noises: np.ndarray,
+                   return_var: bool) -> tuple[Any, Any]:
+        """Posterior means and (with return_var) latent variances at k other hyperparameter points (s_g, σ²_g), from
+        the kept spectrum, stacked along a last axis: (m*, q, k) each. Two matrix products serve all k points
+        (O(m*·m·q·k)); the points where some variance may have cancelled (:func:`cancelled`) are recomputed one by
+        one through :meth:`var_at`, which rescues them."""
+        xp = self.backend.xp
+        s, noise = xp.asarray(scales, dtype=np.float64), xp.asarray(noises, dtype=np.float64)
+        d = self.lam[:, None] * s[None, :] + noise[None, :]  # (m, k)
+        projection = self._projection(star)
+        (m, q), m_star, k = self.Z.shape, int(projection.shape[0]), int(s.shape[0])  # a loaded engine keeps Z
+        coefficients = self.Z[:, :, None] * (s / d)[:, None, :]  # (m, q, k)
+        means = (projection @ coefficients.reshape(m, q * k)).reshape(m_star, q, k)
+        if not return_var:
+            return means, None
+        prior = star.prior_diag()[:, None]
+        var = s * (prior - s * ((projection * projection) @ (1.0 / d)))  # (m*, k): one σ² per point, for every column
+        flagged = self.backend.to_numpy(cancelled(var, s * xp.maximum(prior, 0.0), star).any(axis=0))
+        variances = xp.repeat(var[:, None, :], q, axis=1)
+        for g in np.flatnonzero(flagged):
+            variances[:, :, int(g)] = self.var_at(star, float(scales[g]), np.full(q, float(noises[g])))
+        return means, variances
 
     def var_at(self, star: StarRows, s: float, noise: np.ndarray) -> Any:
         """The latent variances at other hyperparameters: s·k** − s²·Σ_i w_i² / (sλ_i + σ²)."""
@@ -560,18 +589,24 @@ class ParameterSpectral:
         """J* V (m*, p), once per predict call."""
         return star.memo((id(self), "JV"), lambda: star.dense @ self.V)
 
-    def _shrink_at(self, s: float, noise: np.ndarray) -> Any:
-        return 1.0 / (self.lam[:, None] + self.backend.xp.asarray(noise)[None, :] / s)
-
-    def mean_at(self, star: StarRows, s: float, noise: np.ndarray) -> Any:
-        """The posterior mean at other hyperparameters: J* V (Vᵀ Jᵀ r · shrink(s, σ²)), Vᵀ Jᵀ r recovered from the
-        fitted μ (= V (Vᵀ Jᵀ r · shrink)), so a loaded model can do it too."""
+    def moments_at(self, star: StarRows, scales: np.ndarray, noises: np.ndarray,
+                   return_var: bool) -> tuple[Any, Any]:
+        """Posterior means and (with return_var) latent variances at k other hyperparameter points (s_g, σ²_g),
+        stacked along a last axis: (m*, q, k) each. Means J* V (Vᵀ Jᵀ r · shrink_g), Vᵀ Jᵀ r recovered from the
+        fitted μ (= V (Vᵀ Jᵀ r · shrink)) so a loaded model can do it too; variances Σ_i (J* V)_i² σ²_g shrink_ig,
+        sums of positive terms. Two matrix products serve all k points."""
+        xp = self.backend.xp
+        s, noise = xp.asarray(scales, dtype=np.float64), xp.asarray(noises, dtype=np.float64)
+        shrink = 1.0 / (self.lam[:, None] + (noise / s)[None, :])  # (p, k)
         projected_targets = star.memo((id(self), "VtJtR"), lambda: (self.V.T @ self.mu) / self.shrink)
-        return self._projection(star) @ (projected_targets * self._shrink_at(s, noise))
-
-    def var_at(self, star: StarRows, s: float, noise: np.ndarray) -> Any:
-        scale = self._shrink_at(s, noise) * self.backend.xp.asarray(noise)[None, :]
-        return (self._projection(star) ** 2) @ scale
+        projection = self._projection(star)
+        (p, q), m_star, k = projected_targets.shape, int(projection.shape[0]), int(s.shape[0])
+        coefficients = projected_targets[:, :, None] * shrink[:, None, :]  # (p, q, k)
+        means = (projection @ coefficients.reshape(p, q * k)).reshape(m_star, q, k)
+        if not return_var:
+            return means, None
+        var = (projection * projection) @ (shrink * noise[None, :])  # (m*, k)
+        return means, xp.repeat(var[:, None, :], q, axis=1)
 
     def cov(self, star: StarRows) -> Any:
         w = self._projection(star)

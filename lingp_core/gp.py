@@ -358,10 +358,11 @@ class LinearizedGP(Estimator):
         if mixture is None:
             return engine.mean(star), engine.var(star) if return_var else None
 
-        def component(g: int) -> tuple[Any, Any]:
-            s, noise = float(mixture.prior_scales[g]), np.full(engine.q, mixture.noises[g])
-            return engine.mean_at(star, s, noise), engine.var_at(star, s, noise) if return_var else 0.0
-        return averaging.mixture_moments(component, mixture.weights)
+        def moments_at(index: np.ndarray) -> tuple[Any, Any]:
+            return engine.moments_at(star, mixture.prior_scales[index], mixture.noises[index], return_var)
+        mean, var = averaging.batched_mixture_moments(moments_at, mixture.weights, star.rows * engine.q,
+                                                      engine.backend.xp)
+        return mean, var if return_var else None
 
     def _check_prediction(self, values: Any, what: str, J_star: JacobianBlocks) -> None:
         """NonFiniteError in the user's terms when a prediction overflowed (the inputs were checked finite)."""

@@ -6,13 +6,15 @@ point's log marginal likelihood by scipy.stats and its posterior mean/variances 
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 import lingp_core as lg
 from lingp_core import _validate as v
-from tests.test_gp import dense_posterior, problem
+from tests.test_gp import dense_jacobian, dense_posterior, problem
 
 
 @pytest.fixture(autouse=True)
@@ -141,3 +143,63 @@ def test_posterior_mass_on_the_grid_edge_is_reported(backend):
         gp.average_hyperparameters(grid_size=7, span=0.5)
     assert record[0].filename == __file__  # attributed to the user's call
     assert gp.averaging_["weight_on_grid_edge"] > 0.01
+
+
+@narrow_grid
+@pytest.mark.parametrize("mode,method", [("trace", "function-spectral"), ("independent", "parameter-spectral")])
+def test_grid_points_evaluated_in_batches_give_the_same_mixture(backend, mode, method, monkeypatch):
+    # the points are evaluated together in batches sized by BATCH_VALUES and merged by the parallel West update:
+    # one point per batch, three per batch and all at once must agree to rounding
+    from lingp_core import _averaging
+
+    rng = np.random.default_rng(8)
+    J, Js, y, _ = problem(backend, rng, c=2)
+    gp = lg.LinearizedGP(output_mode=mode, method=method).fit(J, y)
+    gp.average_hyperparameters(grid_size=9, span=2.0, keep_mass=1.0)
+    results = []
+    for values in (1, 3 * Js.n, _averaging.BATCH_VALUES):
+        monkeypatch.setattr(_averaging, "BATCH_VALUES", values)
+        results.append([backend.to_numpy(a) for a in gp.predict(Js, return_var=True)])
+    for mean, var in results[:2]:
+        np.testing.assert_allclose(mean, results[2][0], rtol=1e-12, atol=1e-13 * np.abs(mean).max())
+        np.testing.assert_allclose(var, results[2][1], rtol=1e-11)
+
+
+def test_averaged_variances_far_below_the_prior_are_rescued(backend):
+    # nearly noise-free targets in the span of a rank-10 kernel: the evidence puts its weight where s·λ/σ² ≫ 1e12,
+    # and at the training inputs every grid point's variance is σ² Σ_j U_ij² sλ_j / (sλ_j + σ²) (K = U Λ Uᵀ by the
+    # SVD of J, so K's null space is exactly 0, not rounding that the sum would pick up) — a sum
+    # of positive terms, an oracle free of prior − reduction's cancellation, which the batched grid evaluation must
+    # hand to the energy-form rescue point by point
+    rng = np.random.default_rng(6)
+    n, p, grid, span = 40, 10, 7, 12.0
+    J0 = 3 * rng.standard_normal((n, p))
+    J = dense_jacobian(backend, J0)
+    y = J0 @ rng.standard_normal(p) * 1e-3 + 1e-15 * rng.standard_normal(n)
+    gp = lg.LinearizedGP(method="function-spectral").fit(J, backend.asarray(y[:, None]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.NumericalWarning)  # weight on the grid's edge
+        gp.average_hyperparameters(grid_size=grid, span=span, keep_mass=1.0)
+        mean, var = (backend.to_numpy(a)[:, 0] for a in gp.predict(J, return_var=True))
+    U, singular, _ = np.linalg.svd(J0, full_matrices=False)  # K = U diag(λ) Uᵀ on its rank-p range, 0 beyond
+    lam, z = singular**2, U.T @ y
+    rest = y @ y - z @ z  # the targets' squared norm outside K's range (n − p directions of variance σ²)
+    noise0 = 0.5 * np.mean(y**2)
+    s0 = noise0 / np.mean(np.sum(J0**2, axis=1))
+    points = [(s0 * 10.0**a, noise0 * 10.0**b) for a in np.linspace(-span, span, grid)
+              for b in np.linspace(-span, 1.0, grid)]
+    lml, means, variances = [], [], []
+    for s, noise in points:
+        d = s * lam + noise
+        lml.append(-0.5 * (np.sum(z**2 / d) + rest / noise + np.sum(np.log(d)) + (n - p) * np.log(noise)
+                           + n * np.log(2 * np.pi)))
+        means.append(U @ (s * lam * z / d))  # s K C⁻¹ y
+        variances.append(noise * ((U**2) @ (s * lam / d)))
+    w = np.exp(np.array(lml) - max(lml))
+    w /= w.sum()
+    ratios = np.array([s * lam.max() / noise for s, noise in points])
+    assert w[ratios > 1e12].sum() > 0.5  # the weight sits where prior − reduction would cancel
+    want_mean = w @ np.array(means)
+    want_var = w @ (np.array(variances) + (np.array(means) - want_mean) ** 2)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-9 * np.abs(y).max())
+    np.testing.assert_allclose(var, want_var, rtol=1e-4)  # prior − reduction alone: 1.1% off here
