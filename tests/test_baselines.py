@@ -464,6 +464,30 @@ def test_linearized_gp_network_plus_head_is_the_evidence_weighted_mixture(small_
     assert bl.lingp_record(out)["prior_weights"] == out["prior_weights"] and out["prior"] == "network+head"
 
 
+def test_readme_prior_centre_snippet_is_the_reproductions_default(small_problem):
+    # README's snippet (mean="zero" for the output layer at 0, which a linear output layer with a bias makes exact)
+    # gives what the reproductions run by default: prior "network+head" with layerwise-average-map
+    import re
+    import textwrap
+
+    import lingp_core as lg
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet, = [block for block in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+                if 'for centre in ("network", "zero")' in block]
+    d = small_problem
+    J, J_star = bl.export_pair(d["model"], d["x"], d["x_star"], "numpy")
+    scope = {"lg": lg, "np": np, "J": J, "J_star": J_star, "y": d["y"].numpy()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.NumericalWarning)
+        exec(textwrap.dedent(snippet), scope)  # noqa: S102  the README's own text (indented in its list item)
+    out = bl.linearized_gp(d["model"], d["x"], d["y"], d["x_star"], prior=bl.DEFAULT_PRIOR,
+                           hyperparameters=bl.DEFAULT_HYPERPARAMETERS)
+    assert bl.DEFAULT_PRIOR == "network+head" and 1e-6 < scope["weights"][0] < 1 - 1e-6
+    np.testing.assert_allclose(scope["mean"], out["mean"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(scope["var"], out["var"], rtol=1e-9, atol=1e-12 * np.abs(out["var"]).max())
+
+
 def test_head_prior_needs_the_output_layer_among_the_columns(small_problem):
     import lingp_core as lg
 
