@@ -447,8 +447,10 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
     dict
         ``mean`` and ``var`` (latent, no noise) as float64 NumPy (n*, c) arrays; the ``hyperparameters`` choice; the
         fitted ``prior_scale`` and ``noise`` (averaging: the heaviest grid point) and ``log_marginal_likelihood``
-        there; ``predictive_noise``, the noise to add to ``var`` for an observation's variance (averaging: the
-        posterior mean of σ² over the grid, so var + predictive_noise is the mixture's predictive variance);
+        there; ``log_evidence``, the evidence to compare models by (integrated over the grid when averaged, at the
+        chosen point otherwise); ``predictive_noise``, the noise to add to ``var`` for an observation's variance
+        (averaging: the posterior mean of σ² over the grid, so var + predictive_noise is the mixture's predictive
+        variance);
         ``at_bound``, the names of the optimized values at their bounds (empty when none, or when not optimized);
         ``averaging`` (None, or ``mixture``: the kept grid points' ``prior_scales``, ``noises``, ``weights`` as
         lists, plus ``effective_points`` and ``weight_on_grid_edge``); the GP's ``plan`` and the parameter count
@@ -488,17 +490,22 @@ def linearized_gp(model: Any, x: Any, y: Any, x_test: Any, *, backend: str = "nu
             "hyperparameters": "fixed" if fixed is not None else hyperparameters,
             "prior_scale": float(gp.prior_scale), "noise": float(gp.noise), "predictive_noise": predictive_noise,
             "log_marginal_likelihood": gp.log_marginal_likelihood(),
+            # the evidence of the whole model: integrated over the grid when averaged (× the hyperprior's density),
+            # else at the chosen (s, σ²) (type-II maximum likelihood; for "map" and "loo" a plug-in value)
+            "log_evidence": gp.log_marginal_likelihood() if averaging is None else float(gp.averaging_["log_mass"]),
             "at_bound": list(getattr(gp, "optimization_", {}).get("at_bound", [])), "averaging": averaging,
             "plan": str(gp.plan_), "p": int(jac.p), "prior": prior}
 
 
 def _centre_average(parts: dict) -> dict:
-    """The mixture of :func:`linearized_gp` results for several prior centres, weighted ∝ exp(log marginal
-    likelihood): its mean, variance (within- plus between-centre spread) and predictive noise; the other entries are
-    the heaviest centre's, with ``prior_weights`` and each centre's s, σ², predictive noise and log marginal
-    likelihood (``centres``)."""
+    """The mixture of :func:`linearized_gp` results for several prior centres, weighted ∝ exp(``log_evidence``) (the
+    evidence integrated over the averaged hyperparameters, or at the chosen point): its mean, variance (within- plus
+    between-centre spread) and predictive noise, and as ``log_evidence`` and ``log_marginal_likelihood`` the log of
+    the centres' mean evidence (a uniform prior over the centres: at most log 2 below the best one's); the other
+    entries are the heaviest centre's, with ``prior_weights`` and each centre's s, σ², predictive noise and log
+    evidence (``centres``)."""
     names = list(parts)
-    log_ml = np.array([parts[name]["log_marginal_likelihood"] for name in names])
+    log_ml = np.array([parts[name]["log_evidence"] for name in names])
     weights = np.exp(log_ml - log_ml.max())
     weights /= weights.sum()
     mean = sum(w * parts[name]["mean"] for w, name in zip(weights, names))
@@ -508,18 +515,34 @@ def _centre_average(parts: dict) -> dict:
             "predictive_noise": float(sum(w * parts[name]["predictive_noise"] for w, name in zip(weights, names))),
             "prior": "+".join(names), "prior_weights": dict(zip(names, weights.tolist())),
             "centres": {name: {k: parts[name][k] for k in ("prior_scale", "noise", "predictive_noise",
-                                                          "log_marginal_likelihood")} for name in names},
-            "log_marginal_likelihood": float(log_ml.max() + np.log(np.exp(log_ml - log_ml.max()).sum() / len(names)))}
+                                                          "log_evidence")} for name in names},
+            **dict.fromkeys(("log_evidence", "log_marginal_likelihood"),
+                            float(log_ml.max() + np.log(np.exp(log_ml - log_ml.max()).sum() / len(names))))}
 
 
 def output_layer_names(model: Any) -> list[str]:
-    """The parameter names (as in ``model.named_parameters()``) of the last module, in registration order, that holds
-    parameters of its own: the network's output layer for the sequential models of these scripts."""
-    owners = [(name, module) for name, module in model.named_modules() if list(module.parameters(recurse=False))]
-    if not owners:
-        raise InvalidOptionError("the model has no parameters, so it has no output layer")
-    prefix, module = owners[-1]
-    return [f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters(recurse=False)]
+    """The parameter names (as in ``model.named_parameters()``) of the network's output layer: the last element with
+    parameters of an ``nn.Sequential`` (recursively, through nested Sequentials), or the model itself when it holds
+    parameters of its own and no submodule does. In a Sequential the order of registration is the order of use; any
+    other container would leave the output layer a guess, so it is refused."""
+    import torch
+
+    prefix, module = "", model
+    while isinstance(module, torch.nn.Sequential):
+        owners = [(name, child) for name, child in module.named_children() if any(True for _ in child.parameters())]
+        if not owners:
+            raise InvalidOptionError(f"{type(model).__name__} has no parameters, so it has no output layer")
+        name, module = owners[-1]
+        prefix = f"{prefix}.{name}" if prefix else name
+    if any(True for child in module.children() for _ in child.parameters()):
+        where = prefix or "the model"
+        raise InvalidOptionError(f"the output layer cannot be told from {type(module).__name__} ({where}): its "
+                                 "submodules hold parameters and only an nn.Sequential says in which order they run; "
+                                 "write the network as an nn.Sequential ending in its output layer")
+    names = [f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters(recurse=False)]
+    if not names:
+        raise InvalidOptionError(f"{type(model).__name__} has no parameters, so it has no output layer")
+    return names
 
 
 def prior_mean_for(model: Any, jac: Any, prior: str) -> Any:
@@ -559,7 +582,8 @@ def _layerwise_gp(jac: Any, targets: Any, jac_test: Any, be: Any, choice: str, p
     return {"mean": be.to_numpy(mean).astype(np.float64), "var": be.to_numpy(var).astype(np.float64),
             "hyperparameters": choice, "prior_scale": float(top.prior_scale),
             "noise": float(top.noise), "predictive_noise": avg.predictive_noise_,
-            "log_marginal_likelihood": avg.log_marginal_likelihood(), "at_bound": [], "averaging": None,
+            "log_marginal_likelihood": avg.log_marginal_likelihood(), "log_evidence": avg.log_marginal_likelihood(),
+            "at_bound": [], "averaging": None,
             "layerwise": {"relative_weights": avg.relative_weights_[int(np.argmax(avg.weights_))].tolist(),
                           "components": len(avg.models_),
                           "effective_components": float(1.0 / np.sum(avg.weights_**2)),
@@ -670,10 +694,10 @@ def adapt_and_predict(model: Any, x: Any, y: Any, x_test: Any, *, methods: Any =
 
 def lingp_record(result: dict) -> dict:
     """What a reproduction's JSON keeps of one :func:`linearized_gp` result: the choice, s and σ², the predictive
-    noise, the log marginal likelihood, the values at a bound and the plan, and for averaging the mixture's size and
-    weight on the grid's edge (the grid points themselves are left out)."""
+    noise, the log marginal likelihood and log evidence, the values at a bound and the plan, and for averaging the
+    mixture's size and weight on the grid's edge (the grid points themselves are left out)."""
     record = {k: result[k] for k in ("hyperparameters", "prior", "prior_scale", "noise", "predictive_noise",
-                                     "log_marginal_likelihood", "at_bound", "plan")}
+                                     "log_marginal_likelihood", "log_evidence", "at_bound", "plan")}
     if result["averaging"] is not None:
         record.update({k: result["averaging"][k] for k in ("effective_points", "weight_on_grid_edge")})
     if "layerwise" in result:  # the summary; the components' grids would swell a many-task JSON

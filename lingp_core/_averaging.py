@@ -9,8 +9,9 @@ sit at a corner (s → 0: everything is noise). The Bayesian answer integrates t
 one constant and cancels). Each grid point costs O(m·q) for its evidence on a spectral engine (one
 eigendecomposition for all of them) and O(m*·m·q) for its predictions (the test rows are projected on the
 eigenvectors once). The mixture's moments are mean = Σ w_g mean_g and var = Σ w_g (var_g + (mean_g − mean)²),
-accumulated in one pass over the points by West's weighted update (each point's spread is added against the running
-mean), never as Σ w_g (var_g + mean_g²) − mean², which would subtract nearly equal numbers.
+accumulated in one pass by West's weighted update (each point's spread is added against the running mean), never as
+Σ w_g (var_g + mean_g²) − mean², which would subtract nearly equal numbers. A LinearizedGP's grid points are evaluated
+in batches (two matrix products per batch) whose spreads are merged by the same update's parallel form.
 
 Points whose weights together hold less than 1 − ``keep_mass`` of the total are dropped (and the rest renormalized),
 so predictions cost as many evaluations as points that matter.
@@ -129,9 +130,14 @@ def mixture_moments(component: Callable[[int], tuple[Any, Any]], weights: np.nda
     return mean, spread / total
 
 
-#: Grid points evaluated together by :func:`batched_mixture_moments`: their (m*, q, points) means and variances stay
-#: within this many float64 values (32 MiB each), so the batching never needs more memory than a few test-row arrays.
+#: Grid points evaluated together by :func:`batched_mixture_moments`: a batch's largest arrays — the (m*, q, k) means
+#: and variances and the engine's (m or p, q, k) coefficients — stay within this many float64 values (32 MiB) each.
 BATCH_VALUES = 2**22
+
+
+def batch_points(values_per_point: int) -> int:
+    """Grid points per batch when one point's largest arrays hold ``values_per_point`` values (at least 1)."""
+    return max(1, BATCH_VALUES // max(1, int(values_per_point)))
 
 
 def batched_mixture_moments(moments_at: Callable[[np.ndarray], tuple[Any, Any]], weights: np.ndarray,
@@ -140,10 +146,10 @@ def batched_mixture_moments(moments_at: Callable[[np.ndarray], tuple[Any, Any]],
     variances of those points stacked along a last axis, (…, k) each (variances None when not wanted), as ``xp``
     arrays. Batches are merged by the parallel form of West's update (Chan, Golub & LeVeque 1979): the spread within
     a batch about its own mean, plus the between-batch term delta²·W·W_b/(W + W_b), so nothing subtracts nearly equal
-    numbers. ``values_per_point``: the size of one point's mean array, which sizes the batches
-    (:data:`BATCH_VALUES`)."""
+    numbers. ``values_per_point``: the values one point adds to the batch's largest arrays, which sizes the
+    batches (:func:`batch_points`)."""
     points = np.flatnonzero(weights > 0)  # underflowed weights add nothing
-    batch = max(1, BATCH_VALUES // max(1, int(values_per_point)))
+    batch = batch_points(values_per_point)
     total, mean, spread = 0.0, 0.0, 0.0
     for start in range(0, points.size, batch):
         index = points[start: start + batch]

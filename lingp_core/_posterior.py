@@ -436,7 +436,8 @@ class FunctionSpectral:
         if not return_var:
             return means, None
         prior = star.prior_diag()[:, None]
-        var = s * (prior - s * ((projection * projection) @ (1.0 / d)))  # (m*, k): one σ² per point, for every column
+        squares = star.memo((id(self), "KU²"), lambda: projection * projection)  # once per predict call
+        var = s * (prior - s * (squares @ (1.0 / d)))  # (m*, k): one σ² per point, for every column
         flagged = self.backend.to_numpy(cancelled(var, s * xp.maximum(prior, 0.0), star).any(axis=0))
         variances = xp.repeat(var[:, None, :], q, axis=1)
         for g in np.flatnonzero(flagged):
@@ -605,7 +606,8 @@ class ParameterSpectral:
         means = (projection @ coefficients.reshape(p, q * k)).reshape(m_star, q, k)
         if not return_var:
             return means, None
-        var = (projection * projection) @ (shrink * noise[None, :])  # (m*, k)
+        squares = star.memo((id(self), "JV²"), lambda: projection * projection)  # once per predict call
+        var = squares @ (shrink * noise[None, :])  # (m*, k)
         return means, xp.repeat(var[:, None, :], q, axis=1)
 
     def cov(self, star: StarRows) -> Any:

@@ -250,14 +250,26 @@ class LinearizedGP(Estimator):
         function-space system s·K + σ²I is ill-conditioned. Parameter-space methods only report their number in
         diagnostics_: directions that no data reach (p > n·c, dead units) make JᵀJ/σ² + I/s ill-conditioned
         without harming the answer."""
-        condition = max((engine.condition for engine in self._engines
-                         if engine.space == "function" and hasattr(engine, "condition")), default=1.0)
+        engines = [engine for engine in self._engines if engine.space == "function" and hasattr(engine, "condition")]
+        condition = max((engine.condition for engine in engines), default=1.0)
+        noise, where = self._hyperparameters()["noise"], ""
+        mixture = getattr(self, "_mixture", None)
+        if mixture is not None and engines:  # every grid point that carries weight is solved too
+            heavy = mixture.weights >= MIXTURE_WARN_WEIGHT
+            s, noises = mixture.prior_scales[heavy], mixture.noises[heavy]
+            for engine in engines:  # a spectral engine: condition (sλmax + σ²) / (sλmin + σ²) at each point
+                lam = self._backend.to_numpy(engine.lam)
+                point = (s * lam.max() + noises) / (s * lam.min() + noises)
+                g = int(np.argmax(point))
+                if point[g] > condition:
+                    condition, noise = float(point[g]), f"{float(noises[g]):.3g}"
+                    where = f" at a point of the averaging grid holding {mixture.weights[heavy][g]:.1%} of the weight"
         if condition > ILL_CONDITIONED:
-            warnings.warn(f"the exact {self.plan_.method} system s·K + σ²I is ill-conditioned (condition number ≥ "
-                          f"{condition:.2g}): the solve may lose up to about {min(16.0, np.log10(condition)):.0f} of "
-                          f"float64's 16 digits. Duplicated or nearly collinear training inputs with a noise σ² = "
-                          f"{self._hyperparameters()['noise']} this small do this; raise the noise or remove the "
-                          "duplicates", v.NumericalWarning, stacklevel=3)
+            warnings.warn(f"the exact {self.plan_.method} system s·K + σ²I is ill-conditioned{where} (condition "
+                          f"number ≥ {condition:.2g}): the solve may lose up to about "
+                          f"{min(16.0, np.log10(condition)):.0f} of float64's 16 digits. Duplicated or nearly "
+                          f"collinear training inputs with a noise σ² = {noise} this small do this; raise the noise or "
+                          "remove the duplicates", v.NumericalWarning, stacklevel=3)
 
     def _float32_kernel_error(self, engine: Any) -> float:
         """Estimated relative error of the posterior from a float32 kernel: its rounding ≈ 2·u₃₂·s·λmax(K0), amplified
@@ -360,7 +372,8 @@ class LinearizedGP(Estimator):
 
         def moments_at(index: np.ndarray) -> tuple[Any, Any]:
             return engine.moments_at(star, mixture.prior_scales[index], mixture.noises[index], return_var)
-        mean, var = averaging.batched_mixture_moments(moments_at, mixture.weights, star.rows * engine.q,
+        values_per_point = (star.rows + int(engine.lam.shape[0])) * engine.q  # means (m*, q) + coefficients (m|p, q)
+        mean, var = averaging.batched_mixture_moments(moments_at, mixture.weights, values_per_point,
                                                       engine.backend.xp)
         return mean, var if return_var else None
 
@@ -736,6 +749,9 @@ _NORMAL_SCALE = 1e-150
 
 #: Condition number of an exact system above which fit warns: float64 then keeps fewer than ~3 digits (1e-3 / eps)
 ILL_CONDITIONED = 1e-3 / float(np.finfo(np.float64).eps)
+
+#: An averaged model's grid points holding at least this share of the weight are checked for ill-conditioning too
+MIXTURE_WARN_WEIGHT = 0.01
 
 #: What average_hyperparameters adds to a model; a refit or an optimization removes it
 _AVERAGING_STATE = ("_mixture", "averaging_")

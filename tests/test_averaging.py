@@ -6,6 +6,7 @@ point's log marginal likelihood by scipy.stats and its posterior mean/variances 
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -156,9 +157,10 @@ def test_grid_points_evaluated_in_batches_give_the_same_mixture(backend, mode, m
     J, Js, y, _ = problem(backend, rng, c=2)
     gp = lg.LinearizedGP(output_mode=mode, method=method).fit(J, y)
     gp.average_hyperparameters(grid_size=9, span=2.0, keep_mass=1.0)
+    assert gp.mixture_.weights.size > 6  # several batches of 1 and of 3
     results = []
-    for values in (1, 3 * Js.n, _averaging.BATCH_VALUES):
-        monkeypatch.setattr(_averaging, "BATCH_VALUES", values)
+    for size in (1, 3, 10**9):
+        monkeypatch.setattr(_averaging, "batch_points", lambda values, size=size: size)
         results.append([backend.to_numpy(a) for a in gp.predict(Js, return_var=True)])
     for mean, var in results[:2]:
         np.testing.assert_allclose(mean, results[2][0], rtol=1e-12, atol=1e-13 * np.abs(mean).max())
@@ -203,3 +205,56 @@ def test_averaged_variances_far_below_the_prior_are_rescued(backend):
     want_var = w @ (np.array(variances) + (np.array(means) - want_mean) ** 2)
     np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-9 * np.abs(y).max())
     np.testing.assert_allclose(var, want_var, rtol=1e-4)  # prior − reduction alone: 1.1% off here
+
+
+def test_a_batch_mixing_rescued_and_plain_points_gives_each_its_exact_variance(backend):
+    # one batch of grid points from s·λmax/σ² ≈ 1 (plain prior − reduction) to ≈ 1e13 (cancelled: rescued point by
+    # point) at the training inputs, each against σ² Σ_j U_ij² sλ_j / (sλ_j + σ²) (K = U Λ Uᵀ by the SVD of J), and
+    # the means against s K C⁻¹ y
+    from lingp_core import _posterior as post
+
+    rng = np.random.default_rng(9)
+    n, p = 40, 10
+    J0 = 3 * rng.standard_normal((n, p))
+    J = dense_jacobian(backend, J0)
+    y = rng.standard_normal(n)
+    gp = lg.LinearizedGP(1.0, 1.0, method="function-spectral").fit(J, backend.asarray(y[:, None]))
+    engine, star = gp._engines[0], gp._stars(J)[0]
+    scales = np.array([1e-3, 1.0, 1e3, 1e6, 1e7])  # s·λmax/σ² from ≈ 1 to ≈ 1e12 (past ≈ 1e13 fit warns)
+    noises = np.array([1.0, 1e-1, 1e-2, 1e-2, 1e-2])
+    means, variances = (backend.to_numpy(a) for a in engine.moments_at(star, scales, noises, True))
+    U, singular, _ = np.linalg.svd(J0, full_matrices=False)
+    lam, z = singular**2, U.T @ y
+    prior = np.sum(J0**2, axis=1)
+    flagged = 0
+    for g, (s, noise) in enumerate(zip(scales, noises)):
+        want_var = noise * ((U**2) @ (s * lam / (s * lam + noise)))
+        np.testing.assert_allclose(variances[:, 0, g], want_var, rtol=1e-6)  # unrescued 1.5e-4 off at 1e6, 1e-2
+        want_mean = U @ (s * lam * z / (s * lam + noise))
+        tolerance = max(1e-12, 10 * np.finfo(float).eps * (s * lam.max() / noise + 1))  # the solve's ε·condition
+        np.testing.assert_allclose(means[:, 0, g], want_mean, rtol=0, atol=tolerance * np.abs(want_mean).max())
+        flagged += bool(np.any(want_var < n * np.finfo(float).eps / post.CANCELLED_TOLERANCE * s * prior))
+    assert 1 <= flagged < len(scales)  # the batch holds both kinds
+
+
+@pytest.mark.filterwarnings("ignore:.*edge of the averaging grid:lingp_core.NumericalWarning")
+def test_an_average_whose_weight_sits_on_ill_conditioned_points_warns(backend):
+    # the fitted (heaviest) point is checked as every fit is, and so is every grid point holding ≥ 1% of the weight
+    rng = np.random.default_rng(6)
+    J0 = 3 * rng.standard_normal((40, 10))
+    J = dense_jacobian(backend, J0)
+    y = J0 @ rng.standard_normal(10) * 1e-3 + 1e-15 * rng.standard_normal(40)
+    gp = lg.LinearizedGP(method="function-spectral").fit(J, backend.asarray(y[:, None]))
+    with pytest.warns(lg.NumericalWarning, match="ill-conditioned"):
+        gp.average_hyperparameters(grid_size=9, span=12.0, keep_mass=1.0)
+    # here the heaviest point is the worst one; with its own system taken as well-conditioned, the other heavy
+    # points are still checked, from the spectrum: condition 1 + s·λmax/σ² (K is singular, λmin = 0)
+    for engine in gp._engines:
+        engine.condition = 1.0
+    heavy = gp.mixture_.weights >= 0.01
+    lam_max = np.linalg.eigvalsh(J0 @ J0.T).max()
+    worst = (1 + gp.mixture_.prior_scales * lam_max / gp.mixture_.noises)[heavy].max()
+    assert worst > 1e-3 / np.finfo(float).eps
+    message = "averaging grid holding .*condition number ≥ " + re.escape(f"{worst:.2g}")
+    with pytest.warns(lg.NumericalWarning, match=message):
+        gp._warn_if_ill_conditioned()

@@ -464,6 +464,24 @@ def test_linearized_gp_network_plus_head_is_the_evidence_weighted_mixture(small_
     assert bl.lingp_record(out)["prior_weights"] == out["prior_weights"] and out["prior"] == "network+head"
 
 
+def test_network_plus_head_weighs_averaged_centres_by_their_integrated_evidence(small_problem):
+    d = small_problem
+    args = (d["model"], d["x"], d["y"], d["x_star"])
+    out = bl.linearized_gp(*args, hyperparameters="average-map", prior="network+head")
+    parts = {centre: bl.linearized_gp(*args, hyperparameters="average-map", prior=centre)
+             for centre in ("network", "head")}
+    for part in parts.values():  # the grid's integrated evidence (× hyperprior), not its heaviest point's
+        assert abs(part["log_evidence"] - part["log_marginal_likelihood"]) > 1e-3
+    log_evidence = np.array([parts[c]["log_evidence"] for c in ("network", "head")])
+    weights = np.exp(log_evidence - log_evidence.max())
+    weights /= weights.sum()
+    assert out["prior_weights"] == pytest.approx({"network": weights[0], "head": weights[1]}, rel=1e-9)
+    mean = weights[0] * parts["network"]["mean"] + weights[1] * parts["head"]["mean"]
+    np.testing.assert_allclose(out["mean"], mean, rtol=1e-10, atol=1e-12)
+    assert out["log_evidence"] == pytest.approx(np.log(np.mean(np.exp(log_evidence - log_evidence.max())))
+                                                + log_evidence.max(), rel=1e-12)
+
+
 def test_readme_prior_centre_snippet_is_the_reproductions_default(small_problem):
     # README's snippet (mean="zero" for the output layer at 0, which a linear output layer with a bias makes exact)
     # gives what the reproductions run by default: prior "network+head" with layerwise-average-map
@@ -500,10 +518,22 @@ def test_head_prior_needs_the_output_layer_among_the_columns(small_problem):
     with pytest.raises(InvalidOptionError, match="'middle'"):
         bl.prior_mean_for(d["model"], J, "middle")
     nested = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 3)), torch.nn.Tanh(),
-                                 torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False))).double()
+                                 torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False)), torch.nn.Identity()).double()
     assert bl.output_layer_names(nested) == ["2.0.weight"]
+    assert bl.output_layer_names(torch.nn.Linear(3, 1)) == ["weight", "bias"]
     with pytest.raises(InvalidOptionError, match="no parameters"):
         bl.output_layer_names(torch.nn.Tanh())
+
+    class HeadFirst(torch.nn.Module):  # registers its output layer first: registration order is not use order
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.body = torch.nn.Linear(3, 1), torch.nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x)))
+
+    with pytest.raises(InvalidOptionError, match="only an nn.Sequential says"):
+        bl.output_layer_names(HeadFirst())
 
 
 def test_linearized_gp_reports_a_collapsed_prior_scale_instead_of_warning():
