@@ -436,12 +436,17 @@ def test_linearized_gp_head_prior_is_the_dense_gp_with_the_output_layer_centred_
     assert all(dense_lml(d["j"], d["residual"] + shift, *point) <= lml + 1e-7 for point in perturbed(s, noise))
 
 
+def centre_results(d: dict, hyperparameters: str) -> tuple[dict, dict]:
+    """linearized_gp with prior "network+head", and with each centre alone."""
+    args = (d["model"], d["x"], d["y"], d["x_star"])
+    out = bl.linearized_gp(*args, hyperparameters=hyperparameters, prior="network+head")
+    return out, {centre: bl.linearized_gp(*args, hyperparameters=hyperparameters, prior=centre)
+                 for centre in ("network", "head")}
+
+
 def test_linearized_gp_network_plus_head_is_the_evidence_weighted_mixture(small_problem):
     d = small_problem
-    args = (d["model"], d["x"], d["y"], d["x_star"])
-    out = bl.linearized_gp(*args, hyperparameters="evidence", prior="network+head")
-    parts = {centre: bl.linearized_gp(*args, hyperparameters="evidence", prior=centre)
-             for centre in ("network", "head")}
+    out, parts = centre_results(d, "evidence")
     theta_head = flat_parameters(d["model"]) * (np.arange(d["j"].shape[1]) >= 2 * 5 + 5)
     shifts = {"network": (0.0, 0.0), "head": (d["j"] @ theta_head, d["j_star"] @ theta_head)}
     log_ml, means, variances = [], [], []
@@ -465,11 +470,7 @@ def test_linearized_gp_network_plus_head_is_the_evidence_weighted_mixture(small_
 
 
 def test_network_plus_head_weighs_averaged_centres_by_their_integrated_evidence(small_problem):
-    d = small_problem
-    args = (d["model"], d["x"], d["y"], d["x_star"])
-    out = bl.linearized_gp(*args, hyperparameters="average-map", prior="network+head")
-    parts = {centre: bl.linearized_gp(*args, hyperparameters="average-map", prior=centre)
-             for centre in ("network", "head")}
+    out, parts = centre_results(small_problem, "average-map")
     for part in parts.values():  # the grid's integrated evidence (× hyperprior), not its heaviest point's
         assert abs(part["log_evidence"] - part["log_marginal_likelihood"]) > 1e-3
     log_evidence = np.array([parts[c]["log_evidence"] for c in ("network", "head")])
