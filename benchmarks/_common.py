@@ -35,7 +35,7 @@ def pyplot() -> Any:
 
 def machine_info(backend_name: str) -> dict:
     """What a reader needs to compare numbers: Python, platform, CPU model and count, library versions, BLAS core
-    type override, and the GPU name on CuPy."""
+    type override and threads, torch's threads, and the GPU name on CuPy."""
     import os
     import platform
 
@@ -49,6 +49,13 @@ def machine_info(backend_name: str) -> dict:
             info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     except OSError:
         pass
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        pass
+    else:  # the BLAS libraries' threads where this is called (run_repro limits them to --torch-threads)
+        info["blas_threads"] = max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"),
+                                   default=None)
     try:
         import torch
     except ImportError:
@@ -84,8 +91,8 @@ def repro_parser(name: str, description: str) -> Any:
                         help="folder for the JSON and PNG (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (bars go to stderr)")
     parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on networks this small, thread hand-offs cost more "
-                             "than they save, badly so on a shared machine)")
+                        help="torch CPU threads, and NumPy/SciPy BLAS threads alike (default 1: on networks this "
+                             "small, thread hand-offs cost more than they save, badly so on a shared machine)")
     return parser
 
 
@@ -113,7 +120,8 @@ def run_repro(script: str, argv: list[str] | None, args: Any, run: Any, headline
     and ``table(result)``, and save ``stem`` (+ "_quick") .json/.png under ``args.out``."""
     args.command = command_line(script, argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
+    with blas_threads(args.torch_threads):  # lingp's NumPy work gets the CPU threads torch's baselines get
+        result = run(args)
     print(headline(result))
     print(table(result))
     save_results(args.out, stem + ("_quick" if args.quick else ""), result, plot)
@@ -140,6 +148,21 @@ def command_line(script: str, argv: list[str] | None) -> str:
     argv = sys.argv[1:] if argv is None else argv
 
     return " ".join(["python", f"benchmarks/{os.path.basename(script)}"] + [shlex.quote(a) for a in argv])
+
+
+def blas_threads(threads: int) -> Any:
+    """A context limiting the BLAS/LAPACK threads of NumPy and SciPy to ``threads`` (threadpoolctl, installed with
+    scikit-learn; without it, a context that changes nothing). On a shared 2-core machine a second BLAS thread made a
+    100 × 100 eigendecomposition 4× slower, not faster."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    import scipy.linalg  # noqa: F401  SciPy's own BLAS: a library loaded after the limit would escape it
+
+    return threadpool_limits(limits=threads, user_api="blas")
 
 
 def set_torch_threads(threads: int) -> None:

@@ -41,6 +41,7 @@ def check_report(name: str, out: Path, stdout: str) -> dict:
     assert report["quick"] is True and report["backend"] == "numpy" and report["name"] == name
     assert report["command"].startswith(f"python benchmarks/{name}.py --quick")
     assert report["machine"]["backend"] == "numpy"
+    assert report["machine"]["blas_threads"] == report["machine"]["torch_threads"] == 1  # --torch-threads' default
     assert (out / f"{name}_quick.png").stat().st_size > 0
     assert "|---|" in stdout  # the markdown table
     return report
