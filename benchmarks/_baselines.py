@@ -38,19 +38,27 @@ from lingp_core._validate import (
 # ----- the networks' last layer -----------------------------------------------------------------------------------
 
 def last_linear(model: Any) -> Any:
-    """The last ``torch.nn.Linear`` in ``model.modules()`` order (the output layer of a Sequential-style network).
+    """The network's output layer (:func:`output_layer_names`: the last element with parameters of an
+    ``nn.Sequential``), which must be a ``torch.nn.Linear``.
 
     Raises
     ------
     ValueRangeError
-        When the model holds no Linear layer.
+        When the model holds no Linear layer, or its output layer is another kind of module.
+    InvalidOptionError
+        When the output layer cannot be told (a container other than ``nn.Sequential``).
     """
     import torch
 
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not layers:
+    if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
         raise ValueRangeError(f"{type(model).__name__} has no torch.nn.Linear layer to treat as its last layer")
-    return layers[-1]
+    path = output_layer_names(model)[0].rpartition(".")[0]
+    layer = model.get_submodule(path)
+    if not isinstance(layer, torch.nn.Linear):
+        raise ValueRangeError(f"the output layer of {type(model).__name__} ({path or 'the model'}) is a "
+                              f"{type(layer).__name__}, not a torch.nn.Linear: last-layer methods need a linear "
+                              "read-out")
+    return layer
 
 
 def hidden_features(model: Any, x: Any) -> Any:

@@ -177,6 +177,8 @@ def test_hidden_features_are_the_last_layer_inputs(rng):
     assert bl.last_linear(model) is model[2]
     with pytest.raises(ValueRangeError, match="no torch.nn.Linear"):
         bl.last_linear(torch.nn.Tanh())
+    with pytest.raises(ValueRangeError, match="is a Conv1d, not a torch.nn.Linear"):
+        bl.last_linear(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Conv1d(1, 1, 1)))
 
 
 def test_retrain_last_layer_reaches_least_squares_and_leaves_the_rest(rng):
