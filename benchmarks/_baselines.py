@@ -512,20 +512,21 @@ def _centre_average(parts: dict) -> dict:
     the centres' mean evidence (a uniform prior over the centres: at most log 2 below the best one's); the other
     entries are the heaviest centre's, with ``prior_weights`` and each centre's s, σ², predictive noise and log
     evidence (``centres``)."""
+    from scipy.special import logsumexp
+
+    from lingp_core._averaging import mixture_moments
+
     names = list(parts)
     log_ml = np.array([parts[name]["log_evidence"] for name in names])
-    weights = np.exp(log_ml - log_ml.max())
-    weights /= weights.sum()
-    mean = sum(w * parts[name]["mean"] for w, name in zip(weights, names))
-    var = sum(w * (parts[name]["var"] + (parts[name]["mean"] - mean) ** 2) for w, name in zip(weights, names))
+    weights = np.exp(log_ml - logsumexp(log_ml))
+    mean, var = mixture_moments(lambda g: (parts[names[g]]["mean"], parts[names[g]]["var"]), weights)
     top = parts[names[int(np.argmax(weights))]]
     return {**top, "mean": mean, "var": var,
             "predictive_noise": float(sum(w * parts[name]["predictive_noise"] for w, name in zip(weights, names))),
             "prior": "+".join(names), "prior_weights": dict(zip(names, weights.tolist())),
             "centres": {name: {k: parts[name][k] for k in ("prior_scale", "noise", "predictive_noise",
                                                           "log_evidence")} for name in names},
-            **dict.fromkeys(("log_evidence", "log_marginal_likelihood"),
-                            float(log_ml.max() + np.log(np.exp(log_ml - log_ml.max()).sum() / len(names))))}
+            **dict.fromkeys(("log_evidence", "log_marginal_likelihood"), float(logsumexp(log_ml) - np.log(len(names))))}
 
 
 def output_layer_names(model: Any) -> list[str]:

@@ -152,8 +152,9 @@ def command_line(script: str, argv: list[str] | None) -> str:
 
 def blas_threads(threads: int) -> Any:
     """A context limiting the BLAS/LAPACK threads of NumPy and SciPy to ``threads`` (threadpoolctl, installed with
-    scikit-learn; without it, a context that changes nothing). On a shared 2-core machine a second BLAS thread made a
-    100 × 100 eigendecomposition 4× slower, not faster."""
+    scikit-learn; without it, a context that changes nothing): torch's baselines run on --torch-threads, so lingp's
+    NumPy work gets as many, and on a shared machine the small eigendecompositions of these scripts slow down, not up,
+    with a second BLAS thread."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

@@ -102,15 +102,6 @@ def metrics(proba: np.ndarray, y: np.ndarray) -> dict:
             "ece": m.expected_calibration_error(proba, y)}
 
 
-def network_parameters(model, J, backend):
-    """θ̂ in J's column order and dtype, on ``backend``."""
-    import torch
-
-    named = dict(model.named_parameters())
-    theta = torch.cat([named[name].detach().reshape(-1) for name in J.param_names])
-    return backend.asarray(theta).astype(J.dtype)
-
-
 # ----- variants -----------------------------------------------------------------------------------------------------
 
 def run_map(model, X_te, device: str) -> tuple[np.ndarray, float, dict]:
@@ -142,7 +133,7 @@ def run_lingp(model, X_tr, y_tr, X_te, backend_name: str, params, predictive: st
     start = time.perf_counter()
     J = lg.export_jacobian(model, x_tr, params=params, backend=be)
     J_star = lg.export_jacobian(model, x_te, params=params, backend=be)
-    theta = network_parameters(model, J, be)
+    theta = lg.parameter_vector(model, J)
     squares = theta.astype(np.float64) ** 2
     s0 = float(squares.sum()) / J.p  # the weights' own scale: a neutral start
     prior_mean = -theta
@@ -186,7 +177,7 @@ def nll_over_prior_scales(model, X_tr, y_tr, X_te, y_te, backend_name: str, s_ev
     model = model.to(device)  # the peers' run moved it to the CPU
     J = lg.export_jacobian(model, torch.as_tensor(X_tr, device=device), backend=be)
     J_star = lg.export_jacobian(model, torch.as_tensor(X_te, device=device), backend=be)
-    theta = network_parameters(model, J, be)
+    theta = lg.parameter_vector(model, J)
     grid = [s_evidence * f for f in ORACLE_FACTORS]
     nll = [metrics(be.to_numpy(LaplaceClassifier(s).fit(J, be.asarray(y_tr), prior_mean=-theta)
                                .predict_proba(J_star)), y_te)["nll"] for s in grid]

@@ -118,16 +118,24 @@ _GRID_CHUNK = 1 << 20
 def mixture_moments(component: Callable[[int], tuple[Any, Any]], weights: np.ndarray) -> tuple[Any, Any]:
     """Mean and variance of the mixture of ``component(g) = (mean_g, var_g)`` with these weights (summing to 1), each
     component evaluated once (West 1979: running mean and weighted sum of within- and between-component spread)."""
-    total, mean, spread = 0.0, 0.0, 0.0
+    state = (0.0, 0.0, 0.0)
     for g, w in enumerate(weights):
         if w == 0:  # underflowed weights add nothing (and would divide 0 by 0 while total is 0)
             continue
         m_g, v_g = component(g)
-        total += float(w)
-        delta = m_g - mean
-        mean = mean + (w / total) * delta
-        spread = spread + w * (v_g + delta * (m_g - mean))
+        state = _merge(state, float(w), m_g, w * v_g)
+    total, mean, spread = state
     return mean, spread / total
+
+
+def _merge(state: tuple[Any, Any, Any], w_b: float, mean_b: Any, spread_b: Any) -> tuple[Any, Any, Any]:
+    """West's update in its parallel form (Chan, Golub & LeVeque 1979): the running (total weight, mean, weighted
+    spread) merged with a part of weight w_b, mean mean_b and weighted spread spread_b about its own mean; the
+    between-part term delta²·W·w_b/(W + w_b) subtracts nothing nearly equal."""
+    total, mean, spread = state
+    delta = mean_b - mean
+    merged = total + w_b
+    return merged, mean + delta * (w_b / merged), spread + spread_b + delta * delta * (total * w_b / merged)
 
 
 #: Grid points evaluated together by :func:`batched_mixture_moments`: a batch's largest arrays — the (m*, q, k) means
@@ -144,29 +152,23 @@ def batched_mixture_moments(moments_at: Callable[[np.ndarray], tuple[Any, Any]],
                             values_per_point: int, xp: Any) -> tuple[Any, Any]:
     """:func:`mixture_moments` with the points evaluated in batches: ``moments_at(indices)`` returns the means and
     variances of those points stacked along a last axis, (…, k) each (variances None when not wanted), as ``xp``
-    arrays. Batches are merged by the parallel form of West's update (Chan, Golub & LeVeque 1979): the spread within
-    a batch about its own mean, plus the between-batch term delta²·W·W_b/(W + W_b), so nothing subtracts nearly equal
-    numbers. ``values_per_point``: the values one point adds to the batch's largest arrays, which sizes the
-    batches (:func:`batch_points`)."""
+    arrays; each batch's spread about its own mean is merged by :func:`_merge`. ``values_per_point``: the values
+    one point adds to the batch's largest arrays, which sizes the batches (:func:`batch_points`)."""
     points = np.flatnonzero(weights > 0)  # underflowed weights add nothing
     batch = batch_points(values_per_point)
-    total, mean, spread = 0.0, 0.0, 0.0
+    state = (0.0, 0.0, 0.0)
     for start in range(0, points.size, batch):
         index = points[start: start + batch]
         w = np.asarray(weights[index], dtype=np.float64)
-        w_b = float(w.sum())
-        w_xp = xp.asarray(w)
+        w_b, w_xp = float(w.sum()), xp.asarray(w)
         means, variances = moments_at(index)
         mean_b = (means @ w_xp) / w_b
         deviation = means - mean_b[..., None]
         spread_b = (deviation * deviation) @ w_xp
         if variances is not None:
             spread_b = spread_b + variances @ w_xp
-        delta = mean_b - mean
-        merged = total + w_b
-        mean = mean + delta * (w_b / merged)
-        spread = spread + spread_b + delta * delta * (total * w_b / merged)
-        total = merged
+        state = _merge(state, w_b, mean_b, spread_b)
+    total, mean, spread = state
     return mean, spread / total
 
 

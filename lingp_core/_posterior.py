@@ -400,7 +400,7 @@ class FunctionSpectral:
         self.Z = self.U.T @ R
         self.d = s * self.lam[:, None] + xp.asarray(self.noise)[None, :]
         self.alpha = self.U @ (self.Z / self.d)
-        self.condition = float((self.d.max(axis=0) / self.d.min(axis=0)).max())
+        self.condition = float(self.conditions_at(np.full(self.q, s), self.noise).max())
 
     def spectrum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(λ (k,), weights (k, q), rest (q,), m) for :func:`spectral_lml`."""
@@ -420,12 +420,21 @@ class FunctionSpectral:
         """K0(X*, X) U (m*, m), once per predict call."""
         return star.memo((id(self), "KU"), lambda: star.cross @ self.U)
 
+    def _squares(self, star: StarRows) -> Any:
+        """The projection's elementwise squares (m*, m), once per predict call."""
+        return star.memo((id(self), "KU²"), lambda: self._projection(star) ** 2)
+
+    def conditions_at(self, scales: np.ndarray, noises: np.ndarray) -> np.ndarray:
+        """The condition numbers (sλmax + σ²) / (sλmin + σ²) of s·K0 + σ²I at k hyperparameter points: (k,), host."""
+        lam = self.backend.to_numpy(self.lam)
+        return (scales * lam.max() + noises) / (scales * lam.min() + noises)
+
     def moments_at(self, star: StarRows, scales: np.ndarray, noises: np.ndarray,
                    return_var: bool) -> tuple[Any, Any]:
-        """Posterior means and (with return_var) latent variances at k other hyperparameter points (s_g, σ²_g), from
-        the kept spectrum, stacked along a last axis: (m*, q, k) each. Two matrix products serve all k points
-        (O(m*·m·q·k)); the points where some variance may have cancelled (:func:`cancelled`) are recomputed one by
-        one through :meth:`var_at`, which rescues them."""
+        """Posterior means (m*, q, k) and (with return_var) latent variances (m*, 1, k: alike for every column) at k
+        other hyperparameter points (s_g, σ²_g), from the kept spectrum, stacked along a last axis. Two matrix
+        products serve all k points (O(m*·m·q·k)); the points where some variance may have cancelled
+        (:func:`cancelled`) are recomputed one by one through :meth:`var_at`, which rescues them."""
         xp = self.backend.xp
         s, noise = xp.asarray(scales, dtype=np.float64), xp.asarray(noises, dtype=np.float64)
         d = self.lam[:, None] * s[None, :] + noise[None, :]  # (m, k)
@@ -436,19 +445,16 @@ class FunctionSpectral:
         if not return_var:
             return means, None
         prior = star.prior_diag()[:, None]
-        squares = star.memo((id(self), "KU²"), lambda: projection * projection)  # once per predict call
-        var = s * (prior - s * (squares @ (1.0 / d)))  # (m*, k): one σ² per point, for every column
+        var = s * (prior - s * (self._squares(star) @ (1.0 / d)))  # (m*, k): one σ² per point, for every column
         flagged = self.backend.to_numpy(cancelled(var, s * xp.maximum(prior, 0.0), star).any(axis=0))
-        variances = xp.repeat(var[:, None, :], q, axis=1)
-        for g in np.flatnonzero(flagged):
-            variances[:, :, int(g)] = self.var_at(star, float(scales[g]), np.full(q, float(noises[g])))
-        return means, variances
+        for g in np.flatnonzero(flagged):  # one noise group per point: var_at's columns are all alike
+            var[:, int(g)] = self.var_at(star, float(scales[g]), np.full(q, float(noises[g])))[:, 0]
+        return means, var[:, None, :]  # (m*, 1, k): the same for every column, broadcast by the caller
 
     def var_at(self, star: StarRows, s: float, noise: np.ndarray) -> Any:
         """The latent variances at other hyperparameters: s·k** − s²·Σ_i w_i² / (sλ_i + σ²)."""
         d = s * self.lam[:, None] + self.backend.xp.asarray(noise)[None, :]
-        w = self._projection(star)
-        var = s * (star.prior_diag()[:, None] - s * ((w**2) @ (1.0 / d)))
+        var = s * (star.prior_diag()[:, None] - s * (self._squares(star) @ (1.0 / d)))
         groups = noise_groups(np.asarray(noise, dtype=np.float64)[None, :], var.shape[1])
 
         def solve(g: int, rhs: Any) -> Any:  # (s·K0 + σ_g²)⁻¹ rhs from the eigendecomposition
@@ -592,10 +598,10 @@ class ParameterSpectral:
 
     def moments_at(self, star: StarRows, scales: np.ndarray, noises: np.ndarray,
                    return_var: bool) -> tuple[Any, Any]:
-        """Posterior means and (with return_var) latent variances at k other hyperparameter points (s_g, σ²_g),
-        stacked along a last axis: (m*, q, k) each. Means J* V (Vᵀ Jᵀ r · shrink_g), Vᵀ Jᵀ r recovered from the
-        fitted μ (= V (Vᵀ Jᵀ r · shrink)) so a loaded model can do it too; variances Σ_i (J* V)_i² σ²_g shrink_ig,
-        sums of positive terms. Two matrix products serve all k points."""
+        """Posterior means (m*, q, k) and (with return_var) latent variances (m*, 1, k: alike for every column) at k
+        other hyperparameter points (s_g, σ²_g), stacked along a last axis. Means J* V (Vᵀ Jᵀ r · shrink_g), Vᵀ Jᵀ r
+        recovered from the fitted μ (= V (Vᵀ Jᵀ r · shrink)) so a loaded model can do it too; variances
+        Σ_i (J* V)_i² σ²_g shrink_ig, sums of positive terms. Two matrix products serve all k points."""
         xp = self.backend.xp
         s, noise = xp.asarray(scales, dtype=np.float64), xp.asarray(noises, dtype=np.float64)
         shrink = 1.0 / (self.lam[:, None] + (noise / s)[None, :])  # (p, k)
@@ -608,7 +614,7 @@ class ParameterSpectral:
             return means, None
         squares = star.memo((id(self), "JV²"), lambda: projection * projection)  # once per predict call
         var = squares @ (shrink * noise[None, :])  # (m*, k)
-        return means, xp.repeat(var[:, None, :], q, axis=1)
+        return means, var[:, None, :]  # (m*, 1, k): the same for every column, broadcast by the caller
 
     def cov(self, star: StarRows) -> Any:
         w = self._projection(star)

@@ -257,9 +257,8 @@ class LinearizedGP(Estimator):
         if mixture is not None and engines:  # every grid point that carries weight is solved too
             heavy = mixture.weights >= MIXTURE_WARN_WEIGHT
             s, noises = mixture.prior_scales[heavy], mixture.noises[heavy]
-            for engine in engines:  # a spectral engine: condition (sλmax + σ²) / (sλmin + σ²) at each point
-                lam = self._backend.to_numpy(engine.lam)
-                point = (s * lam.max() + noises) / (s * lam.min() + noises)
+            for engine in engines:  # averaging runs on function-spectral engines here
+                point = engine.conditions_at(s, noises)
                 g = int(np.argmax(point))
                 if point[g] > condition:
                     condition, noise = float(point[g]), f"{float(noises[g]):.3g}"

@@ -122,7 +122,7 @@ def test_weight_space_prior_mean(backend, rng, mode, method):
     m = -0.5 * rng.standard_normal(J.p)  # e.g. −θ̂: the prior on θ itself
     gp = lg.LinearizedGP(0.7, 0.05, output_mode=mode, method=method).fit(J, y, prior_mean=backend.asarray(m))
     check_against_dense(gp, Js, shifted_by_weight_mean(o, m), backend, mode)
-    # averaging and the evidence optimizer see the same residuals y − f₀ − J m
+    # the evidence optimizer sees the same residuals y − f₀ − J m
     gp.optimize_hyperparameters()
     check_against_dense(gp, Js, shifted_by_weight_mean(o, m), backend, mode)
 
