@@ -19,3 +19,19 @@ def default_rtol(dtype: Any) -> float:
     """
     return float(np.sqrt(eps(dtype)))
 
+
+
+def float_dtype(dtype: Any, name: str) -> np.dtype:
+    """``dtype`` as a NumPy float32 or float64 dtype, given as a NumPy dtype, its name or a torch dtype (None reads as
+    NumPy's default, float64); DTypeError naming the argument ``name`` otherwise."""
+    from lingp_core._validate import DTypeError
+
+    text = str(dtype).removeprefix("torch.") if type(dtype).__module__ == "torch" else dtype
+    try:
+        resolved = np.dtype(text)
+    except (TypeError, ValueError):
+        raise DTypeError(f"{name} must be float32 or float64, got {dtype!r}, which is not a dtype (a NumPy dtype, its "
+                         "name or torch.float32/float64)") from None
+    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise DTypeError(f"{name} must be float32 or float64, got {resolved}")
+    return resolved

@@ -35,6 +35,7 @@ import numpy as np
 import backends
 from backends import Backend
 from backends._base import is_cupy_array
+from lingp_core._precision import float_dtype
 from lingp_core._progress import progress_bar
 from lingp_core._validate import (
     ArgumentTypeError,
@@ -239,14 +240,7 @@ def _resolve_dtype(dtype: Any, model_dtype: Any) -> np.dtype:
     """The dtype of the exported arrays: the model's by default, else the given one (float32 or float64)."""
     if dtype is None:
         return np.dtype(str(model_dtype).removeprefix("torch."))
-    name = str(dtype).removeprefix("torch.") if type(dtype).__module__ == "torch" else dtype
-    try:
-        resolved = np.dtype(name)
-    except TypeError:
-        raise DTypeError(f"dtype {dtype!r} is not a dtype; use float32 or float64") from None
-    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise DTypeError(f"dtype {resolved} is not supported; Jacobian blocks are float32 or float64")
-    return resolved
+    return float_dtype(dtype, "dtype")
 
 
 def _first_bad_example(t: Any) -> int | None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from backends._triangles import fill_lower
 from lingp_core import _validate as v
+from lingp_core._precision import float_dtype
 from lingp_core._progress import progress_bar
 from lingp_core._validate import SignatureShapeError
 from lingp_core.jacobian import _WORK_ELEMENTS, JacobianBlocks, product_work
@@ -38,21 +39,6 @@ def _check_mode(output_mode: Any, c: int) -> Any:
     if isinstance(output_mode, str):
         return v.check_choice(output_mode, "output_mode", OUTPUT_MODES)
     return v.check_int(output_mode, "output_mode (an output index)", minimum=0, maximum=c - 1)
-
-
-def _check_dtype(dtype: Any, backend: Any) -> np.dtype:
-    """The accumulation dtype: float32 or float64 given as a NumPy dtype, its name or a torch dtype (as
-    export_jacobian's dtype=); DTypeError naming the accepted values otherwise."""
-    name = str(dtype).removeprefix("torch.") if type(dtype).__module__ == "torch" else dtype
-    try:
-        resolved = np.dtype(name)
-    except (TypeError, ValueError):
-        resolved = None
-    # `is None` first: a dtype compares equal to None (np.dtype(None) is float64), so `None in float_dtypes` holds
-    if resolved is None or resolved not in backend.float_dtypes:
-        raise v.DTypeError(f"dtype must be float32 or float64 (a NumPy dtype, its name or torch.float32/float64), "
-                           f"got {dtype!r}")
-    return resolved
 
 
 def _check_jacobians(J1: Any, J2: Any) -> JacobianBlocks:
@@ -151,7 +137,7 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
         other = _check_jacobians(J1, J2)
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J1.n_outputs)
-    dtype = _check_dtype(dtype, J1.backend)
+    dtype = float_dtype(dtype, "dtype")
     if sharded:
         return _sharded_kernel(J1, J2, s, mode, dtype, memory_budget)
     c, n1, n2 = J1.n_outputs, J1.n, other.n
@@ -220,7 +206,7 @@ def work_bytes(J1: JacobianBlocks, n2: int, dtype: Any, *, symmetric: bool) -> i
     """Bytes :func:`kernel` needs beside K (n1·c × n2·c, any mode): a tile of J's blocks in the accumulation dtype
     (two when converted), one chunk of tile products, and, when J's dtype differs and right tiles are reused, J2's
     blocks converted once."""
-    dtype = _check_dtype(dtype, J1.backend)
+    dtype = float_dtype(dtype, "dtype")
     c, n1 = J1.n_outputs, J1.n
     tile_rows = min(_TILE_ROWS, max(n1, n2) * c)
     chunk = product_work(min(_TILE_ROWS, n1 * c), min(_TILE_ROWS, n2 * c), J1.blocks)
@@ -256,7 +242,7 @@ def kernel_diag(J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str
         _check_jacobians(J, None)
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J.n_outputs)
-    dtype = _check_dtype(dtype, J.backend)
+    dtype = float_dtype(dtype, "dtype")
     if is_sharded(J):  # each shard checks its own part for overflow
         with np.errstate(over="ignore", invalid="ignore"):
             return J.kernel_diag(mode, dtype) * dtype.type(s)

@@ -17,6 +17,7 @@ import numpy as np
 import backends
 from backends import Backend
 from lingp_core import _validate as v
+from lingp_core._precision import float_dtype
 
 
 class LinearOperator:
@@ -241,13 +242,7 @@ class LowRankPlusDiagonal(LinearOperator):
         (float32 or float64; default: this operator's) so it can precondition a system of another precision."""
         if dtype is None:
             return _SolveOperator(self, self.dtype)
-        try:
-            wanted = np.dtype(dtype)
-        except TypeError:
-            raise v.DTypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if wanted not in self.backend.float_dtypes:
-            raise v.DTypeError(f"dtype must be float32 or float64, got {wanted}")
-        return _SolveOperator(self, wanted)
+        return _SolveOperator(self, float_dtype(dtype, "dtype"))
 
 
 class _SolveOperator(LinearOperator):

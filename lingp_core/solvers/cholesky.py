@@ -10,7 +10,7 @@ import numpy as np
 from backends import _triangles
 from backends._triangles import fill_lower
 from lingp_core import _validate as v
-from lingp_core._precision import eps
+from lingp_core._precision import eps, float_dtype
 
 JITTER_GROWTH = 10.0
 
@@ -43,17 +43,6 @@ def check_symmetric(a: Any, xp: Any, what: str) -> None:
     if asymmetry > 1e3 * eps(a.dtype) * scale:
         raise v.ValueRangeError(f"{what} is not symmetric: max |A − Aᵀ| = {asymmetry:.3g} against "
                                 f"max |A| = {scale:.3g}")
-
-
-def _compute_dtype(dtype: Any, backend: Any) -> np.dtype:
-    """``compute_dtype`` as a NumPy dtype, float32 or float64; DTypeError otherwise."""
-    try:
-        wanted = np.dtype(dtype)
-    except TypeError:
-        raise v.DTypeError(f"compute_dtype must be float32 or float64, got {dtype!r}") from None
-    if wanted not in backend.float_dtypes:
-        raise v.DTypeError(f"compute_dtype must be float32 or float64, got {wanted}")
-    return wanted
 
 
 def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64, warn: bool = True,
@@ -95,7 +84,7 @@ def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64
     if a.shape != (n, n):
         raise v.ShapeError(f"A must be square, got shape {tuple(a.shape)}")
     max_tries = v.check_int(max_tries, "max_tries", minimum=0)
-    compute_dtype = _compute_dtype(compute_dtype, backend)
+    compute_dtype = float_dtype(compute_dtype, "compute_dtype")
     warn = v.check_bool(warn, "warn")
     overwrite_a = v.check_bool(overwrite_a, "overwrite_a")
     xp = backend.xp
