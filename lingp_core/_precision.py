@@ -33,5 +33,5 @@ def float_dtype(dtype: Any, name: str) -> np.dtype:
         raise DTypeError(f"{name} must be float32 or float64, got {dtype!r}, which is not a dtype (a NumPy dtype, its "
                          "name or torch.float32/float64)") from None
     if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise DTypeError(f"{name} must be float32 or float64, got {resolved}")
+        raise DTypeError(f"{name} {resolved} is not supported: {name} must be float32 or float64, got {resolved}")
     return resolved
