@@ -167,8 +167,7 @@ class DirichletClassifier(LinearizedGP):
         draft.classes_ = J.n_outputs
         with float_errors_checked():
             draft._condition(J, J.backend.asarray(targets))
-        draft._warn_if_ill_conditioned()
-        self._commit(draft)
+        self._warn_and_commit(draft)
         return self
 
     def optimize_prior_scale(self, *, criterion: str = "evidence", hyperprior: Any = None,

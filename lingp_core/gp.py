@@ -178,8 +178,7 @@ class LinearizedGP(Estimator):
         draft = self._draft()
         with float_errors_checked():
             draft._condition(J, y.astype(np.float64), weight_mean)
-        draft._warn_if_ill_conditioned()
-        self._commit(draft)
+        self._warn_and_commit(draft)
         return self
 
     def _condition(self, J: JacobianBlocks, y: Any, weight_mean: Any = None) -> None:
@@ -245,6 +244,12 @@ class LinearizedGP(Estimator):
             _check_finite_result(weights, "the posterior weights", "the targets are too large for the noise: "
                                  f"rescale them (noise σ² = {self._hyperparameters()['noise']})")
 
+    def _warn_and_commit(self, draft: LinearizedGP) -> None:
+        """Make the fitted ``draft`` this model's state, after its ill-conditioning warning: a warning raised as an
+        error then leaves the model as it was."""
+        draft._warn_if_ill_conditioned()
+        self._commit(draft)
+
     def _warn_if_ill_conditioned(self) -> None:
         """One NumericalWarning per public fit, search or average (never from their internal refits) when a
         function-space system s·K + σ²I is ill-conditioned. Parameter-space methods only report their number in
@@ -268,7 +273,7 @@ class LinearizedGP(Estimator):
                           f"number ≥ {condition:.2g}): the solve may lose up to about "
                           f"{min(16.0, np.log10(condition)):.0f} of float64's 16 digits. Duplicated or nearly "
                           f"collinear training inputs with a noise σ² = {noise} this small do this; raise the noise or "
-                          "remove the duplicates", v.NumericalWarning, stacklevel=3)
+                          "remove the duplicates", v.NumericalWarning, stacklevel=4)
 
     def _float32_kernel_error(self, engine: Any) -> float:
         """Estimated relative error of the posterior from a float32 kernel: its rounding ≈ 2·u₃₂·s·λmax(K0), amplified
@@ -548,8 +553,7 @@ class LinearizedGP(Estimator):
         for stale in _AVERAGING_STATE:  # the search ends any averaging
             draft.__dict__.pop(stale, None)
         hyper.optimize(draft, per_output_noise, max_iter, criterion, hyperprior)
-        draft._warn_if_ill_conditioned()
-        self._commit(draft)
+        self._warn_and_commit(draft)
         return self
 
     def average_hyperparameters(self, *, grid_size: int = 41, span: float = averaging.SPAN_DECADES,
@@ -604,8 +608,7 @@ class LinearizedGP(Estimator):
             draft.__dict__.pop(stale, None)
         with float_errors_checked():
             averaging.average(draft, grid_size, span, log_prior, keep_mass)
-        draft._warn_if_ill_conditioned()
-        self._commit(draft)
+        self._warn_and_commit(draft)
         return self
 
     def _check_in_memory(self, what: str) -> None:
