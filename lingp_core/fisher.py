@@ -18,7 +18,7 @@ from lingp_core import _validate as v
 from lingp_core.jacobian import JacobianBlocks, JacobianShape
 from lingp_core.kernels import KernelOperator
 from lingp_core.likelihoods import Likelihood, as_likelihood
-from lingp_core.operators import LinearOperator, LowRankPlusDiagonal
+from lingp_core.operators import LinearOperator, LowRankPlusDiagonal, check_operand
 from lingp_core.sharded import ShardedJacobian
 from lingp_core.solvers._common import check_seed, seeded_normal
 from lingp_core.solvers.lanczos import lanczos_eigsh
@@ -209,11 +209,8 @@ class LowRankResult:
         ShapeError, DTypeError, BackendMismatchError, NonFiniteError
         """
         u = self.vectors
-        x = v.as_float_array(x, "x", self.backend, ndim=(1, 2), dtypes=(u.dtype,), finite=False)
-        if x.shape[0] != u.shape[0]:
-            raise v.ShapeError(f"x has shape {tuple(x.shape)} but the low-rank operator is {u.shape[0]} × "
-                               f"{u.shape[0]}: x needs {u.shape[0]} rows")
-        v.check_finite(x, "x", self.backend)
+        x = check_operand(x, "x", u.shape[0], u.dtype, self.backend,
+                          f"the {u.shape[0]} × {u.shape[0]} low-rank operator")
         lam = self.values.astype(u.dtype)
         col = x[:, None] if x.ndim == 1 else x
         out = u @ (lam[:, None] * (u.T @ col)) + self.shift * col

@@ -20,6 +20,16 @@ from lingp_core import _validate as v
 from lingp_core._precision import float_dtype
 
 
+def check_operand(x: Any, name: str, rows: int, dtype: Any, backend: Any, operator: str) -> Any:
+    """x as an (rows,) or (rows, k) array of ``dtype`` on ``backend``, finite, for the product of ``operator`` (its
+    description in the errors); a LingpError otherwise."""
+    arr = v.as_float_array(x, name, backend, ndim=(1, 2), dtypes=(dtype,), finite=False)
+    if arr.shape[0] != rows:
+        raise v.ShapeError(f"{name} has shape {tuple(arr.shape)} but {operator} needs {rows} rows")
+    v.check_finite(arr, name, backend)
+    return arr
+
+
 class LinearOperator:
     """Base class: subclasses set ``shape``, ``dtype``, ``backend`` and implement ``_matmat``.
 
@@ -58,11 +68,7 @@ class LinearOperator:
 
     def _check_operand(self, x: Any, name: str) -> Any:
         """x as an (n,) or (n, k) array of this operator's dtype and backend, finite; a LingpError otherwise."""
-        arr = v.as_float_array(x, name, self.backend, ndim=(1, 2), dtypes=(self.dtype,), finite=False)
-        if arr.shape[0] != self.shape[1]:
-            raise v.ShapeError(f"{name} has shape {tuple(arr.shape)} but {self!r} needs {self.shape[1]} rows")
-        v.check_finite(arr, name, self.backend)
-        return arr
+        return check_operand(x, name, self.shape[1], self.dtype, self.backend, repr(self))
 
     def _matmat(self, x: Any) -> Any:
         raise v.MissingCapabilityError(f"{type(self).__name__} does not implement _matmat: a LinearOperator "
