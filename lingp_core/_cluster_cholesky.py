@@ -19,6 +19,7 @@ import numpy as np
 
 import backends
 from lingp_core import _validate as v
+from lingp_core._energy import rescue_cancelled, rescue_cancelled_cov
 from lingp_core._layout import noise_groups
 from lingp_core.solvers.cholesky import with_jitter
 
@@ -133,13 +134,19 @@ class ClusterCholesky:
     def _whitened(self, star: Any, U: dict) -> list[Any]:
         return self._forward(U, self._split(star.cross.T.astype(np.float64)))
 
+    def _group_solve(self, g: int, rhs: Any) -> Any:
+        """C_g⁻¹ rhs by the tiles' forward and backward solves (rhs (m, k) on the client; the result gathered)."""
+        U = self.factors[g]
+        return self._gather_rows(self._backward(U, self._forward(U, self._split(rhs))))
+
     def var(self, star: Any) -> Any:
         prior = star.prior_diag()
         out = self.backend.xp.empty((star.cross.shape[0], self.q))
         for (cols, _), U in zip(self.groups, self.factors):
             sums = self.client.gather([self._submit(_column_sq_sums, w) for w in self._whitened(star, U)])
             out[:, cols] = (self.s * (prior - self.s * sum(sums)))[:, None]
-        return out
+        # where prior − reduction may have cancelled, the energy form, as on one machine
+        return rescue_cancelled(out, star, self.s, self.groups, self._group_solve)
 
     def cov(self, star: Any) -> Any:
         prior = star.prior_full()
@@ -148,7 +155,7 @@ class ClusterCholesky:
         for (cols, _), U in zip(self.groups, self.factors):
             grams = self.client.gather([self._submit(_gram, w) for w in self._whitened(star, U)])
             out[cols] = self.s * (prior - self.s * sum(grams))
-        return out
+        return rescue_cancelled_cov(out, star, self.s, self.groups, self._group_solve)
 
     def state(self) -> dict[str, Any]:
         """α and the lower factors L = Uᵀ gathered (m × m each): a saved model is an in-memory FunctionCholesky."""

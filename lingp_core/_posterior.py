@@ -26,6 +26,14 @@ from backends import Backend
 from backends._triangles import TILE, fill_lower
 from lingp_core import _validate as v
 from lingp_core._cluster_cholesky import ClusterCholesky
+from lingp_core._energy import (
+    _as_float64,
+    cancelled,
+    energy_covariance,
+    energy_variance,
+    rescue_cancelled,
+    rescue_cancelled_cov,
+)
 from lingp_core._layout import noise_groups
 from lingp_core._progress import iteration_callback, progress_bar
 from lingp_core.jacobian import JacobianBlocks
@@ -39,24 +47,6 @@ _LOG_2PI = float(np.log(2 * np.pi))
 #: relative error of the Lanczos-cache variances (measured on sampled test rows) above which the iterative path
 #: computes every test row's variance by CG instead
 VARIANCE_TOLERANCE = 0.01
-_ENERGY_CHUNK = 32  # test rows per parameter-space residual block (p × 32 float64)
-#: The relative error of a variance the exact function-space paths accept from prior − reduction, which errs by about
-#: m·ε·prior (m training rows, measured): below var/prior = m·ε / this they recompute it in the energy form; above,
-#: the rescue (p-vector products, far costlier than the factored kernel) would buy digits no one needs
-CANCELLED_TOLERANCE = 1e-4
-UNRESOLVED_RATIO = 1e3 * float(np.finfo(np.float64).eps) ** 2  # var/prior below this: rounding even there
-
-
-def _as_float64(J: JacobianBlocks) -> JacobianBlocks:
-    """J with its blocks in float64 (J itself when it is float64 already)."""
-    if J.dtype == np.float64:
-        return J
-    if is_sharded(J):
-        return J.as_float64()
-    from lingp_core.kernels import _view
-
-    return JacobianBlocks(J.f0.astype(np.float64), _view(J, slice(0, J.n), None, np.dtype(np.float64)),
-                          backend=J.backend, outputs=J.outputs, weights_fingerprint=J.weights_fingerprint)
 
 
 def largest_eigenvalue(K: Any, steps: int = 20) -> float:
@@ -181,91 +171,6 @@ class _GroupedCholesky:
         return out
 
 
-def _energy_row_bytes(p: int) -> int:
-    """Bytes one test row of :func:`energy_variance` holds: j*_i, Jᵀw_i and their difference, alive together."""
-    return 3 * v.nbytes_of((p,), np.float64)
-
-
-def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: Any, rows: np.ndarray,
-                    memory_budget: Any) -> Any:
-    """Variances as sums of squares, var_i = s·‖j*_i − Jᵀ w_i‖² + w_iᵀ D w_i, for w_i ≈ C⁻¹ s·K0(X, x*_i),
-    C = s·K0 + D (D = diag(noise), noise broadcastable to J's m rows), at the test rows ``rows`` of ``star`` (w's
-    columns): (len(rows),), float64. J: the task's training Jacobian in float64. In output mode "trace" the kernel is
-    (1/c)·Σ_k J_k J_kᵀ, the kernel of the stacked Jacobian [J_1 … J_c]/√c, so the parameter-space residual is
-    stacked too: var_i = (s/c)·Σ_k ‖j*_ik − J_kᵀ w_i‖² + w_iᵀ D w_i.
-
-    At the exact w this is s·k** − s² k*ᵀ C⁻¹ k* (expand the square: the cross terms cancel algebraically, not in
-    floating point); it is the minimum over w of that quadratic, so an inexact ŵ (CG, the Lanczos cache) only adds
-    (ŵ − w)ᵀ C (ŵ − w) — squared in the solve's accuracy — and never goes below zero. The p-vectors j*_i − Jᵀ w_i are
-    formed explicitly in float64 (chunks of test rows), so no two nearly equal scalars are subtracted where the
-    posterior variance is far below the prior's."""
-    xp = J.backend.xp
-    J_star = star.J_star_float64
-    m = J.n * J.n_outputs if star.mode == "full" else J.n
-    d = xp.asarray(np.broadcast_to(noise, (m,)))
-    out = (d[:, None] * w * w).sum(axis=0)
-    budget = v.resolve_memory_budget(memory_budget, J.backend)
-    per_row = _energy_row_bytes(J.p)
-    chunk = max(1, min(len(rows), _ENERGY_CHUNK, int(budget // per_row)))
-    v.check_memory(chunk * per_row, budget, what=f"the variances' parameter-space residuals ({J.p} × {chunk})",
-                   alternative="raise memory_budget")
-    if star.mode == "full":
-        pairs, weight = [(J, J_star)], s
-    else:  # "trace": one output's rows at a time
-        c = J.n_outputs
-        pairs, weight = [(J.select(output=k), J_star.select(output=k)) for k in range(c)], s / c
-    for start in range(0, len(rows), chunk):
-        part = rows[start: start + chunk]
-        for J_k, J_star_k in pairs:
-            unit = xp.zeros((J_star_k.n * J_star_k.n_outputs, len(part)))
-            unit[xp.asarray(part), xp.arange(len(part))] = 1.0
-            residual = J_star_k.rmatmat(unit) - J_k.rmatmat(w[:, start: start + len(part)])  # j*_i − Jᵀ w_i
-            out[start: start + len(part)] += weight * (residual * residual).sum(axis=0)
-    return out
-
-
-def cancelled(var: Any, prior: Any, star: StarRows) -> Any:
-    """Where prior − reduction variances ``var`` may have lost more than CANCELLED_TOLERANCE of their value to
-    cancellation: the estimated error m·ε·prior/var above it (m training rows of the task; ``prior`` = s·k**,
-    broadcastable to ``var``). A boolean array of var's shape."""
-    m = star.J.n * (star.J.n_outputs if star.mode == "full" else 1)
-    return var < (m * float(np.finfo(np.float64).eps) / CANCELLED_TOLERANCE) * prior
-
-
-def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: Any) -> Any:
-    """``var`` (m*, q), a function-space engine's prior − reduction variances, with the entries whose estimated
-    error m·ε·prior/var exceeds :data:`CANCELLED_TOLERANCE` recomputed by :func:`energy_variance`: there the
-    subtraction's rounding, amplified by the solve's, can exceed the variance itself (1% off at s/σ² = 1e9, 170% at
-    1e12 before). ``groups``: (columns, noise) pairs; ``solve(g, rhs)`` = C_g⁻¹ rhs. Only those rows pay for
-    the p-vectors, so a well-determined prediction costs nothing more."""
-    xp = star.J_star.backend.xp
-    prior = s * xp.maximum(star.prior_diag(), 0.0).reshape(-1)
-    flagged = star.J_star.backend.to_numpy(cancelled(var, prior[:, None], star))
-    if not flagged.any():
-        return var
-    if _energy_row_bytes(star.J.p) > v.resolve_memory_budget(star.budget, star.J_star.backend):
-        warnings.warn(f"{int(flagged.sum())} posterior variances lost more than {-np.log10(CANCELLED_TOLERANCE):.0f} "
-                      f"digits to cancellation, and recomputing them needs three p-vectors (p = {star.J.p}) beyond the "
-                      "memory budget: they keep the prior − reduction form's rounding; raise memory_budget or use a "
-                      "parameter-space method", v.NumericalWarning, stacklevel=5)
-        return var
-    J64 = star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
-    for g, (cols, noise) in enumerate(groups):
-        rows = np.flatnonzero(flagged[:, cols].any(axis=1))
-        if rows.size:
-            w = solve(g, s * star.cross[xp.asarray(rows)].T.astype(np.float64))
-            fixed = energy_variance(J64, star, s, noise, w, rows, star.budget)
-            var[xp.asarray(rows)[:, None], xp.asarray(np.atleast_1d(cols))[None, :]] = fixed[:, None]
-            # the test rows' own rounding, s·(ε‖j*‖)² per entry, is the energy form's floor: below it nothing helps
-            unresolved = int(star.J_star.backend.to_numpy(fixed < UNRESOLVED_RATIO * prior[xp.asarray(rows)]).sum())
-            if unresolved:
-                warnings.warn(f"{unresolved} posterior variances lie below float64's resolution of their prior in "
-                              f"function space (var / prior < {UNRESOLVED_RATIO:.0e}, with s = {s:.3g}): they are "
-                              "rounding, not results; use a parameter-space method (method='parameter-cholesky') or "
-                              "a smaller prior scale", v.NumericalWarning, stacklevel=5)
-    return var
-
-
 def cholesky_condition_bound(diagonal: Any, factor: Any, xp: Any) -> float:
     """A lower bound, in O(m), on the condition number of the diagonally scaled S = D^-½ C D^-½ (D = diag C), which
     is what limits a Cholesky solve's accuracy (van der Sluis) whatever the rows' scales: S has a unit diagonal, so
@@ -325,9 +230,14 @@ class FunctionCholesky(_GroupedCholesky):
             self._fit_terms[cols] = fit
             self._lml += -0.5 * float(fit.sum()) - len(cols) * (half_logdet + 0.5 * self.m * _LOG_2PI)
 
+    def _group_solve(self, g: int, rhs: Any) -> Any:
+        return self.backend.cho_solve(self.factors[g], rhs)
+
     def var(self, star: StarRows) -> Any:
-        return rescue_cancelled(super().var(star), star, self.s, self.groups,
-                                lambda g, rhs: self.backend.cho_solve(self.factors[g], rhs))
+        return rescue_cancelled(super().var(star), star, self.s, self.groups, self._group_solve)
+
+    def cov(self, star: StarRows) -> Any:
+        return rescue_cancelled_cov(super().cov(star), star, self.s, self.groups, self._group_solve)
 
     def state(self) -> dict[str, Any]:
         # the factors' strict upper triangles hold K0 or nothing: an archive gets the triangular factors alone
@@ -456,15 +366,19 @@ class FunctionSpectral:
         d = s * self.lam[:, None] + self.backend.xp.asarray(noise)[None, :]
         var = s * (star.prior_diag()[:, None] - s * (self._squares(star) @ (1.0 / d)))
         groups = noise_groups(np.asarray(noise, dtype=np.float64)[None, :], var.shape[1])
+        return rescue_cancelled(var, star, s, groups, self._solver(s, groups))
 
+    def _solver(self, s: float, groups: list) -> Any:
         def solve(g: int, rhs: Any) -> Any:  # (s·K0 + σ_g²)⁻¹ rhs from the eigendecomposition
             return self.U @ ((self.U.T @ rhs) / (s * self.lam + float(groups[g][1][0]))[:, None])
-        return rescue_cancelled(var, star, s, groups, solve)
+        return solve
 
     def cov(self, star: StarRows) -> Any:
         w = self._projection(star)
         prior = self.s * star.prior_full()
-        return self.backend.xp.stack([prior - self.s * (self.s * ((w / self.d[:, j]) @ w.T)) for j in range(self.q)])
+        cov = self.backend.xp.stack([prior - self.s * (self.s * ((w / self.d[:, j]) @ w.T)) for j in range(self.q)])
+        groups = noise_groups(self.noise[None, :], self.q)
+        return rescue_cancelled_cov(cov, star, self.s, groups, self._solver(self.s, groups))
 
     def state(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "U": self.U, "lam": self.lam, "Z": self.Z}
@@ -762,11 +676,21 @@ class Iterative:
         return float(xp.max(xp.abs(by_love - by_cg) / xp.maximum(xp.abs(by_cg), floor)))
 
     def cov(self, star: StarRows) -> Any:
-        prior = self.s * star.prior_full()
-        out = self.backend.xp.empty((self.q,) + prior.shape)
-        for g, (cols, _) in enumerate(self.groups):
-            x = self._solve(g, self.s * star.cross.T)
-            out[cols] = prior - self.s * (star.cross @ x)
+        """In the energy form, as the variances (their values are its diagonal): CG's error enters squared and
+        keeps the covariance positive semi-definite; prior − reduction where the p × m* residuals exceed the memory
+        budget, with a warning."""
+        m_star = int(star.cross.shape[0])
+        out = self.backend.xp.empty((self.q, m_star, m_star))
+        for g, (cols, noise) in enumerate(self.groups):
+            w = self._solve(g, self.s * star.cross.T)
+            energy = energy_covariance(self.J, star, self.s, noise, w, self.memory_budget)
+            if energy is None:
+                warnings.warn(f"the posterior covariance in the energy form needs p × m* residuals ({self.J.p} × "
+                              f"{m_star}) beyond the memory budget: computed as prior − reduction instead, whose "
+                              "rounding can exceed covariances far below the prior's; raise memory_budget",
+                              v.NumericalWarning, stacklevel=4)
+                energy = self.s * star.prior_full() - self.s * (star.cross @ w)
+            out[cols] = energy
         return out
 
     def state(self) -> dict[str, Any]:

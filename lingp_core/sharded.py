@@ -549,7 +549,7 @@ def _select_output(J: JacobianBlocks, k: int) -> JacobianBlocks:
 
 
 def _as_float64(J: JacobianBlocks) -> JacobianBlocks:
-    from lingp_core._posterior import _as_float64 as convert
+    from lingp_core._energy import _as_float64 as convert
     return convert(J)
 
 

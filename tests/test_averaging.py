@@ -211,7 +211,7 @@ def test_a_batch_mixing_rescued_and_plain_points_gives_each_its_exact_variance(b
     # one batch of grid points from s·λmax/σ² ≈ 1 (plain prior − reduction) to ≈ 1e13 (cancelled: rescued point by
     # point) at the training inputs, each against σ² Σ_j U_ij² sλ_j / (sλ_j + σ²) (K = U Λ Uᵀ by the SVD of J), and
     # the means against s K C⁻¹ y
-    from lingp_core import _posterior as post
+    from lingp_core import _energy as post
 
     rng = np.random.default_rng(9)
     n, p = 40, 10

@@ -289,6 +289,31 @@ def test_iterative_variances_in_the_cancellation_regime(client):
     assert gp.clamped_variances_ == 0
 
 
+@pytest.mark.parametrize("mode", ["full", "trace"])
+def test_cluster_variances_and_covariances_far_below_the_prior(client, mode):
+    """A wide linear model (well-conditioned kernel) at s = 1e9, σ² = 1, predicted at its training inputs: there
+    var = σ² − σ⁴ (C⁻¹)_ii and cov = σ²I − σ⁴ C⁻¹ exactly (s·K = C − σ²I), about 1e-11 of the prior, where the
+    blocked Cholesky's prior − reduction loses every digit. The cluster recomputes them in the energy form, as one
+    machine does."""
+    torch.manual_seed(1)
+    net = torch.nn.Linear(80, 2).to(torch.float64)
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((N, 80)), rng.standard_normal((N, 2))
+    J_local = lg.export_jacobian(net, torch.from_numpy(X))
+    gp = lg.LinearizedGP(1e9, 1.0, method="function-cholesky", output_mode=mode)
+    gp.fit(lg.export_jacobian(net, rows(X)), rows(y))
+    _, var, cov = gp.predict(J_local, return_var=True, return_cov=True)
+    A = J_local.to_dense()  # (N·2, p), rows example-major
+    K = A @ A.T if mode == "full" else sum(A[k::2] @ A[k::2].T for k in range(2)) / 2
+    inverse = np.linalg.inv(1e9 * K + np.eye(len(K)))
+    assert (np.linalg.eigvalsh(K).min() > 1.0), "the oracle needs a well-conditioned kernel"
+    want_cov = np.eye(len(K)) - inverse
+    want_var = np.diag(want_cov).reshape(N, 2) if mode == "full" else np.repeat(np.diag(want_cov)[:, None], 2, 1)
+    np.testing.assert_allclose(var, want_var, rtol=1e-9)
+    want = want_cov if mode == "full" else np.stack([want_cov] * 2)
+    assert np.abs(cov - want).max() <= 1e-9 * np.abs(want).max()
+
+
 # ----- the planner -----------------------------------------------------------------------------------------------
 
 # half of one float64 (n·c)² kernel: the blocked Cholesky (its tiles, their scaled copies and the factor) needs more,

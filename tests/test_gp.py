@@ -581,6 +581,11 @@ def test_function_space_variances_far_below_the_prior(backend, method, mode, c, 
     want = expected[0].reshape(n, c) if mode == "full" else np.stack(
         [expected[0]] * c if mode == "trace" else expected, axis=1)
     np.testing.assert_allclose(var, want, rtol=1e-9)
+    # the covariances too: σ²I − σ⁴ C⁻¹ (they are as far below the prior's as the variances)
+    cov = backend.to_numpy(gp.predict(J, return_cov=True)[1])
+    expected_cov = [np.eye(K.shape[0]) - np.linalg.inv(scale * K + np.eye(K.shape[0])) for K in kernels]
+    want_cov = expected_cov[0] if mode == "full" else np.stack(expected_cov * c if mode == "trace" else expected_cov)
+    assert np.abs(cov - want_cov).max() <= 1e-9 * np.abs(want_cov).max()
 
 
 def test_function_space_variances_beyond_float64_say_so(backend):

@@ -79,3 +79,26 @@ def test_trace_mode_matrix_free_variances_match_the_exact_path(trace_regime, var
     assert np.abs(got_mean - mean).max() <= 1e-6 * np.abs(mean).max()
     np.testing.assert_allclose(got_var, var, rtol=1e-2, atol=0)
     assert gp.clamped_variances_ == 0
+
+
+def weight_space_covariance(J, Js, s, noise):
+    """Js (Jᵀ J/σ² + I/s)⁻¹ Jsᵀ in float64 (one output, output mode "full"): the posterior covariance in weight
+    space, which subtracts nothing, so it stays exact where the function-space reduction form cancels."""
+    A, B = J.to_dense().astype(np.float64), Js.to_dense().astype(np.float64)
+    precision = A.T @ A / noise + np.eye(A.shape[1]) / s
+    return B @ np.linalg.solve(precision, B.T)
+
+
+@pytest.mark.parametrize("method", ["iterative", "function-cholesky", "function-spectral"])
+def test_covariances_in_the_cancellation_regime_match_weight_space(regime, method):
+    """Every covariance entry to 1e-2 of √(var_i var_j), against the weight-space float64 covariance; the iterative
+    path's diagonal is its variances."""
+    J, Js, y, _, _ = regime
+    oracle = weight_space_covariance(J, Js, 1.0, 1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gp = lg.LinearizedGP(1.0, 1e-3, method=method, variance_rank=200).fit(J, y)
+        _, var, cov = gp.predict(Js, return_var=True, return_cov=True)
+    scale = np.sqrt(np.outer(np.diag(oracle), np.diag(oracle)))
+    assert (np.abs(cov - oracle) <= 1e-2 * scale).all()
+    np.testing.assert_allclose(np.diag(cov), var[:, 0], rtol=1e-6)

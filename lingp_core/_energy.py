@@ -1,0 +1,181 @@
+"""The energy form of posterior (co)variances, and the test for where prior − reduction may have cancelled.
+
+Function-space engines compute var = s·k** − s²·k*ᵀ C⁻¹ k* (C = s·K0 + D): two nearly equal numbers subtracted
+where the posterior variance is far below the prior's, so rounding of about m·ε·prior can exceed the result. The
+energy form writes the same quantity as a sum of squares of p-vectors formed explicitly in float64,
+s·‖j* − Jᵀw‖² + wᵀ D w with w = C⁻¹ s·K0(X, x*), which subtracts no such pair and stays ≥ 0 for any w. Exact engines
+(in memory or on a Dask cluster) recompute only the entries :func:`cancelled` flags; the iterative engine uses it
+always (an inexact CG solution only adds a term squared in its error).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lingp_core import _validate as v
+from lingp_core.jacobian import JacobianBlocks
+from lingp_core.sharded import is_sharded
+
+if TYPE_CHECKING:
+    from lingp_core._posterior import StarRows
+
+_ENERGY_CHUNK = 32  # test rows per parameter-space residual block (p × 32 float64)
+
+#: The relative error of a variance the exact function-space paths accept from prior − reduction, which errs by about
+#: m·ε·prior (m training rows, measured): below var/prior = m·ε / this they recompute it in the energy form; above,
+#: the rescue (p-vector products, far costlier than the factored kernel) would buy digits no one needs
+CANCELLED_TOLERANCE = 1e-4
+
+UNRESOLVED_RATIO = 1e3 * float(np.finfo(np.float64).eps) ** 2  # var/prior below this: rounding even there
+
+
+def _as_float64(J: JacobianBlocks) -> JacobianBlocks:
+    """J with its blocks in float64 (J itself when it is float64 already)."""
+    if J.dtype == np.float64:
+        return J
+    if is_sharded(J):
+        return J.as_float64()
+    from lingp_core.kernels import _view
+
+    return JacobianBlocks(J.f0.astype(np.float64), _view(J, slice(0, J.n), None, np.dtype(np.float64)),
+                          backend=J.backend, outputs=J.outputs, weights_fingerprint=J.weights_fingerprint)
+
+
+def _energy_row_bytes(p: int) -> int:
+    """Bytes one test row of :func:`energy_variance` holds: j*_i, Jᵀw_i and their difference, alive together."""
+    return 3 * v.nbytes_of((p,), np.float64)
+
+
+def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: Any, rows: np.ndarray,
+                    memory_budget: Any) -> Any:
+    """Variances as sums of squares, var_i = s·‖j*_i − Jᵀ w_i‖² + w_iᵀ D w_i, for w_i ≈ C⁻¹ s·K0(X, x*_i),
+    C = s·K0 + D (D = diag(noise), noise broadcastable to J's m rows), at the test rows ``rows`` of ``star`` (w's
+    columns): (len(rows),), float64. J: the task's training Jacobian in float64. In output mode "trace" the kernel is
+    (1/c)·Σ_k J_k J_kᵀ, the kernel of the stacked Jacobian [J_1 … J_c]/√c, so the parameter-space residual is
+    stacked too: var_i = (s/c)·Σ_k ‖j*_ik − J_kᵀ w_i‖² + w_iᵀ D w_i.
+
+    At the exact w this is s·k** − s² k*ᵀ C⁻¹ k* (expand the square: the cross terms cancel algebraically, not in
+    floating point); it is the minimum over w of that quadratic, so an inexact ŵ (CG, the Lanczos cache) only adds
+    (ŵ − w)ᵀ C (ŵ − w) — squared in the solve's accuracy — and never goes below zero. The p-vectors j*_i − Jᵀ w_i are
+    formed explicitly in float64 (chunks of test rows), so no two nearly equal scalars are subtracted where the
+    posterior variance is far below the prior's."""
+    xp = J.backend.xp
+    J_star = star.J_star_float64
+    m = J.n * J.n_outputs if star.mode == "full" else J.n
+    d = xp.asarray(np.broadcast_to(noise, (m,)))
+    out = (d[:, None] * w * w).sum(axis=0)
+    budget = v.resolve_memory_budget(memory_budget, J.backend)
+    per_row = _energy_row_bytes(J.p)
+    chunk = max(1, min(len(rows), _ENERGY_CHUNK, int(budget // per_row)))
+    v.check_memory(chunk * per_row, budget, what=f"the variances' parameter-space residuals ({J.p} × {chunk})",
+                   alternative="raise memory_budget")
+    pairs, weight = _residual_pairs(J, J_star, star.mode, s)
+    for start in range(0, len(rows), chunk):
+        part = rows[start: start + chunk]
+        for J_k, J_star_k in pairs:
+            unit = xp.zeros((J_star_k.n * J_star_k.n_outputs, len(part)))
+            unit[xp.asarray(part), xp.arange(len(part))] = 1.0
+            residual = J_star_k.rmatmat(unit) - J_k.rmatmat(w[:, start: start + len(part)])  # j*_i − Jᵀ w_i
+            out[start: start + len(part)] += weight * (residual * residual).sum(axis=0)
+    return out
+
+
+def _residual_pairs(J: JacobianBlocks, J_star: JacobianBlocks, mode: Any, s: float) -> tuple[list[tuple], float]:
+    """The (training, test) Jacobian pairs whose parameter-space residuals j* − Jᵀw make up the energy form, and
+    their weight: [(J, J*)] and s in output mode "full"; one pair per output and s/c in "trace" (the kernel of the
+    stacked Jacobian [J_1 … J_c]/√c)."""
+    if mode == "full":
+        return [(J, J_star)], s
+    c = J.n_outputs
+    return [(J.select(output=k), J_star.select(output=k)) for k in range(c)], s / c
+
+
+def energy_covariance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, W: Any, memory_budget: Any) -> Any:
+    """Covariances in the energy form, cov = s·Rᵀ R + Wᵀ D W with R = J*ᵀ − Jᵀ W (p × m*), for W ≈ C⁻¹ s·K0(X, X*)
+    (m × m*): (m*, m*), float64, or None when R does not fit the memory budget. As :func:`energy_variance`, whose
+    values are its diagonal: at the exact W it is s·K0** − s² K0*ᵀ C⁻¹ K0*, an inexact Ŵ adds (Ŵ − W)ᵀ C (Ŵ − W),
+    so it stays positive semi-definite, and no two nearly equal numbers are subtracted where the posterior
+    covariance is far below the prior's. Output mode "trace": the weighted sum over the outputs' residuals."""
+    xp = J.backend.xp
+    m_star = int(W.shape[1])
+    budget = v.resolve_memory_budget(memory_budget, J.backend)
+    if 3 * v.nbytes_of((J.p, m_star), np.float64) > budget:
+        return None
+    m = int(W.shape[0])
+    d = xp.asarray(np.broadcast_to(noise, (m,)))
+    out = W.T @ (d[:, None] * W)
+    pairs, weight = _residual_pairs(J, star.J_star_float64, star.mode, s)
+    for J_k, J_star_k in pairs:
+        unit = xp.eye(J_star_k.n * J_star_k.n_outputs, m_star)
+        residual = J_star_k.rmatmat(unit) - J_k.rmatmat(W)  # (p, m*)
+        out += weight * (residual.T @ residual)
+    return out
+
+
+def cancelled(var: Any, prior: Any, star: StarRows) -> Any:
+    """Where prior − reduction variances ``var`` may have lost more than CANCELLED_TOLERANCE of their value to
+    cancellation: the estimated error m·ε·prior/var above it (m training rows of the task; ``prior`` = s·k**,
+    broadcastable to ``var``). A boolean array of var's shape."""
+    m = star.J.n * (star.J.n_outputs if star.mode == "full" else 1)
+    return var < (m * float(np.finfo(np.float64).eps) / CANCELLED_TOLERANCE) * prior
+
+
+def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: Any) -> Any:
+    """``var`` (m*, q), a function-space engine's prior − reduction variances, with the entries whose estimated
+    error m·ε·prior/var exceeds :data:`CANCELLED_TOLERANCE` recomputed by :func:`energy_variance`: there the
+    subtraction's rounding, amplified by the solve's, can exceed the variance itself (1% off at s/σ² = 1e9, 170% at
+    1e12 before). ``groups``: (columns, noise) pairs; ``solve(g, rhs)`` = C_g⁻¹ rhs. Only those rows pay for
+    the p-vectors, so a well-determined prediction costs nothing more."""
+    xp = star.J_star.backend.xp
+    prior = s * xp.maximum(star.prior_diag(), 0.0).reshape(-1)
+    flagged = star.J_star.backend.to_numpy(cancelled(var, prior[:, None], star))
+    if not flagged.any():
+        return var
+    if _energy_row_bytes(star.J.p) > v.resolve_memory_budget(star.budget, star.J_star.backend):
+        warnings.warn(f"{int(flagged.sum())} posterior variances lost more than {-np.log10(CANCELLED_TOLERANCE):.0f} "
+                      f"digits to cancellation, and recomputing them needs three p-vectors (p = {star.J.p}) beyond the "
+                      "memory budget: they keep the prior − reduction form's rounding; raise memory_budget or use a "
+                      "parameter-space method", v.NumericalWarning, stacklevel=5)
+        return var
+    J64 = star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
+    for g, (cols, noise) in enumerate(groups):
+        rows = np.flatnonzero(flagged[:, cols].any(axis=1))
+        if rows.size:
+            w = solve(g, s * star.cross[xp.asarray(rows)].T.astype(np.float64))
+            fixed = energy_variance(J64, star, s, noise, w, rows, star.budget)
+            var[xp.asarray(rows)[:, None], xp.asarray(np.atleast_1d(cols))[None, :]] = fixed[:, None]
+            # the test rows' own rounding, s·(ε‖j*‖)² per entry, is the energy form's floor: below it nothing helps
+            unresolved = int(star.J_star.backend.to_numpy(fixed < UNRESOLVED_RATIO * prior[xp.asarray(rows)]).sum())
+            if unresolved:
+                warnings.warn(f"{unresolved} posterior variances lie below float64's resolution of their prior in "
+                              f"function space (var / prior < {UNRESOLVED_RATIO:.0e}, with s = {s:.3g}): they are "
+                              "rounding, not results; use a parameter-space method (method='parameter-cholesky') or "
+                              "a smaller prior scale", v.NumericalWarning, stacklevel=5)
+    return var
+
+
+def rescue_cancelled_cov(cov: Any, star: StarRows, s: float, groups: list, solve: Any) -> Any:
+    """``cov`` (q, m*, m*), a function-space engine's prior − reduction covariances, with each noise group whose
+    diagonal may have cancelled (:func:`cancelled`, as for the variances) recomputed by :func:`energy_covariance`:
+    where a variance is far below its prior, the covariances it enters are as far below theirs, and the reduction
+    form's rounding error, about m·ε·prior, can exceed them. ``solve(g, rhs)`` = C_g⁻¹ rhs."""
+    xp = star.J_star.backend.xp
+    prior = s * xp.maximum(star.prior_diag(), 0.0).reshape(-1)
+    J64 = None
+    for g, (cols, noise) in enumerate(groups):
+        columns = np.atleast_1d(cols)
+        if not bool(cancelled(xp.diagonal(cov[int(columns[0])]), prior, star).any()):
+            continue
+        J64 = J64 if J64 is not None else star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
+        fixed = energy_covariance(J64, star, s, noise, solve(g, s * star.cross.T.astype(np.float64)), star.budget)
+        if fixed is None:
+            warnings.warn(f"posterior covariances lost more than {-np.log10(CANCELLED_TOLERANCE):.0f} digits to "
+                          f"cancellation, and recomputing them needs p × m* residuals ({star.J.p} × "
+                          f"{int(cov.shape[1])}) beyond the memory budget: they keep the prior − reduction form's "
+                          "rounding; raise memory_budget or use a parameter-space method", v.NumericalWarning,
+                          stacklevel=5)
+            return cov
+        cov[xp.asarray(columns)] = fixed
+    return cov
