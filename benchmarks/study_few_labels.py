@@ -18,6 +18,13 @@ and scored on the seed's rotated test images (accuracy, NLL, ECE); the table is 
                                              f(x; θ̂) + J(x)(θ − θ̂) (torch.func.jvp, independent of lingp): what a
                                              model linear in θ around the source weights reaches with fine-tuning's
                                              own recipe, the ceiling lingp's kernel is measured against
+  oracle-dirichlet-s                         ORACLES, which read the TEST labels (ceilings, not methods): the
+  oracle-dirichlet-blocks                    Dirichlet GP at the prior scale of ORACLE_SCALES with the best test
+  oracle-any-lingp                           accuracy; with per-block prior weights (one block at 10⁻¹/10⁻²/10⁻³ of
+                                             the others, relative to its mean kernel diagonal; s by the evidence)
+                                             picked the same way; and, per draw, the best test accuracy of every
+                                             lingp row above (variants and oracles): what no choice of
+                                             hyperparameters, kernel weighting or criterion among these can beat
 
 Usage: python benchmarks/study_few_labels.py [--seeds 0 1 2] [--budgets 1 2 5 10] [--repeats 3] [--quick] [--out DIR]
 """
@@ -84,6 +91,39 @@ VARIANTS = {
 }
 
 
+#: prior scales the oracle-dirichlet-s row tries (the evidence's choice is ≈ 0.01 at every budget)
+ORACLE_SCALES = 10.0 ** np.arange(-4.0, 1.01, 0.5)
+ORACLE_BLOCK_LEVELS = (0.1, 0.01, 0.001)
+
+
+def _best_by_accuracy(candidates: list[np.ndarray], y_test: np.ndarray) -> np.ndarray:
+    """The class probabilities with the highest test accuracy (ties: the lowest test NLL)."""
+    scores = [_score(p, y_test) for p in candidates]
+    return candidates[min(range(len(scores)), key=lambda i: (-scores[i]["accuracy"], scores[i]["nll"]))]
+
+
+def _oracle_scale(J, labels, J_test, y_test):
+    return _best_by_accuracy([lg.DirichletClassifier(s).fit(J, labels).predict_proba(J_test) for s in ORACLE_SCALES],
+                             y_test)
+
+
+def _oracle_blocks(J, labels, J_test, y_test):
+    blocks = len(J.blocks)
+    one_hot = [[1.0 if i == b else 1e-30 for i in range(blocks)] for b in range(blocks)]
+    sizes = np.array([float(np.mean(lg.kernel_diag(J_test.scale_blocks(w), output_mode="trace"))) for w in one_hot])
+    grid = [np.ones(blocks)] + [np.where(np.arange(blocks) == b, level, 1.0)
+                                for b in range(blocks) for level in ORACLE_BLOCK_LEVELS]
+    candidates = []
+    for w in grid:
+        weights = w / sizes * sizes.mean()  # relative to each block's own kernel size
+        clf = lg.DirichletClassifier().fit(J.scale_blocks(weights), labels).optimize_prior_scale()
+        candidates.append(clf.predict_proba(J_test.scale_blocks(weights)))
+    return _best_by_accuracy(candidates, y_test)
+
+
+ORACLES = {"oracle-dirichlet-s": _oracle_scale, "oracle-dirichlet-blocks": _oracle_blocks}
+
+
 def linearized_fine_tuning(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, *,
                            lr: float = baselines.FINE_TUNE_LR, steps: int = baselines.FINE_TUNE_STEPS) -> np.ndarray:
     """Class probabilities on ``test_x`` of f(·; θ̂) + J(·)δ (benchmarks._baselines.linearized), δ trained from 0 by
@@ -113,6 +153,9 @@ def run_seed(seed: int, budgets: list[int], repeats: int) -> list[dict]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", lg.NumericalWarning)  # bound hits are part of what is measured
                 probs.update({name: fit(J, labels, J_test) for name, fit in VARIANTS.items()})
+                probs.update({name: oracle(J, labels, J_test, domains.test_y) for name, oracle in ORACLES.items()})
+            lingp = [p for name, p in probs.items() if name in VARIANTS or name in ORACLES]
+            probs["oracle-any-lingp"] = _best_by_accuracy(lingp, domains.test_y)
             for name, p in probs.items():
                 rows.append({"seed": seed, "labels_per_class": k, "repeat": rep, "variant": name,
                              **_score(p, domains.test_y)})

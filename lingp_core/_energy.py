@@ -9,7 +9,6 @@ always (an inexact CG solution only adds a term squared in its error).
 """
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,26 +91,58 @@ def _residual_pairs(J: JacobianBlocks, J_star: JacobianBlocks, mode: Any, s: flo
     return [(J.select(output=k), J_star.select(output=k)) for k in range(c)], s / c
 
 
+def _covariance_chunk(p: int, m_star: int, budget: float) -> int:
+    """Test rows per chunk of :func:`energy_covariance` within ``budget`` bytes (all m* when they fit): four p-vectors
+    per row are alive at once (one chunk's residuals kept, another's formed from J*ᵀ and Jᵀ W); 0 if one row does not
+    fit."""
+    return min(m_star, int(budget // (4 * v.nbytes_of((p,), np.float64))))
+
+
 def energy_covariance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, W: Any, memory_budget: Any) -> Any:
     """Covariances in the energy form, cov = s·Rᵀ R + Wᵀ D W with R = J*ᵀ − Jᵀ W (p × m*), for W ≈ C⁻¹ s·K0(X, X*)
-    (m × m*): (m*, m*), float64, or None when R does not fit the memory budget. As :func:`energy_variance`, whose
-    values are its diagonal: at the exact W it is s·K0** − s² K0*ᵀ C⁻¹ K0*, an inexact Ŵ adds (Ŵ − W)ᵀ C (Ŵ − W),
-    so it stays positive semi-definite, and no two nearly equal numbers are subtracted where the posterior
-    covariance is far below the prior's. Output mode "trace": the weighted sum over the outputs' residuals."""
+    (m × m*): (m*, m*), float64, or None when not even one test row's residual fits the memory budget. As
+    :func:`energy_variance`, whose values are its diagonal: at the exact W it is s·K0** − s² K0*ᵀ C⁻¹ K0*, an inexact
+    Ŵ adds (Ŵ − W)ᵀ C (Ŵ − W), so it stays positive semi-definite, and no two nearly equal numbers are subtracted
+    where the posterior covariance is far below the prior's. Output mode "trace": the weighted sum over the outputs'
+    residuals. R is formed in chunks of test rows sized to the budget (one chunk when p × m* fits): block (a, b) is
+    R_aᵀ R_b, each later chunk's residual formed again for every earlier chunk."""
     xp = J.backend.xp
-    m_star = int(W.shape[1])
-    budget = v.resolve_memory_budget(memory_budget, J.backend)
-    if 3 * v.nbytes_of((J.p, m_star), np.float64) > budget:
+    m, m_star = (int(x) for x in W.shape)
+    chunk = _covariance_chunk(J.p, m_star, v.resolve_memory_budget(memory_budget, J.backend))
+    if chunk == 0:
         return None
-    m = int(W.shape[0])
     d = xp.asarray(np.broadcast_to(noise, (m,)))
     out = W.T @ (d[:, None] * W)
     pairs, weight = _residual_pairs(J, star.J_star_float64, star.mode, s)
+    spans = [(a, min(a + chunk, m_star)) for a in range(0, m_star, chunk)]
     for J_k, J_star_k in pairs:
-        unit = xp.eye(J_star_k.n * J_star_k.n_outputs, m_star)
-        residual = J_star_k.rmatmat(unit) - J_k.rmatmat(W)  # (p, m*)
-        out += weight * (residual.T @ residual)
+        for i, (a, b) in enumerate(spans):
+            kept = _residuals(J_k, J_star_k, W, a, b)
+            out[a:b, a:b] += weight * (kept.T @ kept)
+            for lo, hi in spans[i + 1:]:
+                block = weight * (kept.T @ _residuals(J_k, J_star_k, W, lo, hi))
+                out[a:b, lo:hi] += block
+                out[lo:hi, a:b] += block.T
     return out
+
+
+def _residuals(J: JacobianBlocks, J_star: JacobianBlocks, W: Any, a: int, b: int) -> Any:
+    """j*_i − Jᵀ w_i for the test rows a..b (W's columns): (p, b − a), float64."""
+    xp = J.backend.xp
+    unit = xp.zeros((J_star.n * J_star.n_outputs, b - a))
+    unit[xp.arange(a, b), xp.arange(b - a)] = 1.0
+    return J_star.rmatmat(unit) - J.rmatmat(W[:, a:b])
+
+
+def warn_unresolved(values: Any, prior: Any, s: float) -> None:
+    """Warn where energy-form variances ``values`` lie below float64's resolution of their ``prior`` (s·k**,
+    broadcastable): the test rows' own rounding, s·(ε‖j*‖)² per entry, is the energy form's floor, and below it
+    nothing helps."""
+    unresolved = int(v.backend_of(values).to_numpy(values < UNRESOLVED_RATIO * prior).sum())
+    if unresolved:
+        v.warn(f"{unresolved} posterior variances lie below float64's resolution of their prior in function space "
+               f"(var / prior < {UNRESOLVED_RATIO:.0e}, with s = {s:.3g}): they are rounding, not results; use a "
+               "parameter-space method (method='parameter-cholesky') or a smaller prior scale", v.NumericalWarning)
 
 
 def cancelled(var: Any, prior: Any, star: StarRows) -> Any:
@@ -134,10 +165,10 @@ def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: An
     if not flagged.any():
         return var
     if _energy_row_bytes(star.J.p) > v.resolve_memory_budget(star.budget, star.J_star.backend):
-        warnings.warn(f"{int(flagged.sum())} posterior variances lost more than {-np.log10(CANCELLED_TOLERANCE):.0f} "
-                      f"digits to cancellation, and recomputing them needs three p-vectors (p = {star.J.p}) beyond the "
-                      "memory budget: they keep the prior − reduction form's rounding; raise memory_budget or use a "
-                      "parameter-space method", v.NumericalWarning, stacklevel=5)
+        v.warn(f"{int(flagged.sum())} posterior variances lost more than {-np.log10(CANCELLED_TOLERANCE):.0f} "
+               f"digits to cancellation, and recomputing them needs three p-vectors (p = {star.J.p}) beyond the memory "
+               "budget: they keep the prior − reduction form's rounding; raise memory_budget or use a parameter-space "
+               "method", v.NumericalWarning)
         return var
     J64 = star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
     for g, (cols, noise) in enumerate(groups):
@@ -146,13 +177,7 @@ def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: An
             w = solve(g, s * star.cross[xp.asarray(rows)].T.astype(np.float64))
             fixed = energy_variance(J64, star, s, noise, w, rows, star.budget)
             var[xp.asarray(rows)[:, None], xp.asarray(np.atleast_1d(cols))[None, :]] = fixed[:, None]
-            # the test rows' own rounding, s·(ε‖j*‖)² per entry, is the energy form's floor: below it nothing helps
-            unresolved = int(star.J_star.backend.to_numpy(fixed < UNRESOLVED_RATIO * prior[xp.asarray(rows)]).sum())
-            if unresolved:
-                warnings.warn(f"{unresolved} posterior variances lie below float64's resolution of their prior in "
-                              f"function space (var / prior < {UNRESOLVED_RATIO:.0e}, with s = {s:.3g}): they are "
-                              "rounding, not results; use a parameter-space method (method='parameter-cholesky') or "
-                              "a smaller prior scale", v.NumericalWarning, stacklevel=5)
+            warn_unresolved(fixed, prior[xp.asarray(rows)], s)
     return var
 
 
@@ -163,19 +188,19 @@ def rescue_cancelled_cov(cov: Any, star: StarRows, s: float, groups: list, solve
     form's rounding error, about m·ε·prior, can exceed them. ``solve(g, rhs)`` = C_g⁻¹ rhs."""
     xp = star.J_star.backend.xp
     prior = s * xp.maximum(star.prior_diag(), 0.0).reshape(-1)
-    J64 = None
+    m_star = int(cov.shape[1])
     for g, (cols, noise) in enumerate(groups):
         columns = np.atleast_1d(cols)
         if not bool(cancelled(xp.diagonal(cov[int(columns[0])]), prior, star).any()):
             continue
-        J64 = J64 if J64 is not None else star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
-        fixed = energy_covariance(J64, star, s, noise, solve(g, s * star.cross.T.astype(np.float64)), star.budget)
-        if fixed is None:
-            warnings.warn(f"posterior covariances lost more than {-np.log10(CANCELLED_TOLERANCE):.0f} digits to "
-                          f"cancellation, and recomputing them needs p × m* residuals ({star.J.p} × "
-                          f"{int(cov.shape[1])}) beyond the memory budget: they keep the prior − reduction form's "
-                          "rounding; raise memory_budget or use a parameter-space method", v.NumericalWarning,
-                          stacklevel=5)
+        if _covariance_chunk(star.J.p, m_star, v.resolve_memory_budget(star.budget, star.J_star.backend)) == 0:
+            v.warn(f"posterior covariances lost more than {-np.log10(CANCELLED_TOLERANCE):.0f} digits to cancellation, "
+                   f"and recomputing them needs four p-vectors (p = {star.J.p}) beyond the memory budget: they keep "
+                   "the prior − reduction form's rounding; raise memory_budget or use a parameter-space method",
+                   v.NumericalWarning)
             return cov
+        J64 = star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
+        fixed = energy_covariance(J64, star, s, noise, solve(g, s * star.cross.T.astype(np.float64)), star.budget)
         cov[xp.asarray(columns)] = fixed
+        warn_unresolved(xp.diagonal(fixed), prior, s)
     return cov

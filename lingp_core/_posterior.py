@@ -16,7 +16,6 @@ determinant). Their ``state()`` holds what prediction needs, so a fitted model c
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,6 +32,7 @@ from lingp_core._energy import (
     energy_variance,
     rescue_cancelled,
     rescue_cancelled_cov,
+    warn_unresolved,
 )
 from lingp_core._layout import noise_groups
 from lingp_core._progress import iteration_callback, progress_bar
@@ -652,6 +652,7 @@ class Iterative:
                                                     f"Lanczos cache was off by {error:.2g} on sampled test rows)")
             w = self._love_solve(g, star.cross.T) if use_cache else self._solve(g, self.s * star.cross.T)
             out[:, cols] = self._energy_variance(g, star, w, np.arange(m_star))[:, None]
+            warn_unresolved(out[:, cols[0]], self.s * xp.maximum(star.prior_diag(), 0.0), self.s)
         return out
 
     def _energy_variance(self, g: int, star: StarRows, w: Any, rows: np.ndarray) -> Any:
@@ -676,21 +677,21 @@ class Iterative:
         return float(xp.max(xp.abs(by_love - by_cg) / xp.maximum(xp.abs(by_cg), floor)))
 
     def cov(self, star: StarRows) -> Any:
-        """In the energy form, as the variances (their values are its diagonal): CG's error enters squared and
-        keeps the covariance positive semi-definite; prior − reduction where the p × m* residuals exceed the memory
-        budget, with a warning."""
+        """In the energy form, as the variances (its diagonal equals them to the solves' accuracy: both by CG,
+        or the variances from the Lanczos cache): CG's error enters squared and keeps the covariance positive
+        semi-definite."""
+        xp = self.backend.xp
         m_star = int(star.cross.shape[0])
-        out = self.backend.xp.empty((self.q, m_star, m_star))
+        prior = self.s * xp.maximum(star.prior_diag(), 0.0)
+        v.check_memory(4 * v.nbytes_of((self.J.p,), np.float64), v.resolve_memory_budget(self.memory_budget,
+                                                                                           self.backend),
+                       what=f"the covariance's parameter-space residuals (p = {self.J.p}, one test row)",
+                       alternative="raise memory_budget")
+        out = xp.empty((self.q, m_star, m_star))
         for g, (cols, noise) in enumerate(self.groups):
             w = self._solve(g, self.s * star.cross.T)
-            energy = energy_covariance(self.J, star, self.s, noise, w, self.memory_budget)
-            if energy is None:
-                warnings.warn(f"the posterior covariance in the energy form needs p × m* residuals ({self.J.p} × "
-                              f"{m_star}) beyond the memory budget: computed as prior − reduction instead, whose "
-                              "rounding can exceed covariances far below the prior's; raise memory_budget",
-                              v.NumericalWarning, stacklevel=4)
-                energy = self.s * star.prior_full() - self.s * (star.cross @ w)
-            out[cols] = energy
+            out[cols] = energy_covariance(self.J, star, self.s, noise, w, self.memory_budget)
+            warn_unresolved(xp.diagonal(out[cols[0]]), prior, self.s)
         return out
 
     def state(self) -> dict[str, Any]:
@@ -808,6 +809,6 @@ def restore(method: str, J: JacobianBlocks | None, mode: Any, backend: Backend, 
 def warn_clamped(n_negative: int, significant: int, total: int) -> None:
     """Announce variances clamped at 0 when some were negative beyond rounding."""
     if significant:
-        warnings.warn(f"{significant} of {total} predictive variances were negative beyond rounding and were set to 0 "
-                      f"({n_negative} negative in all): the solve is inaccurate; use an exact method, tighter rtol or "
-                      "more noise", v.NumericalWarning, stacklevel=3)
+        v.warn(f"{significant} of {total} predictive variances were negative beyond rounding and were set to 0 "
+               f"({n_negative} negative in all): the solve is inaccurate; use an exact method, tighter rtol or more "
+               "noise", v.NumericalWarning)

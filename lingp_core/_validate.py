@@ -7,6 +7,9 @@ host and device arrays are never mixed.
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,6 +17,9 @@ import numpy as np
 
 import backends
 from backends import Backend
+
+#: lingp's own source folders: a warning is attributed to the first frame outside them
+_PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, backends.__file__))
 
 
 class LingpError(Exception):
@@ -277,3 +283,12 @@ def check_memory(nbytes: int, budget: int, *, what: str, alternative: str) -> No
     if nbytes > budget:
         raise MemoryBudgetError(f"{what} needs {format_bytes(nbytes)} but the memory budget is {format_bytes(budget)}; "
                                 f"{alternative} (or raise memory_budget)")
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the user's call: the first frame outside lingp's source folders, however deep
+    inside lingp (and whatever the Python version's frames for comprehensions) the warning arises."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

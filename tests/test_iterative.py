@@ -102,3 +102,30 @@ def test_covariances_in_the_cancellation_regime_match_weight_space(regime, metho
     scale = np.sqrt(np.outer(np.diag(oracle), np.diag(oracle)))
     assert (np.abs(cov - oracle) <= 1e-2 * scale).all()
     np.testing.assert_allclose(np.diag(cov), var[:, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["full", "trace"])
+def test_energy_covariance_in_chunks_within_a_small_memory_budget(mode):
+    """A budget that holds the residuals of 3 test rows at a time (of 10 in output mode "full", 5 in "trace"): the
+    covariance is assembled from blocks of residual products, and equals the dense formula s·K** − s²·K*ᵀ C⁻¹ K*
+    (well-conditioned here); a budget short of one row's four p-vectors gives None."""
+    from lingp_core._energy import energy_covariance
+    from lingp_core._posterior import StarRows
+
+    rng = np.random.default_rng(8)
+    n, n_star, c, p, s, noise = 30, 5, 2, 400, 0.7, 0.3
+    A, B = rng.standard_normal((n * c, p)), rng.standard_normal((n_star * c, p))
+    numpy = lg.get_backend("numpy")
+    J, Js = (lg.JacobianBlocks(np.zeros((len(a) // c, c)), [lg.DenseBlock(["w"], [(p,)], a, c, np)],
+                               backend=numpy, outputs=[0, 1]) for a in (A, B))
+    if mode == "full":
+        K, K_cross, K_star = A @ A.T, B @ A.T, B @ B.T
+    else:  # the mean over outputs of the per-output kernels
+        K, K_cross, K_star = (sum(P[k::c] @ Q[k::c].T for k in range(c)) / c for P, Q in ((A, A), (B, A), (B, B)))
+    C = s * K + noise * np.eye(len(K))
+    W = np.linalg.solve(C, s * K_cross.T)
+    want = s * K_star - s * K_cross @ W
+    for budget in (3.5 * 4 * 8 * p, None):  # four float64 p-vectors per test row
+        got = energy_covariance(J, StarRows(Js, J, mode, budget), s, noise, W, budget)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+    assert energy_covariance(J, StarRows(Js, J, mode, None), s, noise, W, 3 * 8 * p) is None
