@@ -27,6 +27,7 @@ and scored on the seed's rotated test images (accuracy, NLL, ECE); the table is 
                                              hyperparameters, kernel weighting or criterion among these can beat
 
 Usage: python benchmarks/study_few_labels.py [--seeds 0 1 2] [--budgets 1 2 5 10] [--repeats 3] [--quick] [--out DIR]
+       python benchmarks/study_few_labels.py --tables results/study_few_labels/study_few_labels.json  (a saved run)
 """
 from __future__ import annotations
 
@@ -173,6 +174,29 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+#: the rows of the per-seed accuracy table: fine-tuning, the recommended classifier and the ceilings
+PER_SEED = ("fine-tune", "dirichlet", "oracle-dirichlet-blocks", "oracle-any-lingp")
+
+
+def print_tables(rows: list[dict], budgets: list[int]) -> list[dict]:
+    """The mean table (variants × budgets) and the per-seed accuracy of :data:`PER_SEED`; returns the summary."""
+    table = summary(rows)
+    print("| variant | " + " | ".join(f"{k} labels: acc / NLL / ECE" for k in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for variant in dict.fromkeys(r["variant"] for r in table):
+        cells = [f"{e['accuracy']:.3f} / {e['nll']:.3f} / {e['ece']:.3f}" for e in table if e["variant"] == variant]
+        print(f"| {variant} | " + " | ".join(cells) + " |")
+    print("\nAccuracy per seed (mean over its draws): " + ", ".join(PER_SEED))
+    print("| seed | " + " | ".join(f"{k} labels" for k in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for seed in sorted({r["seed"] for r in rows}):
+        cells = [" / ".join(f"{np.mean(accuracy):.3f}" for accuracy in (
+            [r["accuracy"] for r in rows if (r["seed"], r["labels_per_class"], r["variant"]) == (seed, k, variant)]
+            for variant in PER_SEED) if accuracy) for k in budgets]
+        print(f"| {seed} | " + " | ".join(cells) + " |")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -180,18 +204,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="seed 0, 1 label per class, 1 draw (a smoke run)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "study_few_labels"))
+    parser.add_argument("--tables", metavar="JSON", help="print the tables of a saved run instead of running")
     args = parser.parse_args()
+    if args.tables:
+        saved = json.loads(Path(args.tables).read_text())
+        print_tables(saved["rows"], saved["budgets"])
+        return
     if args.quick:
         args.seeds, args.budgets, args.repeats = [0], [1], 1
     torch.set_num_threads(1)
     started = time.perf_counter()
     rows = [r for seed in args.seeds for r in run_seed(seed, args.budgets, args.repeats)]
-    table = summary(rows)
-    print("| variant | " + " | ".join(f"{k} labels: acc / NLL / ECE" for k in args.budgets) + " |")
-    print("|---|" + "---|" * len(args.budgets))
-    for variant in dict.fromkeys(r["variant"] for r in table):
-        cells = [f"{e['accuracy']:.3f} / {e['nll']:.3f} / {e['ece']:.3f}" for e in table if e["variant"] == variant]
-        print(f"| {variant} | " + " | ".join(cells) + " |")
+    table = print_tables(rows, args.budgets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "study_few_labels_quick.json" if args.quick else "study_few_labels.json"
