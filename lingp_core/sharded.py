@@ -151,16 +151,35 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
     import cloudpickle
     shipped = client.submit(_identity, cloudpickle.dumps((model, options)), pure=False)
     starts = np.cumsum([0] + [count for _, count in kept])
-    # shard i lives on worker i mod W (left to itself the scheduler runs every export where the network's bytes
-    # are); each shard's later tasks are sent to its home too. Homes are preferences: after a lost worker Dask
-    # recomputes and runs elsewhere
+    # shard i is exported on worker i mod W (left to itself the scheduler runs every export where the network's
+    # bytes are); later tasks go where their shard is (shards are heavy, see register_sizeof)
     addresses = sorted(scheduler_workers(client))
+    if not addresses:
+        raise v.MissingCapabilityError("the Dask cluster has no workers: start some (or wait for them: "
+                                       "client.wait_for_workers(1)) before exporting")
     homes = [addresses[i % len(addresses)] for i in range(len(kept))]
-    futures = [client.compute(chunk, workers=[home], allow_other_workers=True) for (chunk, _), home in zip(kept, homes)]
+    futures = [client.compute(chunk) for chunk, _ in kept]
     shards = [client.submit(_export_shard, shipped, part, int(start), pure=False, workers=[home],
                             allow_other_workers=True) for part, start, home in zip(futures, starts, homes)]
     described = _gather_described(client, shards, progress)
+    _release_restrictions(client, shards)
     return ShardedJacobian._from_shards(client, shards, described, homes)
+
+
+def _release_restrictions(client: Any, futures: list[Any]) -> None:
+    """Drop the export's worker preferences once the shards exist. distributed keeps a task restricted to a lost
+    worker's address in 'no-worker' even when the restriction is loose, and does not reconsider it for workers that
+    join later (a nanny's restart has a new address): with no other worker alive at that moment, a recomputation
+    after a lost worker would wait forever. Unrestricted, it runs on whichever worker is there."""
+    keys = [future.key for future in futures]
+
+    def release(dask_scheduler: Any) -> None:  # a closure: pickled by value, no lingp import on the scheduler
+        for key in keys:
+            task = dask_scheduler.tasks.get(key)
+            if task is not None:
+                task.worker_restrictions, task.loose_restrictions = None, False
+
+    client.run_on_scheduler(release)
 
 
 def _identity(x: Any) -> Any:
@@ -346,10 +365,9 @@ class ShardedJacobian(JacobianShape):
         return [result for result, _ in done]
 
     def _at(self, i: int, fn: Callable, *args: Any) -> Any:
-        """Submit a task of shard i to the shard's home worker (a preference: another may run it if that is gone)."""
-        home = self.homes[i]
-        return self.client.submit(fn, *args, pure=False, workers=None if home is None else [home],
-                                  allow_other_workers=True)
+        """Submit a task of shard i: the scheduler runs it where the shard is (no restriction, so that after a lost
+        worker the recomputed shard and its tasks run wherever a worker is; see :func:`_release_restrictions`)."""
+        return self.client.submit(fn, *args, pure=False)
 
     def _once(self, x: Any) -> Any:
         """A large operand every shard's task reads (a p × k block, a test Jacobian) as one future made by a task:

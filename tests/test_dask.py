@@ -13,6 +13,7 @@ whatever order the tests run in.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 from typing import Any, NamedTuple
@@ -581,3 +582,42 @@ def test_an_iterative_fit_survives_a_killed_worker(client, data, J_sharded, fitt
     assert killed[0] not in client.run(os.getpid).values()
     V = np.random.default_rng(2).standard_normal((J_sharded.p, 2))
     assert_close(J_sharded.matmat(V), data["o"]["J"] @ V, F64_RTOL)  # the restarted cluster still serves J
+
+
+def test_a_fit_survives_the_only_worker_killed(data, monkeypatch):
+    """A one-worker cluster (one GPU's LocalCUDACluster, say) whose worker is SIGKILLed at the 3rd kernel product of
+    an iterative fit: the nanny restarts it under a new address, Dask recomputes the shards there, and the fit ends
+    with the exact path's answer. It used to wait forever: the export's tasks stayed restricted to the dead address,
+    which distributed does not reconsider for a new worker even for loose restrictions."""
+    local = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, memory_limit="2GiB")
+    client = Client(local, set_as_default=False)
+    killed, calls = [], {"n": 0}
+    original = ShardedJacobian.kernel_matmat
+
+    def kill_at_third_call(self, X, mode):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            pid = next(iter(client.run(os.getpid).values()))
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return original(self, X, mode)
+
+    def fit():
+        with client.as_current():
+            J = lg.export_jacobian(data["net"], rows(data["X"]))
+            monkeypatch.setattr(ShardedJacobian, "kernel_matmat", kill_at_third_call)
+            gp = lg.LinearizedGP(S, NOISES["scalar"], method="iterative", **SMALL_RANKS).fit(J, rows(data["y"]))
+            monkeypatch.undo()
+            return gp.predict(data["Js"])
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        mean = pool.submit(fit).result(timeout=180)  # a hang fails here instead of stalling the suite
+    finally:
+        client.close()  # a fit still waiting then fails in its thread, which ends
+        local.close()
+        pool.shutdown(wait=False)
+    d_mean = dense_posterior(data["o"], S, NOISES["scalar"], "full")[0]
+    assert len(killed) == 1 and calls["n"] > 3
+    assert np.abs(mean - d_mean).max() <= ITERATIVE_MEAN_RTOL * np.abs(d_mean).max()
