@@ -25,6 +25,11 @@ _PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__f
 class LingpError(Exception):
     """Base class of every error lingp raises on purpose."""
 
+    def __reduce__(self) -> tuple:
+        # rebuilt as its own class with its message: an error raised on a Dask worker reaches the user as itself
+        # (distributed's traceback pickling cannot rebuild a MemoryError subclass such as MemoryBudgetError)
+        return (type(self), self.args, self.__dict__ or None)
+
 
 class ShapeError(LingpError, ValueError):
     """An array has the wrong number of dimensions or a shape that does not fit the others."""

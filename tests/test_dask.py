@@ -621,3 +621,21 @@ def test_a_fit_survives_the_only_worker_killed(data, monkeypatch):
     d_mean = dense_posterior(data["o"], S, NOISES["scalar"], "full")[0]
     assert len(killed) == 1 and calls["n"] > 3
     assert np.abs(mean - d_mean).max() <= ITERATIVE_MEAN_RTOL * np.abs(d_mean).max()
+
+
+def test_every_lingp_error_survives_distributed_error_pickling():
+    """What a worker does with a failed task's exception (distributed's error_message, then its pickle): each
+    LingpError class comes back as itself with its message; MemoryBudgetError (a MemoryError) used to arrive as a
+    bare Exception."""
+    from distributed.core import error_message
+    from distributed.protocol import pickle as dask_pickle
+
+    from lingp_core import _validate as v
+
+    classes = [c for c in vars(v).values() if isinstance(c, type) and issubclass(c, v.LingpError)]
+    assert v.MemoryBudgetError in classes and len(classes) > 10
+    for cls in classes:
+        error = cls(f"{cls.__name__}: the shapes at fault")
+        error_message(error)
+        back = dask_pickle.loads(dask_pickle.dumps(error))
+        assert type(back) is cls and back.args == error.args
