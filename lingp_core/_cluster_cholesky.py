@@ -21,6 +21,7 @@ import backends
 from lingp_core import _validate as v
 from lingp_core._energy import rescue_cancelled, rescue_cancelled_cov
 from lingp_core._layout import noise_groups
+from lingp_core._precision import largest_eigenvalue
 from lingp_core.solvers.cholesky import with_jitter
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -79,16 +80,31 @@ class ClusterCholesky:
         U, half_logdet = result.factor
         return U, result.jitter, half_logdet
 
+    def _condition_bound(self, U: dict, s: float, d: np.ndarray) -> float:
+        """The in-memory engine's lower bound on the condition number of the diagonally scaled s·K0 + D
+        (:func:`~lingp_core._posterior.cholesky_condition_bound`): 1 / min U_ii² / C_ii over the diagonal tiles."""
+        ratios = self.client.gather([self._submit(_pivot_ratio, U[(k, k)], self.tiles[(k, k)], s,
+                                                  self._diagonal_part(d, k)) for k in range(len(self.sizes))])
+        return 1.0 / max(min(ratios), float(np.finfo(np.float64).tiny))
+
+    def kernel_largest_eigenvalue(self) -> float:
+        """λmax of K0 by power iteration through the shards' kernel products (one round per step): what the
+        float32-kernel error estimate needs."""
+        def product(x: Any) -> Any:
+            return self.J.kernel_matmat(x[:, None], self.mode)[:, 0].astype(np.float64)
+        return largest_eigenvalue(product, self.m, self.backend.xp)
+
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
         xp = self.backend.xp
         self.s, self.q = s, int(R.shape[1])
         self.alpha = xp.zeros(R.shape, dtype=np.float64)
         self.groups, self.factors, self.jitter = noise_groups(noise, self.q), [], 0.0
-        self._lml = 0.0
+        self._lml, self.condition = 0.0, 1.0
         self.tiles = self.J.kernel_tiles(self.mode, self.kernel_dtype)
         for cols, d in self.groups:
             U, jitter, half_logdet = self._factor_with_jitter(s, d)
             self.jitter = max(self.jitter, jitter)
+            self.condition = max(self.condition, self._condition_bound(U, s, d))
             self.factors.append(U)
             rhs = R[:, cols]
             alpha = self._gather_rows(self._backward(U, self._forward(U, self._split(rhs))))
@@ -209,6 +225,13 @@ def _backward_step(U_ii: Any, Y_i: Any, *pairs: Any) -> Any:
     for U_ij, X_j in zip(pairs[::2], pairs[1::2]):
         acc = acc - U_ij @ X_j
     return backends.infer(acc).solve_triangular(U_ii, acc, lower=False)
+
+
+def _pivot_ratio(U_kk: Any, K_kk: Any, s: float, d: Any) -> float:
+    """min U_ii² / C_ii over a diagonal tile, C_ii = s·K0_ii + d_i (without the jitter, as in memory)."""
+    xp = backends.infer(U_kk).xp
+    diagonal = s * xp.diagonal(K_kk).astype(np.float64) + xp.asarray(d)
+    return float((xp.diagonal(U_kk) ** 2 / diagonal).min())
 
 
 def _log_diagonal_sum(U_kk: Any) -> float:

@@ -35,6 +35,7 @@ from lingp_core._energy import (
     warn_unresolved,
 )
 from lingp_core._layout import noise_groups
+from lingp_core._precision import largest_eigenvalue as power_largest_eigenvalue
 from lingp_core._progress import iteration_callback, progress_bar
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.kernels import KernelOperator, kernel, kernel_diag
@@ -50,19 +51,10 @@ VARIANCE_TOLERANCE = 0.01
 
 
 def largest_eigenvalue(K: Any, steps: int = 20) -> float:
-    """λmax of a symmetric PSD K (m × m, any float dtype) by power iteration in float64 from a ones vector (close
-    after a few steps for kernels, whose top eigenvector is rarely orthogonal to it); 0 for an empty K."""
+    """λmax of a symmetric PSD K (m × m, any float dtype): :func:`~lingp_core._precision.largest_eigenvalue` through
+    K's own products (in K's dtype, accumulated in float64)."""
     xp = backends.infer(K).xp
-    x = xp.ones(K.shape[0], dtype=np.float64)
-    lam = 0.0
-    for _ in range(steps):
-        y = K @ x.astype(K.dtype)
-        norm = float(xp.linalg.norm(y.astype(np.float64)))
-        if norm == 0.0 or not np.isfinite(norm):
-            return norm
-        lam = norm / float(xp.linalg.norm(x))
-        x = y.astype(np.float64) / norm
-    return lam
+    return power_largest_eigenvalue(lambda x: (K @ x.astype(K.dtype)).astype(np.float64), K.shape[0], xp, steps)
 
 
 def clamp_variances(var: Any, scale: Any, xp: Any) -> tuple[Any, int, int]:

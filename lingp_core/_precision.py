@@ -35,3 +35,19 @@ def float_dtype(dtype: Any, name: str) -> np.dtype:
     if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise DTypeError(f"{name} {resolved} is not supported: {name} must be float32 or float64, got {resolved}")
     return resolved
+
+
+def largest_eigenvalue(product: Any, m: int, xp: Any, steps: int = 20) -> float:
+    """λmax of a symmetric PSD m × m matrix given by ``product(x)`` = K x (x (m,) float64 → (m,) float64), by power
+    iteration from a ones vector (close after a few steps for kernels, whose top eigenvector is rarely orthogonal
+    to it): what the float32-kernel error estimates need, not an exact eigenvalue. 0 for m = 0."""
+    x = xp.ones(m, dtype=np.float64)
+    lam = 0.0
+    for _ in range(steps):
+        y = product(x)
+        norm = float(xp.linalg.norm(y))
+        if norm == 0.0 or not np.isfinite(norm):
+            return norm
+        lam = norm / float(xp.linalg.norm(x))
+        x = y / norm
+    return lam

@@ -280,11 +280,13 @@ class LinearizedGP(Estimator):
         by ‖(s·K0 + σ²I)⁻¹‖ ≤ 1/σ²_min; warns above FLOAT32_KERNEL_WARN. 0 for float64 kernels."""
         if self.kernel_dtype != "float32" or engine.space != "function":
             return 0.0
-        # FunctionCholesky keeps a float32 kernel whole in _kernel (its factor lives elsewhere); K0 would be a copy
-        K0 = engine._kernel if hasattr(engine, "_kernel") else getattr(engine, "K0", None)
-        if K0 is None or K0.dtype != np.float32:
-            return 0.0
-        lam_max = post.largest_eigenvalue(K0)
+        if hasattr(engine, "kernel_largest_eigenvalue"):  # a cluster's kernel lives in tiles on the workers
+            lam_max = engine.kernel_largest_eigenvalue()
+        else:  # FunctionCholesky keeps a float32 kernel whole in _kernel (its factor lives elsewhere); K0: a copy
+            K0 = engine._kernel if hasattr(engine, "_kernel") else getattr(engine, "K0", None)
+            if K0 is None or K0.dtype != np.float32:
+                return 0.0
+            lam_max = post.largest_eigenvalue(K0)
         estimate = 2 * float(np.finfo(np.float32).eps) * self.prior_scale * lam_max / float(np.min(self.noise))
         if estimate > FLOAT32_KERNEL_WARN:
             warnings.warn(f"kernel_dtype='float32': the kernel's float32 rounding (≈ {2 * np.finfo(np.float32).eps:.1e}"

@@ -639,3 +639,32 @@ def test_every_lingp_error_survives_distributed_error_pickling():
         error_message(error)
         back = dask_pickle.loads(dask_pickle.dumps(error))
         assert type(back) is cls and back.args == error.args
+
+
+def test_cluster_fits_report_conditioning_and_float32_rounding_as_in_memory(client, data):
+    """Inputs twice each and σ² = 1e-13: the blocked Cholesky reports the in-memory engine's condition bound and
+    warns the same way; a float32 kernel's estimated error (s·λmax by power steps through the shards' products) is
+    the in-memory one and warns past its threshold. Both were missing on the cluster."""
+    from lingp_core import gp as gp_module
+
+    X = np.vstack([data["X"][: N // 2]] * 2)
+    y = data["y"][: len(X)]
+    J_local, J = lg.export_jacobian(data["net"], torch.from_numpy(X)), lg.export_jacobian(data["net"], rows(X))
+    bounds = []
+    for JJ, yy in ((J_local, y), (J, rows(y))):
+        with pytest.warns(lg.NumericalWarning, match="ill-conditioned"):
+            gp = lg.LinearizedGP(1.0, 1e-13, method="function-cholesky").fit(JJ, yy)
+        bounds.append(gp.diagnostics_[0]["condition_bound"])
+    assert bounds[0] > gp_module.ILL_CONDITIONED
+    np.testing.assert_allclose(bounds[1], bounds[0], rtol=0.5)  # a bound from pivots that lost ~13 digits
+    errors = []
+    for JJ, yy in ((data["J_local"], data["y"]), (J_sharded_of(data), rows(data["y"]))):
+        with pytest.warns(lg.NumericalWarning, match="float32 rounding"):
+            gp = lg.LinearizedGP(100.0, 0.05, method="function-cholesky", kernel_dtype="float32").fit(JJ, yy)
+        errors.append(gp.diagnostics_[0]["kernel_float32_error"])
+    assert errors[0] > gp_module.FLOAT32_KERNEL_WARN
+    np.testing.assert_allclose(errors[1], errors[0], rtol=1e-6)  # in memory the power steps run in float32
+
+
+def J_sharded_of(data):
+    return lg.export_jacobian(data["net"], rows(data["X"]))
