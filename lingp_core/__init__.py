@@ -7,6 +7,7 @@ from lingp_core._hyperparameters import Hyperprior
 from lingp_core._validate import (
     ArgumentTypeError,
     BackendMismatchError,
+    ClusterError,
     ConvergenceError,
     ConvergenceWarning,
     DTypeError,
@@ -110,6 +111,7 @@ __all__ = [
     "LowRankResult",
     "PivotedCholesky",
     "Plan",
+    "ClusterError",
     "ConvergenceError",
     "ConvergenceWarning",
     "DTypeError",

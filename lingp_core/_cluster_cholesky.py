@@ -22,6 +22,7 @@ from lingp_core import _validate as v
 from lingp_core._energy import rescue_cancelled, rescue_cancelled_cov
 from lingp_core._layout import noise_groups
 from lingp_core._precision import largest_eigenvalue
+from lingp_core.sharded import check_running, gather
 from lingp_core.solvers.cholesky import with_jitter
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -44,6 +45,7 @@ class ClusterCholesky:
 
     # ----- the factorization ---------------------------------------------------------------------------------------
     def _submit(self, fn: Any, *args: Any) -> Any:
+        check_running(self.client)
         return self.client.submit(fn, *args, pure=False)
 
     def _factor(self, s: float, d: np.ndarray, jitter: float) -> dict[tuple[int, int], Any]:
@@ -66,12 +68,12 @@ class ClusterCholesky:
     def _factor_with_jitter(self, s: float, d: np.ndarray) -> tuple[dict[tuple[int, int], Any], float, float]:
         """The factor, its jitter and Σ log diag U: safe_cholesky's retry policy (jitter only after a plain attempt
         fails, relative to the mean diagonal, with its warning)."""
-        diags = self.client.gather([self._submit(_diagonal_sum, self.tiles[(k, k)]) for k in range(len(self.sizes))])
+        diags = gather(self.client, [self._submit(_diagonal_sum, self.tiles[(k, k)]) for k in range(len(self.sizes))])
         mean_diag = (s * sum(diags) + float(np.broadcast_to(d, (self.m,)).sum())) / self.m
 
         def attempt(jitter: float, first: bool) -> tuple[dict, float]:
             U = self._factor(s, d, jitter)
-            logs = self.client.gather([self._submit(_log_diagonal_sum, U[(k, k)]) for k in range(len(self.sizes))])
+            logs = gather(self.client, [self._submit(_log_diagonal_sum, U[(k, k)]) for k in range(len(self.sizes))])
             return U, float(sum(logs))
 
         result = with_jitter(attempt, "LinearizedGP (blocked Cholesky on the cluster)",
@@ -83,7 +85,7 @@ class ClusterCholesky:
     def _condition_bound(self, U: dict, s: float, d: np.ndarray) -> float:
         """The in-memory engine's lower bound on the condition number of the diagonally scaled s·K0 + D
         (:func:`~lingp_core._posterior.cholesky_condition_bound`): 1 / min U_ii² / C_ii over the diagonal tiles."""
-        ratios = self.client.gather([self._submit(_pivot_ratio, U[(k, k)], self.tiles[(k, k)], s,
+        ratios = gather(self.client, [self._submit(_pivot_ratio, U[(k, k)], self.tiles[(k, k)], s,
                                                   self._diagonal_part(d, k)) for k in range(len(self.sizes))])
         return 1.0 / max(min(ratios), float(np.finfo(np.float64).tiny))
 
@@ -138,7 +140,7 @@ class ClusterCholesky:
         return X
 
     def _gather_rows(self, parts: list[Any]) -> Any:
-        return self.backend.xp.concatenate(self.client.gather(parts), axis=0)
+        return self.backend.xp.concatenate(gather(self.client, parts), axis=0)
 
     # ----- the engine's interface ----------------------------------------------------------------------------------
     def lml(self) -> float:
@@ -159,7 +161,7 @@ class ClusterCholesky:
         prior = star.prior_diag()
         out = self.backend.xp.empty((star.cross.shape[0], self.q))
         for (cols, _), U in zip(self.groups, self.factors):
-            sums = self.client.gather([self._submit(_column_sq_sums, w) for w in self._whitened(star, U)])
+            sums = gather(self.client, [self._submit(_column_sq_sums, w) for w in self._whitened(star, U)])
             out[:, cols] = (self.s * (prior - self.s * sum(sums)))[:, None]
         # where prior − reduction may have cancelled, the energy form, as on one machine
         return rescue_cancelled(out, star, self.s, self.groups, self._group_solve)
@@ -169,7 +171,7 @@ class ClusterCholesky:
         m_star = star.cross.shape[0]
         out = self.backend.xp.empty((self.q, m_star, m_star))
         for (cols, _), U in zip(self.groups, self.factors):
-            grams = self.client.gather([self._submit(_gram, w) for w in self._whitened(star, U)])
+            grams = gather(self.client, [self._submit(_gram, w) for w in self._whitened(star, U)])
             out[cols] = self.s * (prior - self.s * sum(grams))
         return rescue_cancelled_cov(out, star, self.s, self.groups, self._group_solve)
 
@@ -184,7 +186,7 @@ class ClusterCholesky:
         out = {"alpha": self.alpha}
         for g, U in enumerate(self.factors):
             L = xp.zeros((self.m, self.m))
-            for (i, j), tile in zip(U, self.client.gather(list(U.values()))):
+            for (i, j), tile in zip(U, gather(self.client, list(U.values()))):
                 L[self.starts[j]: self.starts[j + 1], self.starts[i]: self.starts[i + 1]] = tile.T
             out[f"factor{g}"] = L
         return out

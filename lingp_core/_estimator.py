@@ -62,6 +62,8 @@ class Estimator:
         if not isinstance(J, (JacobianBlocks, ShardedJacobian)):
             raise v.ArgumentTypeError(f"{name} must be a JacobianBlocks from lingp_core.export_jacobian, got "
                                       f"{v.describe(J)}")
+        if isinstance(J, ShardedJacobian):
+            J.check_alive()
         return J
 
     def _check_star(self, J_star: Any) -> JacobianBlocks:

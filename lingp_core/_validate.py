@@ -96,6 +96,11 @@ class ExportError(LingpError, RuntimeError):
     """The network could not be differentiated as asked; the message says why and what to use instead."""
 
 
+class ClusterError(LingpError, RuntimeError):
+    """The Dask cluster a sharded Jacobian, or a model fitted on one, lives on is gone: its client was closed or the
+    cluster restarted, so the shards (and a cluster factorization) no longer exist."""
+
+
 class MissingDependencyError(LingpError, ImportError):
     """An optional package a requested feature needs is not installed; the message says what to install."""
 

@@ -71,8 +71,37 @@ def current_client() -> Any:
         return None
 
 
+_GONE = ("its Dask client was closed or the cluster restarted, so its shards no longer exist: export the "
+         "Jacobian again on a running client (and save() a model fitted on a cluster before closing the client)")
+
+
+def check_running(client: Any) -> None:
+    """ClusterError unless ``client`` is running."""
+    status = getattr(client, "status", "running")
+    if status != "running":
+        raise v.ClusterError(f"the Dask client is {status}: {_GONE}")
+
+
+def gather(client: Any, futures: Any) -> Any:
+    """``client.gather(futures)``, a lost cluster (closed client, cancelled futures after a restart) reported as a
+    ClusterError rather than distributed's own exceptions."""
+    from concurrent.futures import CancelledError
+
+    check_running(client)
+    try:
+        return client.gather(futures)
+    except CancelledError as exc:
+        raise v.ClusterError(f"a sharded computation was cancelled ({exc}): {_GONE}") from exc
+    except Exception as exc:
+        closed = type(exc).__name__ in ("ClosedClientError", "CommClosedError")
+        if closed or getattr(client, "status", "running") != "running":
+            raise v.ClusterError(f"the Dask client stopped during a sharded computation ({exc!r}): {_GONE}") from exc
+        raise
+
+
 def scheduler_workers(client: Any) -> dict[str, dict[str, Any]]:
     """Every worker the scheduler knows: address → its info (memory_limit, ...)."""
+    check_running(client)
     try:
         info = client.scheduler_info(n_workers=-1)  # newer distributed lists only a few workers by default
     except TypeError:  # older distributed: no n_workers keyword, every worker listed
@@ -110,7 +139,7 @@ def gather_array(x: Any, name: str, rows: int | None = None) -> np.ndarray:
         raise v.ShapeError(f"{name} has {x.shape[0]} rows (shape {tuple(x.shape)}) but the Jacobian has n = {rows} "
                            "examples")
     client = current_client()
-    return client.compute(x).result() if client is not None else x.compute()
+    return gather(client, client.compute(x)) if client is not None else x.compute()
 
 
 def training_pair(J: Any, y: Any, name: str = "y") -> Any:
@@ -215,7 +244,7 @@ def _gather_described(client: Any, shards: list[Any], progress: bool) -> list[di
             for future in described:
                 wait(future)
                 bar.update(1)
-    return client.gather(described)
+    return gather(client, described)
 
 
 # ----- the sharded Jacobian ---------------------------------------------------------------------------------------
@@ -343,6 +372,12 @@ class ShardedJacobian(JacobianShape):
 
     check_signature = JacobianBlocks.check_signature
 
+    def check_alive(self) -> None:
+        """ClusterError when the client is no longer running or a shard was cancelled (a restarted cluster)."""
+        check_running(self.client)
+        if any(shard.status == "cancelled" for shard in self.shards):
+            raise v.ClusterError(f"the shards of {self!r} were cancelled: {_GONE}")
+
     def persist(self) -> ShardedJacobian:
         """Wait until every shard is computed (export already waits; derived Jacobians such as ``select(output=k)``
         are computed on first use)."""
@@ -358,7 +393,7 @@ class ShardedJacobian(JacobianShape):
         shared = tuple(self._once(x) for x in shared)
         futures = [self._at(i, _timed, fn, shard, *(() if per_shard is None else (per_shard[i],)), *shared)
                    for i, shard in enumerate(self.shards)]
-        done = self.client.gather(futures)
+        done = gather(self.client, futures)
         self.timings.rounds += 1
         self.timings.compute += max(seconds for _, seconds in done)
         self.timings.wall += time.perf_counter() - begin
@@ -367,6 +402,7 @@ class ShardedJacobian(JacobianShape):
     def _at(self, i: int, fn: Callable, *args: Any) -> Any:
         """Submit a task of shard i: the scheduler runs it where the shard is (no restriction, so that after a lost
         worker the recomputed shard and its tasks run wherever a worker is; see :func:`_release_restrictions`)."""
+        check_running(self.client)
         return self.client.submit(fn, *args, pure=False)
 
     def _once(self, x: Any) -> Any:
@@ -381,7 +417,7 @@ class ShardedJacobian(JacobianShape):
         while len(futures) > 1:
             pairs = [self.client.submit(_add, a, b, pure=False) for a, b in zip(futures[::2], futures[1::2])]
             futures = pairs + ([futures[-1]] if len(futures) % 2 else [])
-        return futures[0].result()
+        return gather(self.client, futures[0])
 
     def _reduce(self, parts: list[Any], how: Callable) -> Any:
         begin = time.perf_counter()
@@ -430,7 +466,7 @@ class ShardedJacobian(JacobianShape):
         budget = v.resolve_memory_budget(memory_budget, self.backend)
         v.check_memory(2 * self.nbytes, budget, what=f"gathering the sharded Jacobian ({self!r})",
                        alternative="keep it on the cluster")
-        return concatenate(self.client.gather(self.shards))
+        return concatenate(gather(self.client, self.shards))
 
     # ----- products --------------------------------------------------------------------------------------------
     def matmat(self, V: Any) -> Any:
@@ -479,7 +515,7 @@ class ShardedJacobian(JacobianShape):
         pieces = [self._at(i, _timed, _kernel_rmatmat, shard, part, mode)
                   for i, (shard, part) in enumerate(zip(self.shards, self._split(X, per_example)))]
         total = self.client.submit(_timed_sum, *pieces, pure=False)
-        done = self.client.gather([self._at(i, _kernel_matmat_after, shard, total, mode)
+        done = gather(self.client, [self._at(i, _kernel_matmat_after, shard, total, mode)
                                    for i, shard in enumerate(self.shards)])
         self.timings.rounds += 1
         self.timings.compute += done[0][2] + max(seconds for _, seconds, _, _ in done)

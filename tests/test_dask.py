@@ -668,3 +668,36 @@ def test_cluster_fits_report_conditioning_and_float32_rounding_as_in_memory(clie
 
 def J_sharded_of(data):
     return lg.export_jacobian(data["net"], rows(data["X"]))
+
+
+def test_a_lost_cluster_is_reported_as_such(data, tmp_path):
+    """After the cluster restarts (its futures cancelled) and after the client closes, every use of a sharded
+    Jacobian or of a model holding a cluster factorization raises ClusterError, not distributed's own exceptions,
+    and save() writes nothing."""
+    local = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, memory_limit="2GiB")
+    client = Client(local, set_as_default=False)
+    try:
+        with client.as_current():
+            J = lg.export_jacobian(data["net"], rows(data["X"]))
+            exact = lg.LinearizedGP(S, NOISES["scalar"], method="function-cholesky").fit(J, rows(data["y"]))
+            client.restart()
+            uses = {"J.matmat": lambda: J.matmat(np.ones((J.p, 1))),
+                    "predict": lambda: exact.predict(data["Js"], return_var=True),
+                    "save": lambda: exact.save(tmp_path / "restarted.npz"),
+                    "fit": lambda: lg.LinearizedGP(S, NOISES["scalar"]).fit(J, rows(data["y"])),
+                    "kernel": lambda: lg.kernel(data["Js"], J)}
+            for name, use in uses.items():
+                with pytest.raises(lg.ClusterError, match="restarted"):
+                    use()
+                    pytest.fail(f"{name} did not raise")
+            J2 = lg.export_jacobian(data["net"], rows(data["X"]))
+        client.close()
+        for use in (lambda: J2.matmat(np.ones((J2.p, 1))), lambda: lg.LinearizedGP(S, 0.1).fit(J2, rows(data["y"])),
+                    lambda: lg.kernel(data["Js"], J2)):
+            with pytest.raises(lg.ClusterError, match="closed"):
+                use()
+        assert not list(tmp_path.iterdir())
+    finally:
+        client.close()
+        local.close()
