@@ -1132,12 +1132,7 @@ class JacobianBlocks(JacobianShape):
         JacobianBlocks
             Same n, c, p, parameter order, f0 (kept for shape; G is not the Jacobian of the network).
         """
-        n, c = self.n, self.n_outputs
-        arr = as_float_array(factors, "factors", self.backend, ndim=(2, 3), dtypes=(self.dtype,))
-        wanted = (n, c) if arr.ndim == 2 else (n, c, c)
-        if tuple(arr.shape) != wanted:
-            raise ShapeError(f"factors has shape {tuple(arr.shape)}; expected (n, c) = {(n, c)} or (n, c, c) = "
-                             f"{(n, c, c)} for a Jacobian with n = {n} examples and c = {c} outputs")
+        arr = check_row_factors(factors, self)
         return self._derived(self.f0, [block.transform_rows(arr) for block in self.blocks])
 
     def scale_blocks(self, weights: Any) -> JacobianBlocks:
@@ -1189,3 +1184,14 @@ class JacobianBlocks(JacobianShape):
         for block, cols in zip(self.blocks, self._offsets()):
             result[:, cols] = block.to_dense()
         return result
+
+
+def check_row_factors(factors: Any, J: Any) -> Any:
+    """``factors`` for ``J.transform_rows``, checked: (n, c) or (n, c, c), J's dtype and backend, finite."""
+    n, c = J.n, J.n_outputs
+    arr = as_float_array(factors, "factors", J.backend, ndim=(2, 3), dtypes=(J.dtype,))
+    wanted = (n, c) if arr.ndim == 2 else (n, c, c)
+    if tuple(arr.shape) != wanted:
+        raise ShapeError(f"factors has shape {tuple(arr.shape)}; expected (n, c) = {(n, c)} or (n, c, c) = "
+                         f"{(n, c, c)} for a Jacobian with n = {n} examples and c = {c} outputs")
+    return arr

@@ -26,7 +26,7 @@ import numpy as np
 
 import backends
 from lingp_core import _validate as v
-from lingp_core.jacobian import JacobianBlocks, JacobianShape
+from lingp_core.jacobian import JacobianBlocks, JacobianShape, check_row_factors
 from lingp_core.operators import LinearOperator
 
 __all__ = ["ShardedJacobian", "is_dask_array", "is_sharded"]
@@ -441,7 +441,8 @@ class ShardedJacobian(JacobianShape):
                                            "dask array of inputs before exporting")
         if output is None:
             return self
-        if not (isinstance(output, (int, np.integer)) and 0 <= int(output) < self.n_outputs):
+        integer = isinstance(output, (int, np.integer)) and not isinstance(output, bool)
+        if not (integer and 0 <= int(output) < self.n_outputs):
             raise v.ValueRangeError(f"output must be an int in [0, {self.n_outputs - 1}], got {output!r}")
         k = int(output)
         signature = dict(self._meta["signature"], outputs=[self.outputs[k]])
@@ -457,7 +458,7 @@ class ShardedJacobian(JacobianShape):
 
     def transform_rows(self, factors: Any) -> ShardedJacobian:
         """G = L_iᵀ J_i per example (factors (n, c) or (n, c, c)), shard by shard."""
-        parts = self._split(factors, 1)
+        parts = self._split(check_row_factors(factors, self), 1)
         shards = [self._at(i, _transform_rows, shard, part) for i, (shard, part) in enumerate(zip(self.shards, parts))]
         return self._derived(shards, self.f0)
 

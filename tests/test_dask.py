@@ -482,6 +482,14 @@ def test_sharded_jacobian_methods_work_or_say_why(client, data, J_sharded):
         lg.kernel(np.zeros(3), J_sharded)
     with pytest.raises(lg.MemoryBudgetError, match="cross kernel"):
         lg.kernel(data["Js"], J_sharded, memory_budget=1000)
+    # row factors checked on the client as in memory (extra rows were dropped per shard, NaN found lazily)
+    for factors, error in ((np.ones((N + 5, 2)), lg.ShapeError), (np.full((N, 2), np.nan), lg.NonFiniteError),
+                           (np.ones((N, 2), dtype=np.float32), lg.DTypeError)):
+        for J in (J_sharded, data["J_local"]):
+            with pytest.raises(error, match="factors"):
+                J.transform_rows(factors)
+    with pytest.raises(lg.ValueRangeError, match="output"):
+        J_sharded.select(output=True)
 
 
 def test_cluster_jitter_is_added_and_announced_as_in_memory(client):
