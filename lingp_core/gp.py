@@ -424,8 +424,9 @@ class LinearizedGP(Estimator):
         """Joint posterior samples of the latent function at the test inputs.
 
         Drawn as mean + V Λ^½ z from the eigendecomposition of the posterior covariance (negative eigenvalues at
-        rounding level set to 0), z standard normal from ``numpy.random.default_rng(seed)`` — the same samples on
-        every backend.
+        rounding level set to 0), z standard normal from ``numpy.random.default_rng(seed)``, each eigenvector's sign
+        fixed (its largest-magnitude entry positive): the same samples on every backend and execution path (in
+        memory or on a cluster), to rounding, wherever the covariance's eigenvalues are distinct.
 
         Returns
         -------
@@ -446,6 +447,9 @@ class LinearizedGP(Estimator):
         draws = []
         for block in covs:
             lam, vec = be.eigh((block + block.T) / 2)
+            # an eigenvector's sign is arbitrary, and eigh's choice flips with rounding-level changes of the matrix
+            largest = vec[xp.argmax(xp.abs(vec), axis=0), xp.arange(vec.shape[1])]
+            vec = vec * xp.where(largest < 0, -1.0, 1.0)
             z = xp.asarray(rng.standard_normal((block.shape[0], n_samples)))
             draws.append(vec @ (xp.sqrt(xp.maximum(lam, 0.0))[:, None] * z))
         if self.output_mode == "full":

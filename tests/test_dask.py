@@ -232,6 +232,14 @@ def test_cluster_cholesky_equals_dense_formulas_and_the_in_memory_fit(data, fitt
     np.testing.assert_allclose(gp.log_marginal_likelihood(), local.log_marginal_likelihood(), rtol=F64_RTOL)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_cluster_samples_equal_the_in_memory_ones(data, fitted, mode):
+    # the same seed, covariances equal to rounding: the same draws (eigenvector signs fixed, not left to eigh)
+    gp = fitted("function-cholesky", mode, "scalar").gp
+    assert_close(gp.sample(data["Js"], 5, seed=1), reference(data, mode, "scalar").sample(data["Js"], 5, seed=1),
+                 1e-8)
+
+
 @pytest.mark.parametrize("mode,noise_name", [("full", "scalar"), ("trace", "scalar"), ("independent", "per-output")])
 def test_cluster_iterative_matches_the_exact_path(data, fitted, mode, noise_name):
     gp, mean, var = fitted("iterative", mode, noise_name)
