@@ -92,8 +92,8 @@ class ClusterCholesky:
     def kernel_largest_eigenvalue(self) -> float:
         """λmax of K0 by power iteration through the shards' kernel products (one round per step): what the
         float32-kernel error estimate needs."""
-        def product(x: Any) -> Any:
-            return self.J.kernel_matmat(x[:, None], self.mode)[:, 0].astype(np.float64)
+        def product(x: Any) -> Any:  # in J's dtype, as the products of a float32 export must be
+            return self.J.kernel_matmat(x[:, None].astype(self.J.dtype), self.mode)[:, 0].astype(np.float64)
         return largest_eigenvalue(product, self.m, self.backend.xp)
 
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:

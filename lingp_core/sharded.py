@@ -26,7 +26,7 @@ import numpy as np
 
 import backends
 from lingp_core import _validate as v
-from lingp_core.jacobian import JacobianBlocks, JacobianShape, check_row_factors
+from lingp_core.jacobian import JacobianBlocks, JacobianShape, _count, check_row_factors
 from lingp_core.operators import LinearOperator
 
 __all__ = ["ShardedJacobian", "is_dask_array", "is_sharded"]
@@ -180,35 +180,42 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
     import cloudpickle
     shipped = client.submit(_identity, cloudpickle.dumps((model, options)), pure=False)
     starts = np.cumsum([0] + [count for _, count in kept])
-    # shard i is exported on worker i mod W (left to itself the scheduler runs every export where the network's
-    # bytes are); later tasks go where their shard is (shards are heavy, see register_sizeof)
+    # shard i lives on worker i mod W (left to itself the scheduler runs every export where the network's bytes
+    # are); each shard's later tasks are sent to its home too, or a shared operand larger than a shard would pull
+    # the shards to itself. Homes are loose: after a lost worker Dask recomputes and runs elsewhere
     addresses = sorted(scheduler_workers(client))
     if not addresses:
         raise v.MissingCapabilityError("the Dask cluster has no workers: start some (or wait for them: "
                                        "client.wait_for_workers(1)) before exporting")
+    _free_stranded_tasks(client)
     homes = [addresses[i % len(addresses)] for i in range(len(kept))]
     futures = [client.compute(chunk) for chunk, _ in kept]
     shards = [client.submit(_export_shard, shipped, part, int(start), pure=False, workers=[home],
                             allow_other_workers=True) for part, start, home in zip(futures, starts, homes)]
     described = _gather_described(client, shards, progress)
-    _release_restrictions(client, shards)
     return ShardedJacobian._from_shards(client, shards, described, homes)
 
 
-def _release_restrictions(client: Any, futures: list[Any]) -> None:
-    """Drop the export's worker preferences once the shards exist. distributed keeps a task restricted to a lost
-    worker's address in 'no-worker' even when the restriction is loose, and does not reconsider it for workers that
-    join later (a nanny's restart has a new address): with no other worker alive at that moment, a recomputation
-    after a lost worker would wait forever. Unrestricted, it runs on whichever worker is there."""
-    keys = [future.key for future in futures]
+def _free_stranded_tasks(client: Any) -> None:
+    """Install (once per scheduler) a plugin that frees tasks stranded by a lost home worker. A task loosely
+    restricted to workers that are all gone runs anywhere while some worker is alive; but if none is at that
+    moment it goes to 'no-worker', and distributed never reconsiders it for a worker that joins later (a nanny's
+    restart has a new address): the fit would wait forever. When a worker joins, the plugin drops such stale
+    restrictions, just before the scheduler looks for tasks the new worker can run."""
+    def install(dask_scheduler: Any) -> None:  # a closure: pickled by value, no lingp import on the scheduler
+        from distributed.diagnostics.plugin import SchedulerPlugin
 
-    def release(dask_scheduler: Any) -> None:  # a closure: pickled by value, no lingp import on the scheduler
-        for key in keys:
-            task = dask_scheduler.tasks.get(key)
-            if task is not None:
-                task.worker_restrictions, task.loose_restrictions = None, False
+        class FreeStrandedTasks(SchedulerPlugin):
+            def add_worker(self, scheduler: Any, worker: str) -> None:
+                for task in list(scheduler.unrunnable):
+                    restricted = task.worker_restrictions
+                    if (restricted and task.loose_restrictions
+                            and not any(address in scheduler.workers for address in restricted)):
+                        task.worker_restrictions, task.loose_restrictions = None, False
 
-    client.run_on_scheduler(release)
+        dask_scheduler.add_plugin(FreeStrandedTasks(), name="lingp-free-stranded-tasks", idempotent=True)
+
+    client.run_on_scheduler(install)
 
 
 def _identity(x: Any) -> Any:
@@ -381,14 +388,15 @@ class ShardedJacobian(JacobianShape):
     def persist(self) -> ShardedJacobian:
         """Wait until every shard is computed (export already waits; derived Jacobians such as ``select(output=k)``
         are computed on first use)."""
-        from distributed import wait
-        wait(self.shards)
+        self.check_alive()
+        gather(self.client, self.shards)  # waits, with a lost cluster reported as ClusterError
         return self
 
     # ----- rounds of shard tasks ---------------------------------------------------------------------------------
     def _round(self, fn: Callable, per_shard: Sequence[Any] | None = None, *shared: Any) -> list[Any]:
         """Run ``fn(shard, [part], *shared)`` on every shard where it lives; fn returns (result, seconds). The
         results in shard order; the slowest shard's seconds and the whole round's are added to ``timings``."""
+        self.check_alive()
         begin = time.perf_counter()
         shared = tuple(self._once(x) for x in shared)
         futures = [self._at(i, _timed, fn, shard, *(() if per_shard is None else (per_shard[i],)), *shared)
@@ -400,15 +408,18 @@ class ShardedJacobian(JacobianShape):
         return [result for result, _ in done]
 
     def _at(self, i: int, fn: Callable, *args: Any) -> Any:
-        """Submit a task of shard i: the scheduler runs it where the shard is (no restriction, so that after a lost
-        worker the recomputed shard and its tasks run wherever a worker is; see :func:`_release_restrictions`)."""
+        """Submit a task of shard i to the shard's home worker (a loose preference: another runs it if the home is
+        gone; :func:`_free_stranded_tasks` covers the moment when no worker is alive)."""
         check_running(self.client)
-        return self.client.submit(fn, *args, pure=False)
+        home = self.homes[i]
+        return self.client.submit(fn, *args, pure=False, workers=None if home is None else [home],
+                                  allow_other_workers=True)
 
     def _once(self, x: Any) -> Any:
         """A large operand every shard's task reads (a p × k block, a test Jacobian) as one future made by a task:
         it travels to each worker once instead of inside every task, and stays recomputable."""
         if getattr(x, "nbytes", 0) >= _SHARED_INLINE_BYTES:
+            check_running(self.client)
             return self.client.submit(_identity, x, pure=False)
         return x
 
@@ -441,10 +452,9 @@ class ShardedJacobian(JacobianShape):
                                            "dask array of inputs before exporting")
         if output is None:
             return self
-        integer = isinstance(output, (int, np.integer)) and not isinstance(output, bool)
-        if not (integer and 0 <= int(output) < self.n_outputs):
+        k = _count(output, "output", 0)  # ArgumentTypeError for a bool or a float, as in memory
+        if k >= self.n_outputs:
             raise v.ValueRangeError(f"output must be an int in [0, {self.n_outputs - 1}], got {output!r}")
-        k = int(output)
         signature = dict(self._meta["signature"], outputs=[self.outputs[k]])
         return self._derived(self._map(_select_output, k), self.f0[:, k: k + 1], outputs=(self.outputs[k],),
                              signature=signature)
@@ -547,6 +557,7 @@ class ShardedJacobian(JacobianShape):
     def kernel_tiles(self, mode: Any, dtype: Any) -> dict[tuple[int, int], Any]:
         """Futures of the kernel's tiles K0[i, j] (shard i's rows × shard j's), upper triangle (i ≤ j) only."""
         from lingp_core.kernels import kernel
+        self.check_alive()  # the tiles are futures: a cancelled shard would surface only when they are computed
         T = len(self.shards)
         return {(i, j): self._at(i, _tile, self.shards[i], self.shards[j], kernel,
                                  {"output_mode": mode, "dtype": dtype})

@@ -478,6 +478,27 @@ def test_parameter_objects_select_the_same_columns_on_the_workers(client, data):
         assert_close(J.matmat(eye), local.to_dense(), F64_RTOL)
 
 
+def test_shards_stay_where_they_were_exported(client):
+    """A wide network (p = 92,102) whose product operands (a p-vector, the p-vector sum of a kernel product)
+    outweigh its factored shards: ten products of each kind leave every shard on its one home worker. Unpinned, the
+    scheduler moved shards to wherever the operand was."""
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 300), torch.nn.Tanh(), torch.nn.Linear(300, 300), torch.nn.Tanh(),
+                              torch.nn.Linear(300, 2)).double()
+    J = lg.export_jacobian(net, rows(np.random.default_rng(4).standard_normal((60, 3))))
+
+    def placement():
+        held = client.who_has(J.shards)
+        return [tuple(sorted(held[shard.key])) for shard in J.shards]
+
+    before = placement()
+    assert all(len(workers) == 1 for workers in before) and len({w for (w,) in before}) == 2
+    for _ in range(10):
+        J.matmat(np.ones((J.p, 1)))
+        J.kernel_matmat(np.ones((2 * 60, 1)), "full")
+    assert placement() == before
+
+
 def test_sharded_jacobian_methods_work_or_say_why(client, data, J_sharded):
     assert_close(J_sharded.gram_diagonal(), data["J_local"].gram_diagonal(), F64_RTOL)
     U = np.random.default_rng(3).standard_normal((2 * N, 2))
@@ -496,8 +517,10 @@ def test_sharded_jacobian_methods_work_or_say_why(client, data, J_sharded):
         for J in (J_sharded, data["J_local"]):
             with pytest.raises(error, match="factors"):
                 J.transform_rows(factors)
-    with pytest.raises(lg.ValueRangeError, match="output"):
-        J_sharded.select(output=True)
+    for wrong, error in ((True, lg.ArgumentTypeError), (1.0, lg.ArgumentTypeError), (2, lg.ValueRangeError)):
+        for J in (J_sharded, data["J_local"]):
+            with pytest.raises(error, match="output"):
+                J.select(output=wrong)
 
 
 def test_cluster_jitter_is_added_and_announced_as_in_memory(client):
@@ -680,6 +703,12 @@ def test_cluster_fits_report_conditioning_and_float32_rounding_as_in_memory(clie
         errors.append(gp.diagnostics_[0]["kernel_float32_error"])
     assert errors[0] > gp_module.FLOAT32_KERNEL_WARN
     np.testing.assert_allclose(errors[1], errors[0], rtol=1e-6)  # in memory the power steps run in float32
+    net32 = tanh_mlp(torch.float32)  # a float32 export: the power steps' vectors in its dtype
+    X32 = data["X"].astype(np.float32)
+    for JJ, yy in ((lg.export_jacobian(net32, torch.from_numpy(X32)), data["y"].astype(np.float32)),
+                   (lg.export_jacobian(net32, rows(X32)), rows(data["y"].astype(np.float32)))):
+        with pytest.warns(lg.NumericalWarning, match="float32 rounding"):
+            lg.LinearizedGP(100.0, 0.05, method="function-cholesky", kernel_dtype="float32").fit(JJ, yy)
 
 
 def J_sharded_of(data):
@@ -702,16 +731,17 @@ def test_a_lost_cluster_is_reported_as_such(data, tmp_path):
                     "predict": lambda: exact.predict(data["Js"], return_var=True),
                     "save": lambda: exact.save(tmp_path / "restarted.npz"),
                     "fit": lambda: lg.LinearizedGP(S, NOISES["scalar"]).fit(J, rows(data["y"])),
-                    "kernel": lambda: lg.kernel(data["Js"], J)}
+                    "kernel": lambda: lg.kernel(data["Js"], J), "persist": J.persist,
+                    "kernel tiles": lambda: lg.kernel(J)}
             for name, use in uses.items():
-                with pytest.raises(lg.ClusterError, match="restarted"):
+                with pytest.raises(lg.ClusterError, match="cancelled"):
                     use()
                     pytest.fail(f"{name} did not raise")
             J2 = lg.export_jacobian(data["net"], rows(data["X"]))
         client.close()
         for use in (lambda: J2.matmat(np.ones((J2.p, 1))), lambda: lg.LinearizedGP(S, 0.1).fit(J2, rows(data["y"])),
-                    lambda: lg.kernel(data["Js"], J2)):
-            with pytest.raises(lg.ClusterError, match="closed"):
+                    lambda: lg.kernel(data["Js"], J2), J2.persist, lambda: lg.kernel(J2)):
+            with pytest.raises(lg.ClusterError, match="client is closed"):
                 use()
         assert not list(tmp_path.iterdir())
     finally:
