@@ -72,12 +72,10 @@ def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: 
                    alternative="raise memory_budget")
     pairs, weight = _residual_pairs(J, J_star, star.mode, s)
     for start in range(0, len(rows), chunk):
-        part = rows[start: start + chunk]
+        part = slice(start, start + chunk)
         for J_k, J_star_k in pairs:
-            unit = xp.zeros((J_star_k.n * J_star_k.n_outputs, len(part)))
-            unit[xp.asarray(part), xp.arange(len(part))] = 1.0
-            residual = J_star_k.rmatmat(unit) - J_k.rmatmat(w[:, start: start + len(part)])  # j*_i − Jᵀ w_i
-            out[start: start + len(part)] += weight * (residual * residual).sum(axis=0)
+            residual = _residuals(J_k, J_star_k, rows[part], w[:, part])
+            out[part] += weight * (residual * residual).sum(axis=0)
     return out
 
 
@@ -91,11 +89,16 @@ def _residual_pairs(J: JacobianBlocks, J_star: JacobianBlocks, mode: Any, s: flo
     return [(J.select(output=k), J_star.select(output=k)) for k in range(c)], s / c
 
 
+def covariance_row_bytes(p: int) -> int:
+    """Bytes one test row of :func:`energy_covariance` holds: four p-vectors alive at once (one chunk's residuals
+    kept, another's formed from J*ᵀ and Jᵀ W)."""
+    return 4 * v.nbytes_of((p,), np.float64)
+
+
 def _covariance_chunk(p: int, m_star: int, budget: float) -> int:
-    """Test rows per chunk of :func:`energy_covariance` within ``budget`` bytes (all m* when they fit): four p-vectors
-    per row are alive at once (one chunk's residuals kept, another's formed from J*ᵀ and Jᵀ W); 0 if one row does not
-    fit."""
-    return min(m_star, int(budget // (4 * v.nbytes_of((p,), np.float64))))
+    """Test rows per chunk of :func:`energy_covariance` within ``budget`` bytes (all m* when they fit; 0 if one row
+    does not fit)."""
+    return min(m_star, int(budget // covariance_row_bytes(p)))
 
 
 def energy_covariance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, W: Any, memory_budget: Any) -> Any:
@@ -114,24 +117,25 @@ def energy_covariance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, W
     d = xp.asarray(np.broadcast_to(noise, (m,)))
     out = W.T @ (d[:, None] * W)
     pairs, weight = _residual_pairs(J, star.J_star_float64, star.mode, s)
-    spans = [(a, min(a + chunk, m_star)) for a in range(0, m_star, chunk)]
+    spans = [slice(a, min(a + chunk, m_star)) for a in range(0, m_star, chunk)]
+    rows = np.arange(m_star)
     for J_k, J_star_k in pairs:
-        for i, (a, b) in enumerate(spans):
-            kept = _residuals(J_k, J_star_k, W, a, b)
-            out[a:b, a:b] += weight * (kept.T @ kept)
-            for lo, hi in spans[i + 1:]:
-                block = weight * (kept.T @ _residuals(J_k, J_star_k, W, lo, hi))
-                out[a:b, lo:hi] += block
-                out[lo:hi, a:b] += block.T
+        for i, a in enumerate(spans):
+            kept = _residuals(J_k, J_star_k, rows[a], W[:, a])
+            out[a, a] += weight * (kept.T @ kept)
+            for b in spans[i + 1:]:
+                block = weight * (kept.T @ _residuals(J_k, J_star_k, rows[b], W[:, b]))
+                out[a, b] += block
+                out[b, a] += block.T
     return out
 
 
-def _residuals(J: JacobianBlocks, J_star: JacobianBlocks, W: Any, a: int, b: int) -> Any:
-    """j*_i − Jᵀ w_i for the test rows a..b (W's columns): (p, b − a), float64."""
+def _residuals(J: JacobianBlocks, J_star: JacobianBlocks, rows: np.ndarray, W: Any) -> Any:
+    """j*_i − Jᵀ w_i for the test rows ``rows`` of J_star, W's columns in the same order: (p, len(rows)), float64."""
     xp = J.backend.xp
-    unit = xp.zeros((J_star.n * J_star.n_outputs, b - a))
-    unit[xp.arange(a, b), xp.arange(b - a)] = 1.0
-    return J_star.rmatmat(unit) - J.rmatmat(W[:, a:b])
+    unit = xp.zeros((J_star.n * J_star.n_outputs, len(rows)))
+    unit[xp.asarray(rows), xp.arange(len(rows))] = 1.0
+    return J_star.rmatmat(unit) - J.rmatmat(W)
 
 
 def warn_unresolved(values: Any, prior: Any, s: float) -> None:
@@ -143,6 +147,11 @@ def warn_unresolved(values: Any, prior: Any, s: float) -> None:
         v.warn(f"{unresolved} posterior variances lie below float64's resolution of their prior in function space "
                f"(var / prior < {UNRESOLVED_RATIO:.0e}, with s = {s:.3g}): they are rounding, not results; use a "
                "parameter-space method (method='parameter-cholesky') or a smaller prior scale", v.NumericalWarning)
+
+
+def _training_float64(star: StarRows) -> JacobianBlocks:
+    """The task's training Jacobian in float64, converted once per predict call."""
+    return star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
 
 
 def cancelled(var: Any, prior: Any, star: StarRows) -> Any:
@@ -170,12 +179,11 @@ def rescue_cancelled(var: Any, star: StarRows, s: float, groups: list, solve: An
                "budget: they keep the prior − reduction form's rounding; raise memory_budget or use a parameter-space "
                "method", v.NumericalWarning)
         return var
-    J64 = star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
     for g, (cols, noise) in enumerate(groups):
         rows = np.flatnonzero(flagged[:, cols].any(axis=1))
         if rows.size:
             w = solve(g, s * star.cross[xp.asarray(rows)].T.astype(np.float64))
-            fixed = energy_variance(J64, star, s, noise, w, rows, star.budget)
+            fixed = energy_variance(_training_float64(star), star, s, noise, w, rows, star.budget)
             var[xp.asarray(rows)[:, None], xp.asarray(np.atleast_1d(cols))[None, :]] = fixed[:, None]
             warn_unresolved(fixed, prior[xp.asarray(rows)], s)
     return var
@@ -199,8 +207,8 @@ def rescue_cancelled_cov(cov: Any, star: StarRows, s: float, groups: list, solve
                    "the prior − reduction form's rounding; raise memory_budget or use a parameter-space method",
                    v.NumericalWarning)
             return cov
-        J64 = star.memo(("J64", id(star.J)), lambda: _as_float64(star.J))
-        fixed = energy_covariance(J64, star, s, noise, solve(g, s * star.cross.T.astype(np.float64)), star.budget)
+        W = solve(g, s * star.cross.T.astype(np.float64))
+        fixed = energy_covariance(_training_float64(star), star, s, noise, W, star.budget)
         cov[xp.asarray(columns)] = fixed
         warn_unresolved(xp.diagonal(fixed), prior, s)
     return cov

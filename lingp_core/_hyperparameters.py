@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -516,5 +515,4 @@ def optimize(model: Any, per_output_noise: bool | None, maxiter: int, criterion:
                            "log_hyperprior": None if prior is None else prior.log_density_and_gradient(theta)[0],
                            "at_bound": [name for name, _ in at_bounds], **model._hyperparameters()}
     if at_bounds:  # before the caller commits: with warnings as errors the model stays as it was
-        warnings.warn("optimize_hyperparameters: " + "; ".join(text for _, text in at_bounds), v.NumericalWarning,
-                      stacklevel=3)
+        v.warn("optimize_hyperparameters: " + "; ".join(text for _, text in at_bounds), v.NumericalWarning)

@@ -28,6 +28,7 @@ from lingp_core._cluster_cholesky import ClusterCholesky
 from lingp_core._energy import (
     _as_float64,
     cancelled,
+    covariance_row_bytes,
     energy_covariance,
     energy_variance,
     rescue_cancelled,
@@ -225,6 +226,11 @@ class FunctionCholesky(_GroupedCholesky):
     def _group_solve(self, g: int, rhs: Any) -> Any:
         return self.backend.cho_solve(self.factors[g], rhs)
 
+    def kernel_largest_eigenvalue(self) -> float | None:
+        """λmax of a float32 K0, kept whole in _kernel (its factor lives elsewhere); None for a float64 K0, whose
+        lower triangle holds the factor."""
+        return largest_eigenvalue(self._kernel) if self._kernel.dtype == np.float32 else None
+
     def var(self, star: StarRows) -> Any:
         return rescue_cancelled(super().var(star), star, self.s, self.groups, self._group_solve)
 
@@ -303,6 +309,10 @@ class FunctionSpectral:
         self.d = s * self.lam[:, None] + xp.asarray(self.noise)[None, :]
         self.alpha = self.U @ (self.Z / self.d)
         self.condition = float(self.conditions_at(np.full(self.q, s), self.noise).max())
+
+    def kernel_largest_eigenvalue(self) -> float | None:
+        """λmax of a float32 K0 (None for a float64 one: its rounding is not the float32 kernel's)."""
+        return largest_eigenvalue(self.K0) if self.K0.dtype == np.float32 else None
 
     def spectrum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """(λ (k,), weights (k, q), rest (q,), m) for :func:`spectral_lml`."""
@@ -675,8 +685,7 @@ class Iterative:
         xp = self.backend.xp
         m_star = int(star.cross.shape[0])
         prior = self.s * xp.maximum(star.prior_diag(), 0.0)
-        v.check_memory(4 * v.nbytes_of((self.J.p,), np.float64), v.resolve_memory_budget(self.memory_budget,
-                                                                                           self.backend),
+        v.check_memory(covariance_row_bytes(self.J.p), v.resolve_memory_budget(self.memory_budget, self.backend),
                        what=f"the covariance's parameter-space residuals (p = {self.J.p}, one test row)",
                        alternative="raise memory_budget")
         out = xp.empty((self.q, m_star, m_star))

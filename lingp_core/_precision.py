@@ -20,7 +20,6 @@ def default_rtol(dtype: Any) -> float:
     return float(np.sqrt(eps(dtype)))
 
 
-
 def float_dtype(dtype: Any, name: str) -> np.dtype:
     """``dtype`` as a NumPy float32 or float64 dtype, given as a NumPy dtype, its name or a torch dtype (None reads as
     NumPy's default, float64); DTypeError naming the argument ``name`` otherwise."""

@@ -247,8 +247,8 @@ class BlockWeightAverage(Estimator):
         heavy = [(float(w), m[0]) for w, m in zip(weights, messages) if m and w > 0.01]
         if heavy:
             share = sum(w for w, _ in heavy)
-            warnings.warn(f"components holding {share:.1%} of the block-weight posterior warned: {heavy[0][1]}",
-                          v.NumericalWarning, stacklevel=3)
+            v.warn(f"components holding {share:.1%} of the block-weight posterior warned: {heavy[0][1]}",
+                          v.NumericalWarning)
 
     # ----- predictions ------------------------------------------------------------------------------------------------
     def predict(self, J_star: JacobianBlocks, return_var: bool = False) -> Any:

@@ -18,7 +18,6 @@ Methods (``method=``), all in float64 and all exact except "iterative":
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any
 
 import numpy as np
@@ -269,30 +268,28 @@ class LinearizedGP(Estimator):
                     condition, noise = float(point[g]), f"{float(noises[g]):.3g}"
                     where = f" at a point of the averaging grid holding {mixture.weights[heavy][g]:.1%} of the weight"
         if condition > ILL_CONDITIONED:
-            warnings.warn(f"the exact {self.plan_.method} system s·K + σ²I is ill-conditioned{where} (condition "
+            v.warn(f"the exact {self.plan_.method} system s·K + σ²I is ill-conditioned{where} (condition "
                           f"number ≥ {condition:.2g}): the solve may lose up to about "
                           f"{min(16.0, np.log10(condition)):.0f} of float64's 16 digits. Duplicated or nearly "
                           f"collinear training inputs with a noise σ² = {noise} this small do this; raise the noise or "
-                          "remove the duplicates", v.NumericalWarning, stacklevel=4)
+                          "remove the duplicates", v.NumericalWarning)
 
     def _float32_kernel_error(self, engine: Any) -> float:
         """Estimated relative error of the posterior from a float32 kernel: its rounding ≈ 2·u₃₂·s·λmax(K0), amplified
         by ‖(s·K0 + σ²I)⁻¹‖ ≤ 1/σ²_min; warns above FLOAT32_KERNEL_WARN. 0 for float64 kernels."""
-        if self.kernel_dtype != "float32" or engine.space != "function":
+        # the engines that hold a kernel (in memory, or as tiles on a cluster) estimate its λmax; the iterative one
+        # keeps none
+        if self.kernel_dtype != "float32" or not hasattr(engine, "kernel_largest_eigenvalue"):
             return 0.0
-        if hasattr(engine, "kernel_largest_eigenvalue"):  # a cluster's kernel lives in tiles on the workers
-            lam_max = engine.kernel_largest_eigenvalue()
-        else:  # FunctionCholesky keeps a float32 kernel whole in _kernel (its factor lives elsewhere); K0: a copy
-            K0 = engine._kernel if hasattr(engine, "_kernel") else getattr(engine, "K0", None)
-            if K0 is None or K0.dtype != np.float32:
-                return 0.0
-            lam_max = post.largest_eigenvalue(K0)
+        lam_max = engine.kernel_largest_eigenvalue()
+        if lam_max is None:
+            return 0.0
         estimate = 2 * float(np.finfo(np.float32).eps) * self.prior_scale * lam_max / float(np.min(self.noise))
         if estimate > FLOAT32_KERNEL_WARN:
-            warnings.warn(f"kernel_dtype='float32': the kernel's float32 rounding (≈ {2 * np.finfo(np.float32).eps:.1e}"
+            v.warn(f"kernel_dtype='float32': the kernel's float32 rounding (≈ {2 * np.finfo(np.float32).eps:.1e}"
                           f" × s·λmax = {self.prior_scale * lam_max:.3g}) against the noise σ² = "
                           f"{float(np.min(self.noise)):.3g} can change the posterior by about {estimate:.2g} "
-                          "(relative); use kernel_dtype='float64' for this problem", v.NumericalWarning, stacklevel=4)
+                          "(relative); use kernel_dtype='float64' for this problem", v.NumericalWarning)
         return estimate
 
     @property

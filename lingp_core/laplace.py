@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -303,9 +302,9 @@ class LaplaceClassifier(Estimator):
         with progress_bar(self.maxiter, enabled=self.progress, desc="LaplaceClassifier Newton") as bar:
             info = engine.fit(scales, start, rtol, self.maxiter, self.cg_maxiter, bar)
         if not info["converged"]:
-            warnings.warn(f"LaplaceClassifier: Newton stopped after {info['newton_iterations']} iterations with "
+            v.warn(f"LaplaceClassifier: Newton stopped after {info['newton_iterations']} iterations with "
                           f"relative gradient {info['gradient_ratio']:.3g} > rtol {rtol:.3g}; raise maxiter or rtol",
-                          v.ConvergenceWarning, stacklevel=3)
+                          v.ConvergenceWarning)
         evidence = -engine.objective - engine.half_logdet()
         if not (np.isfinite(evidence) and bool(engine.backend.xp.isfinite(engine.w).all())):
             raise v.NonFiniteError(f"the Laplace fit at prior_scale = {_format_scale(scale)} overflowed float64 "
@@ -456,8 +455,8 @@ class LaplaceClassifier(Estimator):
                             "points_kept": int(kept.size), "weight_on_grid_edge": edge,
                             "log_evidence": [float(x) for x in log_joint - log_prior]}
         if edge > 0.01:  # warned before the commit: a warning raised as an error leaves the model unchanged
-            warnings.warn(f"{edge:.1%} of the posterior of s lies on the edge of the averaging grid (±{span} decades "
-                          f"around s = {math.exp(centre):.3g}): widen span", v.NumericalWarning, stacklevel=2)
+            v.warn(f"{edge:.1%} of the posterior of s lies on the edge of the averaging grid (±{span} decades "
+                          f"around s = {math.exp(centre):.3g}): widen span", v.NumericalWarning)
         self._commit(draft)
         return self
 
@@ -510,11 +509,11 @@ class LaplaceClassifier(Estimator):
             self._fit_at(math.exp(t), warm=True)
             self.prior_scale_history_.append((self.prior_scale, self.log_evidence()))
         else:
-            warnings.warn(f"optimize_prior_scale: no fixed point within {max_iter} steps (last s = "
-                          f"{self.prior_scale:.6g}); raise max_iter", v.ConvergenceWarning, stacklevel=3)
+            v.warn(f"optimize_prior_scale: no fixed point within {max_iter} steps (last s = "
+                          f"{self.prior_scale:.6g}); raise max_iter", v.ConvergenceWarning)
         if t <= math.log(lo) + 1e-12 or t >= math.log(hi) - 1e-12:
-            warnings.warn(f"optimize_prior_scale: s reached the bound {math.exp(t):.3g}; the evidence keeps rising "
-                          "beyond it", v.NumericalWarning, stacklevel=3)
+            v.warn(f"optimize_prior_scale: s reached the bound {math.exp(t):.3g}; the evidence keeps rising "
+                          "beyond it", v.NumericalWarning)
 
     def _search_layerwise(self, max_iter: int, tol: float, lo: float, hi: float) -> None:
         """optimize_prior_scale(layerwise=True)'s steps, on a draft (see its docstring)."""
@@ -544,18 +543,18 @@ class LaplaceClassifier(Estimator):
             self._fit_at(tuple(float(x) for x in scales), warm=True)
             self.prior_scale_history_.append((self.prior_scale, self.log_evidence()))
         else:
-            warnings.warn(f"optimize_prior_scale: no per-block fixed point within {max_iter} steps (last s = "
-                          f"{_format_scale(self.prior_scale)}); raise max_iter", v.ConvergenceWarning, stacklevel=3)
+            v.warn(f"optimize_prior_scale: no per-block fixed point within {max_iter} steps (last s = "
+                          f"{_format_scale(self.prior_scale)}); raise max_iter", v.ConvergenceWarning)
         names = [list(b) for b in engine.J.block_names]
         off = [names[g] for g in range(G) if t[g] <= bounds[0] + 1e-12]
         up = [names[g] for g in range(G) if t[g] >= bounds[1] - 1e-12]
         if off:
-            warnings.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {off} reached the lower bound "
+            v.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {off} reached the lower bound "
                           f"{lo:.3g}: the evidence keeps rising below it, it switches those parameters off (they stay "
-                          "at the prior mean)", v.NumericalWarning, stacklevel=3)
+                          "at the prior mean)", v.NumericalWarning)
         if up:
-            warnings.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {up} reached the upper bound "
-                          f"{hi:.3g}; the evidence keeps rising beyond it", v.NumericalWarning, stacklevel=3)
+            v.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {up} reached the upper bound "
+                          f"{hi:.3g}; the evidence keeps rising beyond it", v.NumericalWarning)
 
     # ----- prediction --------------------------------------------------------------------------------------------
     def _prediction_state(self) -> dict:

@@ -189,7 +189,7 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
                                        "client.wait_for_workers(1)) before exporting")
     _free_stranded_tasks(client)
     homes = [addresses[i % len(addresses)] for i in range(len(kept))]
-    futures = [client.compute(chunk) for chunk, _ in kept]
+    futures = [client.compute(chunk, workers=[home], allow_other_workers=True) for (chunk, _), home in zip(kept, homes)]
     shards = [client.submit(_export_shard, shipped, part, int(start), pure=False, workers=[home],
                             allow_other_workers=True) for part, start, home in zip(futures, starts, homes)]
     described = _gather_described(client, shards, progress)

@@ -695,7 +695,7 @@ def test_cluster_fits_report_conditioning_and_float32_rounding_as_in_memory(clie
             gp = lg.LinearizedGP(1.0, 1e-13, method="function-cholesky").fit(JJ, yy)
         bounds.append(gp.diagnostics_[0]["condition_bound"])
     assert bounds[0] > gp_module.ILL_CONDITIONED
-    np.testing.assert_allclose(bounds[1], bounds[0], rtol=0.5)  # a bound from pivots that lost ~13 digits
+    np.testing.assert_allclose(bounds[1], bounds[0], rtol=1e-4)  # pivots that lost ~13 digits agree to ~4e-6
     errors = []
     for JJ, yy in ((data["J_local"], data["y"]), (J_sharded_of(data), rows(data["y"]))):
         with pytest.warns(lg.NumericalWarning, match="float32 rounding"):

@@ -1,7 +1,6 @@
 """Batched preconditioned conjugate gradients with per-column convergence, on NumPy or CuPy."""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -327,7 +326,7 @@ def _warn_not_converged(status: list[str], converged: np.ndarray, final_norms: n
         "diverged": "the iteration blew up: check that A is symmetric positive definite",
         "indefinite": "pᵀAp ≤ 0 was met: A is not positive definite (add jitter or noise to its diagonal)",
     }
-    warnings.warn(
+    v.warn(
         f"CG: {bad.size} of {converged.size} right-hand sides did not reach max(rtol={rtol:.3g}·‖b‖, atol={atol:.3g}) "
         f"(status: {', '.join(reasons)}; worst relative residual {np.max(relative):.3g}); "
-        + "; ".join(advice[r] for r in reasons), v.ConvergenceWarning, stacklevel=3)
+        + "; ".join(advice[r] for r in reasons), v.ConvergenceWarning)

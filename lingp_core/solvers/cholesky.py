@@ -1,7 +1,6 @@
 """Cholesky that adds jitter only when it must, relative to the matrix's scale, and always says so."""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -123,9 +122,9 @@ def with_jitter(attempt: Callable[[float, bool], Any], caller: str, what: str, m
             jitter = relative * JITTER_GROWTH**tries * mean_diag
             continue
         if jitter and warn:
-            warnings.warn(f"{caller}: {what} was not numerically positive definite; added jitter {jitter:.3g} "
+            v.warn(f"{caller}: {what} was not numerically positive definite; added jitter {jitter:.3g} "
                           f"to its diagonal ({jitter / mean_diag:.3g} of the mean diagonal {mean_diag:.3g})",
-                          v.NumericalWarning, stacklevel=3)
+                          v.NumericalWarning)
         return CholeskyResult(factor, float(jitter), tries + 1)
     raise v.NotPositiveDefiniteError(
         f"{what} is not positive definite even with jitter {jitter:.3g} ({jitter / mean_diag:.3g} of the mean "
