@@ -53,6 +53,7 @@ from lingp_core._validate import (
     check_choice,
     check_int,
     check_memory,
+    check_positive,
     describe,
     format_bytes,
     resolve_memory_budget,
@@ -896,6 +897,26 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
                            device, model_dtype, bar)
     finally:
         bar.close()
+
+
+def check_sharded_export(model: Any, first: Any, params: Any, outputs: Any, dtype: Any, batch_size: Any,
+                         memory_budget: Any) -> None:
+    """The checks of :func:`export_jacobian` that do not depend on a worker, run on the client before any shard is
+    exported, on the inputs' first example ``first`` (shape (1, ...), as the workers receive it): the options, the
+    inputs' type, dtype and device, and the parameter and output selections (one forward pass). A bad option then
+    fails once, here, instead of in every shard. The backend and the default memory budget are the workers' own."""
+    torch = _torch()
+    device, model_dtype = _check_model(model)
+    _resolve_dtype(dtype, model_dtype)
+    if batch_size is not None:
+        check_int(batch_size, "batch_size", minimum=1)
+    if memory_budget is not None:
+        check_positive(memory_budget, "memory_budget")
+    x = _as_input_tensor(first, device, model_dtype)
+    with _eval_mode(model), torch.no_grad():
+        probe = _probe_model(model, x)
+    _select_parameters(model, params, probe)
+    _select_outputs(outputs, probe.n_outputs)
 
 
 def _export(model: Any, x: Any, params: Any, outputs: Any, structure: str, out_dtype: np.dtype,

@@ -162,18 +162,25 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
     """:func:`export_jacobian` for a dask array of inputs: a ShardedJacobian on the running client's workers, one
     shard per row chunk; without a client, the inputs are computed by dask's default scheduler and exported here
     (an in-memory JacobianBlocks)."""
-    from lingp_core.export import export_jacobian
+    from lingp_core.export import check_sharded_export, export_jacobian
     x = row_chunked(inputs, "inputs")
     client = current_client()
     if client is None:
         return export_jacobian(model, x.compute(), **options)
     register_sizeof()
     progress = options.pop("progress", False)
+    if x.shape[0] == 0:
+        raise v.ShapeError(f"inputs has no rows (shape {tuple(x.shape)})")
+    try:
+        check_sharded_export(model, x[:1].compute(), **{k: options[k] for k in ("params", "outputs", "dtype",
+                                                                               "batch_size", "memory_budget")})
+    except v.LingpError as exc:  # the same error, saying that it was found on the first example only
+        exc.args = (f"checked on the client with the first example of the dask inputs (shape {tuple(x.shape)}, "
+                    f"chunks {x.chunks[0]}), before any shard: {exc}",)
+        raise
     chunks = [c for c in x.to_delayed().reshape(-1)]
     counts = [int(s) for s in x.chunks[0]]
     kept = [(chunk, count) for chunk, count in zip(chunks, counts) if count > 0]
-    if not kept:
-        raise v.ShapeError(f"inputs has no rows (shape {tuple(x.shape)})")
     # the network travels once per worker as bytes (a torch module moved between workers by Dask's own
     # serialization loses its hook dicts' type), inside a task, so a lost copy is recomputable; the options are
     # pickled with it, so params= given as modules or parameters still name parts of that very model

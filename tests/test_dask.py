@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -394,6 +395,26 @@ def test_nan_in_one_shard_names_its_examples(client, data):
 def test_float32_inputs_to_a_float64_model_are_refused(client, data):
     with pytest.raises(lg.DTypeError, match=r"float32.*float64"):
         lg.export_jacobian(data["net"], rows(data["X"].astype(np.float32)))
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"outputs": [5]}, lg.ValueRangeError, r"outputs must lie in \[-2, 1\], got 5"),
+    ({"params": "nope"}, lg.ValueRangeError, "'nope' names no parameter"),
+    ({"params": 3}, lg.ArgumentTypeError, "params must be"),
+    ({"dtype": "float16"}, lg.DTypeError, "float16"),
+    ({"batch_size": 0}, lg.ValueRangeError, "batch_size"),
+    ({"memory_budget": -1.0}, lg.ValueRangeError, "memory_budget"),
+])
+def test_bad_export_options_fail_on_the_client_before_any_shard(client, data, options, error, match):
+    from distributed import get_task_stream
+    began = time.time()
+    with get_task_stream(client) as stream, pytest.raises(error, match=match) as raised:
+        lg.export_jacobian(data["net"], rows(data["X"]), **options)
+    assert "before any shard" in str(raised.value) and str(tuple(data["X"].shape)) in str(raised.value)
+    # (a previous test's shards may still be finishing: only tasks started during this call count)
+    started = [task for task in stream.data if "_export_shard" in str(task["key"])
+               and min(part["start"] for part in task["startstops"]) >= began]
+    assert not started
 
 
 @pytest.mark.parametrize("method", ["parameter-cholesky", "parameter-spectral", "function-spectral", "spectral"])
