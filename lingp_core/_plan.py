@@ -191,15 +191,23 @@ class ClusterMemory:
     source: str
 
 
-def cluster_budget(client: Any, memory_budget: Any, backend_name: str = "numpy") -> ClusterMemory:
-    """``memory_budget`` if given, else CLUSTER_MEMORY_SHARE of what the workers have: their device memory for CuPy
+def _worker_memory(client: Any, backend_name: str) -> tuple[list[int], str]:
+    """Each worker's memory for lingp's arrays (0: not reported) and what it is: their device memory for CuPy
     shards (asked of each worker), their ``memory_limit`` otherwise."""
     if backend_name == "cupy":
-        limits = [int(x) for x in client.run(_device_memory).values()]
-        where = "GPUs' free memory"
-    else:
-        limits = [int(w.get("memory_limit") or 0) for w in scheduler_workers(client).values()]
-        where = "memory limits"
+        return [int(x) for x in client.run(_device_memory).values()], "GPUs' free memory"
+    return [int(w.get("memory_limit") or 0) for w in scheduler_workers(client).values()], "memory limits"
+
+
+def worker_share(client: Any, backend_name: str) -> int | None:
+    """CLUSTER_MEMORY_SHARE of the smallest worker's memory (:func:`_worker_memory`); None when not reported."""
+    limits, _ = _worker_memory(client, backend_name)
+    return int(CLUSTER_MEMORY_SHARE * min(limits)) if limits and min(limits) > 0 else None
+
+
+def cluster_budget(client: Any, memory_budget: Any, backend_name: str = "numpy") -> ClusterMemory:
+    """``memory_budget`` if given, else CLUSTER_MEMORY_SHARE of what the workers have (:func:`_worker_memory`)."""
+    limits, where = _worker_memory(client, backend_name)
     smallest = int(CLUSTER_MEMORY_SHARE * min(limits)) if limits and min(limits) > 0 else None
     if memory_budget is not None:
         return ClusterMemory(int(v.check_positive(memory_budget, "memory_budget")), smallest, "memory_budget")

@@ -515,6 +515,7 @@ class ShardedJacobian(JacobianShape):
                        v.resolve_memory_budget(memory_budget, self.backend),
                        what=f"the p × p Hessian (p = {self.p}) gathered from the shards", alternative="export fewer "
                        "parameters (params=, e.g. 'last_layer')")
+        self._check_worker_ggn(memory_budget)
         begin = time.perf_counter()
         parts = [self._at(i, _dense_ggn, shard, part, memory_budget)
                  for i, (shard, part) in enumerate(zip(self.shards, self._split(factors, 1)))]
@@ -522,6 +523,18 @@ class ShardedJacobian(JacobianShape):
         self.timings.rounds += 1
         self.timings.wall += time.perf_counter() - begin
         return out
+
+    def _check_worker_ggn(self, memory_budget: Any) -> None:
+        """Before any task: a worker holds its shard's p × p part and, in the tree sum, two more (its own and one
+        received), against ``memory_budget`` if given (the workers use it too), else the smallest worker's share of
+        its memory (not checked when the workers report none)."""
+        from lingp_core._plan import worker_share
+        budget = memory_budget if memory_budget is not None else worker_share(self.client, self.backend.name)
+        if budget is not None:
+            v.check_memory(3 * v.nbytes_of((self.p, self.p), np.float64), int(budget),
+                           what=f"the p × p Hessian's parts on one worker (its shard's and two in the sum, p = "
+                                f"{self.p})", alternative="export fewer parameters (params=, e.g. 'last_layer'), "
+                                "or start workers with more memory")
 
     def kernel_matmat(self, X: Any, mode: Any) -> Any:
         """K0 X for the unscaled kernel K0 of output mode "full" (X (n·c, k)), "trace" (the mean over outputs,

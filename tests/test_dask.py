@@ -575,6 +575,26 @@ def test_many_shards_make_auto_go_iterative(client, data):
         lg.LinearizedGP(S, 1.0, method="function-cholesky").fit(J, y)
 
 
+def test_a_hessian_over_a_workers_share_fails_before_any_task(client, data, J_sharded):
+    """p = 10,100: three p × p float64 arrays (2.4 GiB) on one worker, over half its 2 GiB limit; the fit fails on
+    the client before any Hessian part is computed, and a fitted model stays as it was."""
+    from distributed import get_task_stream
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Linear(3, 100), torch.nn.Tanh(), torch.nn.Linear(100, 100)).double()
+    labels = np.arange(N) % 100
+    J = lg.export_jacobian(wide, rows(data["X"]), params="2")
+    fitted_labels = np.argmax(data["o"]["f"], axis=1)
+    clf = lg.LaplaceClassifier(1.0).fit(J_sharded, rows(fitted_labels))
+    before = clf.predict_logits(data["Js"])
+    began = time.time()
+    with get_task_stream(client) as stream, pytest.raises(lg.MemoryBudgetError, match=r"parts on one worker .* 10100"):
+        clf.fit(J, rows(labels))
+    started = [task for task in stream.data if "_dense_ggn" in str(task["key"])
+               and min(part["start"] for part in task["startstops"]) >= began]
+    assert not started
+    assert_close(clf.predict_logits(data["Js"]), before, rtol=0.0)
+
+
 class _NoLimitClient:
     """What the planner reads of a cluster whose workers report no memory limit."""
 
