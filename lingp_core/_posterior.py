@@ -475,7 +475,11 @@ class ParameterSpectral:
         self.Jd, self.backend = Jd, backend
         self.m, self.p = (int(x) for x in Jd.shape)
         lam, self.V = backend.eigh(Jd.T @ Jd)
-        self.lam = backend.xp.maximum(lam, 0.0)
+        # directions with λ at rounding level are J's null space (p > m leaves p − m of them): exact zeros, or
+        # the mean would carry their rounding times s/σ² (1e9 relative at s/σ² = 1e24) and the variances would
+        # shrink below the prior s there
+        self.keep = lam > float(lam.max()) * self.p * np.finfo(np.float64).eps
+        self.lam = backend.xp.where(self.keep, lam, 0.0)
 
     def fit(self, s: float, noise: np.ndarray, R: Any) -> None:
         xp = self.backend.xp
@@ -483,9 +487,7 @@ class ParameterSpectral:
             raise v.InvalidOptionError("the spectral method needs one noise variance per output column")
         self.s, self.q = s, int(R.shape[1])
         self.noise = np.broadcast_to(noise[0], (self.q,)).astype(np.float64)
-        self.Qc = self.V.T @ (self.Jd.T @ R)  # (p, q)
-        # directions with λ at rounding level carry no signal: treat them as exact zeros (their targets are "rest")
-        self.keep = self.lam > float(self.lam.max()) * self.p * np.finfo(np.float64).eps
+        self.Qc = self.V.T @ (self.Jd.T @ R) * self.keep[:, None]  # (p, q); J's null space carries no signal
         kept = self.Qc[self.keep] / self.lam[self.keep][:, None]
         residual = R - self.Jd @ (self.V[:, self.keep] @ kept)
         self.rest = (residual**2).sum(axis=0)

@@ -600,6 +600,34 @@ def test_function_space_variances_beyond_float64_say_so(backend, method, what):
     assert record[0].filename == __file__  # attributed to the user's call, not to lingp's internals
 
 
+@pytest.mark.parametrize("scale,noise", [(1.0, 1e-2), (1.0, 1e-10), (1e12, 1e-12)])
+def test_parameter_spectral_with_more_parameters_than_rows(backend, scale, noise):
+    # p = 60 > n·c = 20: JᵀJ has 40 eigenvalues at rounding level (J's null space). Kept as λ ≈ 1e-14 they carried
+    # their rounding into the mean times s/σ² (1e9 relative at s/σ² = 1e24) and shrank the variances there below
+    # the prior s; the oracle is the function-space posterior, whose 20 × 20 system is well-conditioned
+    rng = np.random.default_rng(9)
+    J0, Js0 = rng.standard_normal((20, 60)), rng.standard_normal((5, 60))
+    r = rng.standard_normal(20)
+    C = scale * J0 @ J0.T + noise * np.eye(20)
+    cross = scale * Js0 @ J0.T
+    mean = cross @ np.linalg.solve(C, r)
+    var = scale * (Js0 * Js0).sum(axis=1) - np.einsum("ij,ji->i", cross, np.linalg.solve(C, cross.T))
+    gp = lg.LinearizedGP(scale, noise, method="parameter-spectral", mean="zero").fit(
+        dense_jacobian(backend, J0), backend.asarray(r[:, None]))
+    got_mean, got_var = gp.predict(dense_jacobian(backend, Js0), return_var=True)
+    assert_matches(got_mean[:, 0], mean, backend, dtype=np.float64, rtol=1e-9)
+    assert_matches(got_var[:, 0], var, backend, dtype=np.float64, rtol=1e-9)
+
+
+def test_an_ill_conditioned_parameter_space_cholesky_says_so(backend):
+    # J's null space (p = 60 > n·c = 20) holds A's eigenvalue 1/s; the factor's rounding, ε·λmax/σ², lands there
+    # times s: condition s·λmax/σ² ≈ 1e15 here
+    rng = np.random.default_rng(9)
+    J = dense_jacobian(backend, rng.standard_normal((20, 60)))
+    with pytest.warns(lg.NumericalWarning, match=r"parameter-cholesky system JᵀJ/σ² \+ I/s is ill-conditioned"):
+        lg.LinearizedGP(1.0, 1e-13, method="parameter-cholesky").fit(J, backend.asarray(rng.standard_normal((20, 1))))
+
+
 def weight_space_posterior(A, B, s, noise):
     """B (AᵀA/σ² + I/s)⁻¹ Bᵀ in float64: the posterior covariance of f* = B w given y = A w + N(0, σ²): no
     subtraction, so exact where the function-space form cancels."""
