@@ -36,15 +36,39 @@ class Estimator:
     _KIND = ""
     _backend: Any = None
     _signature: dict[str, Any] | None = None
+    #: The constructor parameters that define the fitted posterior. Setting one after a fit (before a refit, or
+    #: when the refit failed) would leave the attribute describing a model that is not the one fitted: predictions,
+    #: the evidence and save refuse then (:meth:`_check_posterior`) instead of mixing the two.
+    _POSTERIOR_PARAMS: tuple[str, ...] = ()
+    _fitted_params: dict[str, Any] | None = None
 
     # ----- the transaction ------------------------------------------------------------------------------------------
     def _draft(self) -> Any:
-        """A shallow copy to build a new fit on; subclasses replace its mutable parts (engines) by copies."""
-        return copy.copy(self)
+        """A shallow copy to build a new fit on; subclasses replace its mutable parts (engines) by copies. A draft
+        sets its parameters as it refits (searches, averages) and records them at the commit: until then it is
+        not held to the old ones."""
+        draft = copy.copy(self)
+        draft._fitted_params = None
+        return draft
 
     def _commit(self, draft: Any) -> None:
-        """Swap a complete draft's state in: one attribute store, so no interrupt can land half-way."""
+        """Swap a complete draft's state in: one attribute store, so no interrupt can land half-way. The draft's
+        posterior-defining parameters are recorded first (a copy: an array set later in place is seen too)."""
+        draft._fitted_params = {name: copy.copy(getattr(draft, name)) for name in self._POSTERIOR_PARAMS}
         self.__dict__ = draft.__dict__
+
+    def _check_posterior(self) -> None:
+        """Fitted, with every parameter of :data:`_POSTERIOR_PARAMS` as it was at the fit; InvalidOptionError
+        naming the changed ones otherwise."""
+        self._check_fitted()
+        fitted = self._fitted_params or {}
+        changed = [name for name, value in fitted.items() if not _same(getattr(self, name), value)]
+        if changed:
+            said = "; ".join(f"{name} is {_show(getattr(self, name))}, fitted with {_show(fitted[name])}"
+                             for name in changed)
+            raise v.InvalidOptionError(f"this {type(self).__name__} was changed after its fit ({said}): the fitted "
+                                       "posterior is for the old values; refit (fit(J, y)) to use the new ones, or set "
+                                       "them back")
 
     # ----- checks -------------------------------------------------------------------------------------------------
     @property
@@ -67,9 +91,9 @@ class Estimator:
         return J
 
     def _check_star(self, J_star: Any) -> JacobianBlocks:
-        """A test Jacobian that belongs with this model (fitted check, type, backend, signature); a sharded one is
-        gathered (test sets are small: predictions come back in memory)."""
-        self._check_fitted()
+        """A test Jacobian that belongs with this model (fitted and unchanged, type, backend, signature); a sharded
+        one is gathered (test sets are small: predictions come back in memory)."""
+        self._check_posterior()
         J_star = self._check_jacobian(J_star, "J_star")
         if isinstance(J_star, ShardedJacobian):
             J_star.check_signature(self._signature)
@@ -108,7 +132,7 @@ class Estimator:
     def save(self, path: Any) -> str:
         """Write what prediction needs to an .npz archive (no pickle, no training targets); returns the path
         written. Read it back with ``load``."""
-        self._check_fitted()
+        self._check_posterior()
         arrays, config = self._archive()
         return io.save_archive(path, self._KIND, arrays, config)
 
@@ -120,13 +144,32 @@ class Estimator:
         be = backends.get_backend(backend)
         arrays, config = io.load_archive(path, cls._KIND, expected=lambda config: cls._archive_spec(path, config))
         try:
-            return cls._from_archive(arrays, config, be)
+            model = cls._from_archive(arrays, config, be)
+            model._fitted_params = {name: copy.copy(getattr(model, name)) for name in cls._POSTERIOR_PARAMS}
+            return model
         except (io.ArchiveError, v.MemoryBudgetError, v.MissingDependencyError):
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, v.LingpError) as exc:
             # the checksums matched, so whoever changed the file recomputed them: name what does not fit
             raise io.ArchiveError(f"{path!r}: the saved model does not rebuild ({type(exc).__name__}: {exc}); the file "
                                   "was modified") from None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two parameter values are equal: numbers, strings, tuples, None, or arrays (NumPy or CuPy) of equal
+    shape and values."""
+    if any(x is None or isinstance(x, (str, tuple)) for x in (a, b)):
+        return bool(a == b) if type(a) is type(b) else False
+    x, y = _on_host(a), _on_host(b)
+    return x.shape == y.shape and bool(np.array_equal(x, y))
+
+
+def _on_host(x: Any) -> np.ndarray:
+    return x.get() if hasattr(x, "get") and hasattr(x, "shape") else np.asarray(x)
+
+
+def _show(value: Any) -> str:
+    return f"an array of shape {value.shape}" if hasattr(value, "shape") else repr(value)
 
 
 def jacobian_from_archive(arrays: dict[str, np.ndarray], config: dict[str, Any], backend: Any) -> JacobianBlocks:

@@ -86,6 +86,8 @@ class BlockWeightAverage(Estimator):
     """
 
     _KIND = "BlockWeightAverage"
+    _POSTERIOR_PARAMS = ("levels", "decades", "grid_size", "span", "hyperprior", "keep_mass", "max_components",
+                         "settings")
 
     def __init__(self, levels: int = 4, decades: float = 3.0, *, grid_size: int = 41,
                  span: float = averaging.SPAN_DECADES, hyperprior: Any = "data", keep_mass: float = 1 - 1e-9,
@@ -275,7 +277,7 @@ class BlockWeightAverage(Estimator):
 
     def log_marginal_likelihood(self) -> float:
         """log p(y) of the whole average: the components' integrated evidence, averaged over the ω grid (uniform)."""
-        self._check_fitted()
+        self._check_posterior()
         return self._log_evidence
 
     # ----- persistence ------------------------------------------------------------------------------------------------

@@ -93,6 +93,8 @@ class LinearizedGP(Estimator):
         Training examples, outputs, parameters.
     """
 
+    _POSTERIOR_PARAMS = ("prior_scale", "noise", "mean", "output_mode", "method", "kernel_dtype")
+
     def __init__(self, prior_scale: float = 1.0, noise: Any = 1e-2, *, mean: str = "network",
                  output_mode: str = "full", method: str = "auto", rtol: float | None = None,
                  maxiter: int | None = None, preconditioner_rank: int = 100, variance_rank: int = 200,
@@ -462,7 +464,7 @@ class LinearizedGP(Estimator):
     def log_marginal_likelihood(self) -> float:
         """log p(y | s, σ²) of the training targets (an SLQ estimate for method "iterative"; its standard error is
         then in ``lml_std_error_``)."""
-        self._check_fitted()
+        self._check_posterior()
         if not hasattr(self, "_R"):
             return float(self._saved_lml)  # a loaded model: the value computed when it was saved
         if self._lml_cache is None:  # once per fit: SLQ runs num_probes Lanczos passes

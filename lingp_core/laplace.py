@@ -166,6 +166,8 @@ class LaplaceClassifier(Estimator):
     >>> proba = clf.predict_proba(lg.export_jacobian(model, X_test))  # doctest: +SKIP
     """
 
+    _POSTERIOR_PARAMS = ("prior_scale", "likelihood", "method")
+
     _KIND = "LaplaceClassifier"
 
     def __init__(self, prior_scale: float = 1.0, likelihood: str = "categorical", method: str = "auto", *,
@@ -323,7 +325,7 @@ class LaplaceClassifier(Estimator):
 
         A loaded model returns the value stored when it was saved. Also available as :meth:`log_evidence`.
         """
-        self._check_fitted()
+        self._check_posterior()
         return float(self._evidence)
 
     log_evidence = log_marginal_likelihood

@@ -211,6 +211,40 @@ def test_a_failed_refit_leaves_the_laplace_classifier_as_it_was():
     assert_unchanged(clf, J_star, before)
 
 
+@pytest.mark.parametrize("kind", ["gp", "laplace-function", "laplace-parameter", "dirichlet"])
+def test_a_parameter_set_after_the_fit_is_refused_until_a_refit(tmp_path, kind):
+    """Setting prior_scale (or noise) on a fitted model, sklearn-style, then predicting or saving without a refit
+    (or after a refit that failed) mixed the new value with the old posterior: the function-space Laplace predicted
+    at the new s (51× off), an archive stored the new s with the old state (its load predicted 3e6 off). Now each
+    refuses, naming the change; setting it back, or refitting, restores them."""
+    _, _, J, J_star, y = gp_problem(0)
+    labels = np.argmax(J.f0, axis=1)
+    model = {"gp": lambda: lg.LinearizedGP(1.0, 0.1).fit(J, y),
+             "laplace-function": lambda: lg.LaplaceClassifier(1.0, method="function").fit(J, labels),
+             "laplace-parameter": lambda: lg.LaplaceClassifier(1.0, method="parameter").fit(J, labels),
+             "dirichlet": lambda: lg.DirichletClassifier(1.0).fit(J, labels)}[kind]()
+    before = snapshot(model, J_star) if kind != "dirichlet" else None
+    model.prior_scale = 100.0
+    predict = model.predict if isinstance(model, lg.LinearizedGP) else model.predict_logits
+    for call in (lambda: predict(J_star), model.log_marginal_likelihood, lambda: model.save(tmp_path / "m")):
+        with pytest.raises(lg.InvalidOptionError, match=r"prior_scale is 100.0, fitted with 1.0"):
+            call()
+    assert not list(tmp_path.iterdir())  # nothing written
+    with pytest.raises(lg.LingpError):  # a refit that fails keeps the old posterior, and the refusal
+        model.fit(J, labels + 7 if kind != "gp" else y[:3])
+    with pytest.raises(lg.InvalidOptionError, match="changed after its fit"):
+        predict(J_star)
+    model.prior_scale = 1.0
+    if before is not None:
+        assert_unchanged(model, J_star, before)
+    model.prior_scale = 100.0
+    model.fit(J, y if kind == "gp" else labels)
+    loaded = type(model).load(model.save(tmp_path / "refit"))
+    assert loaded.prior_scale == 100.0
+    np.testing.assert_array_equal(predict(J_star), (loaded.predict if kind in ("gp", "dirichlet")
+                                                    else loaded.predict_logits)(J_star))
+
+
 def test_interrupted_load_leaves_the_archive_and_a_later_load_intact(tmp_path):
     _, _, J, J_star, y = gp_problem(0)
     gp = lg.LinearizedGP(0.7, 0.05, method="function-cholesky").fit(J, y)
