@@ -254,10 +254,18 @@ def choose_on_cluster(method: str, J: Any, layout: Any, noise: Any, settings: An
     if method not in ("auto", "cholesky", "function-cholesky", "iterative"):
         raise v.InvalidOptionError(f"method {method!r} needs the Jacobian in memory; a Jacobian sharded on a Dask "
                                    "cluster is fitted by 'auto', 'cholesky', 'function-cholesky' or 'iterative'")
+    memory = None
     if method == "iterative":
         why = "forced by method= (on the Dask cluster)"
     else:
-        memory = cluster_budget(J.client, settings.memory_budget, J.backend.name)
+        try:
+            memory = cluster_budget(J.client, settings.memory_budget, J.backend.name)
+        except v.MemoryBudgetError as exc:  # the exact path cannot be sized: "auto" goes matrix-free, saying why
+            if method != "auto":
+                raise
+            method, why = "iterative", (f"on the Dask cluster ({len(J.shards)} shards): {exc}; CG on kernel "
+                                        "products over the shards")
+    if memory is not None:
         obstacle = _exact_obstacle(pb, J, memory, settings.exact_max_rows if method == "auto" else None)
         if obstacle is None:
             forced = "" if method == "auto" else "forced by method=; "

@@ -171,6 +171,9 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
     progress = options.pop("progress", False)
     if x.shape[0] == 0:
         raise v.ShapeError(f"inputs has no rows (shape {tuple(x.shape)})")
+    if not scheduler_workers(client):  # (the first example's compute below would wait for one forever)
+        raise v.MissingCapabilityError("the Dask cluster has no workers: start some (or wait for them: "
+                                       "client.wait_for_workers(1)) before exporting")
     try:
         check_sharded_export(model, x[:1].compute(), **{k: options[k] for k in ("params", "outputs", "dtype",
                                                                                "batch_size", "memory_budget")})
@@ -191,9 +194,6 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
     # are); each shard's later tasks are sent to its home too, or a shared operand larger than a shard would pull
     # the shards to itself. Homes are loose: after a lost worker Dask recomputes and runs elsewhere
     addresses = sorted(scheduler_workers(client))
-    if not addresses:
-        raise v.MissingCapabilityError("the Dask cluster has no workers: start some (or wait for them: "
-                                       "client.wait_for_workers(1)) before exporting")
     _free_stranded_tasks(client)
     homes = [addresses[i % len(addresses)] for i in range(len(kept))]
     futures = [client.compute(chunk, workers=[home], allow_other_workers=True) for (chunk, _), home in zip(kept, homes)]
@@ -237,8 +237,8 @@ def _export_shard(shipped: bytes, inputs: Any, start: int) -> JacobianBlocks:
     try:
         return export_jacobian(model, inputs, **options)
     except v.LingpError as exc:  # the same error, its message naming the shard
-        exc.args = (f"in the shard of examples [{start}, {start + len(inputs)}) (example indices below are within "
-                    f"the shard: add {start} for their index in the inputs): {exc}",)
+        exc.args = (f"exporting the shard of examples [{start}, {start + len(inputs)}) on a worker (an example index "
+                    f"below counts from the shard's start: add {start} for its index in the inputs): {exc}",)
         raise
 
 

@@ -703,6 +703,49 @@ def test_a_fit_survives_the_only_worker_killed(data, monkeypatch):
     assert np.abs(mean - d_mean).max() <= ITERATIVE_MEAN_RTOL * np.abs(d_mean).max()
 
 
+def _threads_cluster(**options):
+    """A small in-process cluster (threads, no worker processes) with options of its own."""
+    local = LocalCluster(threads_per_worker=1, processes=False, dashboard_address=None,
+                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, **options)
+    return local, Client(local, set_as_default=False)
+
+
+def test_an_export_on_a_cluster_without_workers_says_so(data):
+    """It waited forever (the client-side check's compute of the first example waits for a worker)."""
+    local, client = _threads_cluster(n_workers=0)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def export():
+        with client.as_current():
+            return lg.export_jacobian(data["net"], rows(data["X"]))
+
+    try:
+        with pytest.raises(lg.MissingCapabilityError, match="no workers"):
+            pool.submit(export).result(timeout=60)
+    finally:
+        client.close()
+        local.close()
+        pool.shutdown(wait=False)
+
+
+def test_auto_goes_iterative_where_workers_report_no_memory_limit(data):
+    """The exact path cannot be sized without a memory limit: "auto" goes matrix-free and says why (it raised);
+    a forced exact fit still asks for memory_budget=."""
+    local, client = _threads_cluster(n_workers=1, memory_limit=0)
+    try:
+        with client.as_current():
+            J = lg.export_jacobian(data["net"], rows(data["X"]))
+            gp = lg.LinearizedGP(S, NOISES["scalar"], method="auto", **SMALL_RANKS).fit(J, rows(data["y"]))
+            assert gp.plan_.method == "iterative" and "no memory limit" in gp.plan_.reason
+            d_mean = dense_posterior(data["o"], S, NOISES["scalar"], "full")[0]
+            assert np.abs(gp.predict(data["Js"]) - d_mean).max() <= ITERATIVE_MEAN_RTOL * np.abs(d_mean).max()
+            with pytest.raises(lg.MemoryBudgetError, match="no memory limit"):
+                lg.LinearizedGP(S, NOISES["scalar"], method="function-cholesky").fit(J, rows(data["y"]))
+    finally:
+        client.close()
+        local.close()
+
+
 def test_every_lingp_error_survives_distributed_error_pickling():
     """What a worker does with a failed task's exception (distributed's error_message, then its pickle): each
     LingpError class comes back as itself with its message; MemoryBudgetError (a MemoryError) used to arrive as a
