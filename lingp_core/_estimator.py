@@ -155,6 +155,18 @@ class Estimator:
                                   "was modified") from None
 
 
+def checked_weight_mean(prior_mean: Any, J: JacobianBlocks) -> Any:
+    """``fit``'s prior_mean as a float64 (p,) array on J's backend; ValueRangeError when J's dtype cannot hold it
+    (J·m is computed in J's dtype)."""
+    m = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(J.p,)).astype(np.float64)
+    largest = float(J.xp.abs(m).max()) if m.size else 0.0
+    if largest > float(np.finfo(J.dtype).max):
+        raise v.ValueRangeError(f"prior_mean reaches {largest:.3g}, beyond the largest {np.dtype(J.dtype).name} number "
+                                f"({np.finfo(J.dtype).max:.3g}) J·prior_mean is computed in; rescale it or export J "
+                                "in float64")
+    return m
+
+
 def _same(a: Any, b: Any) -> bool:
     """Whether two parameter values are equal: numbers, strings, tuples, None, or arrays (NumPy or CuPy) of equal
     shape and values."""

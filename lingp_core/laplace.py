@@ -60,7 +60,7 @@ import numpy as np
 
 from lingp_core import _validate as v
 from lingp_core._averaging import check_keep_mass, posterior_weights
-from lingp_core._estimator import Estimator, float_errors_checked, jacobian_from_archive
+from lingp_core._estimator import Estimator, checked_weight_mean, float_errors_checked, jacobian_from_archive
 from lingp_core._ggn import WORK_ELEMENTS, chunks
 from lingp_core._hyperparameters import check_hyperprior, log_normal
 from lingp_core._laplace_engines import (
@@ -230,7 +230,7 @@ class LaplaceClassifier(Estimator):
         if prior_mean is None:
             m = J.xp.zeros(p, dtype=np.float64)
         else:
-            m = v.as_float_array(prior_mean, "prior_mean", J.backend, shape=(p,)).astype(np.float64)
+            m = checked_weight_mean(prior_mean, J)
         method, reason = self._choose(n * c, p, J.backend, grouped, is_sharded(J))
         draft = self._draft()
         for stale in ("fit_info_", "w_map_"):

@@ -321,11 +321,16 @@ def test_predictions_that_overflow_raise_naming_the_test_jacobian():
         gp.predict(J_far, return_var=True)
 
 
-def test_a_marginal_likelihood_that_overflows_raises_naming_the_targets():
-    _, _, J, _, y = gp_problem(0)
+def test_a_marginal_likelihood_that_overflows_raises_naming_the_targets(tmp_path):
+    _, _, J, J_star, y = gp_problem(0)
     gp = lg.LinearizedGP(1.0, 0.1, method="function-spectral").fit(J, y * 1e200)
     with pytest.raises(lg.NonFiniteError, match="targets"):
         gp.log_marginal_likelihood()
+    # the predictions are finite: the model saves (save failed on the evidence before), and its load says so too
+    loaded = lg.LinearizedGP.load(gp.save(tmp_path / "huge"))
+    np.testing.assert_array_equal(loaded.predict(J_star), gp.predict(J_star))
+    with pytest.raises(lg.NonFiniteError, match="overflowed float64 when it was saved"):
+        loaded.log_marginal_likelihood()
 
 
 def test_bool_options_are_real_bools():

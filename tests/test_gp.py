@@ -188,6 +188,20 @@ def test_iterative_meets_its_tolerance(backend, rng, mode):
     assert abs(lml - expected[3]) <= 4 * gp.lml_std_error_ + 1e-8 * abs(expected[3])
 
 
+def test_the_iterative_evidence_standard_error_is_calibrated_across_tasks(rng):
+    # z = (SLQ − exact) / lml_std_error_ over 40 seeds should have spread ≈ 1. With every task probed by the same
+    # vectors their errors were alike, and the summed standard error (squares added) too small: spread 1.57 in
+    # output_mode "independent" (3 tasks); 1.13 with each task's own probes
+    J, _, y, o = problem(lg.get_backend("numpy"), rng, c=3)
+    exact = dense_posterior(o, 0.6, 0.07, "independent")[3]
+    z = []
+    for seed in range(40):
+        gp = lg.LinearizedGP(0.6, 0.07, output_mode="independent", method="iterative", seed=seed,
+                             num_probes=10).fit(J, y)
+        z.append((gp.log_marginal_likelihood() - exact) / gp.lml_std_error_)
+    assert 0.7 < np.std(z) < 1.35 and abs(np.mean(z)) < 0.5
+
+
 def test_lanczos_variances_are_conservative_and_report_their_error(backend, rng):
     J, Js, y, o = problem(backend, rng)
     expected = dense_posterior(o, 0.7, 0.05, "full")[1]
