@@ -31,6 +31,10 @@ class CupyBackend(Backend):
                 x = cp.from_dlpack(t)  # same device: shares memory
             else:
                 x = np.from_dlpack(t.cpu())
+        elif isinstance(x, np.ma.MaskedArray):  # cp.asarray would drop the mask and expose the values under it
+            from lingp_core._validate import refuse_masked
+
+            refuse_masked(x, "the array")
         return cp.asarray(x, dtype=dtype)
 
     def to_numpy(self, x: Any) -> np.ndarray:

@@ -22,6 +22,10 @@ class NumpyBackend(Backend):
             x = np.from_dlpack(t)
         elif is_cupy_array(x):
             x = x.get()
+        elif isinstance(x, np.ma.MaskedArray):  # np.asarray would drop the mask and expose the values under it
+            from lingp_core._validate import refuse_masked
+
+            refuse_masked(x, "the array")
         return np.asarray(x, dtype=dtype)
 
     def to_numpy(self, x: Any) -> np.ndarray:

@@ -39,7 +39,8 @@ def _as_float64(J: JacobianBlocks) -> JacobianBlocks:
     from lingp_core.kernels import _view
 
     return JacobianBlocks(J.f0.astype(np.float64), _view(J, slice(0, J.n), None, np.dtype(np.float64)),
-                          backend=J.backend, outputs=J.outputs, weights_fingerprint=J.weights_fingerprint)
+                          backend=J.backend, outputs=J.outputs, weights_fingerprint=J.weights_fingerprint,
+                          block_weights=J.block_weights)
 
 
 def _energy_row_bytes(p: int) -> int:

@@ -168,12 +168,7 @@ def as_float_array(x: Any, name: str, backend: Backend, *, ndim: int | Sequence[
     finite : bool
         Whether NaN/Inf raise NonFiniteError (default True).
     """
-    if x is None:
-        raise ArgumentTypeError(f"{name} is required, got None")
-    if backends.backend_name_of(x) not in (None, backend.name):
-        raise BackendMismatchError(f"{name} is a {describe(x)} but the computation runs on backend {backend.name!r}; "
-                                   f"move it with get_backend({backend.name!r}).asarray({name}) first")
-    arr = backend.asarray(x)
+    arr = as_array(x, name, backend)
     allowed = tuple(np.dtype(d) for d in (dtypes if dtypes is not None else backend.float_dtypes))
     if arr.dtype not in allowed:
         raise DTypeError(f"{name} has dtype {arr.dtype} (shape {tuple(arr.shape)}); expected one of "
@@ -189,6 +184,28 @@ def as_float_array(x: Any, name: str, backend: Backend, *, ndim: int | Sequence[
     if finite:
         check_finite(arr, name, backend)
     return arr
+
+
+def as_array(x: Any, name: str, backend: Backend) -> Any:
+    """An array argument of any dtype on ``backend`` (no copy if possible): ArgumentTypeError for None or a masked
+    array, BackendMismatchError for an array of another backend."""
+    if x is None:
+        raise ArgumentTypeError(f"{name} is required, got None")
+    if backends.backend_name_of(x) not in (None, backend.name):
+        raise BackendMismatchError(f"{name} is a {describe(x)} but the computation runs on backend {backend.name!r}; "
+                                   f"move it with get_backend({backend.name!r}).asarray({name}) first")
+    refuse_masked(x, name)
+    return backend.asarray(x)
+
+
+def refuse_masked(x: Any, name: str) -> None:
+    """ArgumentTypeError for a numpy.ma.MaskedArray: np.asarray drops the mask, so its hidden values would be used."""
+    if isinstance(x, np.ma.MaskedArray):
+        hidden = int(np.ma.count_masked(x))
+        raise ArgumentTypeError(f"{name} is a numpy.ma.MaskedArray of shape {x.shape} with {hidden} masked "
+                                f"entr{'y' if hidden == 1 else 'ies'}: lingp would ignore the mask and use the values "
+                                f"under it; pass {name}.filled(value) with the value you mean, or drop the masked "
+                                "rows (and the matching examples of J) explicitly")
 
 
 def check_shape(arr: Any, name: str, shape: Sequence[int | None]) -> None:
@@ -232,6 +249,23 @@ def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
     if not ok:
         raise ValueRangeError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return v
+
+
+def check_normal(values: Any, dtype: Any, what: Any, *, hint: str, allow_zero: bool = False) -> None:
+    """ValueRangeError unless every value (read in float64) is a normal number of ``dtype`` (or 0 with
+    ``allow_zero``): the cast to ``dtype`` would otherwise give Inf, or lose digits (or all) to underflow.
+
+    ``what`` names the value in the message: a str, or a callable of the flat index of the first bad value.
+    """
+    info = np.finfo(dtype)
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    size = np.abs(flat)
+    bad = ~((size >= info.tiny) & (size <= info.max)) & ~(allow_zero & (flat == 0))
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        described = what(j) if callable(what) else f"{what} = {flat[j]:.3g}"
+        raise ValueRangeError(f"{described} is outside the normal range [{info.tiny:.3g}, {info.max:.3g}] of "
+                              f"{np.dtype(dtype)}, the dtype it is computed in; {hint}")
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:

@@ -173,7 +173,8 @@ class BlockWeightAverage(Estimator):
 
         draft._log_evidence = float(logsumexp(log_masses) - np.log(log_masses.size))
         draft.block_names_ = J.block_names
-        draft._backend, draft._signature = J.backend, draft.models_[0]._signature
+        # the unscaled J's signature: the components' carry their own block weights, and predict scales J_star
+        draft._backend, draft._signature = J.backend, J.signature()
         # warned before the commit: a warning raised as an error leaves the model unchanged
         self._warn_grid_edges([fitted[i][1] for i in kept], weights)
         self._commit(draft)
@@ -293,7 +294,7 @@ class BlockWeightAverage(Estimator):
                               "span": self.span, "keep_mass": self.keep_mass, "max_components": self.max_components,
                               "hyperprior": _hyperprior_json(self.hyperprior)},
                   "settings": self.settings, "block_names": [list(b) for b in self.block_names_],
-                  "log_evidence": self._log_evidence, "components": children}
+                  "log_evidence": self._log_evidence, "components": children, "signature": self._signature}
         return arrays, config
 
     @classmethod
@@ -338,7 +339,8 @@ class BlockWeightAverage(Estimator):
         model.log_masses_, model.relative_weights_ = log_masses, relative
         model.block_names_ = tuple(tuple(b) for b in config["block_names"])
         model._log_evidence = float(config["log_evidence"])
-        model._backend, model._signature = be, model.models_[0]._signature
+        # archives written before the average kept its own signature: a component's, without block weights
+        model._backend, model._signature = be, config.get("signature", model.models_[0]._signature)
         return model
 
 

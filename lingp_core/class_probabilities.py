@@ -60,6 +60,8 @@ def probability_of_largest(mean: np.ndarray, var: np.ndarray, *, n_nodes: int = 
     from scipy.special import log_ndtr, logsumexp  # scipy loads on use, not when lingp_core is imported
 
     n_nodes = v.check_int(n_nodes, "n_nodes", minimum=1, maximum=_MAX_NODES)
+    for name, arr in (("mean", mean), ("var", var)):
+        v.refuse_masked(arr, name)
     mean, var = np.asarray(mean), np.asarray(var)
     for name, arr in (("mean", mean), ("var", var)):
         if arr.dtype.kind not in "iuf":

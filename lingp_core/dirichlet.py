@@ -70,11 +70,9 @@ def dirichlet_targets(labels: Any, c: int, alpha_epsilon: float) -> tuple[np.nda
 
 def _check_labels(labels: Any, c: int) -> np.ndarray:
     """Labels checked as 1-D integers in [0, c) (bool refused, as DirichletClassifier.fit does): int64 (n,), host."""
-    if labels is None:
-        raise v.ArgumentTypeError("labels is required, got None")
     backend = v.backend_of(labels)
     try:
-        y = backend.asarray(labels)
+        y = v.as_array(labels, "labels", backend)
     except ValueError:  # a ragged nesting of lists
         raise v.ShapeError(f"labels must have shape (n,), got a ragged sequence ({v.describe(labels)})") from None
     if y.ndim != 1:
@@ -137,6 +135,8 @@ class DirichletClassifier(LinearizedGP):
     noise : ndarray (n, c)
         The transformed targets' fixed noise σ̃².
     """
+
+    _POSTERIOR_PARAMS = LinearizedGP._POSTERIOR_PARAMS + ("alpha_epsilon",)
 
     _KIND = "DirichletClassifier"
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from lingp_core import _validate as v
 from lingp_core.jacobian import JacobianBlocks, JacobianShape
-from lingp_core.kernels import KernelOperator
+from lingp_core.kernels import KernelOperator, check_scale
 from lingp_core.likelihoods import Likelihood, as_likelihood
 from lingp_core.operators import LinearOperator, LowRankPlusDiagonal, check_operand
 from lingp_core.sharded import ShardedJacobian
@@ -130,6 +130,7 @@ def fisher(J: JacobianShape, likelihood: Any, f: Any = None, *, damping: float =
     """
     J, lik, f = _check_common(J, likelihood, f)
     damping = v.check_positive(damping, "damping", allow_zero=True)
+    check_scale(damping, "damping", J.dtype, allow_zero=True)  # added in J's dtype
     return FisherOperator(J, lik, lik._sqrt_curvature(f), damping)
 
 
@@ -249,6 +250,7 @@ def fisher_lowrank(J: JacobianBlocks, likelihood: Any, k: int, *, method: str = 
     if op.G is None:
         raise v.ArgumentTypeError(f"fisher_lowrank needs exported blocks (JacobianBlocks), got {type(J).__name__}")
     damping = v.check_positive(damping, "damping", allow_zero=True)
+    check_scale(damping, "damping", J.dtype, allow_zero=True)  # the operator's diagonal, in J's dtype
     k, method, oversample, power_iters, seed = _check_lowrank_args(k, method, oversample, power_iters, seed,
                                                                    min(op.G.shape))
     trace = float(op.diagonal().astype(np.float64).sum())
@@ -287,6 +289,8 @@ def kernel_lowrank(J: JacobianBlocks, k: int, *, prior_scale: float = 1.0, shift
         raise v.ArgumentTypeError(f"kernel_lowrank needs exported blocks (JacobianBlocks), got {type(J).__name__}")
     s = v.check_positive(prior_scale, "prior_scale")
     shift = v.check_positive(shift, "shift", allow_zero=True)
+    check_scale(s, "prior_scale", J.dtype)  # the operator's eigenvalues s·σ² and shift live in J's dtype
+    check_scale(shift, "shift", J.dtype, allow_zero=True)
     k, method, oversample, power_iters, seed = _check_lowrank_args(k, method, oversample, power_iters, seed,
                                                                    min(J.shape))
     trace = s * float(J.gram_diagonal().astype(np.float64).sum())

@@ -508,7 +508,8 @@ def jacobian_to_arrays(J: Any, prefix: str = "J") -> tuple[dict[str, Any], dict[
         block_arrays, entry = b.to_arrays()
         arrays.update({f"{prefix}_{i}_{name}": a for name, a in block_arrays.items()})
         blocks.append(entry)
-    return arrays, {"blocks": blocks, "outputs": list(J.outputs), "weights_fingerprint": J.weights_fingerprint}
+    return arrays, {"blocks": blocks, "outputs": list(J.outputs), "weights_fingerprint": J.weights_fingerprint,
+                    "block_weights": None if J.block_weights is None else list(J.block_weights)}
 
 
 def jacobian_from_arrays(arrays: dict[str, np.ndarray], config: dict[str, Any], backend: Any,
@@ -531,7 +532,8 @@ def jacobian_from_arrays(arrays: dict[str, np.ndarray], config: dict[str, Any], 
             block_arrays = {name: backend.asarray(arrays[f"{prefix}_{i}_{name}"]) for name in kind.array_names}
             blocks.append(kind.from_arrays(entry, block_arrays, backend.xp))
         return JacobianBlocks(backend.asarray(arrays[f"{prefix}_f0"]), blocks, backend=backend,
-                              outputs=config["outputs"], weights_fingerprint=config.get("weights_fingerprint"))
+                              outputs=config["outputs"], weights_fingerprint=config.get("weights_fingerprint"),
+                              block_weights=config.get("block_weights"))
     except (KeyError, TypeError, LingpError) as exc:
         raise ArchiveError(f"the archive's Jacobian blocks ({prefix}) cannot be rebuilt, the archive was modified: "
                            f"{type(exc).__name__}: {exc}") from exc

@@ -42,6 +42,7 @@ from lingp_core._validate import (
     check_memory,
     describe,
     nbytes_of,
+    refuse_masked,
     resolve_memory_budget,
 )
 
@@ -88,6 +89,7 @@ def _check_xp(xp: Any) -> None:
 
 def _check_array(x: Any, what: str, xp: Any, ndim: int) -> None:
     """``x`` must be an ``ndim``-dimensional float32/float64 array of ``xp`` (an ``np.memmap`` is a NumPy array)."""
+    refuse_masked(x, what)
     if not isinstance(x, xp.ndarray):
         try:
             found = backends.backend_name_of(x)
@@ -811,6 +813,9 @@ class JacobianBlocks(JacobianShape):
     weights_fingerprint : str, optional
         A fingerprint of the network's weights at export (:func:`lingp_core.export_jacobian` sets it); models refuse
         a test Jacobian whose fingerprint differs from the training Jacobian's. None: unknown (never refused).
+    block_weights : sequence of float, optional
+        The weights w_b the blocks' columns were scaled by (√w_b, :meth:`scale_blocks` sets them), one per block,
+        finite and > 0; None: unscaled. Part of the signature: models refuse a test Jacobian scaled otherwise.
 
     Raises
     ------
@@ -820,12 +825,13 @@ class JacobianBlocks(JacobianShape):
 
     Attributes
     ----------
-    f0, blocks, backend, outputs, storage_path, weights_fingerprint
-        As given (``blocks`` and ``outputs`` as tuples).
+    f0, blocks, backend, outputs, storage_path, weights_fingerprint, block_weights
+        As given (``blocks``, ``outputs`` and ``block_weights`` as tuples).
     """
 
     def __init__(self, f0: Any, blocks: Sequence[_Block], *, backend: Backend, outputs: Sequence[int],
-                 storage_path: str | None = None, weights_fingerprint: str | None = None) -> None:
+                 storage_path: str | None = None, weights_fingerprint: str | None = None,
+                 block_weights: Sequence[float] | None = None) -> None:
         if not isinstance(backend, Backend):
             raise ArgumentTypeError(f"backend must be a Backend (lingp_core.get_backend(name)), got "
                                     f"{describe(backend)}")
@@ -845,6 +851,7 @@ class JacobianBlocks(JacobianShape):
         self.storage_path = storage_path
         self.weights_fingerprint = weights_fingerprint
         self._check_blocks()
+        self.block_weights = None if block_weights is None else _checked_block_weights(block_weights, self)
         _check_finite(f0, "f0 (the network outputs)", backend.xp, lambda i: f"example {i[0]}, output {i[1]}")
 
     def _check_blocks(self) -> None:
@@ -866,10 +873,13 @@ class JacobianBlocks(JacobianShape):
                 raise DTypeError(f"{b._label()} has dtype {b.dtype} but f0 {self.dtype}; f0 and every block share one "
                                  "dtype: convert explicitly")
 
-    def _derived(self, f0: Any, blocks: Sequence[_Block], outputs: Sequence[int] | None = None) -> JacobianBlocks:
-        """A JacobianBlocks made from this one's (already checked) arrays: same backend and weights fingerprint."""
+    def _derived(self, f0: Any, blocks: Sequence[_Block], outputs: Sequence[int] | None = None,
+                 block_weights: Sequence[float] | None = None) -> JacobianBlocks:
+        """A JacobianBlocks made from this one's (already checked) arrays: same backend, weights fingerprint and
+        (unless given) block weights."""
         return JacobianBlocks(f0, blocks, backend=self.backend, outputs=self.outputs if outputs is None else outputs,
-                              weights_fingerprint=self.weights_fingerprint)
+                              weights_fingerprint=self.weights_fingerprint,
+                              block_weights=self.block_weights if block_weights is None else block_weights)
 
     # ----- description -------------------------------------------------------------------------------------------
     @property
@@ -1028,16 +1038,18 @@ class JacobianBlocks(JacobianShape):
 
     def signature(self) -> dict[str, Any]:
         """What a second export must share with this one for predictions between them, JSON-ready: parameter blocks
-        (names and shapes, in column order), the selected outputs, the dtype and the weights fingerprint (None when
-        unknown)."""
+        (names and shapes, in column order), the selected outputs, the dtype, the weights fingerprint (None when
+        unknown) and the block weights of :meth:`scale_blocks` (None when unscaled)."""
         return {"blocks": [[list(b.names), [list(s) for s in b.shapes]] for b in self.blocks],
-                "outputs": list(self.outputs), "dtype": str(self.dtype), "weights": self.weights_fingerprint}
+                "outputs": list(self.outputs), "dtype": str(self.dtype), "weights": self.weights_fingerprint,
+                "block_weights": None if self.block_weights is None else list(self.block_weights)}
 
     def check_signature(self, signature: dict[str, Any], *, what: str = "the training Jacobian") -> None:
         """Raise unless this export matches a :meth:`signature` recorded from ``what`` (e.g. at fit time).
 
         A fingerprint missing on either side (a hand-built Jacobian, or a signature saved before fingerprints
-        existed) is unknown and accepted.
+        existed) is unknown and accepted; so are block weights missing from a signature saved before they were
+        recorded.
 
         Raises
         ------
@@ -1046,7 +1058,7 @@ class JacobianBlocks(JacobianShape):
         SignatureDTypeError
             Another dtype (a SignatureError and a DTypeError).
         SignatureError
-            Exported from other weights than ``what``.
+            Exported from other weights than ``what``, or scaled by other block weights (:meth:`scale_blocks`).
         """
         if not isinstance(signature, dict) or not {"blocks", "outputs", "dtype"} <= set(signature):
             raise ArgumentTypeError(f"signature must be a dict from JacobianBlocks.signature(), got "
@@ -1070,6 +1082,8 @@ class JacobianBlocks(JacobianShape):
                                  "posterior belongs to the weights it was fitted at. Export the test Jacobian from the "
                                  "weights of the fit (keep a copy of the network, e.g. copy.deepcopy(model), before "
                                  "training on), or refit on a Jacobian exported from the current weights")
+        if "block_weights" in signature:  # absent: saved before block weights were recorded, unknown
+            _check_same_block_weights(mine["block_weights"], signature["block_weights"], what)
 
     def gram(self, other: JacobianBlocks | None = None, *, memory_budget: float | None = None) -> Any:
         """J J'ᵀ summed over blocks (J Jᵀ when ``other`` is None): the unscaled kernel matrix.
@@ -1147,9 +1161,11 @@ class JacobianBlocks(JacobianShape):
         Returns
         -------
         JacobianBlocks
-            Same n, c, p, parameter order, f0, signature and weights fingerprint; factored blocks share their inputs A
+            Same n, c, p, parameter order, f0 and weights fingerprint; its :attr:`block_weights` (in the signature)
+            are ``weights``, times this object's own if it was scaled already. Factored blocks share their inputs A
             with this object.
         """
+        refuse_masked(weights, "weights")
         try:
             w = None if isinstance(weights, (str, bytes)) else np.asarray(weights, dtype=np.float64)
         except (TypeError, ValueError):
@@ -1166,8 +1182,9 @@ class JacobianBlocks(JacobianShape):
                                   f"{self.dtype} numbers (between {info.tiny:.3g} and {np.sqrt(info.max):.3g}), got "
                                   f"{w.tolist()}")
         n, c, xp = self.n, self.n_outputs, self.xp
+        total = w if self.block_weights is None else w * np.asarray(self.block_weights)
         return self._derived(self.f0, [block.transform_rows(xp.full((n, c), root, dtype=self.dtype))
-                                       for block, root in zip(self.blocks, roots)])
+                                       for block, root in zip(self.blocks, roots)], block_weights=total.tolist())
 
     def to_dense(self, *, memory_budget: float | None = None) -> Any:
         """The full Jacobian J as an (n·c, p) array (for small problems, tests and debugging).
@@ -1184,6 +1201,42 @@ class JacobianBlocks(JacobianShape):
         for block, cols in zip(self.blocks, self._offsets()):
             result[:, cols] = block.to_dense()
         return result
+
+
+#: Block weights equal to this relative tolerance are the same prior (recomputed weights differ in the last bits).
+_BLOCK_WEIGHT_RTOL = 64 * float(np.finfo(np.float64).eps)
+
+
+def _checked_block_weights(weights: Any, J: JacobianBlocks) -> tuple[float, ...]:
+    """``block_weights`` of the constructor: one finite weight > 0 per block, as a tuple of floats."""
+    refuse_masked(weights, "block_weights")
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(f"block_weights must be a sequence of numbers, got {describe(weights)}") from None
+    if w.ndim != 1 or w.size != len(J.blocks):
+        raise ShapeError(f"block_weights must hold one weight per block ({len(J.blocks)} blocks), got shape {w.shape}")
+    if not (np.isfinite(w).all() and (w > 0).all()):
+        raise ValueRangeError(f"block_weights must be finite and > 0, got {w.tolist()}")
+    return tuple(w.tolist())
+
+
+def _check_same_block_weights(mine: Any, theirs: Any, what: str) -> None:
+    """SignatureError unless J_star's block weights (``mine``) and ``what``'s are both None or equal to rounding."""
+    if mine is None and theirs is None:
+        return
+    if mine is not None and theirs is not None and len(mine) == len(theirs) and np.allclose(
+            mine, theirs, rtol=_BLOCK_WEIGHT_RTOL, atol=0):
+        return
+    if theirs is None:
+        problem, fix = (f"J_star is scaled by blocks (weights {list(mine)}) but {what} is not",
+                        "pass J_star unscaled, or refit on a Jacobian scaled the same way")
+    else:
+        problem = (f"{what} was scaled by blocks (weights {list(theirs)}) but J_star is not" if mine is None else
+                   f"J_star and {what} were scaled by other block weights ({list(mine)} and {list(theirs)})")
+        fix = f"scale the unscaled J_star the same way, J_star.scale_blocks({list(theirs)})"
+    raise SignatureError(f"{problem}: the block weights are part of the prior, so the test Jacobian must carry the "
+                         f"same ones; {fix}")
 
 
 def check_row_factors(factors: Any, J: Any) -> Any:

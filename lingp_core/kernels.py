@@ -24,7 +24,7 @@ from lingp_core import _validate as v
 from lingp_core._precision import float_dtype
 from lingp_core._progress import progress_bar
 from lingp_core._validate import SignatureShapeError
-from lingp_core.jacobian import _WORK_ELEMENTS, JacobianBlocks, product_work
+from lingp_core.jacobian import JacobianBlocks, product_work
 from lingp_core.operators import LinearOperator
 from lingp_core.sharded import ShardedJacobian, is_sharded
 
@@ -56,6 +56,16 @@ def _check_jacobians(J1: Any, J2: Any) -> JacobianBlocks:
         raise SignatureShapeError(f"J1 holds model outputs {J1.outputs} but J2 holds {J2.outputs}; export both with "
                                   "the same outputs=...")
     return J2
+
+
+def check_scale(value: float, name: str, dtype: Any, *, allow_zero: bool = False, divisor: int = 1) -> None:
+    """ValueRangeError unless ``value / divisor`` (a checked prior scale, noise or damping) is a normal number of
+    ``dtype``: cast to float32, 1e-50 silently became 0 and 1e50 Inf. ``divisor``: the c outputs of the "trace" mode,
+    whose mean divides s."""
+    note = f" (÷ {divisor} outputs in output_mode 'trace')" if divisor != 1 else ""
+    v.check_normal(value / divisor, dtype, lambda _: f"{name} = {value:.3g}{note}", allow_zero=allow_zero,
+                   hint="compute in float64 (dtype='float64', or a Jacobian exported with dtype='float64'), or use a "
+                        "value in that range")
 
 
 def _view(J: JacobianBlocks, examples: slice, output: int | None, dtype: np.dtype) -> list:
@@ -138,6 +148,8 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J1.n_outputs)
     dtype = float_dtype(dtype, "dtype")
+    # in memory, "trace" sums the outputs' kernels and scales once by s / c; the shards average, then scale by s
+    check_scale(s, "prior_scale", dtype, divisor=J1.n_outputs if mode == "trace" and not sharded else 1)
     if sharded:
         return _sharded_kernel(J1, J2, s, mode, dtype, memory_budget)
     c, n1, n2 = J1.n_outputs, J1.n, other.n
@@ -151,7 +163,7 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
     rows = c if mode == "full" else 1
     passes = c if mode in ("independent", "trace") else 1
     total = passes * _tile_pairs(n1, n2, rows, other is J1)
-    # overflow is checked once on the result (_check_finite_kernel), with a message in the user's terms
+    # overflow is checked once on the result (_scale_kernel), with a message in the user's terms
     with progress_bar(total, enabled=bool(progress), desc="kernel", unit="tile") as bar, \
             np.errstate(over="ignore", invalid="ignore"):
         result = xp.zeros(shape, dtype=dtype)
@@ -163,16 +175,12 @@ def kernel(J1: JacobianBlocks, J2: JacobianBlocks | None = None, *, prior_scale:
         elif mode == "trace":
             for k in range(c):
                 _assemble(J1, other, k, result, dtype, bar)
-            s /= c
         else:
             _assemble(J1, other, mode, result, dtype, bar)
     if other is J1:  # the strict lower triangle ← the upper one's transpose: K exactly symmetric
         for square in (result if mode == "independent" else [result]):
             fill_lower(square, square, 1.0, xp)
-    if s != 1.0:
-        with np.errstate(over="ignore", invalid="ignore"):
-            result *= dtype.type(s)
-    _check_finite_kernel(result, J1, other, s)
+    _scale_kernel(result, s, c if mode == "trace" else 1, J1, other)
     return result
 
 
@@ -194,11 +202,10 @@ def _sharded_kernel(J1: Any, J2: Any, s: float, mode: Any, dtype: np.dtype, memo
         raise v.BackendMismatchError(f"the in-memory Jacobian lives on {local.backend.name!r} but the sharded one on "
                                      f"{sharded.backend.name!r}")
     K = sharded.cross_kernel(local, mode, dtype, memory_budget)
-    with np.errstate(over="ignore", invalid="ignore"):
-        K = K * dtype.type(s)
+    # the shards' parts were products of finite blocks too: an overflow is reported with the local blocks' sizes
+    _scale_kernel(K, s, 1, local, local)  # "trace": cross_kernel returns the outputs' mean already
     if local is J2:  # the sharded rows first
         K = K.transpose(0, 2, 1).copy() if mode == "independent" else K.T.copy()
-    _check_finite_kernel(K, local, local, s)  # the shards' parts were products of finite blocks too
     return K
 
 
@@ -216,19 +223,39 @@ def work_bytes(J1: JacobianBlocks, n2: int, dtype: Any, *, symmetric: bool) -> i
     return work * dtype.itemsize
 
 
-def _check_finite_kernel(values: Any, J1: JacobianBlocks, J2: JacobianBlocks, s: float) -> None:
-    """NonFiniteError in the user's terms when a kernel from finite Jacobians overflowed its dtype."""
-    xp = J1.backend.xp
-    flat = values.reshape(-1)  # K is C-contiguous: a view; checked a chunk at a time (no n × n boolean array)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if all(bool(xp.isfinite(flat[i: i + _WORK_ELEMENTS]).all()) for i in range(0, flat.size, _WORK_ELEMENTS)):
-            return
-    largest = max(float(xp.max(xp.abs(a))) for J in (J1, J2) for b in J.blocks for a in b.to_arrays()[0].values()
-                  if a.size)
-    raise v.NonFiniteError(f"the kernel s·J J'ᵀ overflows {values.dtype} (NaN/Inf) although the Jacobians are "
-                           f"finite: their stored entries reach {largest:.3g} (prior_scale = {s:.3g}), whose "
-                           "products do not fit; the exported Jacobian is far too large — rescale the network's "
-                           "inputs or outputs" + (", or use dtype=float64" if values.dtype == np.float32 else ""))
+def _largest_magnitude(values: Any) -> float:
+    """max |values| by two reductions (no temporary n × n array); NaN when any entry is NaN, Inf when any is ±Inf."""
+    if values.size == 0:
+        return 0.0
+    high, low = float(values.max()), float(values.min())  # both NaN when any entry is
+    return high if high >= -low else -low
+
+
+def _scale_kernel(values: Any, s: float, divisor: int, J1: JacobianBlocks, J2: JacobianBlocks) -> None:
+    """values (the unscaled J J'ᵀ, summed over ``divisor`` outputs) *= s / divisor in place, after checking the
+    result fits its dtype: an error in the user's terms (the Jacobians' size, or prior_scale) instead of Inf or 0."""
+    largest = _largest_magnitude(values)
+    dtype = np.dtype(values.dtype)
+    if not np.isfinite(largest):  # the unscaled products already overflowed: prior_scale is not the cause
+        entries = max(float(J1.xp.max(J1.xp.abs(a))) for J in (J1, J2) for b in J.blocks
+                      for a in b.to_arrays()[0].values() if a.size)
+        raise v.NonFiniteError(f"the kernel s·J J'ᵀ overflows {dtype} (NaN/Inf) although the Jacobians are finite: "
+                               f"their stored entries reach {entries:.3g}, whose products J J'ᵀ do not fit whatever "
+                               "prior_scale; the exported Jacobian is far too large — rescale the network's inputs or "
+                               "outputs"
+                               + (", or use dtype=float64" if dtype == np.float32 else ""))
+    factor, info = s / divisor, np.finfo(dtype)
+    reach = f"prior_scale = {s:.3g} times the unscaled kernel J J'ᵀ, whose entries reach {largest / divisor:.3g},"
+    wider = ", or dtype=float64" if dtype == np.float32 else ""
+    if largest * factor > float(info.max) * (1 - 4 * float(info.eps)):  # margin: the rounding of s in dtype
+        raise v.NonFiniteError(f"{reach} overflows {dtype} (largest {info.max:.3g}); use a prior_scale below "
+                               f"{float(info.max) / largest * divisor / 2:.3g}{wider}")
+    if 0 < largest * factor < info.tiny:  # every entry subnormal or 0: the kernel's digits are gone
+        raise v.ValueRangeError(f"{reach} underflows {dtype} (smallest normal {info.tiny:.3g}): every entry would "
+                                f"be subnormal or 0; use a prior_scale above "
+                                f"{float(info.tiny) / largest * divisor * 2:.3g}{wider}")
+    if factor != 1.0:
+        values *= dtype.type(factor)
 
 
 def kernel_diag(J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str | int = "full",
@@ -243,6 +270,7 @@ def kernel_diag(J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str
     s = v.check_positive(prior_scale, "prior_scale")
     mode = _check_mode(output_mode, J.n_outputs)
     dtype = float_dtype(dtype, "dtype")
+    check_scale(s, "prior_scale", dtype)
     if is_sharded(J):  # each shard checks its own part for overflow
         with np.errstate(over="ignore", invalid="ignore"):
             return J.kernel_diag(mode, dtype) * dtype.type(s)
@@ -250,8 +278,8 @@ def kernel_diag(J: JacobianBlocks, *, prior_scale: float = 1.0, output_mode: str
     with np.errstate(over="ignore", invalid="ignore"):
         for b in _view(J, slice(0, J.n), None, dtype):
             diag += b.gram_diagonal()
-        per_output = diag.reshape(J.n, J.n_outputs) * dtype.type(s)
-    _check_finite_kernel(per_output, J, J, s)
+    _scale_kernel(diag, s, 1, J, J)
+    per_output = diag.reshape(J.n, J.n_outputs)
     if mode == "full":
         return per_output.reshape(-1)
     if mode == "independent":
@@ -285,6 +313,9 @@ class KernelOperator(LinearOperator):
             raise v.InvalidOptionError("KernelOperator has no 'independent' mode: make one operator per output "
                              "(output_mode=k for k in range(c))")
         self.output_mode = _check_mode(output_mode, J.n_outputs)
+        # both are cast to J's dtype in every product
+        check_scale(self.prior_scale, "prior_scale", J.dtype, divisor=J.n_outputs if self.output_mode == "trace" else 1)
+        check_scale(self.noise, "noise", J.dtype, allow_zero=True)
         rows = J.n * J.n_outputs if self.output_mode == "full" else J.n
         self.shape, self.dtype, self.backend = (rows, rows), J.dtype, J.backend
         c = J.n_outputs

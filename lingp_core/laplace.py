@@ -94,6 +94,7 @@ _MIN_GAIN, _MAX_GAIN = 0.25, 8.0  # layerwise steps: multiples of MacKay's plain
 
 def _check_prior_scale(value: Any) -> float | tuple[float, ...]:
     """One prior variance s > 0 (a float), or a non-empty 1-D sequence of them (one per block, a tuple)."""
+    v.refuse_masked(value, "prior_scale")
     if isinstance(value, (list, tuple, np.ndarray)):
         array = np.asarray(value, dtype=object)
         if array.ndim != 1 or array.size == 0:

@@ -79,11 +79,7 @@ class Likelihood:
         """
         f = self.check_outputs(f)
         backend = v.backend_of(f)
-        if y is None:
-            raise v.ArgumentTypeError("y is required, got None")
-        if backends.backend_name_of(y) not in (None, backend.name):
-            raise v.BackendMismatchError(f"y is a {v.describe(y)} but f lives on backend {backend.name!r}")
-        return self._check_labels(backend.asarray(y), f, backend)
+        return self._check_labels(v.as_array(y, "y", backend), f, backend)
 
     # ----- classification (Bernoulli, categorical): the pieces LaplaceClassifier uses ------------------------------
     def targets(self, y: Any, n: int, c: int) -> Any:
@@ -122,6 +118,7 @@ def check_noise(noise: Any, *, per_observation: bool = False) -> float | np.ndar
     """A noise variance σ² > 0 as a float, or one per output as a float64 host array (c,) — with
     ``per_observation`` also one per observation (n, c) — from a number or an array (NumPy or CuPy); ShapeError,
     DTypeError, NonFiniteError or ValueRangeError otherwise."""
+    v.refuse_masked(noise, "noise")
     # noise arrays are read on the host in float64 (per output: a few numbers; per observation: one per target)
     arr = v.backend_of(noise).to_numpy(noise) if backends.backend_name_of(noise) else noise
     try:
@@ -191,17 +188,11 @@ class GaussianLikelihood(Likelihood):
         return xp.broadcast_to(xp.asarray(inv_sd)[None, :], f.shape).copy()
 
     def _check_fits(self, values: Any, what: str, dtype: Any) -> None:
-        """ValueRangeError unless every value (float64, from the noise) is a normal number of ``dtype``: the cast
-        would otherwise give Inf or lose every digit to underflow, silently."""
-        info = np.finfo(dtype)
+        """ValueRangeError unless every value (float64, from the noise) is a normal number of f's ``dtype``."""
         values = np.asarray(values, dtype=np.float64)
-        bad = (values > info.max) | (values < info.tiny)
-        if bad.any():
-            j = int(np.flatnonzero(bad.reshape(-1))[0])
-            noise = float(np.broadcast_to(np.asarray(self.noise, dtype=np.float64), values.shape).reshape(-1)[j])
-            raise v.ValueRangeError(f"noise σ² = {noise:.3g} gives {what} = {values.reshape(-1)[j]:.3g}, outside the "
-                                    f"normal range [{info.tiny:.3g}, {info.max:.3g}] of the outputs' dtype "
-                                    f"{np.dtype(dtype)}; use float64 outputs (and Jacobian) or a noise in range")
+        noise = np.broadcast_to(np.asarray(self.noise, dtype=np.float64), values.shape).reshape(-1)
+        v.check_normal(values, dtype, lambda j: f"noise σ² = {noise[j]:.3g} gives {what} = {values.reshape(-1)[j]:.3g}",
+                       hint="use float64 outputs (and Jacobian) or a noise in range")
 
     def _check_labels(self, y: Any, f: Any, backend: Any) -> Any:
         y = v.as_float_array(y, "y", backend, ndim=(1, 2), dtypes=(f.dtype,))

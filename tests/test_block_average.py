@@ -83,7 +83,7 @@ def test_scaled_blocks_give_the_weighted_sum_of_block_kernels(backend, structure
     got = backend.to_numpy(lg.kernel(J.scale_blocks(omega), output_mode="full"))
     want = sum(w * o["J"][:, cols] @ o["J"][:, cols].T for cols, w in zip(column_blocks(J), omega))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
-    assert J.scale_blocks(omega).signature() == J.signature()
+    assert J.scale_blocks(omega).signature() == dict(J.signature(), block_weights=omega.tolist())
 
 
 def test_scale_blocks_refuses_bad_weights(backend):

@@ -5,6 +5,8 @@ n·c × n·c matrix of the per-example Λ_i, written out here from the closed fo
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,23 @@ def test_bad_inputs_raise(backend):
         kernel_lowrank(J, 2, prior_scale=0.0)
     with pytest.raises(ValueRangeError, match="shift"):
         kernel_lowrank(J, 2, shift=-1.0)
+
+
+def test_damping_and_shift_outside_the_dtype_are_refused(backend):
+    """damping = 1e50 cast to float32 gave an Inf/NaN Fisher, 1e-50 silently none (review t14)."""
+    model, x, J, lik, J64, F64 = setup_case("mlp-categorical", backend, np.float32)
+    calls = ((lambda d: fisher(J, lik, damping=d), "damping"),
+             (lambda d: fisher_lowrank(J, lik, 2, damping=d), "damping"),
+             (lambda d: kernel_lowrank(J, 2, shift=d), "shift"),
+             (lambda d: kernel_lowrank(J, 2, prior_scale=d, method="randomized"), "prior_scale"))
+    for d in (1e-50, 1e50):
+        for call, name in calls:
+            with pytest.raises(ValueRangeError, match=rf"{name} = {re.escape(f'{d:.3g}')}.* float32.*float64"):
+                call(d)
+    # a large damping that float32 holds: F + damping·I of the float64 oracle, finite
+    d = 1e30
+    F = fisher(J, lik, damping=d)
+    expected = F64 + d * np.eye(F64.shape[0])
+    assert_matches(F.diagonal(), np.diag(expected).copy(), backend, dtype=np.float32)
+    assert_matches(F.matmat(backend.xp.eye(F64.shape[0], dtype=np.float32)), expected, backend, dtype=np.float32)
+    assert_matches(fisher(J, lik, damping=0.0).to_dense(), F64, backend, dtype=np.float32, rtol=rtol_for(np.float32))

@@ -554,3 +554,22 @@ def test_a_weight_space_prior_mean_cannot_be_edited_out(tmp_path, edit):
         lg.LinearizedGP.load(edited)
     np.testing.assert_array_equal(lg.LinearizedGP.load(path).predict(Js),  # the untouched archive still loads
                                   lg.LinearizedGP(0.7, 0.05).fit(J, y, prior_mean=m).predict(Js))
+
+
+def test_a_model_fitted_on_scaled_blocks_keeps_them_through_save_and_load(tmp_path):
+    """The block weights of J.scale_blocks are part of the prior: the archived training Jacobian keeps them (it came
+    back unscaled), and the loaded model refuses an unscaled J_star as the fitted one does."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    J = lg.export_jacobian(net, torch.randn(9, 3, dtype=torch.float64))
+    J_star = lg.export_jacobian(net, torch.randn(4, 3, dtype=torch.float64))
+    weights = [0.5, 2.0]
+    y = J.f0 + np.random.default_rng(0).standard_normal(J.f0.shape)
+    gp = lg.LinearizedGP(1.0, 0.1, method="function-cholesky").fit(J.scale_blocks(weights), y)
+    loaded = lg.LinearizedGP.load(gp.save(tmp_path / "scaled"))
+    assert loaded._J.block_weights == tuple(weights)
+    for model in (gp, loaded):
+        with pytest.raises(lg.SignatureError, match="scaled by blocks"):
+            model.predict(J_star)
+    np.testing.assert_array_equal(loaded.predict(J_star.scale_blocks(weights), return_var=True)[1],
+                                  gp.predict(J_star.scale_blocks(weights), return_var=True)[1])

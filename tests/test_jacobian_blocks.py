@@ -19,7 +19,7 @@ from lingp_core.jacobian import (  # noqa: E402
     SignatureDTypeError,
     SignatureShapeError,
 )
-from tests.helpers import assert_matches  # noqa: E402
+from tests.helpers import assert_matches, dense_gp_posterior  # noqa: E402
 from tests.test_export import SmallCNN, mlp, on_backend, oracle  # noqa: E402
 
 S = 0.7  # prior scale
@@ -242,3 +242,49 @@ def test_models_refuse_a_test_jacobian_from_other_weights(backend, tmp_path, rng
     for predict in (gp.predict, loaded.predict, classifier.predict_logits):
         with pytest.raises(lg.SignatureError, match="exported from other weights than the training Jacobian"):
             predict(moved)
+
+
+# ----- block weights (scale_blocks) are part of the signature --------------------------------------------------------
+
+def test_block_weights_are_part_of_the_signature(backend):
+    model, x = on_backend(mlp(nn.Tanh, (3, 5, 2)), torch.randn(4, 3), backend)
+    J = lg.export_jacobian(model, x, backend=backend.name)
+    w = np.linspace(9.0, 1.0, len(J.blocks))
+    scaled = J.scale_blocks(w)
+    assert J.signature()["block_weights"] is None and scaled.signature()["block_weights"] == w.tolist()
+    assert scaled.select(slice(1, 3), output=1).signature()["block_weights"] == w.tolist()  # derived: carried
+    assert scaled.scale_blocks(w).signature()["block_weights"] == (w * w).tolist()  # scaled twice: the product
+    scaled.check_signature(J.scale_blocks(w * (1 + 4 * np.finfo(np.float64).eps)).signature())  # rounding only
+    with pytest.raises(lg.SignatureError, match=r"the training Jacobian was scaled by blocks \(weights \[9\.0, .*\]\) "
+                                                r"but J_star is not.*J_star\.scale_blocks"):
+        J.check_signature(scaled.signature())
+    with pytest.raises(lg.SignatureError, match=r"J_star is scaled by blocks \(weights \[9\.0, .*\]\) but the "
+                                                r"training Jacobian is not"):
+        scaled.check_signature(J.signature())
+    with pytest.raises(lg.SignatureError, match=r"scaled by other block weights"):
+        J.scale_blocks(w[::-1]).check_signature(scaled.signature())
+    old = {k: v for k, v in J.signature().items() if k != "block_weights"}  # saved before block weights: unknown
+    J.check_signature(old)
+    scaled.check_signature(old)
+    with pytest.raises(lg.ShapeError, match="block_weights"):
+        JacobianBlocks(J.f0, J.blocks, backend=backend, outputs=J.outputs, block_weights=[1.0] * (len(J.blocks) + 1))
+    with pytest.raises(lg.ValueRangeError, match="block_weights"):
+        JacobianBlocks(J.f0, J.blocks, backend=backend, outputs=J.outputs, block_weights=[0.0] * len(J.blocks))
+
+
+def test_a_model_fitted_on_scaled_blocks_predicts_only_with_scaled_test_jacobians(backend, rng):
+    """Fitted on J.scale_blocks(w), an unscaled J_star mixed two kernels (the mean was 66% off, review t20)."""
+    model, x = on_backend(mlp(nn.Tanh, (3, 6, 1)), torch.randn(10, 3), backend)
+    _, x_star = on_backend(model, torch.randn(4, 3), backend)
+    J, Js = (lg.export_jacobian(model, a, backend=backend.name) for a in (x, x_star))
+    (Jd, f0), (Jsd, f0s) = oracle(model, x), oracle(model, x_star)
+    y = f0[:, 0] + 0.3 * rng.standard_normal(f0.shape[0])
+    w = np.linspace(9.0, 0.5, len(J.blocks))
+    gp = lg.LinearizedGP(0.5, 0.1).fit(J.scale_blocks(w), backend.asarray(y))
+    with pytest.raises(lg.SignatureError, match=r"scaled by blocks.*J_star\.scale_blocks"):
+        gp.predict(Js)
+    roots = np.repeat(np.sqrt(w), J.block_sizes)  # the per-block prior: columns of block b times √w_b
+    mean, var, _ = dense_gp_posterior(Jd * roots, f0, Jsd * roots, f0s, y, 0.5, 0.1)
+    got_mean, got_var = gp.predict(Js.scale_blocks(w), return_var=True)
+    assert_matches(got_mean, mean[:, None], backend, dtype=np.float64, rtol=1e-9)
+    assert_matches(got_var, var[:, None], backend, dtype=np.float64, rtol=1e-9)

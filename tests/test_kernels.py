@@ -1,6 +1,8 @@
 """kernel, kernel_diag and KernelOperator against float64 dense kernels from torch.func Jacobians, in every mode."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -229,3 +231,56 @@ def test_a_kernel_that_overflows_raises_naming_the_jacobians():
     for call in (lambda: lg.kernel(J), lambda: lg.kernel_diag(J), lambda: lg.kernel(J, prior_scale=1e308)):
         with pytest.raises(lg.NonFiniteError, match=r"stored entries reach \d"):
             call()
+
+
+# ----- prior_scale and noise must survive the cast to the dtype they are computed in ------------------------------
+
+def test_scales_outside_the_dtype_are_refused_not_cast_to_zero_or_inf(backend, rng):
+    """prior_scale = 1e-50 cast to float32 gave an all-zero kernel, 1e50 an Inf one (review t13)."""
+    model, x = on_backend(mlp(nn.Tanh, (3, 5, 2)), torch.randn(4, 3), backend)
+    J64, J32 = lg.export_jacobian(model, x, backend=backend.name), lg.export_jacobian(model, x, dtype="float32",
+                                                                                     backend=backend.name)
+    calls = (lambda s: lg.KernelOperator(J32, prior_scale=s), lambda s: lg.kernel(J32, prior_scale=s, dtype="float32"),
+             lambda s: lg.kernel_diag(J64, prior_scale=s, dtype="float32"),
+             lambda s: lg.kernel(J32, prior_scale=s, output_mode="trace", dtype="float32"))
+    for s in (1e-50, 1e50):
+        for call in calls:
+            with pytest.raises(lg.ValueRangeError, match=rf"prior_scale = {re.escape(f'{s:.3g}')}.* float32.*float64"):
+                call(s)
+    with pytest.raises(lg.ValueRangeError, match=r"noise = 1e-50.* float32"):
+        lg.KernelOperator(J32, noise=1e-50)
+    # the same numbers are normal in float64: the results are s·J Jᵀ (+ σ²I) of the float64 oracle, not 0 or Inf
+    Jd = oracle(model, x)[0]
+    V = rng.standard_normal((Jd.shape[0], 2))
+    for s in (1e-50, 1e50):
+        assert_matches(lg.kernel(J32, prior_scale=s), s * Jd @ Jd.T, backend, dtype=np.float64,
+                       rtol=tolerance(np.float32, 100))  # float32 blocks, float64 kernel
+        op = lg.KernelOperator(J64, prior_scale=s, noise=s * 1e-3)
+        assert_matches(op.matmat(backend.asarray(V)), s * Jd @ (Jd.T @ V) + s * 1e-3 * V, backend, dtype=np.float64)
+    op = lg.KernelOperator(J32, noise=0.0)  # zero noise stays allowed
+    assert_matches(op.matmat(backend.asarray(V.astype(np.float32))), Jd @ (Jd.T @ V.astype(np.float32)), backend,
+                   dtype=np.float32)
+
+
+def test_a_kernel_that_overflows_through_prior_scale_names_prior_scale(backend, dtype):
+    """Finite Jacobians, a prior_scale normal in the dtype, but s·max|J J'ᵀ| past its largest number: the error blames
+    prior_scale, not the Jacobian's size; and a scale that makes even the largest entry subnormal is refused."""
+    model, x = on_backend(mlp(nn.Tanh, (3, 5, 2)), 3 * torch.randn(4, 3), backend, dtype)
+    J = lg.export_jacobian(model, x, backend=backend.name)
+    Jd = oracle(model, x)[0]
+    info = np.finfo(dtype)
+    largest = float(np.abs(Jd @ Jd.T).max())
+    assert np.einsum("ij,ij->i", Jd, Jd).max() == pytest.approx(largest)  # diag reaches K's largest (Cauchy–Schwarz)
+    s = float(info.max) / (largest / 4)  # s·largest = 4·max, s itself below max
+    assert s < info.max and largest > 4
+    for call in (lg.kernel, lg.kernel_diag):
+        with pytest.raises(lg.NonFiniteError, match=rf"prior_scale = {re.escape(f'{s:.3g}')} times.* overflows "
+                                                    rf"{np.dtype(dtype)}"):
+            call(J, prior_scale=s, dtype=dtype)
+    small = J.scale_blocks([1e-6] * len(J.blocks))  # K ~ 1e-12·(J Jᵀ)
+    s = float(info.tiny) * 8
+    assert s * 1e-12 * largest < info.tiny
+    for call in (lg.kernel, lg.kernel_diag):
+        with pytest.raises(lg.ValueRangeError, match=rf"prior_scale = {re.escape(f'{s:.3g}')} times.* underflows "
+                                                     rf"{np.dtype(dtype)}"):
+            call(small, prior_scale=s, dtype=dtype)

@@ -120,3 +120,44 @@ def test_describe_and_format_bytes():
     assert v.describe(np.zeros((2, 3), np.float32)) == "numpy.ndarray of dtype float32 and shape (2, 3)"
     assert v.format_bytes(512) == "512 B"
     assert v.format_bytes(3 * 2**20) == "3.0 MiB"
+
+
+# ----- masked arrays: np.asarray drops the mask, so a masked input must be refused, not read through --------------
+
+def test_as_float_array_refuses_a_masked_array_naming_it():
+    backend = lingp_core.get_backend("numpy")
+    y = np.ma.masked_array(np.ones((3, 2)), mask=[[0, 0], [0, 1], [0, 0]])
+    with pytest.raises(v.ArgumentTypeError, match=r"y is a numpy\.ma\.MaskedArray of shape \(3, 2\) with 1 masked "
+                                                  r"entr.*y\.filled\(.*drop the masked"):
+        v.as_float_array(y, "y", backend)
+    with pytest.raises(v.ArgumentTypeError, match="MaskedArray"):  # the backend itself refuses too (no name there)
+        backend.asarray(y)
+
+
+def test_models_refuse_masked_targets_noise_and_labels():
+    """A masked y, noise or labels was fitted as if unmasked, its hidden values included (t10 in the review)."""
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    regression = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    classifier = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    J, Jc = lingp_core.export_jacobian(regression, x), lingp_core.export_jacobian(classifier, x)
+    y = np.ma.masked_array(J.f0 + 1.0, mask=np.zeros(J.f0.shape, bool))
+    y[2, 1] = np.ma.masked
+    labels = np.ma.masked_array([0, 1, 2, 0, 1, 2], mask=[0, 0, 1, 0, 0, 0])
+    models = {"gp": lingp_core.LinearizedGP(0.5, 0.1), "laplace": lingp_core.LaplaceClassifier(0.5),
+              "dirichlet": lingp_core.DirichletClassifier()}
+    calls = [("y", lambda: models["gp"].fit(J, y)),
+             ("noise", lambda: lingp_core.LinearizedGP(0.5, np.ma.masked_array([0.1, 0.2], mask=[0, 1]))),
+             ("noise", lambda: lingp_core.GaussianLikelihood(np.ma.masked_array([0.1, 0.2], mask=[0, 1]))),
+             ("y", lambda: models["laplace"].fit(Jc, labels)),
+             ("y", lambda: models["dirichlet"].fit(Jc, labels)),
+             ("labels", lambda: lingp_core.dirichlet_targets(labels, 3, 0.01)),
+             ("prior_scale", lambda: lingp_core.LaplaceClassifier(np.ma.masked_array([0.5, 1.0], mask=[0, 1]))),
+             ("var", lambda: lingp_core.probability_of_largest(np.zeros((2, 3)),
+                                                               np.ma.masked_array(np.ones((2, 3)), mask=True)))]
+    for name, call in calls:
+        with pytest.raises(v.ArgumentTypeError, match=rf"^{name} is a numpy\.ma\.MaskedArray .*{name}\.filled\("):
+            call()
+    assert not any(model.is_fitted for model in models.values())
