@@ -526,14 +526,14 @@ def predict_weight(state: dict, J_star: JacobianBlocks, cov: str | None) -> tupl
         return mean, None
     out = xp.zeros((n, c, c) if cov == "full" else (n, c), dtype=np.float64)
     starts = np.cumsum([0] + list(J_star.block_sizes))
-    for cols in chunks(p, max(1, min(_PREDICT_COLUMNS, WORK_ELEMENTS // (n * c)))):
+    for cols in chunks(p, max(1, min(_PREDICT_COLUMNS, WORK_ELEMENTS // max(1, n * c)))):
         live = int(np.searchsorted(starts, cols.stop))  # blocks starting before cols.stop: the others meet zeros
         # R⁻ᵀ[:end, cols] in J*'s dtype, rows up to the end of the last live block
         right = xp.ascontiguousarray(state["inverse_factor"][cols, : starts[live]].T, dtype=J_star.dtype)
         z = xp.zeros((n * c, cols.stop - cols.start), dtype=J_star.dtype)
         for block, start in zip(J_star.blocks[:live], starts[:live]):
             z += block.matmat(right[start: start + block.p])
-        z = z.astype(np.float64).reshape(n, c, -1)
+        z = z.astype(np.float64).reshape(n, c, cols.stop - cols.start)
         out += z @ z.transpose(0, 2, 1) if cov == "full" else (z * z).sum(axis=2)
     return mean, out
 

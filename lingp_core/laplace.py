@@ -848,5 +848,5 @@ def _monte_carlo(mean: Any, cov: Any, likelihood: Likelihood, n_samples: int, se
         # drawn chunk by chunk from one generator: the same stream as one big draw, in bounded memory
         z = be.asarray(rng.standard_normal((rows.stop - rows.start, n, c)))
         logits = mean[None] + xp.einsum("ikl,sil->sik", root, z)
-        total += likelihood.mean(logits.reshape(-1, c)).reshape(-1, n, c).sum(axis=0)
+        total += likelihood.mean(logits.reshape(-1, c)).reshape(rows.stop - rows.start, n, c).sum(axis=0)
     return total / n_samples

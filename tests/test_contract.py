@@ -245,6 +245,23 @@ def test_a_parameter_set_after_the_fit_is_refused_until_a_refit(tmp_path, kind):
                                                     else loaded.predict_logits)(J_star))
 
 
+def test_no_test_inputs_give_empty_predictions_everywhere():
+    """n* = 0 (a filtered test set can be empty): sample and the weight-space Laplace probabilities raised bare
+    ValueError / ZeroDivisionError; every prediction is now an empty array of the documented shape."""
+    _, _, J, J_star, y = gp_problem(0)
+    empty = J_star.examples(slice(0, 0))
+    for mode in ("full", "independent", "trace"):
+        gp = lg.LinearizedGP(1.0, 0.1, output_mode=mode).fit(J, y)
+        assert gp.sample(empty, 3).shape == (3, 0, 2)
+        assert [a.shape for a in gp.predict(empty, return_var=True)] == [(0, 2), (0, 2)]
+    labels = np.argmax(J.f0, axis=1)
+    for method in ("parameter", "function"):
+        clf = lg.LaplaceClassifier(1.0, method=method).fit(J, labels)
+        for how in ("probit", "mc"):
+            assert clf.predict_proba(empty, method=how).shape == (0, 2)
+        assert clf.predict_logits(empty, return_var="full")[1].shape == (0, 2, 2)
+
+
 def test_interrupted_load_leaves_the_archive_and_a_later_load_intact(tmp_path):
     _, _, J, J_star, y = gp_problem(0)
     gp = lg.LinearizedGP(0.7, 0.05, method="function-cholesky").fit(J, y)
