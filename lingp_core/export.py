@@ -95,6 +95,20 @@ def _eval_mode(model: Any) -> Iterator[None]:
             module.training = flag
 
 
+@contextlib.contextmanager
+def _buffers_kept(model: Any) -> Iterator[None]:
+    """Restore every buffer's values afterwards (whether the export succeeds or fails): a forward that updates
+    buffers (a counter, a running average) must not leave the model changed by an export's probe and passes."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        torch = _torch()
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 def _check_model(model: Any) -> tuple[Any, Any]:
     """The device and floating dtype shared by all of ``model``'s parameters; clear errors otherwise."""
     torch = _torch()
@@ -644,7 +658,9 @@ class _Capture:
                 raise ExportError(f"layer {owner!r} ran more often than in the first pass (data-dependent control "
                                   "flow); export it densely with structure='dense'")
             x = _first_input(args, kwargs)
-            self.inputs[slot] = x.reshape(-1, x.shape[-1])
+            # a copy: a reshape may be a view, and the forward can change its input in place after the call
+            # (h += layer(h), relu_(h)); only ε is differentiated, so autograd's version check never sees it
+            self.inputs[slot] = x.reshape(-1, x.shape[-1]).clone()
             return output + self.eps[slot]
         return hook
 
@@ -797,9 +813,9 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
     ----------
     model : torch.nn.Module
         The trained network, mapping inputs of shape (b, ...) to outputs of shape (b, ...) (flattened per example to
-        c_total outputs). It runs in eval mode; its training flags are restored afterwards; its Parameter objects
-        (tied ones too), their values and ``.grad`` are left untouched. Examples are treated independently (each is
-        its own batch of one inside ``torch.func.vmap``).
+        c_total outputs). It runs in eval mode; its training flags and its buffers' values are restored afterwards;
+        its Parameter objects (tied ones too), their values and ``.grad`` are left untouched. Examples are treated
+        independently (each is its own batch of one inside ``torch.func.vmap``).
     inputs : torch.Tensor of shape (n, ...), or a dask array
         On the model's device; a floating tensor must have the model's dtype (NumPy/CuPy arrays share their memory;
         a NumPy array with negative strides is copied). Complex inputs are refused.
@@ -889,7 +905,7 @@ def export_jacobian(model: Any, inputs: Any, *, params: Any = None, outputs: Any
     n = int(x.shape[0])
     bar = progress_bar(n, enabled=bool(progress), desc="export_jacobian", unit="example")  # tqdm missing: fail early
     try:
-        with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        with _eval_mode(model), _buffers_kept(model), torch.no_grad(), warnings.catch_warnings():
             # torch announces, once per thread, that it makes the CUDA primary context current for cuBLAS (CuPy may
             # have created it): an initialization notice, not a problem with the export
             warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
@@ -913,7 +929,7 @@ def check_sharded_export(model: Any, first: Any, params: Any, outputs: Any, dtyp
     if memory_budget is not None:
         check_positive(memory_budget, "memory_budget")
     x = _as_input_tensor(first, device, model_dtype)
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), _buffers_kept(model), torch.no_grad():
         probe = _probe_model(model, x)
     _select_parameters(model, params, probe)
     _select_outputs(outputs, probe.n_outputs)
@@ -1012,10 +1028,18 @@ def _vmap_failure(exc: Exception) -> ExportError:
     """The error for a model torch.func.vmap cannot run per example, quoting torch briefly."""
     said = " ".join(str(exc).split())
     said = said if len(said) <= 240 else said[:240] + "…"
+    if "would mutate a captured Tensor" in said:
+        cause = ("the network changes a buffer or another tensor outside the example in place during forward (a "
+                 "counter, a running average: `self.count += 1`); per-example Jacobians cannot, and the buffers were "
+                 "restored: compute such state outside forward")
+    elif "modified by an inplace operation" in said:
+        cause = ("the network changes in place a tensor that its gradient needs (e.g. `h += layer(h)`, "
+                 "`relu_(h)`, `h.mul_(3)` in forward): write those operations out of place (`h = h + layer(h)`)")
+    else:
+        cause = ("the network most likely has data-dependent Python control flow (e.g. `if x.sum() > 0:` in "
+                 "forward), calls .item() or .tolist() on a tensor, or uses another operation vmap does not support")
     return ExportError("exporting failed inside torch.func.vmap (the per-example Jacobians) although the model ran on "
-                       "one example: the network most likely has data-dependent Python control flow (e.g. `if "
-                       "x.sum() > 0:` in forward), calls .item() or .tolist() on a tensor, or uses another operation "
-                       f"vmap does not support. torch said: {type(exc).__name__}: {said}. Use "
+                       f"one example: {cause}. torch said: {type(exc).__name__}: {said}. Use "
                        "lingp_core.AutogradJacobian(model, inputs, batch_size=1) instead: a matrix-free Jacobian "
                        "(J V, Jᵀ U by torch.func jvp/vjp on whole batches, no vmap over examples; batch_size=1 runs "
                        "each example as its own batch, as export does), usable with fisher() and matrix-free solvers")

@@ -1001,6 +1001,9 @@ class JacobianBlocks(JacobianShape):
             return slice(0, self.n)
         if not isinstance(examples, slice):
             raise ArgumentTypeError(f"examples must be a slice, got {describe(examples)}")
+        bounds = (examples.start, examples.stop, examples.step)
+        if not all(b is None or (isinstance(b, numbers.Integral) and not isinstance(b, bool)) for b in bounds):
+            raise ArgumentTypeError(f"examples must be a slice of integers (or None), got {examples}")
         start, stop, step = examples.indices(self.n)
         if step != 1:
             raise InvalidOptionError(f"examples must be a slice of consecutive examples (step 1), got {examples}")

@@ -565,3 +565,59 @@ def test_tied_weights_kept_when_export_fails(backend):
         export_jacobian(model, x, backend=backend.name)
     after = list(model.named_parameters(remove_duplicate=False))
     assert len(after) == len(before) and all(q is p for (_, p), (_, q) in zip(before, after))
+
+
+class _InPlaceResidual(nn.Module):
+    """h = a(x); h += b(h) (or out of place); c(tanh h): b's input is changed in place after b ran."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place, self.a, self.b, self.c = in_place, nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.in_place:
+            h += self.b(h)
+        else:
+            h = h + self.b(h)
+        return self.c(torch.tanh(h))
+
+
+@pytest.mark.parametrize("structure", ["auto", "factored"])
+def test_a_layer_input_changed_in_place_after_the_call_is_captured_as_it_was(structure):
+    # the factored blocks kept a view of each Linear's input, which `h += b(h)` then rewrote: b.weight's columns
+    # were 49% off (the whole J 27%), silently; the oracle is the out-of-place twin (autograd refuses the in-place
+    # model itself, and so does the dense export, saying why)
+    model = _InPlaceResidual(True).double()
+    twin = _InPlaceResidual(False).double()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    J = lg.export_jacobian(model, x, structure=structure)
+    assert all(isinstance(b, lg.FactoredLinearBlock) for b in J.blocks)
+    J_oracle, f_oracle = oracle(twin, x)
+    np.testing.assert_allclose(J.to_dense(), J_oracle, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(J.f0, f_oracle, rtol=1e-12)
+    with pytest.raises(lg.ExportError, match="changes in place a tensor that its gradient needs"):
+        lg.export_jacobian(model, x, structure="dense")
+
+
+class _CountingModel(nn.Module):
+    """A forward that updates a buffer in place: a call counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.layer(x) * self.calls
+
+
+def test_an_export_that_fails_on_a_buffer_update_leaves_the_buffers_as_they_were():
+    # the probe's forward counted 1 before the per-example pass refused the update: the model was changed by a
+    # failed export, and the message blamed control flow
+    model = _CountingModel().double()
+    with pytest.raises(lg.ExportError, match="changes a buffer .* in place during forward"):
+        lg.export_jacobian(model, torch.randn(4, 3, dtype=torch.float64))
+    assert float(model.calls) == 0.0

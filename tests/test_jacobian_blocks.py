@@ -193,6 +193,14 @@ def test_derived_jacobians_carry_the_fingerprint(backend, rng):
     assert np.array_equal(backend.to_numpy(one.to_dense()), J64.reshape(4, 2, -1)[1:3, 1])
 
 
+def test_example_slices_of_non_integers_are_refused():
+    J = lg.export_jacobian(mlp(nn.Tanh, (3, 5, 2)), torch.randn(4, 3))
+    for bad in (slice(0.5, 3), slice(0, 2.0), slice(True, 3)):  # slice.indices raised a bare TypeError (or took bool)
+        with pytest.raises(lg.ArgumentTypeError, match="slice of integers"):
+            J.select(bad)
+    assert J.select(slice(np.int64(1), 3)).n == 2
+
+
 def test_check_signature_names_the_mismatch(backend):
     model, x = on_backend(mlp(nn.Tanh, (3, 5, 2)), torch.randn(4, 3), backend)
     J = lg.export_jacobian(model, x, backend=backend.name)
