@@ -12,6 +12,7 @@ from typing import Any
 from lingp_core._validate import check_int
 from lingp_core.export import (
     _as_input_tensor,
+    _buffers_kept,
     _check_model,
     _eval_mode,
     _functional_call,
@@ -33,7 +34,10 @@ class AutogradJacobian(JacobianShape):
     model, inputs, params, outputs, backend
         As for :func:`lingp_core.export_jacobian` (same parameter order, row order and selection rules).
     batch_size : int, optional
-        Examples per forward pass (default: all n at once).
+        Examples per forward pass (default: all n at once). A network whose forward mixes the examples of a batch
+        (``x - x.mean(0)``, BatchNorm in train mode) has a Jacobian that depends on the batch: ``batch_size=1``
+        runs each example alone, as :func:`~lingp_core.export_jacobian` does; larger batches give the batch's
+        Jacobian (J V off by 100%+ against the per-example one for ``x - x.mean(0)``).
     column_chunk : int, optional
         Columns of V or U pushed through one vmapped jvp/vjp (default: all at once; smaller saves memory).
 
@@ -54,7 +58,7 @@ class AutogradJacobian(JacobianShape):
         n = int(self._x.shape[0])
         self._batch = n if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
         self._chunk = None if column_chunk is None else check_int(column_chunk, "column_chunk", minimum=1)
-        with _eval_mode(model), torch.no_grad():
+        with _eval_mode(model), _buffers_kept(model), torch.no_grad():
             probe = _probe_model(model, self._x[:1])
             selected = _select_parameters(model, params, probe)
             self.outputs = _select_outputs(outputs, probe.n_outputs)
@@ -109,7 +113,7 @@ class AutogradJacobian(JacobianShape):
             tangents[name] = v[start: start + p.numel()].T.reshape(k, *p.shape).contiguous()
             start += p.numel()
         rows = []
-        with _eval_mode(self._model), torch.no_grad(), warnings.catch_warnings():
+        with _eval_mode(self._model), _buffers_kept(self._model), torch.no_grad(), warnings.catch_warnings():
             # torch's first forward-mode AD call scripts its jvp decompositions with the deprecated torch.jit.script
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                                     category=DeprecationWarning)
@@ -131,7 +135,7 @@ class AutogradJacobian(JacobianShape):
         u, vector = self._operand(U, "U", self.shape[0])
         c = self.n_outputs
         total = None
-        with _eval_mode(self._model), torch.no_grad():
+        with _eval_mode(self._model), _buffers_kept(self._model), torch.no_grad():
             for s in range(0, self.n, self._batch):
                 xb = self._x[s: s + self._batch]
                 _, pull = vjp(lambda q, xb=xb: self._f(q, xb), self._primals)
