@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import os
 from typing import Any
 
 import numpy as np
@@ -115,19 +117,28 @@ class Estimator:
         raise NotImplementedError
 
     @classmethod
+    def _check_archive_config(cls, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+        """ArchiveError unless the counts and choices :meth:`_expected_arrays` is built from are what a save writes:
+        plain ints in range that agree with each other, with the signature and with the arrays' ``shapes`` where
+        one holds them. Runs first: a huge count would make the spec loop or allocate for ever."""
+
+    @classmethod
     def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Shapes (None: any size) the arrays of an archive with this config must have."""
+        """{name: (shape, dtype)} of :func:`io.load_archive`'s ``expected`` for an archive with this (checked)
+        config."""
         raise NotImplementedError
 
     @classmethod
-    def _archive_spec(cls, path: Any, config: dict[str, Any]) -> dict[str, Any]:
-        """:func:`io.load_archive`'s ``expected``: every state array with its shape, float or integer."""
+    def _archive_spec(cls, path: Any, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+        """The config checked (:meth:`_check_archive_config`), then what every state array must be."""
         try:
-            shapes = cls._expected_arrays(config)
+            cls._check_archive_config(config, shapes)
+            return cls._expected_arrays(config)
+        except io.ArchiveError as exc:
+            raise io.ArchiveError(f"{_file(path)}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, v.LingpError) as exc:
-            raise io.ArchiveError(f"{path!r}: the saved configuration lacks or mistypes an entry ({exc!r}); the file "
-                                  "was modified") from None
-        return {name: (shape, "fiu") for name, shape in shapes.items()}
+            raise io.ArchiveError(f"{_file(path)}: the saved configuration lacks or mistypes an entry ({exc!r}); the "
+                                  "file was modified") from None
 
     def save(self, path: Any) -> str:
         """Write what prediction needs to an .npz archive (no pickle, no training targets); returns the path
@@ -142,17 +153,20 @@ class Estimator:
         those of the saved model. Raises :class:`lingp_core.ArchiveError` for a wrong, truncated or modified file,
         or arrays whose shapes do not fit the saved configuration."""
         be = backends.get_backend(backend)
-        arrays, config = io.load_archive(path, cls._KIND, expected=lambda config: cls._archive_spec(path, config))
+        arrays, config = io.load_archive(path, cls._KIND)
+        io.check_expected(path, arrays, cls._archive_spec(path, config, {k: a.shape for k, a in arrays.items()}))
         try:
             model = cls._from_archive(arrays, config, be)
             model._fitted_params = {name: copy.copy(getattr(model, name)) for name in cls._POSTERIOR_PARAMS}
             return model
-        except (io.ArchiveError, v.MemoryBudgetError, v.MissingDependencyError):
+        except io.ArchiveError as exc:
+            raise exc if _file(path) in str(exc) else io.ArchiveError(f"{_file(path)}: {exc}") from None
+        except (v.MemoryBudgetError, v.MissingDependencyError):
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, v.LingpError) as exc:
             # the checksums matched, so whoever changed the file recomputed them: name what does not fit
-            raise io.ArchiveError(f"{path!r}: the saved model does not rebuild ({type(exc).__name__}: {exc}); the file "
-                                  "was modified") from None
+            raise io.ArchiveError(f"{_file(path)}: the saved model does not rebuild ({type(exc).__name__}: {exc}); "
+                                  "the file was modified") from None
 
 
 def checked_weight_mean(prior_mean: Any, J: JacobianBlocks) -> Any:
@@ -182,6 +196,125 @@ def _on_host(x: Any) -> np.ndarray:
 
 def _show(value: Any) -> str:
     return f"an array of shape {value.shape}" if hasattr(value, "shape") else repr(value)
+
+
+# ----- archive checks shared by the models ---------------------------------------------------------------------------
+
+#: Every state array is saved in float64 (the training Jacobian's f0 in the Jacobian's dtype).
+FLOAT64 = (np.float64,)
+
+#: The largest count a saved configuration may hold: more float64 than an address space could ever hold.
+MAX_COUNT = int(np.iinfo(np.intp).max) // 8
+
+
+def _file(path: Any) -> str:
+    return repr(os.fspath(path))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def archived_count(value: Any, entry: str, *, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    """A count of a saved configuration: a plain int (not a bool, float or text) in [minimum, maximum];
+    ArchiveError naming the entry otherwise."""
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise io.ArchiveError(f"the saved configuration's {entry!r} is {_shown(value)}, not a count (an int from "
+                              f"{minimum} to {maximum:.3g}); the file was modified")
+    return value
+
+
+def archived_number(value: Any, entry: str, *, null: bool = False) -> float | None:
+    """A finite number of a saved configuration (None where ``null`` allows it); ArchiveError naming the entry."""
+    if value is None and null:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if abs(value) <= float(np.finfo(np.float64).max) else math.inf
+        if math.isfinite(number):
+            return number
+    raise io.ArchiveError(f"the saved configuration's {entry!r} is {_shown(value)}, not a finite number"
+                          f"{' or null' if null else ''}; the file was modified")
+
+
+def archived_length(count: int, entry: str, shapes: dict[str, tuple[int, ...]], array: str) -> None:
+    """ArchiveError unless the 1-d array ``array`` holds ``count`` entries, as the config's ``entry`` says."""
+    if array not in shapes:
+        raise io.ArchiveError(f"the archive lacks the array {array!r} the saved {entry!r} refers to; the file was "
+                              "modified")
+    if shapes[array] != (count,):
+        raise io.ArchiveError(f"the saved {entry!r} is {count} but array {array!r} has shape {shapes[array]}; the "
+                              "file was modified")
+
+
+def archived_signature(signature: Any) -> tuple[int, int]:
+    """(p, c) of a saved :meth:`JacobianBlocks.signature`, checked to have its structure (every predict compares
+    J_star's with it); ArchiveError saying what is wrong."""
+    problem = _signature_problem(signature)
+    if problem:
+        raise io.ArchiveError(f"the saved signature {problem}; the file was modified")
+    p = sum(math.prod(shape) for _, shapes in signature["blocks"] for shape in shapes)
+    return p, len(signature["outputs"])
+
+
+def _is_count(value: Any, minimum: int = 0) -> bool:
+    return type(value) is int and minimum <= value <= MAX_COUNT
+
+
+def _is_positive(value: Any) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _signature_problem(signature: Any) -> str | None:
+    """What keeps ``signature`` from being one JacobianBlocks.signature() wrote, or None. ``weights`` and
+    ``block_weights`` may be absent (archives saved before they were recorded)."""
+    if not isinstance(signature, dict):
+        return f"is {_shown(signature)}, not a dict"
+    missing = sorted({"blocks", "outputs", "dtype"} - set(signature))
+    if missing:
+        return f"lacks {missing}"
+    blocks, outputs = signature["blocks"], signature["outputs"]
+    if not isinstance(blocks, list) or not blocks:
+        return f"has blocks {_shown(blocks)}, not a non-empty list of [names, shapes]"
+    for i, block in enumerate(blocks):
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(part, list) for part in block)
+                and block[0] and len(block[0]) == len(block[1]) and all(isinstance(name, str) for name in block[0])
+                and all(isinstance(shape, list) and all(_is_count(d) for d in shape) for shape in block[1])):
+            return f"has block {i} = {_shown(block)}, not [names, shapes] with one shape (a list of ints >= 0) per name"
+    if not isinstance(outputs, list) or not outputs or not all(_is_count(o) for o in outputs):
+        return f"has outputs {_shown(outputs)}, not a non-empty list of ints >= 0"
+    if signature["dtype"] not in ("float32", "float64"):
+        return f"has dtype {_shown(signature['dtype'])}, not 'float32' or 'float64'"
+    if not isinstance(signature.get("weights"), str | None):
+        return f"has weights {_shown(signature['weights'])}, not a fingerprint (a text) or null"
+    scales = signature.get("block_weights")
+    if scales is not None and not (isinstance(scales, list) and len(scales) == len(blocks)
+                                   and all(_is_positive(w) for w in scales)):
+        return f"has block_weights {_shown(scales)}, not null or one finite number > 0 per block ({len(blocks)})"
+    return None
+
+
+def check_same_parameters(J: JacobianBlocks, signature: dict[str, Any]) -> None:
+    """ArchiveError unless the saved training Jacobian has the saved signature's blocks, outputs and dtype."""
+    mine = J.signature()
+    differ = [key for key in ("blocks", "outputs", "dtype", "block_weights")
+              if key in signature and mine[key] != signature[key]]
+    if differ:
+        ours, saved = _shown([mine[k] for k in differ]), _shown([signature[k] for k in differ])
+        raise io.ArchiveError(f"the saved training Jacobian's {', '.join(differ)} differ from the saved signature's "
+                              f"({ours} against {saved}); the file was modified")
+
+
+def check_triangular_factor(arrays: dict[str, np.ndarray], name: str) -> None:
+    """ArchiveError unless the saved triangular factor ``arrays[name]`` (a Cholesky factor L, or R⁻¹) has the
+    positive diagonal every fit's factor has: solves with a zero pivot fail at every prediction."""
+    diagonal = np.diagonal(arrays[name])
+    bad = np.flatnonzero(~(diagonal > 0))
+    if bad.size:
+        i = int(bad[0])
+        raise io.ArchiveError(f"array {name!r} is a saved triangular factor, but its diagonal holds {diagonal[i]:.3g} "
+                              f"at ({i}, {i}) ({bad.size} of {diagonal.size} entries not > 0); a fit's factors have a "
+                              "positive diagonal, so the file was modified")
 
 
 def jacobian_from_archive(arrays: dict[str, np.ndarray], config: dict[str, Any], backend: Any) -> JacobianBlocks:

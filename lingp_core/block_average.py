@@ -30,7 +30,14 @@ import numpy as np
 from lingp_core import _averaging as averaging
 from lingp_core import _validate as v
 from lingp_core import io
-from lingp_core._estimator import Estimator, checked_weight_mean, float_errors_checked
+from lingp_core._estimator import (
+    FLOAT64,
+    Estimator,
+    archived_number,
+    archived_signature,
+    checked_weight_mean,
+    float_errors_checked,
+)
 from lingp_core._hyperparameters import Hyperprior
 from lingp_core._progress import progress_bar
 from lingp_core.gp import LinearizedGP
@@ -298,12 +305,34 @@ class BlockWeightAverage(Estimator):
         return arrays, config
 
     @classmethod
+    def _check_archive_config(cls, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+        components = config["components"]
+        if not isinstance(components, list) or not components or not all(isinstance(c, dict) for c in components):
+            raise io.ArchiveError(f"the saved 'components' is {components!r:.60}, not a non-empty list of the "
+                                  "block-weight points' configurations; the file was modified")
+        own = config.get("signature")  # absent in archives saved before the average kept its own
+        if "signature" in config:
+            archived_signature(own)
+        for g, child in enumerate(components):
+            prefix = f"m{g}_"
+            try:
+                LinearizedGP._check_archive_config(child, {name[len(prefix):]: shape for name, shape in shapes.items()
+                                                           if name.startswith(prefix)})
+            except io.ArchiveError as exc:
+                raise io.ArchiveError(f"block-weight point {g}: {exc}") from None
+            differ = [key for key in ("blocks", "outputs", "dtype") if own is not None and child["signature"][key]
+                      != own[key]]
+            if differ:
+                raise io.ArchiveError(f"block-weight point {g}: its signature's {', '.join(differ)} differ from the "
+                                      "average's saved signature; the file was modified")
+
+    @classmethod
     def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
         G, B = len(config["components"]), len(config["block_names"])
-        expected: dict[str, Any] = {"weights": (G,), "log_masses": (G,), "relative_weights": (G, B),
-                                    "block_scales": (B,)}
+        expected: dict[str, Any] = {"weights": ((G,), FLOAT64), "log_masses": ((G,), FLOAT64),
+                                    "relative_weights": ((G, B), FLOAT64), "block_scales": ((B,), FLOAT64)}
         for g, child in enumerate(config["components"]):
-            expected.update({f"m{g}_{name}": shape for name, shape in LinearizedGP._expected_arrays(child).items()})
+            expected.update({f"m{g}_{name}": spec for name, spec in LinearizedGP._expected_arrays(child).items()})
         return expected
 
     @classmethod
@@ -338,7 +367,7 @@ class BlockWeightAverage(Estimator):
         model.block_scales_, model.weights_, model.block_weights_ = scales, weights, relative / scales
         model.log_masses_, model.relative_weights_ = log_masses, relative
         model.block_names_ = tuple(tuple(b) for b in config["block_names"])
-        model._log_evidence = float(config["log_evidence"])
+        model._log_evidence = archived_number(config["log_evidence"], "log_evidence")
         # archives written before the average kept its own signature: a component's, without block weights
         model._backend, model._signature = be, config.get("signature", model.models_[0]._signature)
         return model

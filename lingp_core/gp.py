@@ -28,7 +28,19 @@ from lingp_core import _hyperparameters as hyper
 from lingp_core import _plan, io
 from lingp_core import _posterior as post
 from lingp_core import _validate as v
-from lingp_core._estimator import Estimator, checked_weight_mean, float_errors_checked, jacobian_from_archive
+from lingp_core._estimator import (
+    FLOAT64,
+    Estimator,
+    archived_count,
+    archived_length,
+    archived_number,
+    archived_signature,
+    check_same_parameters,
+    check_triangular_factor,
+    checked_weight_mean,
+    float_errors_checked,
+    jacobian_from_archive,
+)
 from lingp_core._layout import OUTPUT_MODES, OutputLayout, Task, per_observation
 from lingp_core._plan import Plan
 from lingp_core.jacobian import J_times_float64, JacobianBlocks
@@ -704,26 +716,60 @@ class LinearizedGP(Estimator):
         return arrays, config
 
     @classmethod
+    def _check_archive_config(cls, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+        p_sig, c_sig = archived_signature(config["signature"])
+        n, c, p = (archived_count(config[key], key, minimum=0 if key == "p" else 1) for key in ("n", "c", "p"))
+        if (c, p) != (c_sig, p_sig):
+            raise io.ArchiveError(f"the saved 'c' = {c} outputs and 'p' = {p} parameters differ from the signature's "
+                                  f"{c_sig} and {p_sig}; the file was modified")
+        layout = OutputLayout(v.check_choice(config["settings"]["output_mode"], "output_mode", OUTPUT_MODES))
+        tasks = len(layout.tasks(None, c))
+        space = _check_archived_plan(config["plan"], tasks=tasks, rows=layout.rows(n, c), p=p)
+        if (config["jacobian"] is not None) != (space == "function"):
+            raise io.ArchiveError(f"the saved plan is {space}-space ({config['plan']['method']}) but the saved "
+                                  f"'jacobian' is {'null' if config['jacobian'] is None else 'present'}: a "
+                                  "function-space model predicts through its training Jacobian, a parameter-space one "
+                                  "keeps none; the file was modified")
+        noise = config["noise"]
+        if isinstance(noise, str):  # per observation: an (n, c) array, and the factors per task it gave
+            groups = config["noise_groups"]
+            if not isinstance(groups, list) or len(groups) != tasks:
+                raise io.ArchiveError(f"the saved 'noise_groups' is {groups!r:.60}, not a list of one count per task "
+                                      f"({tasks}); the file was modified")
+            for t, count in enumerate(groups):
+                archived_count(count, f"noise_groups[{t}]", maximum=layout.columns(c))
+        elif not (isinstance(noise, float) or (isinstance(noise, list) and len(noise) == c and all(
+                isinstance(x, float | int) and not isinstance(x, bool) for x in noise))):
+            raise io.ArchiveError(f"the saved 'noise' is {noise!r:.60}, not a number, a list of one per output ({c}) "
+                                  "or a description of per-observation noise; the file was modified")
+        if "averaging" in config:
+            archived_length(archived_count(config["averaging"]["points"], "averaging.points"), "averaging.points",
+                            shapes, "averaging_weights")
+
+    @classmethod
     def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
-        n, c, p = int(config["n"]), int(config["c"]), int(config["p"])
+        n, c, p = config["n"], config["c"], config["p"]
         layout = OutputLayout(config["settings"]["output_mode"])
         per_observation = isinstance(config["noise"], str)
         noise = None if per_observation else config["noise"] if isinstance(config["noise"], float) else \
             np.asarray(config["noise"], dtype=float)
         m, q = layout.rows(n, c), layout.columns(c)
         engine = post.engine_class(config["plan"]["method"])
-        expected: dict[str, Any] = {"constant": (c,), **({"noise": (n, c)} if per_observation else {}),
-                                    **({"prior_mean": (p,)} if config.get("prior_mean") else {})}
+        expected: dict[str, Any] = {"constant": ((c,), FLOAT64), **({"noise": ((n, c), FLOAT64)} if per_observation
+                                                                     else {}),
+                                    **({"prior_mean": ((p,), FLOAT64)} if config.get("prior_mean") else {})}
         if "averaging" in config:
-            points = int(config["averaging"]["points"])
-            expected.update({name: (points,) for name in ("averaging_prior_scales", "averaging_noises",
-                                                          "averaging_weights")})
+            points = config["averaging"]["points"]
+            expected.update({name: ((points,), FLOAT64) for name in ("averaging_prior_scales", "averaging_noises",
+                                                                      "averaging_weights")})
         for t, task in enumerate(layout.tasks(None, c)):
-            groups = (int(config["noise_groups"][t]) if per_observation
-                      else len(post.noise_groups(layout.task_noise(noise, task, n), q)))
-            expected.update({f"task{t}_{name}": shape for name, shape in engine.state_shapes(m, p, q, groups).items()})
-        if config["jacobian"] is not None:
-            expected["J_f0"] = (n, c)  # the blocks' arrays are checked by the JacobianBlocks they rebuild
+            # a shared or per-output σ² gives as many groups for one example as for n: no (n·c,) noise is built
+            groups = (config["noise_groups"][t] if per_observation
+                      else len(post.noise_groups(layout.task_noise(noise, task, 1), q)))
+            expected.update({f"task{t}_{name}": (shape, FLOAT64)
+                             for name, shape in engine.state_shapes(m, p, q, groups).items()})
+        if config["jacobian"] is not None:  # the blocks' arrays are checked by the JacobianBlocks they rebuild
+            expected["J_f0"] = ((n, c), (np.dtype(config["signature"]["dtype"]),))
         return expected
 
     @classmethod
@@ -733,11 +779,8 @@ class LinearizedGP(Estimator):
         model = cls._from_settings(config["prior_scale"], noise, config["settings"])
         model._backend, model.n_, model.c_, model.p_ = be, config["n"], config["c"], config["p"]
         model._signature = config["signature"]
-        model._constant, model.data_hash_, model._saved_lml = arrays["constant"], config["data_hash"], config["lml"]
-        if model._saved_lml is not None and not (isinstance(model._saved_lml, (int, float))
-                                                 and np.isfinite(model._saved_lml)):
-            raise io.ArchiveError(f"the saved log marginal likelihood must be a finite number or null, got "
-                                  f"{model._saved_lml!r}: the file was modified")
+        model._constant, model.data_hash_ = arrays["constant"], config["data_hash"]
+        model._saved_lml = archived_number(config["lml"], "lml", null=True)  # null: it overflowed when saved
         model._weight_mean = _archived_weight_mean(arrays, config, be)
         model.plan_ = Plan(**config["plan"])
         model._first_reason = model.plan_.reason
@@ -750,14 +793,21 @@ class LinearizedGP(Estimator):
         J = None
         if config["jacobian"] is not None:
             J = jacobian_from_archive(arrays, config["jacobian"], be)
+            check_same_parameters(J, model._signature)
             model._J = J
         model._tasks = model._layout.tasks(J, model.c_)
         if J is None and model.output_mode == "full":
             model._tasks = [Task(None, "full", None)]
+        for name in arrays:
+            if name.startswith("task") and "_factor" in name:  # the Cholesky engines' factors L
+                check_triangular_factor(arrays, name)
+        # a parameter-space engine predicts without its training rows: a shared or per-output σ² laid out for one
+        # example gives it the same noise groups, and no (n·c,) vector for an n that no saved array holds
+        rows = 1 if J is None and not per_observation(model.noise) else model.n_
         model._engines = [post.restore(model.plan_.method, task.J, task.mode, be,
                                        {name[len(f"task{t}_"):]: be.asarray(a) for name, a in arrays.items()
                                         if name.startswith(f"task{t}_")},
-                                       model.prior_scale, model._layout.task_noise(model.noise, task, model.n_), model)
+                                       model.prior_scale, model._layout.task_noise(model.noise, task, rows), model)
                           for t, task in enumerate(model._tasks)]
         return model
 
@@ -806,6 +856,21 @@ def _archived_weight_mean(arrays: dict[str, Any], config: dict[str, Any], be: An
         raise io.ArchiveError(f"the archive's prior_mean must be finite float64, got dtype {m.dtype}: the file was "
                               "modified")
     return be.asarray(m)
+
+
+def _check_archived_plan(plan: Any, *, tasks: int, rows: int, p: int) -> str:
+    """The space of a saved plan, checked to fit the configuration: a known method, its space and solver, and the
+    tasks, rows per task and parameters the counts give; ArchiveError naming the entries that differ."""
+    method = plan["method"]
+    post.engine_class(method)  # a known method: InvalidOptionError otherwise
+    space, solver = _plan.split_method(method)
+    wanted = {"space": space, "solver": solver, "tasks": tasks, "rows": rows, "p": p}
+    wrong = [f"plan.{key} is {plan.get(key)!r:.40}, not {value!r}" for key, value in wanted.items()
+             if type(plan.get(key)) is not type(value) or plan.get(key) != value]
+    if wrong:
+        raise io.ArchiveError(f"the saved plan does not fit the configuration ({'; '.join(wrong)}: method {method!r}, "
+                              "from the counts n, c, p and the output mode); the file was modified")
+    return space
 
 
 def _noise_summary(noise: Any) -> Any:

@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -29,8 +30,9 @@ from lingp_core._validate import (
     NonFiniteError,
 )
 
-__all__ = ["ArchiveError", "ArchiveNotFoundError", "ArchivePathError", "FORMAT_VERSION", "fingerprint",
-           "fingerprint_json", "jacobian_from_arrays", "jacobian_to_arrays", "load_archive", "save_archive"]
+__all__ = ["ArchiveError", "ArchiveNotFoundError", "ArchivePathError", "FORMAT_VERSION", "check_expected",
+           "fingerprint", "fingerprint_json", "jacobian_from_arrays", "jacobian_to_arrays", "load_archive",
+           "save_archive"]
 
 #: Version of the archive layout; bumped whenever what an archive holds changes meaning.
 FORMAT_VERSION = 1
@@ -283,6 +285,15 @@ def _no_constant(token: str) -> Any:
     raise ArchiveError(f"{token} is not valid in a lingp header")
 
 
+def _finite_float(token: str) -> float:
+    """json.loads hook: a number such as 1e400 reads as Inf, which save_archive never writes (and the config's
+    checksum could not even be computed of)."""
+    value = float(token)
+    if not math.isfinite(value):
+        raise ArchiveError(f"the number {token[:40]} is beyond float64's range")
+    return value
+
+
 def _read_header(target: str, contents: dict[str, np.ndarray], kind: str) -> dict[str, Any]:
     """The checked header (popped from ``contents``): a lingp archive of this version and kind, config verified."""
     if _HEADER not in contents:
@@ -292,7 +303,7 @@ def _read_header(target: str, contents: dict[str, np.ndarray], kind: str) -> dic
         raise ArchiveError(f"{target!r}: the header is a {raw.dtype} array of shape {raw.shape}, not a text; the file "
                            "was modified")
     try:
-        header = json.loads(str(raw), parse_constant=_no_constant)
+        header = json.loads(str(raw), parse_constant=_no_constant, parse_float=_finite_float)
     except ValueError as exc:  # JSONDecodeError is a ValueError
         raise ArchiveError(f"{target!r}: the header is not valid JSON ({exc}); the file was modified") from None
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
@@ -420,6 +431,23 @@ def _check_expected(target: str, contents: dict[str, np.ndarray], expected: Any,
             if wanted is not None:
                 raise ArchiveError(f"{target!r}: array {name!r} has shape {array.shape} and dtype {array.dtype}; the "
                                    f"model expects {wanted}; the file was modified or written by another version")
+
+
+def check_expected(path: Any, arrays: Mapping[str, np.ndarray], expected: Expected,
+                   config: dict[str, Any] | None = None) -> None:
+    """Check the arrays :func:`load_archive` returned against ``expected`` (as there), for models whose expected
+    shapes also depend on the arrays present (e.g. counts checked against an array's length first).
+
+    Raises
+    ------
+    ArchiveError
+        The first array whose shape or dtype is not what ``expected`` declares, or a required array missing; the
+        message names the file, the array, its shape and dtype and what was expected.
+    ArgumentTypeError, InvalidOptionError
+        ``expected`` is malformed.
+    """
+    target, _ = _archive_path(path)
+    _check_expected(target, dict(arrays), expected, {} if config is None else config)
 
 
 def load_archive(path: Any, kind: str, *, expected: Expected | None = None

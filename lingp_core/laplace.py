@@ -60,7 +60,19 @@ import numpy as np
 
 from lingp_core import _validate as v
 from lingp_core._averaging import check_keep_mass, posterior_weights
-from lingp_core._estimator import Estimator, checked_weight_mean, float_errors_checked, jacobian_from_archive
+from lingp_core._estimator import (
+    FLOAT64,
+    Estimator,
+    archived_count,
+    archived_length,
+    archived_number,
+    archived_signature,
+    check_same_parameters,
+    check_triangular_factor,
+    checked_weight_mean,
+    float_errors_checked,
+    jacobian_from_archive,
+)
 from lingp_core._ggn import WORK_ELEMENTS, chunks
 from lingp_core._hyperparameters import check_hyperprior, log_normal
 from lingp_core._laplace_engines import (
@@ -692,8 +704,35 @@ class LaplaceClassifier(Estimator):
         return arrays, config
 
     @classmethod
+    def _check_archive_config(cls, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+        p_sig, c = archived_signature(config["signature"])
+        likelihood = v.check_choice(config["likelihood"], "likelihood", _LIKELIHOODS)
+        if likelihood == "bernoulli" and c != 1:
+            raise ArchiveError(f"the saved likelihood is Bernoulli (one logit per example) but the signature has {c} "
+                               "outputs; the file was modified")
+        plan = config["plan"]
+        rows, p = archived_count(plan["rows"], "plan.rows"), archived_count(plan["p"], "plan.p", minimum=0)
+        if p != p_sig or rows % c:
+            raise ArchiveError(f"the saved plan's {rows} rows and {p} parameters do not fit the signature's {c} "
+                               f"outputs per example and {p_sig} parameters; the file was modified")
+        space = plan["space"]
+        if space not in _ENGINES or plan["method"] != space or plan["tasks"] != 1:
+            raise ArchiveError(f"the saved plan's method {plan['method']!r:.40}, space {space!r:.40} and tasks "
+                               f"{plan['tasks']!r:.40} are not those of a fit ('parameter' or 'function', one task); "
+                               "the file was modified")
+        if (config["jacobian"] is not None) != (space == "function"):
+            raise ArchiveError(f"the saved plan is {space}-space but the saved 'jacobian' is "
+                               f"{'null' if config['jacobian'] is None else 'present'}: a function-space model "
+                               "predicts through its training Jacobian, a parameter-space one keeps none; the file was "
+                               "modified")
+        if "averaging" in config:
+            archived_length(archived_count(config["averaging"]["points"], "averaging.points"), "averaging.points",
+                            shapes, "mixture_weights")
+
+    @classmethod
     def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
-        nc, p = int(config["plan"]["rows"]), int(config["plan"]["p"])
+        nc, p = config["plan"]["rows"], config["plan"]["p"]
+        c = len(config["signature"]["outputs"])  # 1 for Bernoulli
         scales = config["prior_scale"]
         if isinstance(scales, list):  # per-block scales: weight space only, one per block of the signature
             blocks = len(config["signature"]["blocks"])
@@ -705,26 +744,32 @@ class LaplaceClassifier(Estimator):
             state = {"w": (p,), "inverse_factor": (p, p)}
             expected: dict[str, Any] = {}
         else:
-            c = 1 if config["likelihood"] == "bernoulli" else None
-            state = {"a": (nc,), "factors": (None, c, c), "factor": (nc, nc), "prior_mean": (p,)}
-            expected = {"w_map": (p,), "J_f0": (None, c)}
-        expected.update({f"state_{k}": shape for k, shape in state.items()})
+            state = {"a": (nc,), "factors": (nc // c, c, c), "factor": (nc, nc), "prior_mean": (p,)}
+            expected = {"w_map": ((p,), FLOAT64),
+                        "J_f0": ((nc // c, c), (np.dtype(config["signature"]["dtype"]),))}
+        expected.update({f"state_{k}": (shape, FLOAT64) for k, shape in state.items()})
         if "averaging" in config:
-            points = int(config["averaging"]["points"])
-            expected.update({"mixture_scales": (points,), "mixture_weights": (points,)})
-            expected.update({f"point{g}_state_{k}": shape for g in range(points) for k, shape in state.items()})
+            points = config["averaging"]["points"]
+            expected.update({"mixture_scales": ((points,), FLOAT64), "mixture_weights": ((points,), FLOAT64)})
+            expected.update({f"point{g}_state_{k}": (shape, FLOAT64) for g in range(points)
+                             for k, shape in state.items()})
         return expected
 
     @classmethod
     def _from_archive(cls, arrays: dict[str, np.ndarray], config: dict[str, Any], be: Any) -> LaplaceClassifier:
         model = cls(config["prior_scale"], config["likelihood"], **config["settings"])
         model.plan_, model._backend = Plan(**config["plan"]), be
-        model.data_hash_, model.fit_info_, model._evidence = config["data_hash"], config["fit_info"], \
-            config["log_evidence"]
+        model.data_hash_, model.fit_info_ = config["data_hash"], config["fit_info"]
+        model._evidence = archived_number(config["log_evidence"], "log_evidence")
+        factor = "inverse_factor" if model.plan_.space == "parameter" else "factor"  # R⁻¹, or B's Cholesky factor
+        for name in arrays:
+            if name == f"state_{factor}" or (name.startswith("point") and name.endswith(f"_state_{factor}")):
+                check_triangular_factor(arrays, name)
         model._state = {k[len("state_"):]: be.asarray(a) for k, a in arrays.items() if k.startswith("state_")}
         model.w_map_ = model._state["w"] if "w" in model._state else be.asarray(arrays["w_map"])
         if config["jacobian"] is not None:
             model._J_train = jacobian_from_archive(arrays, config["jacobian"], be)
+            check_same_parameters(model._J_train, config["signature"])
             if model._J_train.n * model._J_train.n_outputs != model.plan_.rows:
                 raise ArchiveError(f"the saved training Jacobian has {model._J_train.n} × {model._J_train.n_outputs} "
                                    f"rows, the saved plan {model.plan_.rows}; the file was modified")

@@ -8,9 +8,11 @@ editor would), which only the content checks and ``expected`` can catch.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import pathlib
+import signal
 import warnings
 
 import numpy as np
@@ -329,6 +331,9 @@ def test_load_refuses_object_arrays_without_unpickling(tmp_path):
     (lambda t: t.replace('"name": "synthetic"', '"name": NaN'), "not valid JSON"),
     (lambda t: json.dumps([1, 2]), r"not a lingp archive \(format 'list'\)"),
     (lambda t: "{", "not valid JSON"),
+    # json reads 1e400 as Inf, which no saved header holds (and the config's checksum could not even be computed)
+    (lambda t: t.replace('"n": 4', '"n": 1e400'), "1e400 .*beyond float64"),
+    (lambda t: t.replace('"n": 4', '"n": -1e400'), "-1e400 .*beyond float64"),
 ])
 def test_load_refuses_a_malformed_header(tmp_path, edit, match):
     arrays, config = synthetic()
@@ -573,3 +578,268 @@ def test_a_model_fitted_on_scaled_blocks_keeps_them_through_save_and_load(tmp_pa
             model.predict(J_star)
     np.testing.assert_array_equal(loaded.predict(J_star.scale_blocks(weights), return_var=True)[1],
                                   gp.predict(J_star.scale_blocks(weights), return_var=True)[1])
+
+
+# ----- edited configurations and states (checksums recomputed): refused at load, at once ----------------------------
+
+@pytest.fixture(scope="module")
+def archived_models():
+    """Small fitted models, one per archive layout the edits below need."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    net1 = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    J, J_star = lg.export_jacobian(net, x[:6], backend="numpy"), lg.export_jacobian(net, x[6:], backend="numpy")
+    J1, J1_star = lg.export_jacobian(net1, x[:6], backend="numpy"), lg.export_jacobian(net1, x[6:], backend="numpy")
+    rng = np.random.default_rng(3)
+    y = J.f0 + rng.standard_normal(J.f0.shape)
+    labels = np.array([0, 1, 1, 0, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lg.NumericalWarning)  # averages whose weight reaches the grid's edge
+        return {
+            "gp_independent": lg.LinearizedGP(0.7, 0.05, output_mode="independent",
+                                              method="function-cholesky").fit(J, y),
+            "gp_output_noise": lg.LinearizedGP(0.7, [0.1, 0.2], method="parameter-cholesky").fit(J, y),
+            "gp_observation_noise": lg.LinearizedGP(0.7, rng.uniform(0.1, 1.0, (6, 2)), output_mode="trace",
+                                                    method="function-cholesky").fit(J, y),
+            "gp_constant": lg.LinearizedGP(0.7, 0.05, mean="constant", method="function-cholesky").fit(J, y),
+            "gp_averaged": lg.LinearizedGP(0.7, 0.05).fit(J, y).average_hyperparameters(grid_size=3),
+            "laplace_function_averaged": LaplaceClassifier(0.8, likelihood="bernoulli", method="function").fit(
+                J1, labels).average_prior_scale(grid_size=3),
+            "laplace_function": LaplaceClassifier(0.8, method="function").fit(J, labels),
+            "laplace_parameter": LaplaceClassifier(0.8, method="parameter").fit(J, labels),
+            "dirichlet": lg.DirichletClassifier(0.5).fit(J, labels),
+            "block_average": lg.BlockWeightAverage(levels=2, grid_size=3).fit(J, y),
+            "J_star": J_star, "J1_star": J1_star,
+        }
+
+
+class _TooSlow(Exception):
+    """A load still running after its time limit (not an ArchiveError: the test fails)."""
+
+
+def load_at_once(cls, path, seconds: float = 10.0):
+    """cls.load(path), interrupted after ``seconds``: a load that loops over an edited count fails the test instead of
+    hanging it (a correct load takes milliseconds)."""
+    def too_slow(signum, frame):
+        raise _TooSlow(f"{cls.__name__}.load still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return cls.load(path)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def set_entry(config: dict, entry: tuple, value) -> dict:
+    """``config`` with the entry at the path ``entry`` (keys and list indices) set to ``value`` (DELETE: removed)."""
+    *parents, last = entry
+    inner = config
+    for key in parents:
+        inner = inner[key]
+    if value is DELETE:
+        del inner[last]
+    else:
+        inner[last] = value
+    return config
+
+
+DELETE = object()
+
+
+def edited_archive(tmp_path, model, entry=None, value=None, arrays=None):
+    """``model``'s archive with the config entry set and the arrays replaced, the checksums recomputed."""
+    path = model.save(tmp_path / "model")
+    config = _edited_config(path)
+    if entry is not None:
+        config = set_entry(config, entry, value(config) if callable(value) else value)
+    return rewrite(path, tmp_path / "edited.npz", config=config, arrays=arrays)
+
+
+def test_the_untouched_archives_load_and_predict_as_saved(tmp_path, archived_models):
+    """The control for the edits below: each unedited archive loads and predicts exactly as the fitted model."""
+    for name, model in archived_models.items():
+        if name.startswith("J"):
+            continue
+        loaded = load_at_once(type(model), model.save(tmp_path / name))
+        J_star = archived_models["J1_star" if name == "laplace_function_averaged" else "J_star"]
+        if isinstance(model, LaplaceClassifier):
+            np.testing.assert_array_equal(loaded.predict_proba(J_star), model.predict_proba(J_star))
+        else:
+            for got, want in zip(loaded.predict(J_star, return_var=True), model.predict(J_star, return_var=True)):
+                np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name, entry, value, match", [
+    ("gp_independent", ("c",), 1e300, "'c'"),  # hung: one task per output, range(int(1e300))
+    ("gp_independent", ("c",), 10**300, "'c'"),
+    ("gp_independent", ("c",), True, "'c'"),
+    ("gp_independent", ("c",), 3, "'c'"),  # a count, but not the signature's 2 outputs
+    ("gp_independent", ("plan", "tasks"), 1, "tasks"),
+    ("gp_output_noise", ("n",), 1e300, "'n'"),  # was OverflowError from np.tile(noise, n)
+    ("gp_output_noise", ("n",), 10**300, "'n'"),
+    ("gp_output_noise", ("n",), "6", "'n'"),
+    ("gp_output_noise", ("n",), 7, "rows"),  # the plan's 12 rows are 6 examples × 2 outputs
+    ("gp_output_noise", ("p",), 10**300, "'p'"),
+    ("gp_output_noise", ("plan", "space"), "function", "space"),
+    ("gp_output_noise", ("noise",), [0.1, 0.2, 0.3], "noise"),
+    ("gp_observation_noise", ("noise_groups", 0), 1e300, "noise_groups"),  # hung: range(groups) factors
+    ("gp_observation_noise", ("noise_groups", 0), 10**300, "noise_groups"),
+    ("gp_observation_noise", ("noise_groups", 0), 3, "noise_groups"),  # more groups than the 2 target columns
+    ("gp_averaged", ("averaging", "points"), 1e300, "points"),
+    ("gp_averaged", ("averaging", "points"), lambda c: c["averaging"]["points"] + 1, "averaging_weights"),
+    ("laplace_function_averaged", ("averaging", "points"), 1e300, "points"),  # hung: range(points) states
+    ("laplace_function_averaged", ("averaging", "points"), 10**300, "points"),
+    ("laplace_function_averaged", ("averaging", "points"), lambda c: c["averaging"]["points"] + 1,
+     "mixture_weights"),
+    ("laplace_function_averaged", ("plan", "rows"), 10**300, "rows"),
+    ("laplace_parameter", ("plan", "p"), 10**300, "'plan.p'"),
+    ("laplace_parameter", ("plan", "rows"), 7, "rows"),  # not a multiple of the 2 outputs
+    ("dirichlet", ("noise_groups",), [1, 1], "noise_groups"),  # one per task: the trace mode has one
+    ("block_average", ("components", 0, "c"), 1e300, "'c'"),
+    ("block_average", ("components", 1, "averaging", "points"), 10**300, "points"),
+], ids=lambda value: "f" if callable(value) else str(value)[:20])
+def test_edited_counts_are_refused_before_any_loop(tmp_path, archived_models, name, entry, value, match):
+    """Counts of the saved configuration (examples, outputs, parameters, grid points, noise groups, the plan's
+    sizes) must be plain ints that agree with each other, with the signature and with the arrays: a huge one made
+    load loop for ever or grow memory, a float raised OverflowError, a wrong one loaded a model that failed later."""
+    model = archived_models[name]
+    edited = edited_archive(tmp_path, model, entry, value)
+    with pytest.raises(ArchiveError, match=match) as info:
+        load_at_once(type(model), edited)
+    assert "edited.npz" in str(info.value) and "modified" in str(info.value)
+
+
+def test_a_parameter_space_model_loads_without_a_noise_vector_per_training_row(tmp_path, archived_models):
+    """Weight space keeps no array of the training rows, so n is bounded by nothing saved: the loaded engines need the
+    noise groups of a per-output σ², not an (n·c,) vector of it (n = 10¹² made load raise MemoryError, and n = 10⁹
+    allocated 16 GB for minutes)."""
+    model = archived_models["gp_output_noise"]
+    path = model.save(tmp_path / "model")
+    config = _edited_config(path)
+    config["n"], config["plan"]["rows"] = 10**12, 2 * 10**12  # consistent: n examples × 2 outputs
+    loaded = load_at_once(lg.LinearizedGP, rewrite(path, tmp_path / "edited.npz", config=config))
+    assert loaded.n_ == 10**12
+    J_star = archived_models["J_star"]
+    for got, want in zip(loaded.predict(J_star, return_var=True), model.predict(J_star, return_var=True)):
+        np.testing.assert_array_equal(got, want)  # the same posterior: n enters no prediction in weight space
+
+
+@pytest.mark.parametrize("name", ["gp_independent", "gp_observation_noise", "laplace_function",
+                                  "laplace_function_averaged", "dirichlet"])
+def test_a_function_space_archive_needs_its_training_jacobian(tmp_path, archived_models, name):
+    """Function space predicts through the training Jacobian's kernel: without it (config jacobian null) the model
+    loaded and every predict raised a ValueError or AttributeError from inside."""
+    model = archived_models[name]
+    with pytest.raises(ArchiveError, match="jacobian") as info:
+        load_at_once(type(model), edited_archive(tmp_path, model, ("jacobian",), None))
+    assert "function" in str(info.value) and "modified" in str(info.value)
+
+
+@pytest.mark.parametrize("name, array, dtype", [
+    ("gp_constant", "constant", np.int64),  # predict raised UFuncTypeError adding float64 into it
+    ("gp_output_noise", "task0_mu", np.float32),
+    ("gp_observation_noise", "noise", np.float32),
+    ("laplace_parameter", "state_w", np.int64),
+    ("laplace_function_averaged", "point1_state_a", np.float32),
+    ("block_average", "m0_constant", np.int32),
+])
+def test_float64_state_stored_in_another_dtype_is_refused(tmp_path, archived_models, name, array, dtype):
+    """Every state array is saved in float64 (the Jacobian's f0 in the Jacobian's dtype): another dtype, even another
+    float, means the file was modified."""
+    model = archived_models[name]
+    path = model.save(tmp_path / "model")
+    edited = rewrite(path, tmp_path / "edited.npz", arrays={array: read_npz(path)[array].astype(dtype)})
+    with pytest.raises(ArchiveError, match=f"array '{array}' .*float64"):
+        load_at_once(type(model), edited)
+
+
+@pytest.mark.parametrize("name, entry", [("laplace_parameter", "log_evidence"),
+                                         ("laplace_function_averaged", "log_evidence"),
+                                         ("gp_independent", "lml"), ("block_average", "log_evidence")])
+@pytest.mark.parametrize("value", ["x", [1, 2], {}, True, None])
+def test_the_saved_evidence_must_be_a_finite_number(tmp_path, archived_models, name, entry, value):
+    """log_evidence (a GP's lml may also be null: it overflowed when saved) is returned as saved: anything but a
+    finite number made log_marginal_likelihood raise ValueError or TypeError, or return True as the evidence."""
+    model = archived_models[name]
+    if value is None and entry == "lml":
+        loaded = load_at_once(type(model), edited_archive(tmp_path, model, (entry,), None))
+        with pytest.raises(lg.NonFiniteError, match="overflow"):  # null: said why when asked, as before
+            loaded.log_marginal_likelihood()
+        return
+    with pytest.raises(ArchiveError, match=entry):
+        load_at_once(type(model), edited_archive(tmp_path, model, (entry,), value))
+
+
+SIGNATURE_EDITS = [("blocks", 2), ("blocks", "x"), ("blocks", [["x"]]), ("blocks", [[["w"], [[-1]]]]),
+                   ("blocks", lambda s: [[names, shapes + [[1]]] for names, shapes in s["blocks"]]),
+                   ("outputs", "x"), ("outputs", [0.5, 1]), ("dtype", "float16"), ("dtype", None),
+                   ("weights", 3), ("block_weights", [1.0]), ("block_weights", "x"), ("blocks", DELETE)]
+
+
+@pytest.mark.parametrize("name, where", [("gp_independent", ("signature",)), ("laplace_parameter", ("signature",)),
+                                         ("laplace_function", ("signature",)), ("dirichlet", ("signature",)),
+                                         ("block_average", ("signature",)),
+                                         ("block_average", ("components", 1, "signature"))])
+def test_a_malformed_signature_is_refused_at_load(tmp_path, archived_models, name, where):
+    """The signature every predict checks J_star against: malformed, it raised TypeError or ValueError inside every
+    predict (or, with other block shapes or dtype, refused every J_star)."""
+    model = archived_models[name]
+    path = model.save(tmp_path / "model")
+    for key, value in SIGNATURE_EDITS + [(None, "not a dict")]:
+        config = _edited_config(path)
+        if key is None:
+            set_entry(config, where, value)
+        else:
+            signature = functools.reduce(lambda inner, k: inner[k], where, config)  # edited in place
+            set_entry(signature, (key,), value(signature) if callable(value) else value)
+        edited = rewrite(path, tmp_path / "edited.npz", config=config)
+        with pytest.raises(ArchiveError, match="signature") as info:
+            load_at_once(type(model), edited)
+        assert "modified" in str(info.value), (key, value)
+
+
+def test_an_average_saved_before_it_kept_its_signature_still_loads(tmp_path, archived_models):
+    """BlockWeightAverage archives without their own signature (older ones) fall back to a component's."""
+    model = archived_models["block_average"]
+    loaded = load_at_once(lg.BlockWeightAverage, edited_archive(tmp_path, model, ("signature",), DELETE))
+    assert loaded._signature == loaded.models_[0]._signature
+
+
+@pytest.mark.parametrize("name, array", [
+    ("gp_output_noise", "task0_factor0"), ("gp_independent", "task1_factor0"),
+    ("gp_observation_noise", "task0_factor1"), ("dirichlet", "task0_factor0"),
+    ("laplace_function", "state_factor"), ("laplace_function_averaged", "point1_state_factor"),
+    ("laplace_parameter", "state_inverse_factor"),
+])
+@pytest.mark.parametrize("edit", ["zeros", "one_zero_pivot", "negative_pivot"])
+def test_a_cholesky_factor_without_a_positive_diagonal_is_refused(tmp_path, archived_models, name, array, edit):
+    """Saved triangular factors (L of a Cholesky, or R⁻¹) have a positive diagonal; a zero one made every predict raise
+    scipy's LinAlgError (singular matrix)."""
+    model = archived_models[name]
+    path = model.save(tmp_path / "model")
+    contents = read_npz(path)
+    assert array in contents, sorted(contents)
+    factor = contents[array].copy()
+    if edit == "zeros":
+        factor[:] = 0.0
+    else:
+        factor[1, 1] = 0.0 if edit == "one_zero_pivot" else -factor[1, 1]
+    edited = rewrite(path, tmp_path / "edited.npz", arrays={array: factor})
+    with pytest.raises(ArchiveError, match=f"array '{array}'.*diagonal"):
+        load_at_once(type(model), edited)
+
+
+@pytest.mark.parametrize("name, array", [("laplace_function_averaged", "point0_state_factors"),
+                                         ("laplace_function_averaged", "state_factors"),
+                                         ("laplace_function", "state_factors")])
+def test_function_space_laplace_curvature_factors_have_one_per_example(tmp_path, archived_models, name, array):
+    """L (n, c, c) has one c × c factor per training example: one row short, every predict raised a reshape
+    ValueError."""
+    model = archived_models[name]
+    path = model.save(tmp_path / "model")
+    edited = rewrite(path, tmp_path / "edited.npz", arrays={array: read_npz(path)[array][:-1]})
+    with pytest.raises(ArchiveError, match=f"array '{array}' has shape"):
+        load_at_once(type(model), edited)
