@@ -160,7 +160,9 @@ class Estimator:
             model._fitted_params = {name: copy.copy(getattr(model, name)) for name in cls._POSTERIOR_PARAMS}
             return model
         except io.ArchiveError as exc:
-            raise exc if _file(path) in str(exc) else io.ArchiveError(f"{_file(path)}: {exc}") from None
+            if _file(path) in str(exc):
+                raise
+            raise io.ArchiveError(f"{_file(path)}: {exc}") from None
         except (v.MemoryBudgetError, v.MissingDependencyError):
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, v.LingpError) as exc:

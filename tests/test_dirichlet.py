@@ -226,3 +226,25 @@ def test_dirichlet_prior_scale_by_loo_matches_the_dense_leave_one_out_maximum(ba
     s = clf.prior_scale
     assert clf.optimization_["criterion"] == "loo" and clf.optimization_["at_bound"] == []
     assert loo(s) >= max(loo(s * 1.02), loo(s / 1.02)) - 1e-9 * abs(loo(s))
+
+
+def test_dirichlet_probabilities_are_exact_when_one_class_barely_moves():
+    # one class's logit barely moves with the weights at the test inputs: its latent variance is ~1e5 times below the
+    # others', the case where 128 Gauss–Hermite nodes gave probabilities off by 0.02
+    from tests.test_class_probabilities import QUAD_ATOL, quadrature_probabilities
+    from tests.test_gp import dense_jacobian
+
+    backend = lg.get_backend("numpy")
+    rng = np.random.default_rng(0)
+    c = 3
+    J_train, J_test = rng.standard_normal((6 * c, 20)), rng.standard_normal((3 * c, 20))
+    J_test[1::c] *= 3e-3
+    labels = rng.integers(0, c, 6)
+    clf = lg.DirichletClassifier(1.0, output_mode="independent").fit(dense_jacobian(backend, J_train, c), labels)
+    Js = dense_jacobian(backend, J_test, c)
+    mean, var = clf.predict_latent(Js)
+    assert (var.max(axis=1) / var.min(axis=1)).min() > 1e4  # the case under test
+    probs = clf.predict_proba(Js)
+    want = [quadrature_probabilities(m, s) for m, s in zip(mean, var)]
+    np.testing.assert_allclose(probs, want, rtol=0, atol=QUAD_ATOL)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=0, atol=QUAD_ATOL)
