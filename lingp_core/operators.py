@@ -30,6 +30,17 @@ def check_operand(x: Any, name: str, rows: int, dtype: Any, backend: Any, operat
     return arr
 
 
+def check_diagonal(d: Any, op: LinearOperator, name: str | None = None) -> Any:
+    """What an operator's ``diagonal()`` returned, as an (n,) finite array of the operator's dtype and backend
+    (n = min(m, n)); a LingpError naming ``name``.diagonal() otherwise (default: the operator's own name, or "A").
+
+    Operators from outside lingp may return anything: a wrong shape would surface as a broadcasting error, Inf as
+    a zero Jacobi weight, NaN as "not positive definite", another dtype as a cast of every preconditioned product.
+    """
+    what = f"{name or getattr(op, 'name', 'A')}.diagonal()"
+    return v.as_float_array(d, what, op.backend, shape=(min(op.shape),), dtypes=(op.dtype,))
+
+
 class LinearOperator:
     """Base class: subclasses set ``shape``, ``dtype``, ``backend`` and implement ``_matmat``.
 
@@ -376,7 +387,7 @@ class _Wrapped(LinearOperator):
 
     def diagonal(self) -> Any:
         if hasattr(self.inner, "diagonal"):
-            return self.inner.diagonal()
+            return check_diagonal(self.inner.diagonal(), self)
         return super().diagonal()
 
     def columns(self, indices: Any) -> Any:

@@ -25,7 +25,7 @@ MUTANTS = [
     ("SLQ standard error not divided by sqrt(probes)", "lingp_core/solvers/logdet.py",
      "estimates.std(ddof=1) / np.sqrt(num_probes)", "estimates.std(ddof=1)", ["tests/test_lanczos_logdet.py"]),
     ("SLQ log-det normalised by n - 1", "lingp_core/solvers/logdet.py",
-     "estimates[j] = n * float(", "estimates[j] = (n - 1) * float(", ["tests/test_lanczos_logdet.py"]),
+     "out[row, j] = n * float(", "out[row, j] = (n - 1) * float(", ["tests/test_lanczos_logdet.py"]),
     ("exported Jacobian scaled by 1.01", "lingp_core/export.py",
      "    return JacobianBlocks(f0, blocks, backend=be, outputs=index,",
      "    for _b in blocks:\n        if hasattr(_b, 'values'):\n            _b.values *= 1.01\n        else:\n"

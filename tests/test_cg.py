@@ -272,3 +272,85 @@ def test_cg_refuses_right_hand_sides_whose_inner_products_overflow_or_underflow(
     result = lg.cg(A * 1e100, b * 1e100)
     assert result.converged.all()
     np.testing.assert_allclose(result.x, np.linalg.solve(A, b), rtol=1e-6)
+
+
+def test_a_non_symmetric_dense_a_or_m_is_refused(backend, rng):
+    """CG assumes symmetry: on A + 0.3·triu it ran 10·n iterations and advised a preconditioner."""
+    a = spd_matrix(rng, 40, 1e3)
+    b = backend.asarray(rng.standard_normal((40, 2)))
+    skewed = a + 0.3 * np.triu(rng.standard_normal((40, 40)))
+    with pytest.raises(lg.ValueRangeError, match=r"A \(40 × 40, float64\) is not symmetric"):
+        lg.cg(backend.asarray(skewed), b)
+    m = np.eye(40) + 0.5 * np.triu(rng.standard_normal((40, 40)), 1)
+    with pytest.raises(lg.ValueRangeError, match=r"M \(40 × 40, float64\) is not symmetric: max \|M − Mᵀ\|"):
+        lg.cg(backend.asarray(a), b, M=backend.asarray(m))
+
+
+def test_a_preconditioner_whose_products_vanish_is_named(backend, rng):
+    """M = 0 gives rᵀMr = 0: CG stood still for 10·n iterations and then advised passing a preconditioner."""
+    a = spd_matrix(rng, 40, 1e3)
+    b = rng.standard_normal((40, 2))
+    with pytest.warns(lg.ConvergenceWarning, match=r"M's products .* zero") as record:
+        result = lg.cg(backend.asarray(a), backend.asarray(b), M=backend.asarray(np.zeros((40, 40))))
+    assert "pass a preconditioner" not in str(record[0].message)
+    assert result.status == ("indefinite", "indefinite") and not result.converged.any()
+    assert np.all(result.iterations < 40)  # stopped at once, not after 10·n iterations
+    np.testing.assert_allclose(result.residual_norms, np.linalg.norm(b, axis=0), rtol=1e-12)  # x stayed 0
+
+
+class _NaNProducts:
+    """A duck-typed SPD operator whose products hold NaN from its ``after``-th call on."""
+
+    def __init__(self, a, after):
+        self.a, self.after, self.calls = a, after, 0
+        self.shape, self.dtype = a.shape, a.dtype
+
+    def matmat(self, x):
+        self.calls += 1
+        out = self.a @ x
+        if self.calls > self.after:
+            out[3] = np.nan
+        return out
+
+
+@pytest.mark.parametrize("after", [0, 3])
+def test_non_finite_products_of_a_are_named(backend, rng, after):
+    """A NaN product was reported as 'diverged: check that A is symmetric positive definite'."""
+    a = backend.asarray(spd_matrix(rng, 40, 1e3))
+    b = rng.standard_normal((40, 2))
+    with pytest.warns(lg.ConvergenceWarning, match=r"A's products .* not finite") as record:
+        result = lg.cg(_NaNProducts(a, after), backend.asarray(b))
+    assert "symmetric positive definite" not in str(record[0].message)
+    assert result.status == ("diverged", "diverged") and not result.converged.any()
+
+
+def test_non_finite_products_of_m_are_named(backend, rng):
+    a = spd_matrix(rng, 40, 1e3)
+    b = rng.standard_normal((40, 2))
+    m = _NaNProducts(backend.asarray(np.eye(40)), 2)
+    with pytest.warns(lg.ConvergenceWarning, match=r"M's products .* not finite") as record:
+        result = lg.cg(backend.asarray(a), backend.asarray(b), M=m)
+    assert "A is symmetric positive definite" not in str(record[0].message)
+    assert result.status == ("diverged", "diverged")
+
+
+@pytest.mark.parametrize("check_every", [1, 7])
+def test_a_zero_tolerance_is_reported_as_stagnation_at_rounding_level(backend, rng, check_every):
+    """rtol = atol = 0 can only be met by an exact zero residual: CG ran 10·n iterations at rounding level and said
+    'maxiter' (raise maxiter); it now stops once restarts show the floor, and says 'stagnated'."""
+    a = spd_matrix(rng, 40, 1e3)
+    b = rng.standard_normal((40, 2))
+    with pytest.warns(lg.ConvergenceWarning, match="status: stagnated"):
+        result = lg.cg(backend.asarray(a), backend.asarray(b), rtol=0.0, check_every=check_every)
+    assert result.status == ("stagnated", "stagnated") and np.all(result.iterations < 10 * 40)
+    expected = np.linalg.solve(a, b)
+    # at the floor: the error is what cond(A)·eps allows
+    np.testing.assert_allclose(backend.to_numpy(result.x), expected, rtol=0, atol=1e3 * 1e3 * np.finfo(float).eps *
+                               np.abs(expected).max())
+
+
+def test_no_right_hand_sides_give_empty_diagnostics_of_their_documented_dtypes(backend, rng):
+    result = lg.cg(backend.asarray(spd_matrix(rng, 10)), backend.asarray(np.ones((10, 0))))
+    assert result.x.shape == (10, 0) and result.status == ()
+    assert result.converged.dtype == bool and result.converged.shape == (0,)  # was float64
+    assert result.iterations.dtype == np.int64 and result.residual_norms.dtype == np.float64

@@ -151,7 +151,7 @@ def test_solver_loops_use_the_unchecked_product(backend, rng, solver):
         "cg": lambda: lg.cg(op, b),
         "lanczos": lambda: lg.lanczos(op, 10),
         "lanczos_eigsh": lambda: lg.lanczos_eigsh(op, 2),
-        "logdet": lambda: lg.logdet(op, method="slq", num_probes=3, lanczos_steps=10),
+        "logdet": lambda: lg.logdet(op, method="slq", num_probes=3, lanczos_steps=40),  # n steps: no truncation
         "nystrom": lambda: lg.nystrom_preconditioner(op, 5),
         "pcg": lambda: lg.cg(op, b, M=lg.AddedDiagonalOperator(precond, 1.0)),
     }
@@ -180,6 +180,87 @@ def test_duck_typed_products_of_the_wrong_shape_or_dtype_raise(backend, rng):
         lg.cg(Short(), b)
     with pytest.raises(lg.DTypeError, match="A.matmat returned dtype float32 but the operator declares .* float64"):
         lg.cg(Float32(), b)  # used to run on and report "stagnated"
+
+
+class _DuckWithDiagonal:
+    """A duck-typed SPD operator whose diagonal() returns whatever it is given."""
+
+    def __init__(self, a, diagonal, dtype=np.float64):
+        self.a, self.d, self.shape, self.dtype = a, diagonal, a.shape, np.dtype(dtype)
+
+    def matmat(self, x):
+        return self.a @ x
+
+    def diagonal(self):
+        return self.d
+
+
+def _bad_diagonals(a):
+    d = np.diag(a).copy()
+    return {
+        "wrong shape": (d[:5], lg.ShapeError, r"A.diagonal\(\) has shape \(5,\); expected \(12,\)"),
+        "2-D": (np.diag(d), lg.ShapeError, r"A.diagonal\(\) has shape \(12, 12\)"),
+        "Inf": (np.r_[np.inf, d[1:]], lg.NonFiniteError, r"A.diagonal\(\) .* 0 NaN and 1 Inf"),
+        "NaN": (np.r_[np.nan, d[1:]], lg.NonFiniteError, r"A.diagonal\(\) .* 1 NaN and 0 Inf"),
+        "float32 for float64": (d.astype(np.float32), lg.DTypeError, r"A.diagonal\(\) has dtype float32"),
+        "integers": (np.ones(N, dtype=np.int64), lg.DTypeError, r"A.diagonal\(\) has dtype int64"),
+    }
+
+
+@pytest.mark.parametrize("case", ["wrong shape", "2-D", "Inf", "NaN", "float32 for float64", "integers"])
+@pytest.mark.parametrize("use", ["jacobi", "cg with jacobi", "pivoted_cholesky", "pivoted_cholesky_preconditioner"])
+def test_a_duck_typed_operators_diagonal_is_checked(backend, rng, case, use):
+    """A diagonal() of the wrong shape raised a raw broadcasting ValueError, Inf gave a zero inverse (CG then ran to
+    maxiter advising a preconditioner), NaN was reported as "≤ 0: not positive definite"."""
+    a = spd_matrix(rng, N)
+    diagonal, error, message = _bad_diagonals(a)[case]
+    op = _DuckWithDiagonal(backend.asarray(a), backend.asarray(diagonal))
+    b = backend.asarray(rng.standard_normal(N))
+    calls = {"jacobi": lambda: lg.jacobi_preconditioner(op),
+             "cg with jacobi": lambda: lg.cg(op, b, M=lg.jacobi_preconditioner(op)),
+             "pivoted_cholesky": lambda: lg.pivoted_cholesky(op, 3),
+             "pivoted_cholesky_preconditioner": lambda: lg.pivoted_cholesky_preconditioner(op, 3)}
+    with pytest.raises(error, match=message):
+        calls[use]()
+
+
+def test_a_float64_diagonal_of_a_float32_operator_is_refused_not_blamed_on_a(backend, rng):
+    """Its Jacobi inverse came out float64, so CG's next product with A raised a DTypeError naming A.matmat."""
+    a = spd_matrix(rng, N).astype(np.float32)
+    op = _DuckWithDiagonal(backend.asarray(a), backend.asarray(np.diag(a).astype(np.float64)), np.float32)
+    with pytest.raises(lg.DTypeError, match=r"A.diagonal\(\) has dtype float64 .* expected one of float32"):
+        lg.jacobi_preconditioner(op)
+
+
+def test_a_duck_typed_diagonal_given_as_a_list_is_read_like_an_array(rng):
+    """A list raised a raw TypeError ('>' between list and int); read as float64 it is a valid diagonal."""
+    a = spd_matrix(rng, N)
+    b = rng.standard_normal(N)
+    result = lg.cg(_DuckWithDiagonal(a, list(np.diag(a))), b, M=lg.jacobi_preconditioner(
+        _DuckWithDiagonal(a, list(np.diag(a)))))
+    assert result.converged.all()
+    np.testing.assert_allclose(result.x, np.linalg.solve(a, b), rtol=1e-6)
+
+
+def test_a_linear_operator_subclass_diagonal_is_checked_too(backend, rng):
+    """Subclasses implement diagonal() themselves; what they return enters the preconditioners the same way."""
+    a = spd_matrix(rng, N)
+
+    class Short(lg.LinearOperator):
+        shape, dtype = (N, N), np.dtype(np.float64)
+
+        def _matmat(self, x):
+            return backend.asarray(a) @ x
+
+        def diagonal(self):
+            return backend.asarray(np.diag(a)[:-1])
+
+    op = Short()
+    op.backend = backend
+    with pytest.raises(lg.ShapeError, match=r"A.diagonal\(\) has shape \(11,\); expected \(12,\)"):
+        lg.jacobi_preconditioner(op)
+    with pytest.raises(lg.ShapeError, match=r"A.diagonal\(\) has shape \(11,\)"):
+        lg.pivoted_cholesky(op, 2)
 
 
 # ----- A3: LowRankPlusDiagonal ------------------------------------------------------------------------------------

@@ -363,3 +363,54 @@ def test_safe_cholesky_symmetry_check_covers_every_tile(backend, rng, monkeypatc
     a[where] += 1e-3
     with pytest.raises(lg.ValueRangeError, match=r"not symmetric: max \|A − Aᵀ\| = 0.001"):
         lg.safe_cholesky(backend.asarray(a))
+
+
+def _log_spaced_spd(rng, n, low, high, zero_first=None):
+    """SPD (n, n) with eigenvalues log-spaced in [10^low, 10^high] (the smallest replaced by ``zero_first`` when
+    given), and the exact log det from those eigenvalues (the independent oracle)."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = np.logspace(low, high, n)
+    if zero_first is not None:
+        w[0] = zero_first
+    a = (q * w) @ q.T
+    return (a + a.T) / 2, float(np.sum(np.log(w))) if w.min() > 0 else None
+
+
+@pytest.mark.parametrize("low, high, steps", [(-4, 2, None), (-6, 2, None), (-6, 2, 10), (-6, 2, 5), (-3, 3, 3)])
+def test_slq_standard_error_covers_the_quadrature_truncation(backend, rng, low, high, steps):
+    """On ill-conditioned spectra m Gauss nodes miss the small eigenvalues: the estimate was 5–70 standard errors
+    off (the probes' spread alone); the truncation estimate now enters std_error, and a warning says it dominates."""
+    a, expected = _log_spaced_spd(rng, 200, low, high)
+    with pytest.warns(lg.ConvergenceWarning, match="lanczos_steps"):
+        result = lg.logdet(backend.asarray(a), method="slq", num_probes=30, lanczos_steps=steps)
+    probe_error = result.probe_estimates.std(ddof=1) / np.sqrt(30)
+    assert result.truncation_error > probe_error
+    assert result.std_error == pytest.approx(np.hypot(probe_error, result.truncation_error), rel=1e-12)
+    assert abs(result.logdet - expected) <= 3 * result.std_error, (result.logdet, expected, result.std_error)
+
+
+def test_slq_truncation_error_vanishes_with_a_full_krylov_space(backend, rng):
+    """n steps: Gauss quadrature is exact, so the error is the probes' alone (and the estimate as good as it was)."""
+    a, expected = _log_spaced_spd(rng, 60, -4, 2)
+    result = lg.logdet(backend.asarray(a), method="slq", num_probes=30, lanczos_steps=60)
+    assert result.truncation_error == 0.0
+    assert result.std_error == pytest.approx(result.probe_estimates.std(ddof=1) / np.sqrt(30), rel=1e-12)
+    assert abs(result.logdet - expected) <= 3 * result.std_error
+
+
+@pytest.mark.parametrize("smallest", [0.0, -1e-6])
+def test_slq_of_a_singular_or_slightly_indefinite_matrix_raises(backend, smallest):
+    """An eigenvalue 0 or -1e-6 next to 1e-2..1e2: SLQ returned 2.5 ± 10.3 silently. With a Krylov space that
+    reaches it, a Ritz value at or below rounding level of the largest says A is not positive definite."""
+    for seed in range(20):  # rounding gives a zero eigenvalue's Ritz value either sign: θ ≤ 0 missed 3 of these 20
+        a, _ = _log_spaced_spd(np.random.default_rng(seed), 60, -2, 2, zero_first=smallest)
+        with pytest.raises(lg.NotPositiveDefiniteError, match="Ritz value"):
+            lg.logdet(backend.asarray(a), method="slq", num_probes=4, lanczos_steps=60, seed=seed)
+
+
+def test_slq_needs_two_steps_to_estimate_its_truncation(rng):
+    a = spd_matrix(rng, 10)
+    with pytest.raises(lg.ValueRangeError, match="lanczos_steps"):
+        lg.logdet(a, method="slq", lanczos_steps=1)
+    one = lg.logdet(np.array([[3.0]]), method="slq", lanczos_steps=1)  # n = 1: one step is the whole space
+    assert one.logdet == pytest.approx(np.log(3.0), rel=1e-14) and one.truncation_error == 0.0

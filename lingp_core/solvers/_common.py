@@ -44,7 +44,7 @@ def check_dense_symmetric(op: LinearOperator, name: str = "A") -> None:
     matrix-free operators cannot be checked without n products and are trusted."""
     if isinstance(op, DenseOperator):
         n = op.shape[0]
-        check_symmetric(op.matrix, op.backend.xp, f"{name} ({n} × {n}, {op.dtype})")
+        check_symmetric(op.matrix, op.backend.xp, f"{name} ({n} × {n}, {op.dtype})", symbol=name)
 
 
 def check_seed(seed: Any) -> int:

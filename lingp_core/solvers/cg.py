@@ -7,9 +7,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from lingp_core import _validate as v
-from lingp_core._precision import default_rtol
+from lingp_core._precision import default_rtol, eps
 from lingp_core.operators import as_operator
-from lingp_core.solvers._common import column_norms, linear_system
+from lingp_core.solvers._common import check_dense_symmetric, column_norms, linear_system
 
 # Recursive residuals drift from the true ones (badly so in float32); a column whose recursive residual meets the
 # tolerance is only accepted once its true residual b − A x does too.
@@ -36,8 +36,11 @@ class CGResult(NamedTuple):
     thresholds : ndarray of float64, (k,)
         The target max(rtol·‖b‖, atol) of each column.
     status : tuple of str, (k,)
-        "converged", "maxiter", "stagnated", "diverged" or "indefinite" (non-positive curvature pᵀAp ≤ 0: A is not
-        positive definite, or rounding made it look so).
+        "converged", "maxiter", "stagnated" (the true residual stayed above the target after restarts: the dtype's
+        accuracy floor lies above it, as it always does for a target of 0, rtol = atol = 0), "diverged" (the
+        residual blew up, or A's or M's products held NaN or Inf: the warning says which) or "indefinite"
+        (non-positive curvature pᵀAp ≤ 0: A is not positive definite, or rounding made it look so; or rᵀMr = 0 for
+        a residual r ≠ 0: M's products vanish).
     restarts : ndarray of int, (k,)
         How often a column's residual was replaced by the true residual and its search direction restarted.
     history : list of (int, ndarray) or None
@@ -103,7 +106,8 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
     ArgumentTypeError
         For a callback that is not callable, or flags that are not bools.
     ValueRangeError
-        For tolerances out of range, or a B whose scale CG's inner products cannot hold.
+        For tolerances out of range, a dense A or M that is not symmetric, or a B whose scale CG's inner products
+        cannot hold.
     """
     system = linear_system(A, B)
     op, rhs, backend = system.op, system.rhs, system.backend
@@ -117,6 +121,9 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
     if precond is not None and precond.dtype != dtype:
         raise v.DTypeError(f"M has dtype {precond.dtype} but A and B have dtype {dtype}; lingp does not cast "
                            "silently")
+    check_dense_symmetric(op)  # CG's recurrences assume symmetry: on a non-symmetric A they run on to maxiter
+    if precond is not None:
+        check_dense_symmetric(precond, "M")
     if callback is not None and not callable(callback):
         raise v.ArgumentTypeError(f"callback must be callable or None, got {type(callback).__name__} {callback!r}")
     return_history = v.check_bool(return_history, "return_history")
@@ -143,12 +150,16 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
     iterations = np.zeros(k, dtype=np.int64)
     restarts = np.zeros(k, dtype=np.int64)
     status = ["maxiter"] * k
+    causes: list[str | None] = [None] * k  # why a column failed, where the status alone does not say (the warning)
     history: list[tuple[int, np.ndarray]] = []
     tridiag_log: list[tuple[np.ndarray, Any, Any]] = []
 
     # columns already solved by x0 (or with b = 0) never iterate
     start_norms = column_norms(residual, backend)
     done = start_norms <= thresholds
+    # a recursive residual below eps·‖b‖ is at rounding level: it is checked (and restarted) even when the target is
+    # smaller still, so that an unreachable target (rtol = atol = 0) ends as "stagnated", not at maxiter
+    floors = np.maximum(thresholds, eps(dtype) * np.where(b_norms > 0, b_norms, start_norms))
     for j in np.flatnonzero(done):
         status[j] = "converged"
     state.keep(~done)
@@ -165,13 +176,14 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
         norms = column_norms(state.residual, backend)
         iterations[act] = it
         finished = np.zeros(act.size, dtype=bool)
-        indefinite = backend.to_numpy(state.indefinite)
-        for pos, j in enumerate(act):
-            if indefinite[pos]:
-                status[j], finished[pos] = "indefinite", True
-            elif not np.isfinite(norms[pos]) or norms[pos] > DIVERGENCE_FACTOR * max(b_norms[j], start_norms[j]):
-                status[j], finished[pos] = "diverged", True
-        candidates = np.flatnonzero(~finished & (norms <= thresholds[act]))
+        for pos, (failed, cause) in enumerate(state.failures(norms)):
+            j = act[pos]
+            if failed is None and (not np.isfinite(norms[pos]) or
+                                   norms[pos] > DIVERGENCE_FACTOR * max(b_norms[j], start_norms[j])):
+                failed = "diverged"
+            if failed is not None:
+                status[j], causes[j], finished[pos] = failed, cause, True
+        candidates = np.flatnonzero(~finished & (norms <= floors[act]))
         if candidates.size:
             true_norms = state.true_residual_norms(candidates)
             accepted = true_norms <= thresholds[act[candidates]]
@@ -197,11 +209,13 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
 
     x = state.solution()
     final_norms = column_norms(rhs - op._matmat(x), backend)
-    for j in np.flatnonzero(~np.isfinite(final_norms)):  # overflow in A's products: never "converged"
+    x_finite = backend.to_numpy(backend.xp.isfinite(x).all(axis=0))
+    for j in np.flatnonzero(~np.isfinite(final_norms)):  # A's product of x is not finite: never "converged"
         status[j] = "diverged"
-    converged = np.array([s == "converged" for s in status])
+        causes[j] = causes[j] or ("A nonfinite" if x_finite[j] else None)
+    converged = np.array([s == "converged" for s in status], dtype=bool)
     if warn and not converged.all():
-        _warn_not_converged(status, converged, final_norms, b_norms, rtol, atol, maxiter, dtype)
+        _warn_not_converged(status, causes, converged, final_norms, b_norms, rtol, atol, maxiter, dtype)
     tridiagonal = _assemble_tridiagonal(tridiag_log, k, backend) if return_tridiagonal else None
     return CGResult(x[:, 0] if system.single else x, converged, iterations, final_norms, thresholds, tuple(status),
                     restarts, history if return_history else None, tridiagonal)
@@ -241,6 +255,9 @@ class _CGState:
         self.direction = self.z.copy()
         self.rz = (self.residual * self.z).sum(axis=0)
         self.indefinite = xp.zeros(self.active.size, dtype=bool)
+        # per column: A's (M's) product of a finite vector was not finite; the residual r₀ is finite (checked inputs)
+        self.a_nonfinite = xp.zeros(self.active.size, dtype=bool)
+        self.m_nonfinite = ~xp.isfinite(self.rz)
         self.prev_alpha = None
 
     def step(self) -> tuple[Any, Any]:
@@ -248,17 +265,35 @@ class _CGState:
         xp = self.backend.xp
         ap = self.op._matmat(self.direction)  # unchecked: the inputs were checked once, at the boundary
         curvature = (self.direction * ap).sum(axis=0)
+        finite = xp.isfinite(curvature)
+        self.a_nonfinite |= ~finite & xp.isfinite(self.rz)  # a finite direction (rz finite) and a NaN/Inf product
         positive = curvature > 0
-        self.indefinite |= ~positive & (self.rz != 0)  # rz = 0: the residual is exactly zero, nothing to do
+        self.indefinite |= finite & ~positive & (self.rz != 0)  # rz = 0: the residual is exactly zero (or M r = 0)
         alpha = xp.where(positive, self.rz / xp.where(positive, curvature, 1), 0).astype(self.rz.dtype)
         self.x_active += alpha * self.direction
         self.residual -= alpha * ap
         self.z = self._apply_precond(self.residual)
         rz_new = (self.residual * self.z).sum(axis=0)
+        if self.precond is not None:  # a finite residual (finite product and step) and a NaN/Inf M r
+            self.m_nonfinite |= ~xp.isfinite(rz_new) & finite & xp.isfinite(alpha)
         beta = xp.where(self.rz != 0, rz_new / xp.where(self.rz != 0, self.rz, 1), 0).astype(self.rz.dtype)
         self.direction = self.z + beta * self.direction
         self.rz = rz_new
         return alpha, beta
+
+    def failures(self, norms: np.ndarray) -> list[tuple[str | None, str | None]]:
+        """(status, cause) of each active column that must stop, else (None, None), from the flags of the steps
+        since the last check and the residual norms (k_active,) just computed (one host synchronization)."""
+        xp = self.backend.xp
+        a_flags, m_flags, indefinite_flags, rz_zero = self.backend.to_numpy(
+            xp.stack([self.a_nonfinite, self.m_nonfinite, self.indefinite, self.rz == 0]))
+        # rᵀMr = 0 for r ≠ 0: M (meant to be SPD) annihilated the residual, and CG cannot move
+        m_null = rz_zero & (norms > 0) & (self.precond is not None)
+        out: list[tuple[str | None, str | None]] = []
+        for a_bad, m_bad, indefinite, null in zip(a_flags, m_flags, indefinite_flags, m_null):
+            out.append(("diverged", "A nonfinite") if a_bad else ("diverged", "M nonfinite") if m_bad else
+                       ("indefinite", None) if indefinite else ("indefinite", "M null") if null else (None, None))
+        return out
 
     def true_residual_norms(self, positions: np.ndarray) -> np.ndarray:
         """‖b − A x‖ for the active columns at these positions (one product with those columns)."""
@@ -277,6 +312,7 @@ class _CGState:
         self.z[:, cols] = z
         self.direction[:, cols] = z
         self.rz[cols] = (self.residual[:, cols] * z).sum(axis=0)
+        self.m_nonfinite[cols] |= ~xp.isfinite(self.rz[cols])  # the true residual is finite here (else no restart)
 
     def keep(self, mask: np.ndarray) -> None:
         """Write the columns not in ``mask`` back to x and drop them from the iteration."""
@@ -290,6 +326,8 @@ class _CGState:
         self.direction = self.direction[:, keep]
         self.rz = self.rz[keep]
         self.indefinite = self.indefinite[keep]
+        self.a_nonfinite = self.a_nonfinite[keep]
+        self.m_nonfinite = self.m_nonfinite[keep]
 
     def solution(self) -> Any:
         if self.active.size:
@@ -313,20 +351,24 @@ def _assemble_tridiagonal(log: list, k: int, backend: Any) -> tuple[np.ndarray, 
     return diag, off
 
 
-def _warn_not_converged(status: list[str], converged: np.ndarray, final_norms: np.ndarray, b_norms: np.ndarray,
-                        rtol: float, atol: float, maxiter: int, dtype: np.dtype) -> None:
+def _warn_not_converged(status: list[str], causes: list[str | None], converged: np.ndarray, final_norms: np.ndarray,
+                        b_norms: np.ndarray, rtol: float, atol: float, maxiter: int, dtype: np.dtype) -> None:
     bad = np.flatnonzero(~converged)
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(b_norms[bad] > 0, final_norms[bad] / b_norms[bad], final_norms[bad])
-    reasons = sorted({status[j] for j in bad})
+    reasons = sorted({causes[j] or status[j] for j in bad})
     advice = {
         "maxiter": f"raise maxiter (now {maxiter}) or pass a preconditioner M",
         "stagnated": "the residual stopped falling: use a preconditioner, float64 instead of "
                      f"{dtype}" if dtype == np.float32 else "the residual stopped falling: use a preconditioner",
         "diverged": "the iteration blew up: check that A is symmetric positive definite",
         "indefinite": "pᵀAp ≤ 0 was met: A is not positive definite (add jitter or noise to its diagonal)",
+        "A nonfinite": "A's products are not finite (NaN or Inf for a finite vector): check the operator A",
+        "M nonfinite": "M's products are not finite (NaN or Inf for a finite residual): check the preconditioner M",
+        "M null": "M's products are zero on the residual (rᵀMr = 0): the preconditioner M must be positive definite",
     }
+    statuses = sorted({status[j] for j in bad})
     v.warn(
         f"CG: {bad.size} of {converged.size} right-hand sides did not reach max(rtol={rtol:.3g}·‖b‖, atol={atol:.3g}) "
-        f"(status: {', '.join(reasons)}; worst relative residual {np.max(relative):.3g}); "
+        f"(status: {', '.join(statuses)}; worst relative residual {np.max(relative):.3g}); "
         + "; ".join(advice[r] for r in reasons), v.ConvergenceWarning)

@@ -36,12 +36,13 @@ def _scale_and_asymmetry(a: Any, xp: Any) -> tuple[float, float]:
     return scale, worst
 
 
-def check_symmetric(a: Any, xp: Any, what: str) -> None:
-    """ValueRangeError unless max |A − Aᵀ| ≤ 1e3·eps·max |A| (symmetric to rounding); ``what`` names A."""
+def check_symmetric(a: Any, xp: Any, what: str, symbol: str = "A") -> None:
+    """ValueRangeError unless max |A − Aᵀ| ≤ 1e3·eps·max |A| (symmetric to rounding); ``what`` names A, ``symbol``
+    is its letter in the message."""
     scale, asymmetry = _scale_and_asymmetry(a, xp)
     if asymmetry > 1e3 * eps(a.dtype) * scale:
-        raise v.ValueRangeError(f"{what} is not symmetric: max |A − Aᵀ| = {asymmetry:.3g} against "
-                                f"max |A| = {scale:.3g}")
+        raise v.ValueRangeError(f"{what} is not symmetric: max |{symbol} − {symbol}ᵀ| = {asymmetry:.3g} against "
+                                f"max |{symbol}| = {scale:.3g}")
 
 
 def safe_cholesky(A: Any, *, max_tries: int = 5, compute_dtype: Any = np.float64, warn: bool = True,

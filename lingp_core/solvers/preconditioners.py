@@ -7,7 +7,7 @@ import numpy as np
 
 from lingp_core import _validate as v
 from lingp_core._precision import eps
-from lingp_core.operators import LinearOperator, as_operator
+from lingp_core.operators import LinearOperator, as_operator, check_diagonal
 from lingp_core.solvers._common import check_dense_symmetric, check_seed, seeded_normal
 
 # A residual diagonal d_i − Σ L_ij² below −NEGATIVE_RESIDUAL·eps·trace(A) is no rounding error: A is indefinite
@@ -27,7 +27,7 @@ class _DiagonalInverse(LinearOperator):
 def jacobi_preconditioner(A: Any) -> LinearOperator:
     """diag(A)⁻¹. A must expose its diagonal (dense arrays do); a non-positive diagonal entry raises."""
     op = as_operator(A, "A")
-    diag = op.diagonal()
+    diag = check_diagonal(op.diagonal(), op, "A")
     if not bool((diag > 0).all()):
         worst = int(op.backend.xp.argmin(diag))
         raise v.NotPositiveDefiniteError(f"A has diagonal entry {float(diag[worst]):.3g} ≤ 0 at index {worst}: "
@@ -68,7 +68,7 @@ def pivoted_cholesky(A: Any, rank: int, *, rtol: float = 0.0, memory_budget: Any
     rtol = v.check_positive(rtol, "rtol", allow_zero=True)
     _check_factor_memory(n, rank + 4, memory_budget, op, "pivoted_cholesky")
     check_dense_symmetric(op)
-    d = op.diagonal().astype(np.float64)
+    d = check_diagonal(op.diagonal(), op, "A").astype(np.float64)
     if not bool((d > 0).all()):
         bad = op.backend.to_numpy(d <= 0)
         raise v.NotPositiveDefiniteError(f"A ({op.shape}) must be symmetric positive definite, but its diagonal holds "
@@ -137,7 +137,7 @@ def pivoted_cholesky_preconditioner(A: Any, rank: int = 100, *, memory_budget: A
     rank = min(v.check_int(rank, "rank", minimum=1), op.shape[0])
     _check_factor_memory(op.shape[0], 3 * rank + 4, memory_budget, op, "pivoted_cholesky_preconditioner")
     pc = pivoted_cholesky(op, rank, memory_budget=memory_budget)
-    mean_diag = float(op.diagonal().astype(np.float64).mean())
+    mean_diag = float(check_diagonal(op.diagonal(), op, "A").astype(np.float64).mean())
     mu = max(pc.residual_trace / op.shape[0], eps(op.dtype) * mean_diag)
     u, sigma, _ = backend.svd(pc.factor)
     return _SpectralInverse(u, sigma**2 + mu, mu, op)
