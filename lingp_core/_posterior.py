@@ -616,7 +616,13 @@ class Iterative:
         total, variance = 0.0, 0.0
         for g, ((cols, _), op) in enumerate(zip(self.groups, self.ops)):
             stream = int(np.random.SeedSequence([self.seed, task, g]).generate_state(1)[0])
-            ld = logdet(op, method="slq", num_probes=self.num_probes, seed=stream, memory_budget=self.memory_budget)
+            ld = logdet(op, method="slq", num_probes=self.num_probes, seed=stream, memory_budget=self.memory_budget,
+                        warn=False)
+            if ld.truncation_error > np.sqrt(max(ld.std_error**2 - ld.truncation_error**2, 0.0)):
+                v.warn(f"the iterative log marginal likelihood's log det (SLQ, {ld.lanczos_steps} Lanczos steps on "
+                       f"{self.m} rows) has not converged: its estimated truncation error {ld.truncation_error:.3g} "
+                       "exceeds the probes' standard error; lml_std_error_ includes both. For an exact evidence use "
+                       "an exact method (method='function-cholesky')", v.ConvergenceWarning)
             data = float((self.R[:, cols] * self.alpha[:, cols]).sum())
             total += -0.5 * data - len(cols) * 0.5 * (ld.logdet + self.m * _LOG_2PI)
             variance += (len(cols) * 0.5 * ld.std_error) ** 2

@@ -202,6 +202,21 @@ def test_the_iterative_evidence_standard_error_is_calibrated_across_tasks(rng):
     assert 0.7 < np.std(z) < 1.35 and abs(np.mean(z)) < 0.5
 
 
+def test_an_unconverged_iterative_evidence_says_so_and_its_error_covers_it():
+    # 50 Lanczos steps on 400 rows whose spectrum spans 1e-4 to ~1e3: SLQ's quadrature has not converged; the
+    # warning speaks of the GP (not of logdet's lanczos_steps, which a GP user cannot set) and lml_std_error_
+    # covers the truncation (the probes' spread alone understated it 3–70× on such spectra)
+    be = lg.get_backend("numpy")
+    rng = np.random.default_rng(0)
+    J0 = rng.standard_normal((400, 300)) * np.linspace(0.01, 3, 300)
+    J, y = dense_jacobian(be, J0), rng.standard_normal((400, 1))
+    gp = lg.LinearizedGP(1.0, 1e-4, method="iterative", preconditioner_rank=5).fit(J, y)
+    exact = lg.LinearizedGP(1.0, 1e-4, method="function-cholesky").fit(J, y).log_marginal_likelihood()
+    with pytest.warns(lg.ConvergenceWarning, match="iterative log marginal likelihood's log det .* not converged"):
+        lml = gp.log_marginal_likelihood()
+    assert abs(lml - exact) <= 3 * gp.lml_std_error_
+
+
 def test_lanczos_variances_are_conservative_and_report_their_error(backend, rng):
     J, Js, y, o = problem(backend, rng)
     expected = dense_posterior(o, 0.7, 0.05, "full")[1]

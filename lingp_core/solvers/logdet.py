@@ -64,7 +64,7 @@ class LogdetResult(NamedTuple):
 
 
 def logdet(A: Any, *, method: str = "auto", num_probes: int = 30, lanczos_steps: int | None = None,
-           seed: int = 0, memory_budget: Any = None) -> LogdetResult:
+           seed: int = 0, memory_budget: Any = None, warn: bool = True) -> LogdetResult:
     """log det A of a symmetric positive-definite (n, n) matrix or operator.
 
     Parameters
@@ -85,6 +85,9 @@ def logdet(A: Any, *, method: str = "auto", num_probes: int = 30, lanczos_steps:
         Bytes allowed (default: half the free memory where the backend allocates): for Cholesky the n × n float64
         factor (plus the dense matrix of an operator), for SLQ the Lanczos bases, (lanczos_steps + 6)·n·num_probes
         values of A's dtype. More raises MemoryBudgetError before anything is allocated.
+    warn : bool
+        Warn (ConvergenceWarning) when SLQ's estimated truncation error exceeds the probes' standard error (both
+        are in ``std_error`` either way); callers with a message of their own pass False.
 
     Returns
     -------
@@ -135,6 +138,7 @@ def logdet(A: Any, *, method: str = "auto", num_probes: int = 30, lanczos_steps:
     steps = min(n, 50) if lanczos_steps is None else v.check_int(lanczos_steps, "lanczos_steps", minimum=min(n, 2),
                                                                   maximum=n)
     seed = check_seed(seed)
+    warn = v.check_bool(warn, "warn")
     check_dense_symmetric(op)  # as Cholesky does: on a non-symmetric A, SLQ would estimate nothing
     v.check_memory(v.nbytes_of((steps + 6, n, num_probes), op.dtype), budget,
                    what=f"logdet by SLQ with {num_probes} probes of {steps} Lanczos steps, n = {n} ({op.dtype})",
@@ -145,7 +149,7 @@ def logdet(A: Any, *, method: str = "auto", num_probes: int = 30, lanczos_steps:
     estimates = rules[-1]
     probe_error = float(estimates.std(ddof=1) / np.sqrt(num_probes))
     truncation = 0.0 if steps == n else _truncation_error(rules.mean(axis=1), steps)  # n steps: exact
-    if truncation > probe_error:
+    if warn and truncation > probe_error:
         v.warn(f"logdet (SLQ): the {steps}-step Lanczos quadrature has not converged (n = {n}): its truncation "
                f"error, estimated at {truncation:.3g}, exceeds the probes' standard error {probe_error:.3g}; both "
                f"are in std_error. Raise lanczos_steps (now {steps}) for a more accurate estimate",
