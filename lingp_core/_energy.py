@@ -61,23 +61,62 @@ def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: 
     (ŵ − w)ᵀ C (ŵ − w) — squared in the solve's accuracy — and never goes below zero. The p-vectors j*_i − Jᵀ w_i are
     formed explicitly in float64 (chunks of test rows), so no two nearly equal scalars are subtracted where the
     posterior variance is far below the prior's."""
+    return _energy(J, star, s, noise, w, rows, memory_budget, None)[0]
+
+
+def energy_variance_and_residual(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: Any, rows: np.ndarray,
+                                 memory_budget: Any, cross: Any) -> tuple[Any, Any]:
+    """:func:`energy_variance` and, from the same products Jᵀ w (one more product with J), the squared residual
+    norms ‖C w_i − s·K0(X, x*_i)‖² of the solves w approximates: both (len(rows),), float64. ``cross``
+    (m, len(rows)): K0(X, x*_i) in w's column order (a view such as K0(X*, X)ᵀ: scaled per chunk, never copied
+    whole). For :func:`energy_error_bound`."""
+    return _energy(J, star, s, noise, w, rows, memory_budget, cross)
+
+
+def energy_error_bound(variances: Any, residual_squares: Any, noise: Any) -> Any:
+    """A bound on the relative error of energy-form variances from an inexact solve ŵ ≈ w = C⁻¹ b, at every row:
+    (k,), float64, from ``variances`` v̂ and ``residual_squares`` ‖r‖², r = C ŵ − b (both (k,)), and ``noise`` (the
+    diagonal D of C = s·K0 + D, any shape).
+
+    The energy form exceeds the exact variance v by e = (ŵ − w)ᵀ C (ŵ − w) = rᵀ C⁻¹ r (:func:`energy_variance`),
+    and rᵀ C⁻¹ r ≤ ‖r‖² / λmin(C) ≤ ‖r‖² / min D =: B, since s·K0 is positive semi-definite. With v̂ = v + e,
+    v ≥ v̂ − B, so e / v ≤ B / (v̂ − B) where B < v̂; elsewhere the bound says nothing (inf)."""
+    xp = v.backend_of(variances).xp
+    bound = residual_squares / float(np.min(noise))
+    slack = variances - bound
+    return xp.where(slack > 0, bound / xp.where(slack > 0, slack, 1.0), np.inf)
+
+
+def _energy(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: Any, rows: np.ndarray, memory_budget: Any,
+            cross: Any) -> tuple[Any, Any]:
+    """(:func:`energy_variance`, the squared residuals of :func:`energy_variance_and_residual` or None): with
+    ``cross``, C w = weight·Σ_k J_k (J_kᵀ w) + D w is assembled per chunk from the products J_kᵀ w the energy form
+    forms anyway (weight and J_k as in :func:`_residual_pairs`: the operator's own kernel)."""
     xp = J.backend.xp
     J_star = star.J_star_float64
     m = J.n * J.n_outputs if star.mode == "full" else J.n
     d = xp.asarray(np.broadcast_to(noise, (m,)))
     out = (d[:, None] * w * w).sum(axis=0)
+    squares: Any = None if cross is None else xp.empty(len(rows))
     budget = v.resolve_memory_budget(memory_budget, J.backend)
-    per_row = _energy_row_bytes(J.p)
+    per_row = _energy_row_bytes(J.p) + (0 if cross is None else 2 * v.nbytes_of((m,), np.float64))
     chunk = max(1, min(len(rows), _ENERGY_CHUNK, int(budget // per_row)))
     v.check_memory(chunk * per_row, budget, what=f"the variances' parameter-space residuals ({J.p} × {chunk})",
                    alternative="raise memory_budget")
     pairs, weight = _residual_pairs(J, J_star, star.mode, s)
     for start in range(0, len(rows), chunk):
         part = slice(start, start + chunk)
+        product = None if cross is None else d[:, None] * w[:, part]
         for J_k, J_star_k in pairs:
-            residual = _residuals(J_k, J_star_k, rows[part], w[:, part])
+            pulled = J_k.rmatmat(w[:, part])
+            residual = _star_columns(J_star_k, rows[part]) - pulled
             out[part] += weight * (residual * residual).sum(axis=0)
-    return out
+            if product is not None:
+                product += weight * J_k.matmat(pulled)
+        if product is not None:
+            product -= s * cross[:, part]
+            squares[part] = (product * product).sum(axis=0)
+    return out, squares
 
 
 def _residual_pairs(J: JacobianBlocks, J_star: JacobianBlocks, mode: Any, s: float) -> tuple[list[tuple], float]:
@@ -131,12 +170,17 @@ def energy_covariance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, W
     return out
 
 
-def _residuals(J: JacobianBlocks, J_star: JacobianBlocks, rows: np.ndarray, W: Any) -> Any:
-    """j*_i − Jᵀ w_i for the test rows ``rows`` of J_star, W's columns in the same order: (p, len(rows)), float64."""
-    xp = J.backend.xp
+def _star_columns(J_star: JacobianBlocks, rows: np.ndarray) -> Any:
+    """j*_i, the test rows ``rows`` of J_star as columns: (p, len(rows)), float64."""
+    xp = J_star.backend.xp
     unit = xp.zeros((J_star.n * J_star.n_outputs, len(rows)))
     unit[xp.asarray(rows), xp.arange(len(rows))] = 1.0
-    return J_star.rmatmat(unit) - J.rmatmat(W)
+    return J_star.rmatmat(unit)
+
+
+def _residuals(J: JacobianBlocks, J_star: JacobianBlocks, rows: np.ndarray, W: Any) -> Any:
+    """j*_i − Jᵀ w_i for the test rows ``rows`` of J_star, W's columns in the same order: (p, len(rows)), float64."""
+    return _star_columns(J_star, rows) - J.rmatmat(W)
 
 
 def warn_unresolved(values: Any, prior: Any, s: float) -> None:
