@@ -8,10 +8,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from lingp_core import _validate as v
 from lingp_core._layout import noise_groups
-from lingp_core.kernels import work_bytes
+from lingp_core.jacobian import _WORK_ELEMENTS
+from lingp_core.kernels import _TILE_ROWS, work_bytes
 from lingp_core.sharded import CLUSTER_MEMORY_SHARE, is_sharded, scheduler_workers
+
+#: Kernel rows per tile of the kernels' assembly: a prediction's chunks of test rows are at most this many
+TILE_ROWS = _TILE_ROWS
 
 #: The blocked Cholesky runs ~T³/6 tile tasks for T shards: beyond this, auto goes iterative
 MAX_TILES = 48
@@ -72,6 +78,10 @@ class Problem:
     preconditioner_rank: int
     variance_rank: int
     kernel_work: int = 0  # bytes kernel assembly needs beside the kernel (function space)
+    jacobian_copy: int = 0  # bytes of the float64 copy of a float32 Jacobian's blocks an iterative engine keeps
+    product_work: int = 0  # bytes of one float64 kernel product J(Jᵀ v) on one column ("iterative"; w columns: ≤ w×)
+    mode: str = "full"  # the output mode and the outputs c (what advice fits)
+    outputs: int = 1
 
 
 def engine_bytes(method: str, pb: Problem) -> int:
@@ -89,15 +99,39 @@ def engine_bytes(method: str, pb: Problem) -> int:
         per_task = 2 * 8 * m * p + 2 * 8 * p * p * pb.noise_groups + 8 * p * q
     elif method == "parameter-spectral":
         per_task = 2 * 8 * m * p + 3 * 8 * p * p + 8 * p * q  # dense J, Jᵀ J, V, eigh's work
-    elif method == "iterative":
-        # preconditioner and Lanczos bases (m × rank) and CG's vectors (a few m × q), float64, and the float64 copy
-        # of a float32 Jacobian's blocks each engine computes on (what kernel_work counts for a converted kernel)
-        ranks = min(pb.preconditioner_rank, m) + min(pb.variance_rank, m)
-        per_task = pb.noise_groups * (8 * m * ranks + 8 * 8 * m * q) + pb.kernel_work
+    elif method == "iterative":  # no kernel is assembled: no kernel_work
+        per_task = _iterative_kept(pb)
     else:
         raise v.InvalidOptionError(f"unknown method {method!r}")
-    # function space: the tasks' kernels are assembled one after another, each with kernel_work beside it
+    if method == "iterative":
+        return pb.tasks * per_task + _iterative_step(pb)
+    # the exact methods' tasks are assembled one after another, each kernel with kernel_work beside it
     return pb.tasks * per_task + (pb.kernel_work if method.startswith("function") else 0)
+
+
+def _iterative_ranks(pb: Problem) -> tuple[int, int]:
+    """The pivoted-Cholesky rank and the Lanczos steps of the variance cache, both at most the rows m."""
+    return min(pb.preconditioner_rank, pb.m), min(pb.variance_rank, pb.m)
+
+
+def _iterative_kept(pb: Problem) -> int:
+    """Bytes one task's iterative engine keeps: per noise group the preconditioner's basis (m × r) and, once a
+    prediction asked for variances, the Lanczos variance cache (m × k); α (m × q); and the float64 copy of a float32
+    Jacobian's blocks it computes on (measured: float32 products left CG's answers orders of magnitude off)."""
+    r, k = _iterative_ranks(pb)
+    return 8 * pb.m * (pb.noise_groups * (r + k) + pb.q) + pb.jacobian_copy
+
+
+def _iterative_step(pb: Problem) -> int:
+    """Bytes the largest single step of an iterative engine adds to what it keeps (one step runs at a time, every
+    task's engine alike), from tracemalloc measurements: building a preconditioner (its pivoted-Cholesky factor, the
+    factor's SVD and the basis copied from it: 2.2–2.7 more m × r), a variance cache (the Lanczos basis, its copy
+    and the triangular solve on it, 2.0–2.3 more m × k, and a few k × k tridiagonal arrays), each with one kernel
+    product, or CG on the fit's q columns (about 12 m-vectors a column with the products). Solves for test rows
+    are a prediction's arrays (:func:`prediction_row_bytes`)."""
+    r, k = _iterative_ranks(pb)
+    return max(8 * pb.m * (3 * r + 8) + pb.product_work, 8 * (pb.m * (2 * k + 8) + 3 * k * k) + pb.product_work,
+               pb.q * (8 * pb.m * 12 + pb.product_work))
 
 
 def choose(method: str, pb: Problem, budget: int, *, parameter_ok: bool, per_row_noise: bool,
@@ -107,27 +141,14 @@ def choose(method: str, pb: Problem, budget: int, *, parameter_ok: bool, per_row
     m, p = pb.m, pb.p
     why = "forced by method="
     if method in ("cholesky", "spectral"):
-        space = "parameter" if (parameter_ok and p < m) else "function"
-        method, why = f"{space}-{method}", f"the smaller space (rows per task {m}, p = {p})"
-    elif method == "auto":
-        param_bytes = engine_bytes("parameter-cholesky", pb)
-        kernel_bytes = engine_bytes("function-cholesky", pb)
-        if parameter_ok and p < m and param_bytes <= budget:
-            method, why = "parameter-cholesky", (f"p = {p} < {m} rows per task: the p × p precision is the smaller "
-                                                 f"exact system ({v.format_bytes(param_bytes)} of a budget of "
-                                                 f"{v.format_bytes(budget)})")
-        elif (exact_max_rows is None or m <= exact_max_rows) and kernel_bytes <= budget:
-            capped = "" if exact_max_rows is None else f" and ≤ exact_max_rows = {exact_max_rows}"
-            method, why = "function-cholesky", (f"{m} rows per task ≤ p = {p}{capped}: the exact kernel "
-                                                f"factorization fits ({v.format_bytes(kernel_bytes)} of a budget of "
-                                                f"{v.format_bytes(budget)})")
+        if parameter_ok:
+            space = "parameter" if p < m else "function"
+            why = f"the smaller space (rows per task {m}, p = {p})"
         else:
-            over_cap = exact_max_rows is not None and m > exact_max_rows
-            limit = (f"more rows than exact_max_rows = {exact_max_rows}" if over_cap else
-                     f"{v.format_bytes(min(kernel_bytes, param_bytes))}, over the budget of "
-                     f"{v.format_bytes(budget)}")
-            method, why = "iterative", (f"{m} rows per task: an exact factorization needs {limit}; CG on "
-                                        "matrix-free kernel products")
+            space, why = "function", f"{_NO_PARAMETER_SPACE} (rows per task {m}, p = {p})"
+        method = f"{space}-{method}"
+    elif method == "auto":
+        method, why = _auto(pb, budget, parameter_ok, exact_max_rows)
     if method.startswith("parameter") and not parameter_ok:
         raise v.InvalidOptionError("output_mode='trace' has no parameter-space form (its kernel averages the "
                                    "outputs' Jacobians); use a function-space method or output_mode='independent'")
@@ -142,19 +163,87 @@ def choose(method: str, pb: Problem, budget: int, *, parameter_ok: bool, per_row
     return Plan(method, space, solver, pb.tasks, m, p, why)
 
 
-def check_fits(method: str, pb: Problem, budget: int, *, extra: int = 0, what: str = "") -> None:
-    """MemoryBudgetError, with the numbers and the alternatives, when ``method``'s engines (plus ``extra`` bytes)
-    exceed ``budget``."""
-    if method == "iterative":
-        alternative = ("lower preconditioner_rank / variance_rank, or use output_mode='independent' (n rows per "
-                       "task instead of n·c)")
+_NO_PARAMETER_SPACE = "output_mode='trace' has no parameter-space form"
+
+
+def _auto(pb: Problem, budget: int, parameter_ok: bool, exact_max_rows: int | None) -> tuple[str, str]:
+    """("auto"'s method, why): the parameter-space Cholesky when p < rows and it fits, else the kernel's when it
+    fits (and exact_max_rows allows), else iterative; the reason names what ruled each exact system out."""
+    m, p = pb.m, pb.p
+    param_bytes, kernel_bytes = engine_bytes("parameter-cholesky", pb), engine_bytes("function-cholesky", pb)
+    smaller_param = p < m  # the p × p precision is the smaller exact system
+    if parameter_ok and smaller_param and param_bytes <= budget:
+        return "parameter-cholesky", exact_reason("parameter-cholesky", pb, budget, parameter_ok=True)
+    over_cap = exact_max_rows is not None and m > exact_max_rows
+    if not over_cap and kernel_bytes <= budget:
+        return "function-cholesky", exact_reason("function-cholesky", pb, budget, parameter_ok=parameter_ok,
+                                                 exact_max_rows=exact_max_rows)
+    obstacles = []
+    if parameter_ok and smaller_param:
+        obstacles.append(f"the p × p precision (p = {p}) needs {v.format_bytes(param_bytes)}")
+    elif smaller_param:
+        obstacles.append(f"{_NO_PARAMETER_SPACE} (p = {p})")
+    obstacles.append(f"the kernel factorization has more rows than exact_max_rows = {exact_max_rows}" if over_cap
+                     else f"the {m} × {m} kernel factorization needs {v.format_bytes(kernel_bytes)}")
+    over = any("needs" in text for text in obstacles)
+    return "iterative", (f"{m} rows per task: {'; '.join(obstacles)}"
+                         f"{f', over the budget of {v.format_bytes(budget)}' if over else ''}; CG on matrix-free "
+                         "kernel products")
+
+
+#: What an exact method computes, in plan_.reason
+_EXACT_SYSTEMS = {"parameter-cholesky": "the p × p precision is the smaller exact system",
+                  "parameter-spectral": "the eigendecomposition of the p × p Jᵀ J is the smaller exact system",
+                  "function-cholesky": "the exact kernel factorization fits",
+                  "function-spectral": "the kernel's eigendecomposition fits"}
+
+
+def exact_reason(method: str, pb: Problem, budget: int, *, parameter_ok: bool,
+                 exact_max_rows: int | None = None) -> str:
+    """Why the exact ``method`` serves this problem, in plan_.reason's words: the space (p against the rows per
+    task, and why the smaller p × p system was passed over), then the method's bytes against ``budget``."""
+    m, p = pb.m, pb.p
+    capped = "" if exact_max_rows is None else f" (≤ exact_max_rows = {exact_max_rows})"
+    if method.startswith("parameter"):
+        space = f"p = {p} < {m} rows per task" if p < m else f"p = {p} ≥ {m} rows per task"
+    elif p >= m:
+        space = f"{m} rows per task ≤ p = {p}{capped}"
+    elif not parameter_ok:
+        space = f"p = {p} < {m} rows per task, but {_NO_PARAMETER_SPACE}{capped}"
     else:
-        alternative = {"parameter": "use a function-space method (n·c rows) or method='iterative'",
-                       "function": "use method='iterative' (matrix-free), a parameter-space method when p < n·c, or "
-                                   "output_mode='independent'"}[split_method(method)[0]]
+        space = (f"p = {p} < {m} rows per task, but the p × p precision needs "
+                 f"{v.format_bytes(engine_bytes('parameter-cholesky', pb))}, over the budget{capped}")
+    return (f"{space}: {_EXACT_SYSTEMS[method]} ({v.format_bytes(engine_bytes(method, pb))} of a budget of "
+            f"{v.format_bytes(budget)})")
+
+
+def check_fits(method: str, pb: Problem, budget: int, *, extra: int = 0, what: str = "",
+               alternative: str | None = None) -> None:
+    """MemoryBudgetError, with the numbers and the alternatives (``alternative``, or what helps ``method`` here),
+    when ``method``'s engines (plus ``extra`` bytes) exceed ``budget``."""
     v.check_memory(engine_bytes(method, pb) + extra, budget,
                    what=what or f"method={method!r} ({pb.tasks} task(s) of {pb.m} rows, p = {pb.p})",
-                   alternative=alternative)
+                   alternative=alternative or _advice(method, pb))
+
+
+def _advice(method: str, pb: Problem) -> str:
+    """What lowers ``method``'s bytes for this problem (only what applies to its output mode and sizes)."""
+    if method == "iterative":  # output_mode='independent' keeps the same bytes per example: no help
+        r, k = _iterative_ranks(pb)
+        text = (f"lower preconditioner_rank / variance_rank (now {pb.preconditioner_rank} / {pb.variance_rank}: "
+                f"their m × rank bases take {v.format_bytes(8 * pb.m * pb.noise_groups * (r + k) * pb.tasks)})")
+        if pb.jacobian_copy:
+            text += (f"; the float64 copy of the float32 Jacobian's blocks CG computes on takes "
+                     f"{v.format_bytes(pb.tasks * pb.jacobian_copy)}: a float64 export is used as it is")
+        return text
+    if split_method(method)[0] == "parameter":
+        return "use a function-space method (n·c rows) or method='iterative'"
+    options = ["use method='iterative' (matrix-free)"]
+    if pb.mode != "trace" and pb.p < pb.m:
+        options.append(f"a parameter-space method (p = {pb.p} < {pb.m} rows)")
+    if pb.mode == "full" and pb.outputs > 1:
+        options.append("output_mode='independent' (n rows per task instead of n·c)")
+    return ", ".join(options[:-1]) + (" or " if len(options) > 1 else "") + options[-1]
 
 
 def problem_of(J: Any, layout: Any, noise: Any, settings: Any) -> Problem:
@@ -166,13 +255,59 @@ def problem_of(J: Any, layout: Any, noise: Any, settings: Any) -> Problem:
     if layout.mode == "trace" and not isinstance(noise, float):
         groups = len(noise_groups(layout.task_noise(noise, layout.tasks(None, c)[0], n), q))
     tasks = c if layout.mode == "independent" else 1
-    if is_sharded(J):  # kernel tiles are assembled on the workers
-        work = 0
+    if is_sharded(J):  # kernel tiles, the blocks and their products' work are on the workers
+        work, copy, product = 0, 0, 8 * (2 * J.p + 4 * m)  # the client's reductions Jᵀ V and its vectors
     else:
         rows_J = J.select(output=0) if layout.mode != "full" else J  # a task's kernel assembles one output's rows
         work = work_bytes(rows_J, rows_J.n, settings.kernel_dtype, symmetric=True)
+        task_J = rows_J if layout.mode == "independent" else J  # what one iterative engine computes on
+        copy = 0 if J.dtype == np.float64 else 8 * task_J.n * task_J.n_outputs * sum(
+            b.stored_per_row for b in J.blocks)
+        product = product_bytes(task_J, m)
     return Problem(tasks, m, q, J.p, 4 if settings.kernel_dtype == "float32" else 8, groups,
-                   settings.preconditioner_rank, settings.variance_rank, work)
+                   settings.preconditioner_rank, settings.variance_rank, work, copy, product, layout.mode, c)
+
+
+def product_bytes(J: Any, m: int) -> int:
+    """Bytes of the intermediates of one float64 kernel product s·J(Jᵀ v) + D v on one column v (m,), m the task's
+    rows of J: the result and its scaled copies (4 m-vectors), Jᵀ v with its transposes (2 p-vectors) and, for a
+    factored block, its reshaped copies (3 p_b-vectors) and the product chunks of JacobianBlocks.matmat / rmatmat. On
+    w columns a product needs at most w times this (its chunks are capped at _WORK_ELEMENTS values)."""
+    factored = [b for b in J.blocks if b.kind == "factored"]
+    chunk = max((min(_WORK_ELEMENTS, b.n * b.T * b.out_features) for b in factored), default=0)
+    return 8 * (2 * J.p + 3 * sum(b.p for b in factored) + 4 * m + 2 * chunk)
+
+
+def prediction_row_bytes(method: str, pb: Problem, return_var: bool, star_copy: int = 0) -> int:
+    """Bytes one of a task's m* test rows needs at the peak of a prediction by ``method``'s engines, all alive at
+    once (an upper bound; the products' BLAS work space aside).
+
+    Function space: its row of the cross kernel K(X*, X) (m values of the kernel's dtype; a float32 one is cast to
+    float64 in the products) and, for variances, the rows of the same length the engine forms: the whitened rows of
+    each noise group and their squares (Cholesky), K(X*, X)·U and its squares (spectral), CG's vectors on it
+    (iterative, about 12 m-vectors a right-hand side, its right-hand side and solution, a kernel product's
+    intermediates and the energy form's three p-vectors), plus the rescue of cancelled variances (whose p-vectors
+    energy_variance checks itself) and ``star_copy``, the bytes of a float32 test row converted to float64. Parameter
+    space: its dense row of J* (p values, and the float64 copy) and, for variances, the whitened rows (Cholesky) or
+    J*·V and its squares (spectral)."""
+    m, p, groups = pb.m, pb.p, pb.noise_groups
+    if split_method(method)[0] == "parameter":
+        dense = 2 * 8 * p
+        if not return_var:
+            return dense + 8 * pb.q
+        return dense + 8 * p * ((groups + 1) if method.endswith("cholesky") else 3)
+    cross = pb.kernel_itemsize * m + (8 * m if pb.kernel_itemsize == 4 else 0)
+    if not return_var:
+        return cross + 8 * pb.q
+    if method == "iterative":  # CG's vectors and products, and the energy form's p-vectors (3 a row)
+        return cross + 8 * m * 16 + max(pb.product_work, 8 * (2 * p + 4 * m)) + 3 * 8 * p + star_copy
+    return cross + 8 * m * (groups + 2 if method == "function-cholesky" else 3) + star_copy
+
+
+def cross_work(J_star: Any, J: Any, kernel_dtype: Any) -> int:
+    """Bytes the cross kernel K(X*, X) of a task's test rows J_star and training rows J needs beside itself (0 when
+    the training Jacobian is sharded: the tiles are computed on the workers)."""
+    return 0 if is_sharded(J) else work_bytes(J_star, J.n, kernel_dtype, symmetric=False)
 
 
 def cluster_cholesky_bytes(pb: Problem) -> int:

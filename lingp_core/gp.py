@@ -55,6 +55,12 @@ GP_METHODS = ("auto", "cholesky", "spectral", "function-cholesky", "function-spe
 MEANS = ("network", "zero", "constant")
 #: kernel_dtype="float32": warn when the estimated relative error of the posterior exceeds this
 FLOAT32_KERNEL_WARN = 1e-2
+#: The float32 kernel's error estimate is 2·u₃₂·s·λmax/σ² times this. In 150 measured problems (n = 200–800, p = 3n;
+#: rows i.i.d., with a large common component of either sign, with decaying columns or of low rank; σ² = 1e-3–1e-1)
+#: the posterior's relative error exceeded 2·u₃₂·s·λmax/σ² in 28: the variances' by up to 1.4×, the means' by up to
+#: 2.6× with decaying columns and 6× where rows share a large common component and the predicted means cancel. Twice
+#: it covers all but 5, whose errors were all below 6e-3 (under FLOAT32_KERNEL_WARN)
+FLOAT32_KERNEL_SAFETY = 2.0
 
 
 class LinearizedGP(Estimator):
@@ -293,7 +299,8 @@ class LinearizedGP(Estimator):
 
     def _float32_kernel_error(self, engine: Any) -> float:
         """Estimated relative error of the posterior from a float32 kernel: its rounding ≈ 2·u₃₂·s·λmax(K0), amplified
-        by ‖(s·K0 + σ²I)⁻¹‖ ≤ 1/σ²_min; warns above FLOAT32_KERNEL_WARN. 0 for float64 kernels."""
+        by ‖(s·K0 + σ²I)⁻¹‖ ≤ 1/σ²_min, times FLOAT32_KERNEL_SAFETY; warns above FLOAT32_KERNEL_WARN. 0 for float64
+        kernels."""
         # the engines that hold a kernel (in memory, or as tiles on a cluster) estimate its λmax; the iterative one
         # keeps none
         if self.kernel_dtype != "float32" or not hasattr(engine, "kernel_largest_eigenvalue"):
@@ -301,12 +308,13 @@ class LinearizedGP(Estimator):
         lam_max = engine.kernel_largest_eigenvalue()
         if lam_max is None:
             return 0.0
-        estimate = 2 * float(np.finfo(np.float32).eps) * self.prior_scale * lam_max / float(np.min(self.noise))
+        rounding = 2 * float(np.finfo(np.float32).eps) * self.prior_scale * lam_max
+        estimate = FLOAT32_KERNEL_SAFETY * rounding / float(np.min(self.noise))
         if estimate > FLOAT32_KERNEL_WARN:
             v.warn(f"kernel_dtype='float32': the kernel's float32 rounding (≈ {2 * np.finfo(np.float32).eps:.1e}"
-                          f" × s·λmax = {self.prior_scale * lam_max:.3g}) against the noise σ² = "
-                          f"{float(np.min(self.noise)):.3g} can change the posterior by about {estimate:.2g} "
-                          "(relative); use kernel_dtype='float64' for this problem", v.NumericalWarning)
+                   f" × s·λmax = {self.prior_scale * lam_max:.3g}) against the noise σ² = "
+                   f"{float(np.min(self.noise)):.3g} can change the posterior by about {estimate:.2g} "
+                   "(relative, an estimate); use kernel_dtype='float64' for this problem", v.NumericalWarning)
         return estimate
 
     @property
@@ -329,6 +337,10 @@ class LinearizedGP(Estimator):
 
     def predict(self, J_star: JacobianBlocks, return_var: bool = False, return_cov: bool = False) -> Any:
         """Posterior mean (and latent variances / covariance) at the test inputs of ``J_star``.
+
+        Means and variances are computed over as many test inputs at a time as ``memory_budget`` holds (the cross
+        kernel K(X*, X) and the variances' arrays of the same size), so a large test set never exceeds it; the
+        covariance needs the whole set at once and raises MemoryBudgetError, with the numbers, when it does not fit.
 
         Parameters
         ----------
@@ -356,33 +368,108 @@ class LinearizedGP(Estimator):
     def _predict(self, J_star: JacobianBlocks, return_var: bool, return_cov: bool) -> Any:
         xp = self._backend.xp
         n_star, c = J_star.n, J_star.n_outputs
-        stars = self._stars(J_star)
         mixture = getattr(self, "_mixture", None)
         if mixture is not None and return_cov:
             raise v.MissingCapabilityError("a model averaged over its hyperparameters predicts a mixture of Gaussians: "
                                            "return_cov and sample() are not available for it (use return_var, or "
                                            "refit at one (s, σ²))")
+        size = self._examples_per_pass(J_star, return_var, return_cov)
         mean = self._prior_mean(J_star)
-        moments = [self._task_moments(engine, star, mixture, return_var) for engine, star in zip(self._engines, stars)]
-        for task, (task_mean, _) in zip(self._tasks, moments):
-            self._layout.place(mean, task, task_mean)
+        var: Any = xp.zeros((n_star, c)) if return_var else None
+        prior_diag: Any = xp.zeros((n_star, c)) if return_var else None
+        whole: list[post.StarRows] = []  # with return_cov: the stars of the one pass over all test inputs
+        for start in range(0, n_star, size):  # no test inputs: no pass, and nothing to add to the prior mean
+            rows = slice(start, min(start + size, n_star))
+            part = J_star if size >= n_star else J_star.examples(rows)
+            for engine, task, star_task in zip(self._engines, self._tasks, self._layout.tasks(part, c)):
+                # one task's test-side arrays at a time: each star is dropped once its task is done
+                star = post.StarRows(star_task.J, task.J, task.mode, self.memory_budget, self.kernel_dtype)
+                task_mean, task_var = self._task_moments(engine, star, mixture, return_var)
+                self._layout.place(mean[rows], task, task_mean)
+                if return_var:
+                    self._layout.place(var[rows], task, task_var)
+                    self._place_prior_diag(prior_diag[rows], task, star)
+                if return_cov:
+                    whole.append(star)
         self._check_prediction(mean, "posterior mean", J_star)
         results = [mean]
         if return_var:
-            var = xp.zeros((n_star, c))
-            for task, (_, task_var) in zip(self._tasks, moments):
-                self._layout.place(var, task, task_var)
             self._check_prediction(var, "posterior variances", J_star)
-            prior_scale = self.prior_scale * xp.maximum(self._prior_diag(stars, n_star, c), 0.0)
-            var, negative, significant = post.clamp_variances(var, prior_scale, xp)
+            var, negative, significant = post.clamp_variances(var, self.prior_scale * xp.maximum(prior_diag, 0.0), xp)
             post.warn_clamped(negative, significant, var.size)  # first: a warning raised as an error changes nothing
             self.clamped_variances_ = negative
             results.append(var)
         if return_cov:
-            cov = self._covariance(stars, n_star, c)
+            cov = self._covariance(whole or self._stars(J_star), n_star, c)
             self._check_prediction(cov, "posterior covariance", J_star)
             results.append(cov)
         return results[0] if len(results) == 1 else tuple(results)
+
+    def _examples_per_pass(self, J_star: JacobianBlocks, return_var: bool, return_cov: bool) -> int:
+        """Test inputs per pass of a prediction within ``memory_budget``: all of them when they fit, else as many as
+        fit; MemoryBudgetError with the numbers when not one does, or when the covariance (the whole test set at
+        once) does not fit. The arrays are checked against the budget on their own, as each call of a fitted
+        model's is: the engines already held are not subtracted."""
+        budget = v.resolve_memory_budget(self.memory_budget, self._backend)
+        n_star, c = J_star.n, J_star.n_outputs
+        # the covariance's engines form the variances' arrays (whitened rows, projections, solves) for all test rows
+        per_example = self._prediction_bytes(J_star, return_var or return_cov)
+        results = 8 * 8 * n_star * c  # means, variances, prior variances and the clamp's temporaries
+        if return_cov:
+            shape = (n_star * c, n_star * c) if self.output_mode == "full" else (c, n_star, n_star)
+            needed = 3 * v.nbytes_of(shape, np.float64) + n_star * per_example + results + self._cross_work(J_star)
+            v.check_memory(needed, budget, what=f"the posterior covariance of shape {shape} (with the cross kernel "
+                                                f"and the arrays of its size for all {n_star} test inputs)",
+                           alternative="use return_var=True (sample(): draw at fewer test inputs per call)")
+            return max(n_star, 1)
+        if n_star == 0 or n_star * per_example + results + self._cross_work(J_star) <= budget:
+            return max(n_star, 1)
+        # chunks of at most one kernel tile of rows, whose cross kernels need no converted copy of the training J;
+        # the cross kernel's work space shrinks with the chunk, so halve until chunk and work space fit
+        size = max(1, _plan.TILE_ROWS // self._layout.rows(1, c))
+        while True:
+            fixed = results + self._cross_work(J_star.examples(slice(0, min(size, n_star))))
+            if size * per_example + fixed <= budget:
+                return min(size, n_star)
+            if size == 1:
+                rows = (f"its rows of the cross kernel K(X*, X) against {self._layout.rows(self.n_, c)} training "
+                        "rows per task" if self.plan_.space == "function" else f"its dense rows of J* (p = {self.p_})")
+                raise v.MemoryBudgetError(
+                    f"predict needs {v.format_bytes(per_example)} per test input ({rows}"
+                    f"{', and the variances’ arrays of that size' if return_var else ''}) beside "
+                    f"{v.format_bytes(fixed)} for the outputs and the kernel's work space, but the memory budget is "
+                    f"{v.format_bytes(budget)}; raise memory_budget")
+            size = max(1, min(size // 2, (budget - fixed) // per_example))
+
+    def _prediction_bytes(self, J_star: JacobianBlocks, return_var: bool) -> int:
+        """Bytes one test input adds to a prediction at its peak: its rows of every task's test-side arrays (one
+        task's at a time) by :func:`lingp_core._plan.prediction_row_bytes`."""
+        pb = self._prediction_problem()
+        copy = 0 if J_star.dtype == np.float64 else 8 * sum(b.stored_per_row for b in J_star.blocks)
+        return self._layout.rows(1, J_star.n_outputs) * _plan.prediction_row_bytes(self.plan_.method, pb,
+                                                                                  return_var, copy)
+
+    def _prediction_problem(self) -> _plan.Problem:
+        """The sizes a prediction's arrays depend on (a parameter-space model loaded from an archive has no training
+        Jacobian to plan from: its sizes without one)."""
+        if getattr(self, "_J", None) is not None:
+            return self._problem(self._J)
+        groups = max((len(getattr(engine, "groups", ())) for engine in self._engines), default=1)
+        return _plan.Problem(len(self._tasks), self._layout.rows(self.n_, self.c_), self._layout.columns(self.c_),
+                             self.p_, 4 if self.kernel_dtype == "float32" else 8, max(groups, 1),
+                             self.preconditioner_rank, self.variance_rank, mode=self.output_mode, outputs=self.c_)
+
+    def _cross_work(self, J_star: JacobianBlocks) -> int:
+        """Bytes the cross kernel K(X*, X) of these test inputs needs beside itself (function space)."""
+        if self.plan_.space != "function" or self._tasks[0].J is None or J_star.n == 0:
+            return 0
+        star = self._layout.tasks(J_star, J_star.n_outputs)[0].J
+        return _plan.cross_work(star, self._tasks[0].J, self.kernel_dtype)
+
+    def _place_prior_diag(self, out: Any, task: Task, star: post.StarRows) -> None:
+        """Add a task's prior variances diag K0(X*, X*) into ``out`` (n*, c)."""
+        d = star.prior_diag()
+        self._layout.place(out, task, d[:, None] if d.ndim == 1 and self.output_mode != "full" else d)
 
     @staticmethod
     def _task_moments(engine: Any, star: post.StarRows, mixture: Any, return_var: bool) -> tuple[Any, Any]:
@@ -409,20 +496,9 @@ class LinearizedGP(Estimator):
                                "holds once multiplied out; the test inputs are far outside the training range or the "
                                "exported Jacobian is far too large — rescale the inputs")
 
-    def _prior_diag(self, stars: list[post.StarRows], n_star: int, c: int) -> Any:
-        out = self._backend.xp.zeros((n_star, c))
-        for task, star in zip(self._tasks, stars):
-            d = star.prior_diag()
-            self._layout.place(out, task, d[:, None] if d.ndim == 1 and self.output_mode != "full" else d)
-        return out
-
     def _covariance(self, stars: list[post.StarRows], n_star: int, c: int) -> Any:
         xp = self._backend.xp
-        shape = (n_star * c, n_star * c) if self.output_mode == "full" else (c, n_star, n_star)
-        v.check_memory(v.nbytes_of(shape, np.float64) * 3,
-                       v.resolve_memory_budget(self.memory_budget, self._backend),
-                       what=f"the posterior covariance of shape {shape}",
-                       alternative="use return_var=True (sample(): draw at fewer test inputs per call)")
+        shape = (n_star * c, n_star * c) if self.output_mode == "full" else (c, n_star, n_star)  # checked: predict
         if self.output_mode == "full":
             return self._engines[0].cov(stars[0])[0]
         out = xp.empty(shape)
@@ -572,8 +648,8 @@ class LinearizedGP(Estimator):
                     self.plan_.space == "parameter" or (self.c_ > 1 and self.method.endswith("spectral"))):
                 raise v.InvalidOptionError(f"per-output noise in output_mode='full' varies along the rows of the "
                                            f"system, which method={self.plan_.method!r} cannot hold (it is optimized "
-                                           "in function space by Cholesky): fit with method='function-cholesky' or "
-                                           "'auto', or use output_mode='independent' (spectral, much faster)")
+                                           "in function space by Cholesky): fit with method='function-cholesky', or "
+                                           "use output_mode='independent' (spectral, much faster)")
         draft = self._draft()
         for stale in _AVERAGING_STATE:  # the search ends any averaging
             draft.__dict__.pop(stale, None)
@@ -659,15 +735,27 @@ class LinearizedGP(Estimator):
 
     def _switch(self, method: str, *, fresh: bool = False) -> None:
         """Change to another exact method (or, with ``fresh``, new engines of this one), reusing each task's kernel
-        K0 or dense Jacobian when it is at hand. Checks the new engines fit the budget beside the current ones."""
+        K0 or dense Jacobian when it is at hand. Checks the new engines fit the budget beside the current ones.
+        Called by the hyperparameter searches (optimize_hyperparameters, average_hyperparameters): with
+        method="auto", plan_.reason then states the new method's bytes."""
         if method == self.plan_.method and not fresh:
             return
+        reason = None
         if self._tasks[0].J is not None:
             budget = v.resolve_memory_budget(self.memory_budget, self._backend)
-            current = _plan.engine_bytes(self.plan_.method, self._problem(self._J))
-            _plan.check_fits(method, self._problem(self._J), budget, extra=current,
-                             what=f"switching to method={method!r} beside the fitted engines")
-        self.plan_ = self.plan_.with_method(method)
+            problem = self._problem(self._J)
+            current = _plan.engine_bytes(self.plan_.method, problem)
+            _plan.check_fits(method, problem, budget, extra=current,
+                             what=f"the hyperparameter search's method={method!r} beside the fitted "
+                                  f"{self.plan_.method!r} engines",
+                             alternative="choose the hyperparameters on a subset of the data (the search needs its "
+                                         "exact decomposition beside the fitted engines) and refit this model with "
+                                         "them")
+            if self.method == "auto" and method != self.plan_.method:
+                reason = _plan.exact_reason(method, problem, budget, parameter_ok=self.output_mode != "trace",
+                                            exact_max_rows=self.exact_max_rows)
+                self._first_reason = reason  # what the searches' notes extend
+        self.plan_ = self.plan_.with_method(method, reason)
         same_space = _plan.split_method(method)[0] == self._engines[0].space  # a source of the other space is no K0
         self._engines = [post.build(method, task.J, task.mode, self,
                                     source=post.source_of(engine) if same_space else None)

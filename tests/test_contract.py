@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import lingp_core as lg
-from lingp_core import io
+from lingp_core import _plan, io
+from lingp_core._validate import format_bytes
+from tests.helpers import assert_matches, dense_gp_posterior, tolerance
 from tests.test_export import mlp
 
 BACKEND = lg.get_backend("numpy")
@@ -330,6 +332,27 @@ def test_float32_kernel_is_quiet_and_accurate_where_the_noise_dominates_its_roun
 
 # ----- overflow in the user's terms -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float32_kernel_error_estimate_covers_decaying_columns(seed):
+    """Columns decaying like exp(−j/50) (a few directions carry the kernel): the posterior mean's float32 error
+    exceeded 2·u₃₂·s·λmax/σ², the estimate without its safety factor of 2, on two of these three problems (1.1×;
+    up to 2.6× in measured ones of this kind, gp.FLOAT32_KERNEL_SAFETY)."""
+    rng = np.random.default_rng(seed)
+    n, p, noise = 200, 600, 0.1
+    Jd = rng.standard_normal((n, p)) / np.sqrt(p) * np.exp(-np.arange(p) / 50)
+    Js = Jd[:50] + 0.1 * rng.standard_normal((50, p)) / np.sqrt(p)
+    y = rng.standard_normal((n, 1))
+
+    def jacobian(values):
+        return lg.JacobianBlocks(np.zeros((len(values), 1)), [lg.DenseBlock(["w"], [(p,)], values, 1, np)],
+                                 backend=BACKEND, outputs=(0,))
+    rough = lg.LinearizedGP(1.0, noise, method="function-cholesky", kernel_dtype="float32").fit(jacobian(Jd), y)
+    mean = rough.predict(jacobian(Js))[:, 0]
+    exact = Js @ Jd.T @ np.linalg.solve(Jd @ Jd.T + noise * np.eye(n), y[:, 0])  # the float64 dense oracle
+    error = np.abs(mean - exact).max() / np.abs(exact).max()
+    assert 1e-12 < error <= rough.diagnostics_[0]["kernel_float32_error"]
+
+
 def test_predictions_that_overflow_raise_naming_the_test_jacobian():
     net, x, J, _, y = gp_problem(0)
     gp = lg.LinearizedGP(1.0, 0.1).fit(J, y)
@@ -449,3 +472,100 @@ def test_the_planner_counts_the_kernels_work_space():
     with pytest.raises(lg.MemoryBudgetError, match="method='function-cholesky'"):
         lg.LinearizedGP(1.0, 0.1, method="function-cholesky", memory_budget=just_short).fit(J, y)
     lg.LinearizedGP(1.0, 0.1, method="function-cholesky", memory_budget=just_short + 1).fit(J, y)
+
+
+# ----- predictions within the memory budget -------------------------------------------------------------------------
+
+def dense_problem(seed, n, p, n_star, c=1):
+    """A one-block dense Jacobian (n·c, p) and test Jacobian (n*·c, p) with targets that are a linear function of
+    the Jacobian's rows plus noise, and their float64 values."""
+    rng = np.random.default_rng(seed)
+    values, star = (rng.standard_normal((rows * c, p)) / np.sqrt(p) for rows in (n, n_star))
+    targets = (values @ rng.standard_normal(p)).reshape(n, c) + 0.3 * rng.standard_normal((n, c))
+
+    def jacobian(v):
+        return lg.JacobianBlocks(np.zeros((v.shape[0] // c, c)), [lg.DenseBlock(["w"], [(p,)], v, c, np)],
+                                 backend=BACKEND, outputs=tuple(range(c)))
+    return jacobian(values), jacobian(star), targets, values, star
+
+
+def traced_peak(work):
+    """(``work()``, the bytes it allocated at its peak beyond what was allocated when it started)."""
+    import gc
+    import tracemalloc
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = work()
+        return result, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("method, n, p, n_star, budget", [("function-cholesky", 300, 100, 2000, 12_000_000),
+                                                         ("function-spectral", 300, 100, 2000, 12_000_000),
+                                                         ("parameter-cholesky", 400, 100, 3000, 6_000_000)])
+def test_predictions_stay_within_the_budget_by_chunks_of_test_inputs(method, n, p, n_star, budget):
+    """Test sets whose cross kernel (or dense J*) with its work space fits the budget, but not the variances' arrays
+    of the same size beside it: predict went over the budget (m = 1500, n* = 6000: 206 MiB at 116 MiB); now it
+    works through chunks of test inputs within the budget, with the dense float64 answer."""
+    J, J_star, y, Jd, Js = dense_problem(0, n, p, n_star)
+    gp = lg.LinearizedGP(0.7, 0.05, method=method, memory_budget=budget).fit(J, y)
+    (mean, var), peak = traced_peak(lambda: gp.predict(J_star, return_var=True))
+    assert peak <= budget, (peak, budget)
+    expected_mean, expected_var, C = dense_gp_posterior(Jd, np.zeros((n, 1)), Js, np.zeros((n_star, 1)), y[:, 0],
+                                                        0.7, 0.05)
+    rtol = tolerance(np.float64, 10 * np.linalg.cond(C))
+    assert_matches(mean, expected_mean[:, None], BACKEND, dtype=np.float64, rtol=rtol)
+    prior = 0.7 * np.einsum("ij,ij->i", Js, Js)  # prior − reduction variances round on the prior's scale
+    assert_matches(var, expected_var[:, None], BACKEND, dtype=np.float64, rtol=rtol, atol=rtol * prior.max())
+
+
+def test_a_covariance_over_the_budget_fails_before_allocating():
+    """The covariance needs the whole test set at once: its cross kernel (n* × m) and the whitened rows as much
+    again, not only the n* × n* result, are checked before anything is allocated."""
+    J, J_star, y, _, _ = dense_problem(1, 2000, 2500, 60)
+    gp = lg.LinearizedGP(0.7, 0.05, method="function-cholesky").fit(J, y)
+    gp.memory_budget = 2_000_000  # the cross kernel alone, 60 × 2000 float64, is 0.96 MB
+    with pytest.raises(lg.MemoryBudgetError, match=r"posterior covariance of shape \(60, 60\).*test inputs") as info:
+        traced = traced_peak(lambda: gp.predict(J_star, return_cov=True))
+        pytest.fail(f"no MemoryBudgetError; traced peak {traced[1]} bytes")
+    assert "1.9 MiB" in str(info.value)
+
+
+# ----- what plan_ and the errors say around optimize_hyperparameters ------------------------------------------------
+
+def test_per_output_noise_advice_does_not_name_the_method_that_failed():
+    """p < n·c: 'auto' chose the parameter space, whose per-output noise in output_mode='full' cannot be optimized;
+    the advice named "'auto'" as a remedy."""
+    J, _, y, _, _ = dense_problem(2, 30, 10, 3, c=2)
+    gp = lg.LinearizedGP(1.0, 0.1).fit(J, y)
+    assert gp.plan_.method == "parameter-cholesky"
+    with pytest.raises(lg.InvalidOptionError, match="function-cholesky") as info:
+        gp.optimize_hyperparameters(per_output_noise=True)
+    assert "'auto'" not in str(info.value)
+
+
+def test_the_search_over_budget_advises_what_the_search_can_use():
+    """A budget that holds the Cholesky fit but not the eigendecomposition beside it: the error advised
+    method='iterative', which optimize_hyperparameters refuses."""
+    J, _, y, _, _ = dense_problem(3, 120, 200, 3)
+    problem = lg.LinearizedGP()._problem(J)
+    gp = lg.LinearizedGP(1.0, 0.1, memory_budget=_plan.engine_bytes("function-cholesky", problem) + 1000).fit(J, y)
+    with pytest.raises(lg.MemoryBudgetError, match="subset") as info:
+        gp.optimize_hyperparameters()
+    assert "iterative" not in str(info.value)
+
+
+def test_after_a_search_the_plan_states_the_decomposition_it_keeps():
+    """'auto' fitted by Cholesky, the search then kept an eigendecomposition: plan_.reason gave the Cholesky's
+    bytes for it."""
+    J, _, y, _, _ = dense_problem(4, 120, 200, 3)
+    gp = lg.LinearizedGP(1.0, 0.1).fit(J, y)
+    problem = gp._problem(J)
+    gp.optimize_hyperparameters()
+    assert gp.plan_.method == "function-spectral"
+    assert format_bytes(_plan.engine_bytes("function-spectral", problem)) in gp.plan_.reason
+    assert format_bytes(_plan.engine_bytes("function-cholesky", problem)) not in gp.plan_.reason
+    assert "eigendecomposition" in gp.plan_.reason
