@@ -319,11 +319,17 @@ class LinearizedGP(Estimator):
 
     @property
     def diagnostics_(self) -> list[dict[str, Any]]:
-        """Per task: jitter added by a Cholesky path; CG iterations and relative residuals, preconditioner rank,
-        Lanczos cache rank and the estimated variance truncation error of the iterative path; with a float32 kernel
-        the estimated relative error it causes (``kernel_float32_error``); for the exact methods a lower bound on
-        the condition number of the system solved (``condition_bound``; a function-space fit warns above 1e-3/ε ≈
-        4.5e12)."""
+        """Per task: jitter added by a Cholesky path; CG iterations and relative residuals (one list per noise
+        group), preconditioner rank and Lanczos cache rank of the iterative path, and how its last predict computed
+        the variances: ``variance_method`` ("cg, energy form", "lanczos, energy form", or which (test row, noise
+        group) pairs were recomputed by CG and why) and, when the Lanczos cache was used (test sets over
+        ``variance_cg_max`` rows), ``variance_error``: the largest, over every test row and noise group, of a bound
+        on the cache's relative variance error (‖C ŵ − s·k*‖² / min σ², relative to the variance; inf where the
+        bound reaches the variance itself). Every (row, group) whose bound exceeds 1% is recomputed by CG, so the
+        returned variances are within 1% (or CG's accuracy) even where ``variance_error`` is larger. With a float32
+        kernel the estimated relative error it causes (``kernel_float32_error``); for the exact methods a lower
+        bound on the condition number of the system solved (``condition_bound``; a function-space fit warns above
+        1e-3/ε ≈ 4.5e12)."""
         self._check_fitted()
         errors = getattr(self, "_kernel_float32_errors", [0.0] * len(self._engines))
         return [dict(getattr(e, "info", {}), jitter=getattr(e, "jitter", 0.0), kernel_float32_error=err,
