@@ -201,8 +201,8 @@ def average(model: Any, grid_size: int, span: float, log_prior: Callable[[np.nda
                         "log_mass": log_mass(log_evidence + log_prior_values, grid_size, span)}
     if edge > 0.01:
         v.warn(f"{edge:.1%} of the hyperparameter posterior lies on the edge of the averaging grid "
-                      f"(±{span} decades around s₀ = {center_s:.3g}, σ²₀ = {center_noise:.3g}): the grid truncates it; "
-                      "widen span or add a hyperprior", v.NumericalWarning)
+               f"(±{span} decades around s₀ = {center_s:.3g}, σ²₀ = {center_noise:.3g}): the grid truncates it; "
+               "widen span or add a hyperprior", v.NumericalWarning)
 
 
 def uniform_log_prior(span: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:

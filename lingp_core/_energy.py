@@ -61,16 +61,7 @@ def energy_variance(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: 
     (ŵ − w)ᵀ C (ŵ − w) — squared in the solve's accuracy — and never goes below zero. The p-vectors j*_i − Jᵀ w_i are
     formed explicitly in float64 (chunks of test rows), so no two nearly equal scalars are subtracted where the
     posterior variance is far below the prior's."""
-    return _energy(J, star, s, noise, w, rows, memory_budget, None)[0]
-
-
-def energy_variance_and_residual(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: Any, rows: np.ndarray,
-                                 memory_budget: Any, cross: Any) -> tuple[Any, Any]:
-    """:func:`energy_variance` and, from the same products Jᵀ w (one more product with J), the squared residual
-    norms ‖C w_i − s·K0(X, x*_i)‖² of the solves w approximates: both (len(rows),), float64. ``cross``
-    (m, len(rows)): K0(X, x*_i) in w's column order (a view such as K0(X*, X)ᵀ: scaled per chunk, never copied
-    whole). For :func:`energy_error_bound`."""
-    return _energy(J, star, s, noise, w, rows, memory_budget, cross)
+    return energy_variance_and_residual(J, star, s, noise, w, rows, memory_budget)[0]
 
 
 def energy_error_bound(variances: Any, residual_squares: Any, noise: Any) -> Any:
@@ -84,14 +75,17 @@ def energy_error_bound(variances: Any, residual_squares: Any, noise: Any) -> Any
     xp = v.backend_of(variances).xp
     bound = residual_squares / float(np.min(noise))
     slack = variances - bound
-    return xp.where(slack > 0, bound / xp.where(slack > 0, slack, 1.0), np.inf)
+    positive = slack > 0
+    return xp.where(positive, bound / xp.where(positive, slack, 1.0), np.inf)
 
 
-def _energy(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: Any, rows: np.ndarray, memory_budget: Any,
-            cross: Any) -> tuple[Any, Any]:
-    """(:func:`energy_variance`, the squared residuals of :func:`energy_variance_and_residual` or None): with
-    ``cross``, C w = weight·Σ_k J_k (J_kᵀ w) + D w is assembled per chunk from the products J_kᵀ w the energy form
-    forms anyway (weight and J_k as in :func:`_residual_pairs`: the operator's own kernel)."""
+def energy_variance_and_residual(J: JacobianBlocks, star: StarRows, s: float, noise: Any, w: Any, rows: np.ndarray,
+                                 memory_budget: Any, cross: Any = None) -> tuple[Any, Any]:
+    """:func:`energy_variance` and, with ``cross`` (m, len(rows)) = K0(X, x*_i) in w's column order (a view such as
+    K0(X*, X)ᵀ: scaled per chunk, never copied whole), the squared residual norms ‖C w_i − s·K0(X, x*_i)‖² of the
+    solves w approximates (else None): both (len(rows),), float64, for :func:`energy_error_bound`. C w =
+    weight·Σ_k J_k (J_kᵀ w) + D w is assembled per chunk from the products J_kᵀ w the energy form forms anyway
+    (weight and J_k as in :func:`_residual_pairs`: the operator's own kernel): one more product with J."""
     xp = J.backend.xp
     J_star = star.J_star_float64
     m = J.n * J.n_outputs if star.mode == "full" else J.n

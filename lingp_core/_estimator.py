@@ -56,8 +56,11 @@ class Estimator:
     def _commit(self, draft: Any) -> None:
         """Swap a complete draft's state in: one attribute store, so no interrupt can land half-way. The draft's
         posterior-defining parameters are recorded first (a copy: an array set later in place is seen too)."""
-        draft._fitted_params = {name: copy.copy(getattr(draft, name)) for name in self._POSTERIOR_PARAMS}
+        draft._record_fitted_params()
         self.__dict__ = draft.__dict__
+
+    def _record_fitted_params(self) -> None:
+        self._fitted_params = {name: copy.copy(getattr(self, name)) for name in self._POSTERIOR_PARAMS}
 
     def _check_posterior(self) -> None:
         """Fitted, with every parameter of :data:`_POSTERIOR_PARAMS` as it was at the fit; InvalidOptionError
@@ -157,11 +160,9 @@ class Estimator:
         io.check_expected(path, arrays, cls._archive_spec(path, config, {k: a.shape for k, a in arrays.items()}))
         try:
             model = cls._from_archive(arrays, config, be)
-            model._fitted_params = {name: copy.copy(getattr(model, name)) for name in cls._POSTERIOR_PARAMS}
+            model._record_fitted_params()
             return model
         except io.ArchiveError as exc:
-            if _file(path) in str(exc):
-                raise
             raise io.ArchiveError(f"{_file(path)}: {exc}") from None
         except (v.MemoryBudgetError, v.MissingDependencyError):
             raise
@@ -197,7 +198,7 @@ def _on_host(x: Any) -> np.ndarray:
 
 
 def _show(value: Any) -> str:
-    return f"an array of shape {value.shape}" if hasattr(value, "shape") else repr(value)
+    return f"an array of shape {value.shape}" if hasattr(value, "shape") else _shown(value)
 
 
 # ----- archive checks shared by the models ---------------------------------------------------------------------------

@@ -261,11 +261,16 @@ def problem_of(J: Any, layout: Any, noise: Any, settings: Any) -> Problem:
         rows_J = J.select(output=0) if layout.mode != "full" else J  # a task's kernel assembles one output's rows
         work = work_bytes(rows_J, rows_J.n, settings.kernel_dtype, symmetric=True)
         task_J = rows_J if layout.mode == "independent" else J  # what one iterative engine computes on
-        copy = 0 if J.dtype == np.float64 else 8 * task_J.n * task_J.n_outputs * sum(
-            b.stored_per_row for b in J.blocks)
+        copy = task_J.n * task_J.n_outputs * float64_copy_row_bytes(J)
         product = product_bytes(task_J, m)
     return Problem(tasks, m, q, J.p, 4 if settings.kernel_dtype == "float32" else 8, groups,
                    settings.preconditioner_rank, settings.variance_rank, work, copy, product, layout.mode, c)
+
+
+def float64_copy_row_bytes(J: Any) -> int:
+    """Bytes per row (of n·c) of the float64 copy of J's blocks that float64 computations on a float32 J make; 0
+    for a float64 J, used as it is."""
+    return 0 if J.dtype == np.float64 else 8 * sum(b.stored_per_row for b in J.blocks)
 
 
 def product_bytes(J: Any, m: int) -> int:
@@ -336,14 +341,18 @@ def _worker_memory(client: Any, backend_name: str) -> tuple[list[int], str]:
 
 def worker_share(client: Any, backend_name: str) -> int | None:
     """CLUSTER_MEMORY_SHARE of the smallest worker's memory (:func:`_worker_memory`); None when not reported."""
-    limits, _ = _worker_memory(client, backend_name)
+    return _smallest_share(_worker_memory(client, backend_name)[0])
+
+
+def _smallest_share(limits: list[int]) -> int | None:
+    """CLUSTER_MEMORY_SHARE of the smallest of the workers' ``limits``; None when any reports none (0)."""
     return int(CLUSTER_MEMORY_SHARE * min(limits)) if limits and min(limits) > 0 else None
 
 
 def cluster_budget(client: Any, memory_budget: Any, backend_name: str = "numpy") -> ClusterMemory:
     """``memory_budget`` if given, else CLUSTER_MEMORY_SHARE of what the workers have (:func:`_worker_memory`)."""
     limits, where = _worker_memory(client, backend_name)
-    smallest = int(CLUSTER_MEMORY_SHARE * min(limits)) if limits and min(limits) > 0 else None
+    smallest = _smallest_share(limits)
     if memory_budget is not None:
         return ClusterMemory(int(v.check_positive(memory_budget, "memory_budget")), smallest, "memory_budget")
     if smallest is None:

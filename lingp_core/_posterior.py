@@ -620,7 +620,7 @@ class Iterative:
             stream = int(np.random.SeedSequence([self.seed, task, g]).generate_state(1)[0])
             ld = logdet(op, method="slq", num_probes=self.num_probes, seed=stream, memory_budget=self.memory_budget,
                         warn=False)
-            if ld.truncation_error > np.sqrt(max(ld.std_error**2 - ld.truncation_error**2, 0.0)):
+            if ld.truncation_error > ld.probe_estimates.std(ddof=1) / np.sqrt(ld.num_probes):  # as logdet's own
                 v.warn(f"the iterative log marginal likelihood's log det (SLQ, {ld.lanczos_steps} Lanczos steps on "
                        f"{self.m} rows) has not converged: its estimated truncation error {ld.truncation_error:.3g} "
                        "exceeds the probes' standard error; lml_std_error_ includes both. For an exact evidence use "
@@ -670,7 +670,7 @@ class Iterative:
                 values, redo = None, np.arange(m_star)
             if redo.size:
                 rows = xp.asarray(redo)
-                w = self._solve(g, self.s * star.cross[rows].T)
+                w = self._solve(g, self.s * (star.cross if redo.size == m_star else star.cross[rows]).T)
                 redone = self._energy_variance(g, star, w, redo)
                 if values is None:
                     values = redone

@@ -258,7 +258,7 @@ class BlockWeightAverage(Estimator):
         if heavy:
             share = sum(w for w, _ in heavy)
             v.warn(f"components holding {share:.1%} of the block-weight posterior warned: {heavy[0][1]}",
-                          v.NumericalWarning)
+                   v.NumericalWarning)
 
     # ----- predictions ------------------------------------------------------------------------------------------------
     def predict(self, J_star: JacobianBlocks, return_var: bool = False) -> Any:
@@ -320,8 +320,9 @@ class BlockWeightAverage(Estimator):
                                                            if name.startswith(prefix)})
             except io.ArchiveError as exc:
                 raise io.ArchiveError(f"block-weight point {g}: {exc}") from None
-            differ = [key for key in ("blocks", "outputs", "dtype") if own is not None and child["signature"][key]
-                      != own[key]]
+            if own is None:  # an archive saved before the average kept its own signature
+                continue
+            differ = [key for key in ("blocks", "outputs", "dtype") if child["signature"][key] != own[key]]
             if differ:
                 raise io.ArchiveError(f"block-weight point {g}: its signature's {', '.join(differ)} differ from the "
                                       "average's saved signature; the file was modified")

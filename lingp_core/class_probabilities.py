@@ -136,9 +136,7 @@ def _sorted_edges(mean: np.ndarray, sd: np.ndarray, offsets: np.ndarray) -> tupl
     hi = base + step
     back = hi - base
     lo = (base - (hi - back)) + (step - back)
-    order = np.argsort(lo, axis=1, kind="stable")  # lexicographic (hi, lo): by lo, then stably by hi
-    order = np.take_along_axis(order, np.argsort(np.take_along_axis(hi, order, axis=1), axis=1, kind="stable"),
-                               axis=1)
+    order = np.lexsort((lo, hi), axis=1)  # by hi, ties by lo
     return np.take_along_axis(hi, order, axis=1), np.take_along_axis(lo, order, axis=1)
 
 
@@ -147,7 +145,7 @@ def _log_probabilities(mean: np.ndarray, sd: np.ndarray, offsets: np.ndarray, fr
     """log P(y_k largest), (b, c), for a block of examples: by the composite rule where sd_k > 0, in closed form
     for point masses."""
     point = sd == 0
-    hi, lo = _sorted_edges(mean, np.where(point, 0.0, sd), offsets)
+    hi, lo = _sorted_edges(mean, sd, offsets)
     width = np.maximum((hi[:, 1:] - hi[:, :-1]) + (lo[:, 1:] - lo[:, :-1]), 0.0)      # (b, cells)
     # y − m_j at every node, from the cell's left edge: hi − m_j is exact where it matters (Sterbenz)
     start = (hi[:, None, :-1] - mean[:, :, None]) + lo[:, None, :-1]                   # (b, c, cells)

@@ -292,10 +292,10 @@ class LinearizedGP(Estimator):
         if condition > ILL_CONDITIONED:
             system = "s·K + σ²I" if self.plan_.space == "function" else "JᵀJ/σ² + I/s"
             v.warn(f"the exact {self.plan_.method} system {system} is ill-conditioned{where} (condition "
-                          f"number ≥ {condition:.2g}): the solve may lose up to about "
-                          f"{min(16.0, np.log10(condition)):.0f} of float64's 16 digits. Duplicated or nearly "
-                          f"collinear training inputs with a noise σ² = {noise} this small do this; raise the noise or "
-                          "remove the duplicates", v.NumericalWarning)
+                   f"number ≥ {condition:.2g}): the solve may lose up to about "
+                   f"{min(16.0, np.log10(condition)):.0f} of float64's 16 digits. Duplicated or nearly "
+                   f"collinear training inputs with a noise σ² = {noise} this small do this; raise the noise or "
+                   "remove the duplicates", v.NumericalWarning)
 
     def _float32_kernel_error(self, engine: Any) -> float:
         """Estimated relative error of the posterior from a float32 kernel: its rounding ≈ 2·u₃₂·s·λmax(K0), amplified
@@ -451,7 +451,7 @@ class LinearizedGP(Estimator):
         """Bytes one test input adds to a prediction at its peak: its rows of every task's test-side arrays (one
         task's at a time) by :func:`lingp_core._plan.prediction_row_bytes`."""
         pb = self._prediction_problem()
-        copy = 0 if J_star.dtype == np.float64 else 8 * sum(b.stored_per_row for b in J_star.blocks)
+        copy = _plan.float64_copy_row_bytes(J_star)
         return self._layout.rows(1, J_star.n_outputs) * _plan.prediction_row_bytes(self.plan_.method, pb,
                                                                                   return_var, copy)
 

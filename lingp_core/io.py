@@ -433,8 +433,7 @@ def _check_expected(target: str, contents: dict[str, np.ndarray], expected: Any,
                                    f"model expects {wanted}; the file was modified or written by another version")
 
 
-def check_expected(path: Any, arrays: Mapping[str, np.ndarray], expected: Expected,
-                   config: dict[str, Any] | None = None) -> None:
+def check_expected(path: Any, arrays: Mapping[str, np.ndarray], expected: Expected) -> None:
     """Check the arrays :func:`load_archive` returned against ``expected`` (as there), for models whose expected
     shapes also depend on the arrays present (e.g. counts checked against an array's length first).
 
@@ -447,7 +446,7 @@ def check_expected(path: Any, arrays: Mapping[str, np.ndarray], expected: Expect
         ``expected`` is malformed.
     """
     target, _ = _archive_path(path)
-    _check_expected(target, dict(arrays), expected, {} if config is None else config)
+    _check_expected(target, dict(arrays), expected, {})
 
 
 def load_archive(path: Any, kind: str, *, expected: Expected | None = None

@@ -318,8 +318,8 @@ class LaplaceClassifier(Estimator):
             info = engine.fit(scales, start, rtol, self.maxiter, self.cg_maxiter, bar)
         if not info["converged"]:
             v.warn(f"LaplaceClassifier: Newton stopped after {info['newton_iterations']} iterations with "
-                          f"relative gradient {info['gradient_ratio']:.3g} > rtol {rtol:.3g}; raise maxiter or rtol",
-                          v.ConvergenceWarning)
+                   f"relative gradient {info['gradient_ratio']:.3g} > rtol {rtol:.3g}; raise maxiter or rtol",
+                   v.ConvergenceWarning)
         evidence = -engine.objective - engine.half_logdet()
         if not (np.isfinite(evidence) and bool(engine.backend.xp.isfinite(engine.w).all())):
             raise v.NonFiniteError(f"the Laplace fit at prior_scale = {_format_scale(scale)} overflowed float64 "
@@ -471,7 +471,7 @@ class LaplaceClassifier(Estimator):
                             "log_evidence": [float(x) for x in log_joint - log_prior]}
         if edge > 0.01:  # warned before the commit: a warning raised as an error leaves the model unchanged
             v.warn(f"{edge:.1%} of the posterior of s lies on the edge of the averaging grid (±{span} decades "
-                          f"around s = {math.exp(centre):.3g}): widen span", v.NumericalWarning)
+                   f"around s = {math.exp(centre):.3g}): widen span", v.NumericalWarning)
         self._commit(draft)
         return self
 
@@ -525,10 +525,10 @@ class LaplaceClassifier(Estimator):
             self.prior_scale_history_.append((self.prior_scale, self.log_evidence()))
         else:
             v.warn(f"optimize_prior_scale: no fixed point within {max_iter} steps (last s = "
-                          f"{self.prior_scale:.6g}); raise max_iter", v.ConvergenceWarning)
+                   f"{self.prior_scale:.6g}); raise max_iter", v.ConvergenceWarning)
         if t <= math.log(lo) + 1e-12 or t >= math.log(hi) - 1e-12:
             v.warn(f"optimize_prior_scale: s reached the bound {math.exp(t):.3g}; the evidence keeps rising "
-                          "beyond it", v.NumericalWarning)
+                   "beyond it", v.NumericalWarning)
 
     def _search_layerwise(self, max_iter: int, tol: float, lo: float, hi: float) -> None:
         """optimize_prior_scale(layerwise=True)'s steps, on a draft (see its docstring)."""
@@ -559,17 +559,17 @@ class LaplaceClassifier(Estimator):
             self.prior_scale_history_.append((self.prior_scale, self.log_evidence()))
         else:
             v.warn(f"optimize_prior_scale: no per-block fixed point within {max_iter} steps (last s = "
-                          f"{_format_scale(self.prior_scale)}); raise max_iter", v.ConvergenceWarning)
+                   f"{_format_scale(self.prior_scale)}); raise max_iter", v.ConvergenceWarning)
         names = [list(b) for b in engine.J.block_names]
         off = [names[g] for g in range(G) if t[g] <= bounds[0] + 1e-12]
         up = [names[g] for g in range(G) if t[g] >= bounds[1] - 1e-12]
         if off:
             v.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {off} reached the lower bound "
-                          f"{lo:.3g}: the evidence keeps rising below it, it switches those parameters off (they stay "
-                          "at the prior mean)", v.NumericalWarning)
+                   f"{lo:.3g}: the evidence keeps rising below it, it switches those parameters off (they stay "
+                   "at the prior mean)", v.NumericalWarning)
         if up:
             v.warn(f"optimize_prior_scale(layerwise=True): the prior variance of {up} reached the upper bound "
-                          f"{hi:.3g}; the evidence keeps rising beyond it", v.NumericalWarning)
+                   f"{hi:.3g}; the evidence keeps rising beyond it", v.NumericalWarning)
 
     # ----- prediction --------------------------------------------------------------------------------------------
     def _prediction_state(self) -> dict:
@@ -728,11 +728,6 @@ class LaplaceClassifier(Estimator):
         if "averaging" in config:
             archived_length(archived_count(config["averaging"]["points"], "averaging.points"), "averaging.points",
                             shapes, "mixture_weights")
-
-    @classmethod
-    def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
-        nc, p = config["plan"]["rows"], config["plan"]["p"]
-        c = len(config["signature"]["outputs"])  # 1 for Bernoulli
         scales = config["prior_scale"]
         if isinstance(scales, list):  # per-block scales: weight space only, one per block of the signature
             blocks = len(config["signature"]["blocks"])
@@ -740,6 +735,11 @@ class LaplaceClassifier(Estimator):
                 raise ArchiveError(f"the saved prior_scale has {len(scales)} per-block values for a "
                                    f"{config['plan']['space']}-space fit of {blocks} blocks (per-block scales need "
                                    "weight space and one value per block); the file was modified")
+
+    @classmethod
+    def _expected_arrays(cls, config: dict[str, Any]) -> dict[str, Any]:
+        nc, p = config["plan"]["rows"], config["plan"]["p"]
+        c = len(config["signature"]["outputs"])  # 1 for Bernoulli
         if config["plan"]["space"] == "parameter":
             state = {"w": (p,), "inverse_factor": (p, p)}
             expected: dict[str, Any] = {}

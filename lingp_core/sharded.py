@@ -171,32 +171,34 @@ def export_sharded(model: Any, inputs: Any, options: dict[str, Any]) -> Any:
     progress = options.pop("progress", False)
     if x.shape[0] == 0:
         raise v.ShapeError(f"inputs has no rows (shape {tuple(x.shape)})")
-    if not scheduler_workers(client):  # (the first example's compute below would wait for one forever)
+    # shard i lives on worker i mod W (left to itself the scheduler runs every export where the network's bytes
+    # are); each shard's later tasks are sent to its home too, or a shared operand larger than a shard would pull
+    # the shards to itself. Homes are loose: after a lost worker Dask recomputes and runs elsewhere
+    addresses = sorted(scheduler_workers(client))
+    if not addresses:  # (the first example's compute below would wait for one forever)
         raise v.MissingCapabilityError("the Dask cluster has no workers: start some (or wait for them: "
                                        "client.wait_for_workers(1)) before exporting")
+    chunks = [c for c in x.to_delayed().reshape(-1)]
+    counts = [int(s) for s in x.chunks[0]]
+    kept = [(chunk, count) for chunk, count in zip(chunks, counts) if count > 0]
+    _free_stranded_tasks(client)
+    homes = [addresses[i % len(addresses)] for i in range(len(kept))]
+    # the input chunks, computed once where their shards will live; the checks below read the first example
+    futures = [client.compute(chunk, workers=[home], allow_other_workers=True) for (chunk, _), home in zip(kept, homes)]
+    first = gather(client, client.submit(_first_example, futures[0], pure=False))
     try:
-        check_sharded_export(model, x[:1].compute(), **{k: options[k] for k in ("params", "outputs", "dtype",
-                                                                               "batch_size", "memory_budget")})
+        check_sharded_export(model, first, **{k: options[k] for k in ("params", "outputs", "dtype", "batch_size",
+                                                                      "memory_budget")})
     except v.LingpError as exc:  # the same error, saying that it was found on the first example only
         exc.args = (f"checked on the client with the first example of the dask inputs (shape {tuple(x.shape)}, "
                     f"chunks {x.chunks[0]}), before any shard: {exc}",)
         raise
-    chunks = [c for c in x.to_delayed().reshape(-1)]
-    counts = [int(s) for s in x.chunks[0]]
-    kept = [(chunk, count) for chunk, count in zip(chunks, counts) if count > 0]
     # the network travels once per worker as bytes (a torch module moved between workers by Dask's own
     # serialization loses its hook dicts' type), inside a task, so a lost copy is recomputable; the options are
     # pickled with it, so params= given as modules or parameters still name parts of that very model
     import cloudpickle
     shipped = client.submit(_identity, cloudpickle.dumps((model, options)), pure=False)
     starts = np.cumsum([0] + [count for _, count in kept])
-    # shard i lives on worker i mod W (left to itself the scheduler runs every export where the network's bytes
-    # are); each shard's later tasks are sent to its home too, or a shared operand larger than a shard would pull
-    # the shards to itself. Homes are loose: after a lost worker Dask recomputes and runs elsewhere
-    addresses = sorted(scheduler_workers(client))
-    _free_stranded_tasks(client)
-    homes = [addresses[i % len(addresses)] for i in range(len(kept))]
-    futures = [client.compute(chunk, workers=[home], allow_other_workers=True) for (chunk, _), home in zip(kept, homes)]
     shards = [client.submit(_export_shard, shipped, part, int(start), pure=False, workers=[home],
                             allow_other_workers=True) for part, start, home in zip(futures, starts, homes)]
     described = _gather_described(client, shards, progress)
@@ -227,6 +229,10 @@ def _free_stranded_tasks(client: Any) -> None:
 
 def _identity(x: Any) -> Any:
     return x
+
+
+def _first_example(x: Any) -> Any:
+    return x[:1]
 
 
 def _export_shard(shipped: bytes, inputs: Any, start: int) -> JacobianBlocks:
@@ -395,8 +401,13 @@ class ShardedJacobian(JacobianShape):
     def persist(self) -> ShardedJacobian:
         """Wait until every shard is computed (export already waits; derived Jacobians such as ``select(output=k)``
         are computed on first use)."""
+        from distributed import wait
         self.check_alive()
-        gather(self.client, self.shards)  # waits, with a lost cluster reported as ClusterError
+        wait(self.shards)  # the shards stay on their workers: nothing is gathered
+        self.check_alive()  # a restart during the wait cancels them
+        failed = [shard for shard in self.shards if shard.status == "error"]
+        if failed:
+            gather(self.client, failed[:1])  # raises that shard's own error
         return self
 
     # ----- rounds of shard tasks ---------------------------------------------------------------------------------

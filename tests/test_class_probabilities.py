@@ -191,8 +191,8 @@ def test_every_node_count_gives_rows_on_the_simplex_and_the_most_are_accurate():
         probs = lg.probability_of_largest(mean, var, n_nodes=n_nodes)
         assert np.all(np.isfinite(probs)) and np.all((probs >= 0) & (probs <= 1)), n_nodes
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=0, atol=4 * EPS)
-        if n_nodes >= 64:
-            np.testing.assert_allclose(probs[:, 0], want, rtol=0, atol=QUAD_ATOL)
+        if n_nodes >= 64:  # the closed form is exact: the documented accuracy from 128 nodes (64 measured 3.5e-12)
+            np.testing.assert_allclose(probs[:, 0], want, rtol=0, atol=ACCURACY if n_nodes >= 128 else QUAD_ATOL)
 
 
 def test_each_example_is_computed_alone_whatever_shares_its_chunk(monkeypatch):

@@ -182,8 +182,8 @@ def test_the_lanczos_error_bound_holds_on_every_row(rank, directions):
     true = np.abs(cached / exact - 1)
     assert (cached >= exact * (1 - 1e-9)).all()  # the energy form errs upwards only
     assert (bound >= true - 1e3 * np.finfo(np.float64).eps).all()  # truncation bounded, beyond both paths' rounding
-    if true.max() < 1e-3:
-        assert bound.max() <= VARIANCE_TOLERANCE
+    if rank == 100:  # a good cache (true error 8.5e-4 measured): accepted, the bound within its tolerance
+        assert true.max() < 1e-3 and bound.max() <= VARIANCE_TOLERANCE
 
 
 def test_iterative_diagnostics_cover_every_noise_group():

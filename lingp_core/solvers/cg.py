@@ -209,10 +209,11 @@ def cg(A: Any, B: Any, *, M: Any = None, x0: Any = None, rtol: float | None = No
 
     x = state.solution()
     final_norms = column_norms(rhs - op._matmat(x), backend)
-    x_finite = backend.to_numpy(backend.xp.isfinite(x).all(axis=0))
-    for j in np.flatnonzero(~np.isfinite(final_norms)):  # A's product of x is not finite: never "converged"
+    bad = np.flatnonzero(~np.isfinite(final_norms))  # A's product of x is not finite: never "converged"
+    x_finite = backend.to_numpy(backend.xp.isfinite(x[:, backend.xp.asarray(bad)]).all(axis=0))  # only those columns
+    for i, j in enumerate(bad):
         status[j] = "diverged"
-        causes[j] = causes[j] or ("A nonfinite" if x_finite[j] else None)
+        causes[j] = causes[j] or ("A nonfinite" if x_finite[i] else None)
     converged = np.array([s == "converged" for s in status], dtype=bool)
     if warn and not converged.all():
         _warn_not_converged(status, causes, converged, final_norms, b_norms, rtol, atol, maxiter, dtype)

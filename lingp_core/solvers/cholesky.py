@@ -124,8 +124,8 @@ def with_jitter(attempt: Callable[[float, bool], Any], caller: str, what: str, m
             continue
         if jitter and warn:
             v.warn(f"{caller}: {what} was not numerically positive definite; added jitter {jitter:.3g} "
-                          f"to its diagonal ({jitter / mean_diag:.3g} of the mean diagonal {mean_diag:.3g})",
-                          v.NumericalWarning)
+                   f"to its diagonal ({jitter / mean_diag:.3g} of the mean diagonal {mean_diag:.3g})",
+                   v.NumericalWarning)
         return CholeskyResult(factor, float(jitter), tries + 1)
     raise v.NotPositiveDefiniteError(
         f"{what} is not positive definite even with jitter {jitter:.3g} ({jitter / mean_diag:.3g} of the mean "
